@@ -1,0 +1,19 @@
+VENV := .venv
+STAMP := $(VENV)/.fedkit-setup
+
+.PHONY: setup demo test bench
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/fedkit demo
+
+test: setup
+	$(VENV)/bin/python -m pytest
+
+bench: setup
+	for b in benchmarks/*.py; do $(VENV)/bin/python $$b || exit 1; done

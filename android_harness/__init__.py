@@ -1,0 +1,1 @@
+"""Phones for testing: emulated-phone processes, link shaping, adb deploy and the probe."""

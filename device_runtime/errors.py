@@ -1,0 +1,41 @@
+"""fedkit's error hierarchy. Every message says what happened and what to do about it.
+
+    FedkitError                 anything fedkit raises on purpose
+    ├── BundleError             a bundle is missing, corrupt, or of an unknown schema
+    ├── CodecError              an update or tensor payload cannot be decoded or is invalid
+    ├── EngineError             a training engine cannot load or run a bundle
+    ├── CheckpointError         a local checkpoint cannot be read
+    ├── ProtocolError           the aggregator answered something the client cannot use
+    └── (host side, in toolkit.errors) DataError, ModelError, ExportError, PlanError,
+        ConfigError, StoreError, DeployError
+
+InternalError is different: a broken assumption inside fedkit, not a user mistake.
+"""
+
+
+class FedkitError(Exception):
+    """Base of every error fedkit raises for a user to act on."""
+
+
+class BundleError(FedkitError):
+    """A bundle cannot be used: a file is missing, altered or truncated, or the manifest is bad."""
+
+
+class CodecError(FedkitError):
+    """An encoded update or tensor cannot be decoded, or decodes to something invalid."""
+
+
+class EngineError(FedkitError):
+    """A training engine cannot load or run the bundle it was given."""
+
+
+class CheckpointError(FedkitError):
+    """A local trainer checkpoint cannot be read back."""
+
+
+class ProtocolError(FedkitError):
+    """The aggregator's answer breaks the sync protocol, or it refused a request for good."""
+
+
+class InternalError(Exception):
+    """A broken assumption inside fedkit: please report it with the traceback."""

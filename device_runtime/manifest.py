@@ -1,0 +1,139 @@
+"""The bundle manifest and the per-phone plan: the contract between exporter, phone and edge.
+
+Plain frozen dataclasses (the phone installs no pydantic); ``from_dict`` validates and raises
+BundleError naming the field, so a bad manifest never surfaces as a KeyError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from device_runtime.errors import BundleError
+from device_runtime.preprocess import InputSpec
+
+SCHEMA_VERSION = 1
+ENGINES = ("ort", "executorch")
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What one phone does. Blocks ``[0, cut)`` run on the phone, ``[train_from, cut)`` of them
+    train there; the edge runs ``[cut, n)``. ``cut == n`` is federated transfer learning,
+    ``cut < n`` is SplitFed."""
+
+    cut: int
+    train_from: int
+    engine: str = "ort"
+    encoding: str = "int8"  # update encoding, or "layered:<avg bits>" for per-layer bits
+    local_epochs: int = 1
+    batch_size: int = 32
+    predicted: dict[str, float] = field(default_factory=dict)  # seconds: compute, upload, download, edge, total
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise BundleError(f"plan engine {self.engine!r} is unknown: use one of {', '.join(ENGINES)}")
+        if not 0 <= self.train_from <= self.cut:
+            raise BundleError(f"plan has train_from={self.train_from} outside 0..cut={self.cut}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DevicePlan":
+        return _build(cls, d, "plan")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        spec = _build(cls, d, "trainable tensor")
+        return cls(spec.name, tuple(int(s) for s in spec.shape), spec.dtype)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the bundle folder
+    sha256: str
+    size: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FileEntry":
+        return _build(cls, d, "file entry")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of a bundle. ``files`` maps a role (e.g. ``"ort.training_model"``) to a file."""
+
+    model_id: str
+    model_hash: str
+    block_names: tuple[str, ...]
+    plan: DevicePlan
+    input_spec: InputSpec
+    label_names: tuple[str, ...]
+    trainable: tuple[TensorSpec, ...]
+    files: dict[str, FileEntry]
+    fedkit_version: str
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return tuple(e for e in ENGINES if any(role.startswith(e + ".") for role in self.files))
+
+    @property
+    def is_splitfed(self) -> bool:
+        return self.plan.cut < len(self.block_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "fedkit_version": self.fedkit_version,
+            "model_id": self.model_id,
+            "model_hash": self.model_hash,
+            "block_names": list(self.block_names),
+            "plan": self.plan.to_dict(),
+            "input_spec": self.input_spec.to_dict(),
+            "label_names": list(self.label_names),
+            "trainable": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.trainable],
+            "files": {role: asdict(f) for role, f in sorted(self.files.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if not isinstance(d, dict):
+            raise BundleError("manifest.json must hold a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest.json has schema version {version!r}, this runtime reads {SCHEMA_VERSION}: "
+                "re-export the bundle with this fedkit version or update the runtime"
+            )
+        try:
+            return cls(
+                model_id=str(d["model_id"]),
+                model_hash=str(d["model_hash"]),
+                block_names=tuple(d["block_names"]),
+                plan=DevicePlan.from_dict(d["plan"]),
+                input_spec=InputSpec.from_dict(d["input_spec"]),
+                label_names=tuple(d["label_names"]),
+                trainable=tuple(TensorSpec.from_dict(t) for t in d["trainable"]),
+                files={role: FileEntry.from_dict(f) for role, f in d["files"].items()},
+                fedkit_version=str(d["fedkit_version"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"manifest.json is malformed ({type(exc).__name__}: {exc}): re-export the bundle") from exc
+
+
+def _build(cls, d: Any, what: str):
+    if not isinstance(d, dict):
+        raise BundleError(f"manifest {what} must be a JSON object, got {type(d).__name__}")
+    try:
+        return cls(**d)
+    except TypeError as exc:
+        raise BundleError(f"manifest {what} is malformed: {exc}") from exc

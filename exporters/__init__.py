@@ -1,0 +1,1 @@
+"""PyTorch → the phone's files: ONNX, ONNX Runtime training artifacts, ExecuTorch, bundles."""

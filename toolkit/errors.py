@@ -1,0 +1,68 @@
+"""Host-side errors. The base and the phone-side errors live in device_runtime.errors so the
+phone and the host share one hierarchy; they are re-exported here.
+
+    FedkitError
+    ├── BundleError, CodecError, EngineError, CheckpointError, ProtocolError  (device_runtime)
+    ├── DataError       a dataset file is missing, truncated or corrupt
+    ├── ModelError      an unknown model, missing or wrong pretrained weights, a bad cut
+    ├── ExportError     a part of the model cannot be exported for the requested engine
+    ├── PlanError       a plan or profile is invalid, or no choice fits a phone
+    ├── ConfigError     a run configuration is invalid
+    ├── StoreError      the aggregator's database cannot be opened or is inconsistent
+    └── DeployError     a bundle cannot be deployed to the target
+"""
+
+from device_runtime.errors import (
+    BundleError,
+    CheckpointError,
+    CodecError,
+    EngineError,
+    FedkitError,
+    InternalError,
+    ProtocolError,
+)
+
+__all__ = [
+    "BundleError",
+    "CheckpointError",
+    "CodecError",
+    "ConfigError",
+    "DataError",
+    "DeployError",
+    "EngineError",
+    "ExportError",
+    "FedkitError",
+    "InternalError",
+    "ModelError",
+    "PlanError",
+    "ProtocolError",
+    "StoreError",
+]
+
+
+class DataError(FedkitError):
+    """A dataset file is missing, truncated or corrupt."""
+
+
+class ModelError(FedkitError):
+    """An unknown model, missing or mismatched pretrained weights, or an invalid cut."""
+
+
+class ExportError(FedkitError):
+    """A part of the model cannot be exported for the requested engine."""
+
+
+class PlanError(FedkitError):
+    """A plan or profile is invalid, or no choice fits a phone."""
+
+
+class ConfigError(FedkitError):
+    """A run configuration is invalid."""
+
+
+class StoreError(FedkitError):
+    """The aggregator's database cannot be opened or is inconsistent."""
+
+
+class DeployError(FedkitError):
+    """A bundle cannot be deployed to the target."""
