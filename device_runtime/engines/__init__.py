@@ -1,0 +1,57 @@
+"""Training engines on the phone, behind one small protocol.
+
+An engine runs the bundle's frozen part in inference (``features``) and computes the
+trainable part's forward and parameter gradients; the optimizer step is shared numpy code
+(``device_runtime.optim``), so both engines train identically and their state checkpoints
+the same way. Weights are keyed by the whole model's parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from device_runtime.bundle import Bundle
+from device_runtime.errors import EngineError
+
+
+class Engine(Protocol):
+    name: str
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """The frozen blocks on prepared inputs (float32 NCHW); identity when nothing is frozen."""
+
+    def forward(self, h: np.ndarray) -> np.ndarray:
+        """The trainable blocks on features, inference mode: logits, or activations at a SplitFed cut."""
+
+    def gradients(self, h: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean cross-entropy loss of a batch and its gradient for every trainable parameter."""
+
+    def backward_from(self, h: np.ndarray, grad_out: np.ndarray) -> dict[str, np.ndarray]:
+        """SplitFed: parameter gradients given the gradient of the loss at the cut (from the edge)."""
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """The trainable parameters, by name."""
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Replaces the trainable parameters (all of them, by name)."""
+
+
+def open_engine(bundle: Bundle, name: str | None = None) -> Engine:
+    """The named engine (default: the plan's) loaded on a verified bundle."""
+    name = name or bundle.manifest.plan.engine
+    if name not in bundle.manifest.engines:
+        raise EngineError(
+            f"bundle {bundle.root} has no files for engine {name!r} (it has: {', '.join(bundle.manifest.engines) or 'none'}); "
+            f"re-export it with --engine {name}"
+        )
+    if name == "ort":
+        from device_runtime.engines.ort import OrtEngine
+
+        return OrtEngine(bundle)
+    if name == "executorch":
+        from device_runtime.engines.executorch import ExecuTorchEngine
+
+        return ExecuTorchEngine(bundle)
+    raise EngineError(f"unknown engine {name!r}: use ort or executorch")
