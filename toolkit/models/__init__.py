@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from toolkit.errors import ModelError
 from toolkit.models.mobilenet_v2 import MobileNetV2
 from toolkit.models.small_cnn import SmallCNN
@@ -23,6 +25,7 @@ def load_model(name: str, num_classes: int = 10, pretrained: bool = True, seed: 
             state = load_verified_state_dict(mobilenet_v2_path(), MOBILENET_V2_SHA256)
             root.load_state_dict(state)
     elif name == "small_cnn":
+        torch.manual_seed(seed)  # its backbone is random: seed it so every process builds the same model
         root = SmallCNN(num_classes)
     else:
         raise ModelError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
