@@ -1,0 +1,212 @@
+"""The phone's side of the sync protocol (httpx): enrol, pull a task, pull weights, push an update.
+
+Connection errors, timeouts, 5xx, and 429/503 are retried with exponential backoff and full
+jitter (a Retry-After header is honoured); a definite answer is never retried. A push returns
+its definite answer (accepted, duplicate, stale, rejected); pushing the same bytes with the
+same idempotency key again is harmless, which is how a phone killed mid-push resumes: the
+trainer checkpoints the encoded update and its key before pushing, and after a restart the
+same pair is pushed again and answered "duplicate" if the first push had landed.
+
+    ProtocolError  the credential is refused (enrol again), the aggregator answered something
+                   outside the protocol, or it stayed unreachable through every retry
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import httpx
+
+from device_runtime.errors import ProtocolError
+
+API = "/v1"
+TASK_FIELDS = ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8  # requests in all, the first included
+    base_s: float = 0.5  # backoff before the 2nd attempt, doubling after
+    cap_s: float = 30.0  # longest single wait (also caps Retry-After)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The answer to a task pull. ``status``: "task" (train), "wait" (ask again after
+    ``retry_after`` s: the round is full or this phone already reported) or "done"."""
+
+    status: str
+    round: int | None = None
+    base_version: int | None = None
+    lr: float | None = None
+    local_epochs: int | None = None
+    batch_size: int | None = None
+    encoding: str | None = None
+    seed: int | None = None
+    momentum: float | None = None
+    stage: str | None = None
+    stage_index: int | None = None
+    trainable_blocks: int | None = None
+    deadline: float | None = None  # unix time the round closes if it has enough reports
+    retry_after: float | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Assignment":
+        if not isinstance(data, dict) or data.get("status") not in ("task", "wait", "done"):
+            raise ProtocolError(f"task answer {data!r} has no valid status; the aggregator may be a different version")
+        known = {f.name for f in fields(cls)}
+        assignment = cls(**{k: v for k, v in data.items() if k in known})
+        if assignment.status == "task" and any(getattr(assignment, k) is None for k in TASK_FIELDS):
+            raise ProtocolError(f"task answer {data!r} lacks one of {', '.join(TASK_FIELDS)}")
+        return assignment
+
+    def task_fields(self) -> dict[str, Any]:
+        """The fields of ``device_runtime.trainer.Task``: ``Task(**assignment.task_fields())``."""
+        return {k: getattr(self, k) for k in TASK_FIELDS}
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The aggregator's definite answer to a push: accepted, duplicate (an earlier push of it
+    was accepted), stale (its round closed, or its base is too old) or rejected (``reason``)."""
+
+    status: str
+    reason: str = ""
+    round: int | None = None
+    update_id: int | None = None
+    http_status: int = 200
+
+    @property
+    def counted(self) -> bool:
+        """The update is (or already was) in the aggregator's hands."""
+        return self.status in ("accepted", "duplicate")
+
+
+class SyncClient:
+    """One phone's connection to the aggregator at ``base_url`` (e.g. "https://edge:8443")."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        timeout_s: float = 30.0,
+        verify: bool | str = True,  # TLS: True, False, or a CA bundle path
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
+        self.token = token
+        self.retry = retry
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        if isinstance(verify, str):  # a CA bundle, e.g. the edge's self-signed certificate
+            verify = ssl.create_default_context(cafile=verify)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout_s, verify=verify, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the protocol -----------------------------------------------------------------------
+    def enrol(self, enrol_token: str, device_id: str) -> str:
+        """Trades a one-time enrolment token for this device's credential (kept in
+        ``self.token``). Safe to repeat with the same token and id if the answer was lost."""
+        r = self._request("POST", "/enrol", json={"device_id": device_id}, token=enrol_token)
+        if r.status_code != 200:
+            raise ProtocolError(f"enrolment of {device_id!r} refused ({r.status_code}): {_reason(r)}")
+        self.token = _json(r)["token"]
+        return self.token
+
+    def task(self) -> Assignment:
+        r = self._request("GET", "/task")
+        self._expect(r, 200, "task pull")
+        return Assignment.from_json(_json(r))
+
+    def weights(self, version: int, etag: str | None = None) -> tuple[bytes | None, str]:
+        """(codec bytes, ETag) of a model version, or (None, etag) if ``etag`` says the phone
+        already has it: then nothing is sent again."""
+        headers = {"If-None-Match": etag} if etag else {}
+        r = self._request("GET", f"/weights/{version}", headers=headers)
+        if r.status_code == 304:
+            return None, etag
+        self._expect(r, 200, f"weights pull of version {version}")
+        return r.content, r.headers.get("ETag", "")
+
+    def push(self, payload: bytes, idempotency_key: str, accuracy: float | None = None) -> PushResult:
+        """Pushes a codec-encoded update; ``accuracy`` is the phone's local validation accuracy."""
+        headers = {"Idempotency-Key": idempotency_key, "Content-Type": "application/octet-stream"}
+        if accuracy is not None:
+            headers["X-Fedkit-Accuracy"] = repr(float(accuracy))
+        r = self._request("POST", "/updates", content=payload, headers=headers)
+        if r.status_code == 401:
+            raise ProtocolError(f"the aggregator refused this device's credential: {_reason(r)}; enrol again")
+        body = _json(r)
+        status = body.get("status") if isinstance(body, dict) else None
+        if status not in ("accepted", "duplicate", "stale", "rejected"):
+            raise ProtocolError(f"push answered {r.status_code} with {body!r}, which is not a push outcome")
+        return PushResult(status, str(body.get("reason", "")), body.get("round"), body.get("update_id"), r.status_code)
+
+    # -- transport --------------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, token: str | None = None, **kwargs) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        bearer = token or self.token
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        last = ""
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                self._sleep(wait)
+            try:
+                r = self._http.request(method, API + path, headers=headers, **kwargs)
+            except httpx.TransportError as exc:  # refused, reset, timed out: the request may be retried
+                last = f"{type(exc).__name__}: {exc}"
+                wait = self._backoff(attempt)
+                continue
+            if r.status_code in (429, 503) or r.status_code >= 500:
+                last = f"HTTP {r.status_code}: {_reason(r)}"
+                wait = self._backoff(attempt)
+                retry_after = r.headers.get("Retry-After", "")
+                if retry_after.replace(".", "", 1).isdigit():
+                    wait = min(self.retry.cap_s, max(wait, float(retry_after)))
+                continue
+            return r
+        raise ProtocolError(
+            f"{method} {path}: no definite answer from {self._http.base_url} after {self.retry.attempts} attempts "
+            f"(last: {last}); keep the checkpointed update and try again later"
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        return self._rng.uniform(0, min(self.retry.cap_s, self.retry.base_s * 2**attempt))
+
+    @staticmethod
+    def _expect(r: httpx.Response, code: int, what: str) -> None:
+        if r.status_code == 401:
+            raise ProtocolError(f"{what}: the aggregator refused this device's credential ({_reason(r)}); enrol again")
+        if r.status_code != code:
+            raise ProtocolError(f"{what} answered {r.status_code}: {_reason(r)}")
+
+
+def _json(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError as exc:
+        raise ProtocolError(f"the aggregator answered {r.status_code} with a body that is not JSON") from exc
+
+
+def _reason(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text[:200]
+    return str(body.get("reason", body)) if isinstance(body, dict) else str(body)[:200]

@@ -1,0 +1,255 @@
+"""The HTTP API (FastAPI): one router per resource, the coordinator and auth through Depends.
+
+| route                     | auth   | answers |
+|---------------------------|--------|---------|
+| GET  /v1/health           | none   | 200 {"status": "ok"} |
+| POST /v1/enrol            | enrol  | 200 {"device_id", "token"}; 401 bad/used token; 409 device id taken |
+| GET  /v1/task             | device | 200 {"status": "task", round, base_version, lr, ...} / {"status": "wait", retry_after} / {"status": "done"} |
+| GET  /v1/weights/{v}      | device | 200 codec bytes + ETag; 304 if If-None-Match has that ETag; 404 unknown version |
+| POST /v1/updates          | device | 200 accepted / duplicate; 409 stale; 400, 403, 422 rejected; 413 too large |
+| POST /v1/evaluations      | admin  | 200 {"status": "recorded"}; 404 unknown version |
+| GET  /v1/status           | admin  | 200 the run's status |
+
+Every error body is JSON ``{"status": ..., "reason": ...}``; 401 on a missing or wrong bearer
+token (nothing is stored), 429 with Retry-After when a device exceeds its request rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from toolkit import __version__
+from toolkit.aggregator.coordinator import DEVICE_ID, Coordinator
+from toolkit.aggregator.status import run_status
+
+TICK_SECONDS = 1.0  # how often round deadlines are checked
+
+_STATUS_OF_CODE = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "rejected", 429: "rate_limited"}
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: str  # "device" or "admin"
+    device_id: str | None
+
+
+@dataclass
+class RateLimiter:
+    """Token bucket per device, in memory (a restart forgets it, harmlessly)."""
+
+    rate: float  # requests per second
+    burst: int
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def retry_after(self, key: str, now: float) -> float:
+        """0 if the request may go ahead (and counts it), else seconds to wait."""
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1, now)
+        return 0.0
+
+
+async def get_coordinator(request: Request) -> Coordinator:
+    return request.app.state.coordinator
+
+
+def _bearer(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+    return token.strip()
+
+
+async def principal(
+    request: Request,
+    coordinator: Annotated[Coordinator, Depends(get_coordinator)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    found = coordinator.authenticate(_bearer(authorization))
+    if found is None:
+        raise HTTPException(401, "unknown or revoked token: enrol again for a new one", {"WWW-Authenticate": "Bearer"})
+    who = Principal(*found)
+    wait = request.app.state.limiter.retry_after(who.device_id or "admin", time.monotonic())
+    if wait:
+        raise HTTPException(429, f"too many requests: retry after {wait:.1f} s", {"Retry-After": str(max(1, round(wait)))})
+    return who
+
+
+async def device(who: Annotated[Principal, Depends(principal)]) -> str:
+    if who.role != "device":
+        raise HTTPException(403, "this route is for enrolled devices; use a device credential")
+    return who.device_id
+
+
+async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    if who.role != "admin":
+        raise HTTPException(403, "this route needs an admin token (fedkit enrol-token --admin)")
+    return who
+
+
+CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
+
+health = APIRouter(tags=["health"])
+
+
+@health.get("/v1/health")
+def get_health() -> dict:
+    return {"status": "ok", "version": __version__}
+
+
+enrolment = APIRouter(tags=["enrolment"])
+
+
+class EnrolRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device_id: str = Field(pattern=DEVICE_ID.pattern)
+
+
+@enrolment.post("/v1/enrol")
+async def post_enrol(req: EnrolRequest, coordinator: CoordinatorDep, authorization: Annotated[str | None, Header()] = None) -> dict:
+    """Trades a one-time enrolment token (as the bearer token) for a device credential.
+    Repeating it with the same token and device id issues a fresh credential."""
+    outcome = coordinator.enrol(_bearer(authorization), req.device_id)
+    if outcome.status == "invalid_token":
+        raise HTTPException(401, "enrolment token unknown, or already used by another device: ask for a new one")
+    if outcome.status == "id_taken":
+        raise HTTPException(409, f"device id {req.device_id!r} is enrolled with another token: choose another id")
+    return {"status": "enrolled", "device_id": req.device_id, "token": outcome.credential}
+
+
+tasks = APIRouter(tags=["tasks"])
+
+
+@tasks.get("/v1/task")
+async def get_task(device_id: Annotated[str, Depends(device)], coordinator: CoordinatorDep) -> dict:
+    """The device's task for the current round (the same one again until it pushes), or wait/done."""
+    return coordinator.task_for(device_id)
+
+
+weights = APIRouter(tags=["weights"])
+
+
+@weights.get("/v1/weights/{version}", responses={200: {"content": {"application/octet-stream": {}}}, 304: {}})
+async def get_weights(
+    version: int,
+    _: Annotated[str, Depends(device)],
+    coordinator: CoordinatorDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The model version, codec-encoded; 304 when the device already has it (If-None-Match)."""
+    found = coordinator.weights(version)
+    if found is None:
+        raise HTTPException(404, f"model version {version} does not exist; pull a task for the current one")
+    blob, sha = found
+    etag = f'"{sha}"'
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(blob, media_type="application/octet-stream", headers={"ETag": etag})
+
+
+updates = APIRouter(tags=["updates"])
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPException(413, f"update is {length} bytes, the limit is {limit}: use a smaller encoding")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"update exceeds the limit of {limit} bytes: use a smaller encoding")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@updates.post("/v1/updates", responses={409: {}, 400: {}, 403: {}, 413: {}, 422: {}})
+async def post_update(
+    request: Request,
+    device_id: Annotated[str, Depends(device)],
+    coordinator: CoordinatorDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+    x_fedkit_accuracy: Annotated[float | None, Header(description="local validation accuracy, in [0, 1]")] = None,
+) -> JSONResponse:
+    """Pushes a codec-encoded delta. The body's status is accepted, duplicate, stale or rejected."""
+    body = await _read_body(request, coordinator.config.limits.max_update_bytes)
+    outcome = coordinator.push(device_id, idempotency_key, body, x_fedkit_accuracy)
+    return JSONResponse(outcome.body(), status_code=outcome.code)
+
+
+evaluations = APIRouter(tags=["evaluations"])
+
+
+class EvaluationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)
+    source: str = Field(default="evaluator", max_length=64)
+
+
+@evaluations.post("/v1/evaluations")
+async def post_evaluation(req: EvaluationRequest, _: Annotated[Principal, Depends(admin)], coordinator: CoordinatorDep) -> dict:
+    """Records a validation accuracy for a model version (the evaluator hook)."""
+    if not coordinator.record_evaluation(req.version, req.accuracy, req.source):
+        raise HTTPException(404, f"model version {req.version} does not exist")
+    return {"status": "recorded"}
+
+
+status = APIRouter(tags=["status"])
+
+
+@status.get("/v1/status")
+async def get_status(_: Annotated[Principal, Depends(admin)], coordinator: CoordinatorDep) -> dict:
+    return run_status(coordinator.store).model_dump(mode="json")
+
+
+def _error(status_code: int, reason: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"status": _STATUS_OF_CODE.get(status_code, "rejected"), "reason": reason}, status_code, headers)
+
+
+def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS) -> FastAPI:
+    """The app around a started coordinator; while served, deadlines are checked every tick."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def ticker():
+            while True:
+                await asyncio.sleep(tick_seconds)
+                coordinator.tick()
+
+        task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = FastAPI(title="fedkit aggregator", version=__version__, lifespan=lifespan)
+    app.state.coordinator = coordinator
+    limits = coordinator.config.limits
+    app.state.limiter = RateLimiter(limits.requests_per_s, limits.burst)
+    for router in (health, enrolment, tasks, weights, updates, evaluations, status):
+        app.include_router(router)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, f"invalid request ({where})")
+
+    return app

@@ -1,0 +1,176 @@
+"""The aggregator's run configuration: a TOML file validated by pydantic.
+
+    schema_version = 1
+    name = "fashion"
+    weights = "weights.bin"        # codec-encoded fp32 "weights" file, relative to this file
+    # bundle = "bundle"            # ... or a bundle folder whose "weights" role is used
+    mode = "fedavg"                # or "fedbuff"
+
+    [fedavg]                       # synchronous rounds
+    deadline_s = 120.0
+    min_reports = 2
+    over_selection = 1.3
+
+    [fedbuff]                      # buffered asynchronous
+    buffer_size = 10
+    max_staleness = 4
+
+    [[stages]]
+    name = "head"
+    rounds = 10
+    lr = 0.01
+
+A bad file raises ConfigError naming the field (``stages.0.lr: ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toolkit.errors import ConfigError
+
+SCHEMA_VERSION = 1
+ENCODINGS = ("fp32", "fp16", "int8", "int4", "sign1", "topk")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Stage(_Strict):
+    """One stage of the schedule. It ends after ``rounds`` rounds, or earlier when validation
+    accuracy has not improved by ``plateau_min_delta`` for ``plateau_patience`` rounds."""
+
+    name: str
+    rounds: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    participation: float = Field(default=1.0, gt=0, le=1)  # fraction of the phones seen recently
+    encoding: str = "int8"
+    trainable_blocks: int = Field(default=1, ge=1)  # trainable depth: last k blocks incl. classifier
+    plateau_patience: int = Field(default=0, ge=0)  # 0: no plateau check
+    plateau_min_delta: float = Field(default=0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _known_encoding(self):
+        base, _, bits = self.encoding.partition(":")
+        if base == "layered":
+            try:
+                ok = 1 <= float(bits) <= 32
+            except ValueError:
+                ok = False
+        else:
+            ok = base in ENCODINGS and not bits
+        if not ok:
+            raise ValueError(f"encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or 'layered:<bits, 1-32>'")
+        return self
+
+
+class FedAvgConfig(_Strict):
+    deadline_s: float = Field(default=120.0, gt=0)  # seconds from a round's opening
+    min_reports: int = Field(default=1, ge=1)
+    over_selection: float = Field(default=1.3, ge=1)  # tasks handed out per report wanted
+
+
+class FedBuffConfig(_Strict):
+    buffer_size: int = Field(default=10, ge=1)  # K: accepted updates per new version
+    max_staleness: int = Field(default=4, ge=0)  # in model versions; older pushes are stale
+    staleness_weight: Literal["sqrt", "constant"] = "sqrt"  # 1/sqrt(1+s), or 1
+
+
+class RobustConfig(_Strict):
+    aggregator: Literal["mean", "trimmed_mean", "median"] = "mean"
+    trim_fraction: float = Field(default=0.1, ge=0, lt=0.5)  # cut at each end, per coordinate
+    clip_norm: float | None = Field(default=None, gt=0)  # scale each update down to this L2 norm
+
+
+class Limits(_Strict):
+    max_update_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)  # larger bodies: 413
+    max_update_norm: float = Field(default=1e4, gt=0)  # L2 norm of a whole update; larger: rejected
+    requests_per_s: float = Field(default=20.0, gt=0)  # per device, token bucket
+    burst: int = Field(default=40, ge=1)
+    seen_window_s: float = Field(default=300.0, gt=0)  # "available" = seen within this window
+
+
+class RunConfig(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    weights: Path | None = None
+    bundle: Path | None = None
+    model: str | None = None  # model zoo name, for exporting the global model to PyTorch
+    run_dir: Path | None = None  # default: runs/<name> beside the config file
+    mode: Literal["fedavg", "fedbuff"] = "fedavg"
+    seed: int = 0
+    fedavg: FedAvgConfig = FedAvgConfig()
+    fedbuff: FedBuffConfig = FedBuffConfig()
+    robust: RobustConfig = RobustConfig()
+    limits: Limits = Limits()
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_weights_source(self):
+        if (self.weights is None) == (self.bundle is None):
+            raise ValueError("give exactly one of 'weights' (a codec-encoded weights file) or 'bundle' (a bundle folder)")
+        return self
+
+    def weights_path(self) -> Path:
+        """The codec-encoded initial weights: ``weights``, or the bundle's "weights" role."""
+        if self.weights is not None:
+            return self.weights
+        from device_runtime.bundle import Bundle
+
+        return Bundle.load(self.bundle).path("weights")
+
+    def default_db(self) -> Path:
+        return (self.run_dir or Path("runs") / self.name) / "aggregator.sqlite"
+
+
+def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
+    """Validates a config mapping; relative paths are taken from ``base_dir``."""
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from exc
+    if base_dir is None:
+        return config
+    fixes = {
+        key: base_dir / value
+        for key in ("weights", "bundle", "run_dir")
+        if (value := getattr(config, key)) is not None and not value.is_absolute()
+    }
+    if config.run_dir is None:
+        fixes["run_dir"] = base_dir / "runs" / config.name
+    return config.model_copy(update=fixes)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"run config {path} does not exist; pass --config with a TOML run file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run config {path} is not valid TOML ({exc}); fix the line named") from exc
+    try:
+        return parse_config(data, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"run config {path}: {exc}") from exc
+
+
+def config_json(config: RunConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{field}: {err['msg']}")
+    return "; ".join(parts) + " (fix these fields in the run config)"
