@@ -42,7 +42,10 @@ class Bundle:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{manifest_path}: not valid JSON ({exc}); re-export the bundle") from exc
-        manifest = Manifest.from_dict(data)
+        try:
+            manifest = Manifest.from_dict(data)
+        except BundleError as exc:
+            raise BundleError(f"{manifest_path}: {exc}") from exc
         for role, entry in manifest.files.items():
             _verify_file(root, role, entry.path, entry.size, entry.sha256)
         return cls(root=root, manifest=manifest, bundle_hash=hashlib.sha256(raw).hexdigest())
@@ -62,9 +65,15 @@ class Bundle:
 
 
 def _verify_file(root: Path, role: str, rel: str, size: int, sha256: str) -> None:
+    # The dataclass does not check JSON types; a wrong type must not pass as a "bad hash".
+    if not isinstance(rel, str) or not isinstance(size, int) or isinstance(size, bool) or not isinstance(sha256, str):
+        raise BundleError(
+            f"{root / MANIFEST}: the entry for {role!r} needs a string path, an integer size and a string sha256, "
+            f"got path={rel!r}, size={size!r}, sha256={sha256!r}; re-export the bundle"
+        )
     path = (root / rel).resolve()
     if root.resolve() not in path.parents:
-        raise BundleError(f"{MANIFEST} names {rel!r} for {role!r}, outside the bundle folder: refusing it")
+        raise BundleError(f"{root / MANIFEST} names {rel!r} for {role!r}, outside the bundle folder: refusing it")
     if not path.is_file():
         raise BundleError(f"{root / rel} ({role}) is missing from the bundle; re-export or re-deploy it")
     actual_size = path.stat().st_size

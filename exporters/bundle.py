@@ -1,0 +1,208 @@
+"""A model and one phone's plan → a bundle folder: the phone's model files and manifest.json.
+
+The export is a straight chain of named steps, each writing files under their bundle roles:
+``frozen.onnx`` (blocks ``[0, train_from)``, only when some are frozen) → ``trainable.onnx``
+(blocks ``[train_from, cut)``) → ONNX Runtime training artifacts → ExecuTorch programs →
+``weights`` (the initial trainable weights) → ``manifest.json``. Everything is written into a
+hidden folder beside ``out_dir``, verified with the phone's own loader, and renamed into place
+at the end: a failed or interrupted export leaves no half-written bundle. The same model and
+plan give byte-identical files, so the same manifest and bundle hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from device_runtime.bundle import MANIFEST, Bundle, sha256_file
+from device_runtime.codec import ENCODINGS, UpdateHeader, encode
+from device_runtime.manifest import ENGINES, DevicePlan, FileEntry, Manifest, TensorSpec
+from device_runtime.preprocess import InputSpec
+from exporters.onnx import export_onnx
+from exporters.ort_training import export_ort_training
+from toolkit import __version__
+from toolkit.errors import ExportError
+from toolkit.models import SplittableModel
+
+# Called before each step and once at the end: (name of the step starting, steps done, steps in all).
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # what a progress bar shows while it runs
+    write: Callable[[Path], dict[str, Path]]  # writes into the bundle folder; returns role → file
+
+
+def export_bundle(
+    model: SplittableModel,
+    plan: DevicePlan,
+    out_dir: str | Path,
+    engines: Sequence[str] = ("ort",),
+    *,
+    label_names: Sequence[str],
+    progress: Progress | None = None,
+) -> Manifest:
+    """Writes the bundle of ``plan`` for ``model`` into ``out_dir`` (which must not exist yet,
+    or be empty) with the files of each engine in ``engines``; returns its manifest. Every part
+    is exported in eval mode (BatchNorm on its running statistics, as the phone trains it), and
+    ``model`` is left in eval mode."""
+    out_dir = Path(out_dir)
+    engines = tuple(engines)
+    frozen, trainable = _check_request(model, plan, engines, label_names, out_dir)
+    steps = _steps(model, plan, engines, frozen, trainable)
+    total = len(steps) + 1  # the manifest is the last step
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        files: dict[str, Path] = {}
+        for done, step in enumerate(steps):
+            if progress:
+                progress(step.name, done, total)
+            files.update(step.write(staging))
+        if progress:
+            progress("manifest", total - 1, total)
+        manifest = Manifest(
+            model_id=model.model_id,
+            model_hash=model.content_hash(),
+            block_names=tuple(model.block_names),
+            plan=plan,
+            input_spec=InputSpec(*model.input_shape[1:], channels=model.input_shape[0]),
+            label_names=tuple(label_names),
+            trainable=tuple(
+                TensorSpec(name, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+                for name, p in trainable.named_parameters()
+            ),
+            files={role: _file_entry(staging, path) for role, path in files.items()},
+            fedkit_version=__version__,
+        )
+        (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+        Bundle.load(staging)  # the phone's verifier must accept what we wrote
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if progress:
+        progress("done", total, total)
+    return manifest
+
+
+def _check_request(
+    model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], label_names: Sequence[str], out_dir: Path
+) -> tuple[nn.Module, nn.Module]:
+    """Everything that can be refused before any file is written; returns the frozen and the
+    trainable part."""
+    model.check_cut(plan.cut)
+    if not engines or any(e not in ENGINES for e in engines):
+        raise ExportError(f"engines {engines!r} are not a choice of {', '.join(ENGINES)}")
+    if plan.engine not in engines:
+        raise ExportError(f"the plan runs engine {plan.engine!r}, but the bundle is exported for {', '.join(engines)}: add it")
+    _check_encoding(plan.encoding)
+    if plan.batch_size < 1:
+        raise ExportError(f"the plan's batch size is {plan.batch_size}: it must be 1 or more")
+    if len(label_names) != model.num_classes:
+        raise ExportError(f"{len(label_names)} label names given for a model with {model.num_classes} classes")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} already exists: remove it or choose another output folder")
+    frozen = model.part(0, plan.train_from)
+    trainable = model.part(plan.train_from, plan.cut)
+    if not any(True for _ in trainable.parameters()):
+        raise ExportError(
+            f"blocks {plan.train_from}..{plan.cut - 1} of {model.model_id} have no parameters, so nothing would train "
+            "on the phone: train at least one block (--train-blocks 1 or more)"
+        )
+    if "executorch" in engines:
+        # Imported only when asked for: executorch takes seconds to import and logs on the way.
+        from exporters.executorch import check_trainable_on_executorch
+
+        if plan.cut < len(model.block_names):
+            raise ExportError(
+                f"the executorch engine cannot train a SplitFed part (cut {plan.cut} < {len(model.block_names)} blocks): "
+                "it cannot back-propagate the edge's gradient; use --engine ort"
+            )
+        check_trainable_on_executorch(trainable)
+    return frozen, trainable
+
+
+def _check_encoding(encoding: str) -> None:
+    # The phone's trainer reads the same two forms; layered_encodings needs at least 1 bit.
+    kind, _, bits = encoding.partition(":")
+    if encoding in ENCODINGS or (kind == "layered" and _at_least_one(bits)):
+        return
+    raise ExportError(
+        f"update encoding {encoding!r} is unknown: use one of {', '.join(ENCODINGS)}, or layered:BITS "
+        "for per-layer bits averaging BITS >= 1 (e.g. layered:4)"
+    )
+
+
+def _at_least_one(text: str) -> bool:
+    try:
+        return float(text) >= 1
+    except ValueError:
+        return False
+
+
+def _steps(
+    model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], frozen: nn.Module, trainable: nn.Module
+) -> list[Step]:
+    # Example inputs: zeros, so the trace is the same every time; the exporters make the batch dynamic.
+    x = torch.zeros(plan.batch_size, *model.input_shape)
+    with torch.no_grad():
+        h = frozen.eval()(x)
+    mode = "splitfed" if plan.cut < len(model.block_names) else "classify"
+
+    steps = []
+    if plan.train_from > 0:
+        steps.append(Step("frozen part → ONNX", lambda d: {"frozen.onnx": export_onnx(frozen, x, d / "frozen.onnx")}))
+    steps.append(Step("trainable part → ONNX", lambda d: {"trainable.onnx": export_onnx(trainable, h, d / "trainable.onnx")}))
+    if "ort" in engines:
+        steps.append(Step("ONNX Runtime training artifacts", lambda d: export_ort_training(trainable, h, d, mode=mode)))
+    if "executorch" in engines:
+        from exporters.executorch import export_executorch_inference, export_executorch_training
+
+        if plan.train_from > 0:
+            steps.append(
+                Step(
+                    "frozen part → ExecuTorch",
+                    lambda d: {"executorch.frozen": export_executorch_inference(frozen, x, d / "executorch" / "frozen.pte")},
+                )
+            )
+        steps.append(
+            Step(
+                "trainable part → ExecuTorch",
+                lambda d: {"executorch.train": export_executorch_training(trainable, h, d / "executorch" / "train.pte")},
+            )
+        )
+    steps.append(Step("initial weights", lambda d: {"weights": _write_weights(trainable, d / "weights.bin")}))
+    return steps
+
+
+def _write_weights(trainable: nn.Module, path: Path) -> Path:
+    # fp32, so the phone starts from exactly the exported weights (round 0, model version 0).
+    header = UpdateHeader(device_id="exporter", round=0, base_version=0, num_samples=0, kind="weights")
+    tensors = {name: p.detach().cpu().numpy().copy() for name, p in trainable.named_parameters()}
+    path.write_bytes(encode(header, tensors, "fp32"))
+    return path
+
+
+def _file_entry(root: Path, path: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.is_dir():
+        out_dir.rmdir()  # empty, checked before the export; rename cannot replace a folder
+    try:
+        staging.rename(out_dir)
+    except OSError as exc:
+        raise ExportError(f"cannot move the finished bundle to {out_dir} ({exc}); choose another output folder") from exc
