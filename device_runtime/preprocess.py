@@ -79,7 +79,7 @@ def prepare(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     if (h, w) != (spec.height, spec.width):
         rh = resize_matrix(h, spec.height)
         rw = resize_matrix(w, spec.width)
-        x = np.einsum("oh,nchw,pw->ncop", rh, x, rw, optimize=True)
+        x = rh @ x @ rw.T  # broadcasts over (N, C): rows, then columns
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)

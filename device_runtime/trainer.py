@@ -1,0 +1,339 @@
+"""One phone's local round: features once, then epochs of SGD on the trainable head.
+
+The frozen part of the bundle runs once per shard: its outputs (features) are cached in the
+work folder, keyed by the bundle hash and the shard digest, so every later round trains the
+trainable part only. A round starts from the aggregator's base weights with a fresh optimizer
+(numpy SGD with momentum), shuffles with a generator seeded by (task seed, round, device), and
+returns the update (new weights − base weights). ``encode_update`` then compresses it with
+the codec, error feedback carried from round to round.
+
+Checkpoints (``device_runtime.checkpoint``): every ``checkpoint_every`` steps, at the end of
+the round, and once more with the encoded update and its idempotency key before it is
+handed out for pushing. A killed trainer resumes at the last checkpoint and ends with the
+same weights, bit for bit; after the update is encoded, the same bytes are handed out again,
+never a retrained, different update. A checkpoint belongs to one task and one set of base
+weights: ``run_round`` with anything else starts a new round over it (so push a round's update
+before taking the next task); the error-feedback residuals carry over.
+
+A checkpoint that cannot be read raises CheckpointError and the trainer refuses to start:
+atomic writes mean a kill never tears a checkpoint, so a bad one is damaged storage or a
+hand edit, and silently retraining could push a second, different update for a round whose
+update was already pushed. Deleting the file starts the round over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_runtime.bundle import Bundle, sha256_file
+from device_runtime.checkpoint import load_checkpoint, save_checkpoint
+from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode, layered_encodings
+from device_runtime.engines import Engine, open_engine
+from device_runtime.errors import BundleError, FedkitError, InternalError, ProtocolError
+from device_runtime.optim import SGD
+from device_runtime.preprocess import prepare
+
+CHECKPOINT = "trainer.ckpt.npz"
+FEATURE_BATCH = 64  # images per frozen-part call: bounds the phone's peak memory
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the aggregator asks of a phone for one round."""
+
+    round: int
+    base_version: int
+    lr: float
+    local_epochs: int
+    batch_size: int
+    encoding: str  # a codec encoding, or "layered:<average bits>"
+    seed: int
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.local_epochs < 1 or self.batch_size < 1 or not 0 <= self.momentum < 1:
+            raise ProtocolError(
+                f"task {self} asks for an impossible round: lr > 0, local_epochs ≥ 1, batch_size ≥ 1, 0 ≤ momentum < 1"
+            )
+        if self.encoding not in ENCODINGS and _layered_bits(self.encoding) is None:
+            raise ProtocolError(f"task encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or layered:<bits>")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    update: dict[str, np.ndarray]  # new weights − base weights
+    num_samples: int  # training samples (the held-out slice excluded)
+    steps: int
+    train_loss: float  # mean cross-entropy over the round's batches, per sample
+    eval_loss: float | None  # on the held-out slice after training; None when nothing is held out
+    eval_accuracy: float | None
+    feature_seconds: float  # frozen-part features: computed, or read from the cache
+    train_seconds: float  # the optimisation steps, summed over restarts
+    resumed: bool  # this process continued a checkpointed round
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """The bytes to push and the key that makes pushing them twice harmless."""
+
+    round: int
+    payload: bytes
+    idempotency_key: str
+
+
+class LocalTrainer:
+    """Trains one phone's shard on a verified bundle, checkpointing into ``workdir`` (which
+    belongs to this trainer alone: one phone, one shard)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        shard_path: str | Path,
+        workdir: str | Path,
+        engine: Engine | None = None,
+        *,
+        device_id: str = "phone",
+        holdout_fraction: float = 0.1,  # of the shard, a fixed random slice for local evaluation
+        checkpoint_every: int = 50,  # optimizer steps
+    ):
+        if bundle.manifest.is_splitfed:
+            raise BundleError(
+                f"bundle {bundle.root} is SplitFed (cut {bundle.manifest.plan.cut} of {len(bundle.manifest.block_names)} blocks): "
+                "its rounds need the edge; LocalTrainer trains bundles that hold the whole model"
+            )
+        if not 0 <= holdout_fraction < 1 or checkpoint_every < 1:
+            raise FedkitError(
+                f"holdout_fraction={holdout_fraction}, checkpoint_every={checkpoint_every}: "
+                "use 0 ≤ holdout_fraction < 1 and checkpoint_every ≥ 1"
+            )
+        self.bundle = bundle
+        self.engine = engine or open_engine(bundle)
+        self.device_id = device_id
+        self.checkpoint_every = checkpoint_every
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.workdir / CHECKPOINT
+        self.shard_path = Path(shard_path)
+        self.images, self.labels = load_shard(self.shard_path, len(bundle.manifest.label_names))
+        n = len(self.labels)
+        held = np.sort(np.random.default_rng(0).permutation(n)[: int(n * holdout_fraction)])
+        self.eval_index = held
+        self.train_index = np.setdiff1d(np.arange(n), held)
+        if len(self.train_index) == 0:
+            raise FedkitError(f"shard {self.shard_path} has {n} images, none left to train on: lower holdout_fraction")
+        self._state: dict[str, Any] = load_checkpoint(self.checkpoint_path) or {}
+        self.error_feedback = ErrorFeedback()
+        if "error_feedback" in self._state:
+            self.error_feedback.load_state_dict(self._state["error_feedback"])
+        self._features: np.ndarray | None = None
+        self._device_key = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "little")
+
+    # -- a round ---------------------------------------------------------------------------
+    def run_round(self, task: Task, base_weights: dict[str, np.ndarray]) -> RoundResult:
+        """Trains from ``base_weights`` as ``task`` says and returns the update; continues the
+        round from the checkpoint when one of the same task and base is there."""
+        key = {"task": task.to_dict(), "base_digest": weights_digest(base_weights)}
+        st = self._state
+        same = st.get("round_key") == key
+        if same and st["phase"] in ("trained", "encoded"):
+            return self._result(st, base_weights, resumed=True)
+
+        t0 = time.perf_counter()
+        h = self.features()
+        feature_seconds = time.perf_counter() - t0
+        opt = SGD(task.lr, momentum=task.momentum)
+        if same:  # phase "training": continue at the saved batch
+            weights = {k: np.array(v, dtype=np.float32) for k, v in st["weights"].items()}
+            opt.load_state_dict(st["optimizer"])
+            pos = st["position"]
+        else:
+            weights = {k: np.array(v, dtype=np.float32) for k, v in base_weights.items()}
+            pos = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
+        self.engine.set_weights(weights)
+
+        n, bs = len(self.train_index), task.batch_size
+        batches = -(-n // bs)
+        t0 = time.perf_counter()
+        for epoch in range(pos["epoch"], task.local_epochs):
+            order = self._rng(task, 0, epoch).permutation(n)
+            for b in range(pos["batch"], batches):  # 0 except in a resumed epoch
+                idx = self.train_index[order[b * bs : (b + 1) * bs]]  # gathered per batch: no copy of all features
+                loss, grads = self.engine.gradients(h[idx], self.labels[idx])
+                weights = opt.step(weights, grads)
+                self.engine.set_weights(weights)
+                nxt = (epoch, b + 1) if b + 1 < batches else (epoch + 1, 0)
+                pos = {
+                    "epoch": nxt[0],
+                    "batch": nxt[1],
+                    "step": pos["step"] + 1,
+                    "loss_sum": pos["loss_sum"] + float(loss) * len(idx),
+                    "seen": pos["seen"] + len(idx),
+                    "train_seconds": pos["train_seconds"] + time.perf_counter() - t0,
+                }
+                t0 = time.perf_counter()
+                if pos["step"] % self.checkpoint_every == 0:
+                    self._save(key, "training", weights, opt, pos)
+
+        eval_loss, eval_accuracy = self._evaluate(h)
+        metrics = {
+            "num_samples": n,
+            "train_loss": pos["loss_sum"] / pos["seen"],
+            "eval_loss": eval_loss,
+            "eval_accuracy": eval_accuracy,
+            "feature_seconds": feature_seconds,
+        }
+        self._save(key, "trained", weights, opt, pos, metrics=metrics)
+        return self._result(self._state, base_weights, resumed=same)
+
+    def encode_update(self, task: Task, result: RoundResult) -> EncodedUpdate:
+        """The round's update compressed for pushing, checkpointed before it is returned; for a
+        round already encoded, the same bytes and key again."""
+        st = self._state
+        if st.get("round_key", {}).get("task") != task.to_dict() or st.get("phase") not in ("trained", "encoded"):
+            raise InternalError(f"encode_update(round {task.round}) called before run_round finished that task")
+        if st["phase"] == "encoded":
+            return EncodedUpdate(task.round, st["payload"], st["idempotency_key"])
+        header = UpdateHeader(self.device_id, task.round, task.base_version, result.num_samples, kind="delta")
+        compensated = self.error_feedback.compensate(result.update)
+        bits = _layered_bits(task.encoding)
+        encoding = task.encoding if bits is None else layered_encodings(compensated, bits)
+        payload = encode(header, compensated, encoding, rng=self._rng(task, 1))
+        self.error_feedback.record(compensated, decode(payload).tensors)
+        key = f"{self.device_id}:{task.round}:{hashlib.sha256(payload).hexdigest()[:16]}"
+        self._save(
+            st["round_key"], "encoded", st["weights"], None, st["position"],
+            metrics=st["metrics"], payload=payload, idempotency_key=key,
+        )  # fmt: skip
+        return EncodedUpdate(task.round, payload, key)
+
+    # -- features and evaluation -----------------------------------------------------------
+    def features(self) -> np.ndarray:
+        """The frozen part's outputs for every image of the shard, from the cache when it holds them."""
+        if self._features is not None:
+            return self._features
+        digest = sha256_file(self.shard_path)
+        path = self.workdir / f"features-{self.bundle.bundle_hash[:16]}-{digest[:16]}.npy"
+        try:
+            h = np.load(path, allow_pickle=False)
+            if h.dtype != np.float32 or len(h) != len(self.labels):
+                raise ValueError(f"cached features have shape {h.shape} and dtype {h.dtype}")
+        except (OSError, ValueError, EOFError):  # absent or damaged: it is only a cache, recompute it
+            h = self._compute_features()
+            for old in [*self.workdir.glob("features-*.npy"), *self.workdir.glob(".features-*.tmp")]:
+                old.unlink()  # caches of earlier bundles or shards, and writes cut short by a kill
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, h)
+            os.replace(tmp, path)
+        self._features = h
+        return h
+
+    def _compute_features(self) -> np.ndarray:
+        spec = self.bundle.manifest.input_spec
+        h = None
+        for i in range(0, len(self.images), FEATURE_BATCH):
+            out = self.engine.features(prepare(self.images[i : i + FEATURE_BATCH], spec))
+            if h is None:  # filled in place: the phone holds the features once, not twice
+                h = np.empty((len(self.images), *out.shape[1:]), dtype=np.float32)
+            h[i : i + len(out)] = out
+        return h
+
+    def _evaluate(self, h: np.ndarray) -> tuple[float | None, float | None]:
+        if len(self.eval_index) == 0:
+            return None, None
+        logits = np.concatenate(
+            [self.engine.forward(h[self.eval_index[i : i + FEATURE_BATCH]]) for i in range(0, len(self.eval_index), FEATURE_BATCH)]
+        ).astype(np.float64)
+        y = self.labels[self.eval_index]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return float(-log_probs[np.arange(len(y)), y].mean()), float((logits.argmax(axis=1) == y).mean())
+
+    # -- state -----------------------------------------------------------------------------
+    def _rng(self, task: Task, stream: int, *more: int) -> np.random.Generator:
+        # stream 0: shuffling (one generator per epoch, so a resumed epoch reshuffles the same);
+        # stream 1: the codec's stochastic rounding
+        return np.random.default_rng([task.seed, task.round, self._device_key, stream, *more])
+
+    def _save(self, round_key, phase, weights, opt, pos, **extra) -> None:
+        state = {
+            "round_key": round_key,
+            "phase": phase,
+            "weights": weights,
+            "optimizer": opt.state_dict() if opt is not None else {},  # momentum matters mid-round only
+            "position": pos,
+            "error_feedback": self.error_feedback.state_dict(),
+            **extra,
+        }
+        save_checkpoint(self.checkpoint_path, state)
+        self._state = state
+
+    def _result(self, st: dict[str, Any], base_weights: dict[str, np.ndarray], resumed: bool) -> RoundResult:
+        m, pos = st["metrics"], st["position"]
+        return RoundResult(
+            round=st["round_key"]["task"]["round"],
+            update={k: (np.asarray(w, np.float32) - np.asarray(base_weights[k], np.float32)) for k, w in st["weights"].items()},
+            num_samples=m["num_samples"],
+            steps=pos["step"],
+            train_loss=m["train_loss"],
+            eval_loss=m["eval_loss"],
+            eval_accuracy=m["eval_accuracy"],
+            feature_seconds=m["feature_seconds"],
+            train_seconds=pos["train_seconds"],
+            resumed=resumed,
+        )
+
+
+def _layered_bits(encoding: str) -> float | None:
+    """The average bits of a ``"layered:<bits>"`` encoding; None for anything else."""
+    try:
+        return float(encoding.removeprefix("layered:")) if encoding.startswith("layered:") else None
+    except ValueError:
+        return None
+
+
+def load_shard(path: str | Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A phone's data shard: ``images`` uint8 (N, 28, 28) and ``labels`` int64 (N,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedkitError(f"data shard {path} does not exist: deploy the phone's shard first")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = sorted({"images", "labels"} - set(npz.files))
+            if missing:
+                raise FedkitError(
+                    f"data shard {path} lacks {' and '.join(missing)}: a shard holds 'images' and 'labels'; re-create it"
+                )
+            images, labels = npz["images"], npz["labels"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FedkitError(f"data shard {path} is corrupt or not an .npz ({exc}); re-create it") from exc
+    if images.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or len(labels) == 0:
+        raise FedkitError(
+            f"data shard {path} holds images {images.dtype}{images.shape} and labels {labels.dtype}{labels.shape}; "
+            "want uint8 (N, H, W) images and N labels, N ≥ 1: re-create it"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
+        raise FedkitError(f"data shard {path} has labels outside 0..{num_classes - 1}: re-create it for this model")
+    return images, labels.astype(np.int64)
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """sha256 over names, shapes and float32 bytes: identifies a set of base weights."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = np.ascontiguousarray(weights[name], dtype=np.float32)
+        h.update(f"{name}{w.shape}".encode())
+        h.update(w.tobytes())
+    return h.hexdigest()
