@@ -1,0 +1,273 @@
+"""B4 — split planning: the planner against every cut, the oracle, all-on-phone and all-on-edge.
+
+MobileNetV2 (32x32 input), the B1 round: 3,000 samples per phone, 1 local epoch, batch 32.
+The edge is this host (profiled now, with MobileNetV2's own block timings), one phone on it
+at a time (edge_load 1, as Neurosurgeon measures a single client).
+
+1. Calibration. This host's per-block ONNX Runtime latencies at batch 1 and 32 are measured;
+   the per-op-kind cost model is fitted to them (in-sample and leave-one-block-out errors), and
+   the shipped calibration (``toolkit/planning/calibration.json``, fitted on an earlier run of
+   this script with ``--write-calibration``) is checked against today's measurements.
+2. Cases: every catalogue class x 3 links (3g, 4g, wifi). Per case, all predicted:
+   - the planner's choice (the documented rule: deepest training within 10% of the fastest);
+   - the oracle: a brute force over the raw product of cut, train_from (any block), engine,
+     encoding and batch, with the same rule; the planner must be within 5% of it;
+   - the fastest choice of any depth (slack 0): what the depth rule costs in time;
+   - every cut at the planner's trainable depth (the best engine, encoding and batch for it);
+   - all-on-phone (cut = 21) and all-on-edge (cut 0: raw images uploaded; a baseline only,
+     never planned) at the planner's depth, and the speed-up over the better of the two;
+     also the latency-only speed-up (fastest plan of any depth against the fastest
+     all-on-phone and all-on-edge of any depth), the figure Neurosurgeon reports.
+3. Measured: the chosen choice's parts run for real on this host with ONNX Runtime at the
+   planned batch (the phone's frozen part, its trainable part, the edge part), trainable parts
+   counted 3x (forward + backward, the documented rule: ORT's training step itself is B5's),
+   the phone's time scaled by host GFLOP/s (the conv kernel, timed in the same rounds) / phone
+   GFLOP/s, plus the predicted transfers: the measured round time beside the predicted one.
+
+Prints one JSON line and writes it to benchmarks/results/planner.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from toolkit import __version__
+from toolkit.models import load_model
+from toolkit.planning import PlanConfig, Planner, fit_calibration, shipped_calibration
+from toolkit.planning.cost import TRAIN_FACTOR, Choice, block_costs, predict_block
+from toolkit.profiling import catalog_profiles, link, measure_local
+from toolkit.profiling.kernels import export_part, kernels
+
+ROOT = Path(__file__).resolve().parent
+RESULT = ROOT / "results" / "planner.json"
+CALIBRATION = ROOT.parent / "toolkit" / "planning" / "calibration.json"
+SEED = 0
+LINKS = ("3g", "4g", "wifi")
+MEASURE_REPEATS = 30
+
+
+def calibrate(model, write: bool):
+    """Measures this host, fits the cost model, and checks the shipped fit on today's data."""
+    at1 = measure_local(quick=False, model=model, batch=1, name="edge (this host)")
+    at32 = measure_local(quick=False, model=model, batch=32, name="edge (this host)")
+    timings = [at1.timing(model.model_id), at32.timing(model.model_id)]
+    fresh = fit_calibration(model, [at1, at32])
+    if write:
+        CALIBRATION.write_text(fresh.model_dump_json(indent=1) + "\n")
+    shipped = shipped_calibration()
+    costs = block_costs(model)
+    shipped_error = {}
+    for profile, timing in zip((at1, at32), timings):
+        rel = [predict_block(c, shipped, profile.gflops, timing.batch) / timing.seconds[c.name] - 1 for c in costs]
+        total = sum(predict_block(c, shipped, profile.gflops, timing.batch) for c in costs) / sum(timing.seconds.values()) - 1
+        shipped_error[f"block_mean_b{timing.batch}"] = float(np.mean(np.abs(rel)))
+        shipped_error[f"model_b{timing.batch}"] = float(total)
+    return at32, fresh, shipped, shipped_error
+
+
+def best_at(planner, phone, depth, encoding, batch, cut):
+    """The fastest choice at this cut that trains ``depth`` blocks with this encoding and batch
+    and fits the phone (train_from and engine free); None when nothing fits."""
+    options = []
+    for train_from in range(planner.n + 1):
+        if planner.depth(train_from) != depth or (cut == planner.n and train_from >= cut):
+            continue
+        for engine in ["ort"] if cut == 0 else planner.engines(phone, cut, min(train_from, cut)):
+            options.append(Choice(cut, train_from, engine, encoding, batch))
+    evaluated = [e for e in planner.evaluate_all(phone, options) if e.memory_mb <= phone.memory_mb]
+    return min(evaluated, key=lambda e: e.predicted["total"], default=None)
+
+
+def fastest_where(planner, phone, cuts):
+    options = [c for c in planner.candidates(phone) if c.cut in cuts]
+    if 0 in cuts:
+        options += [Choice(0, t, "ort", enc, b) for t in range(planner.n) for enc in planner.config.encodings
+                    for b in planner.config.batches]
+    evaluated = [e for e in planner.evaluate_all(phone, options) if e.memory_mb <= phone.memory_mb]
+    return min(e.predicted["total"] for e in evaluated)
+
+
+def measure_choices(model, keys, folder: Path) -> tuple[float, dict[tuple, tuple[float, float, float]]]:
+    """The host's dense-conv GFLOP/s, and the host seconds per batch of each choice's parts,
+    ONNX Runtime forward at the planned batch: {(cut, train_from, batch): (phone frozen part,
+    phone trainable part, edge part)}.
+    Every part is timed round-robin with all the others, the fastest of MEASURE_REPEATS runs,
+    as the probe times blocks: load from other processes then spreads over all of them."""
+    n = len(model.block_names)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the probe
+    runs = {}
+    for cut, train_from, batch in keys:
+        for start, stop in ((0, min(train_from, cut)), (min(train_from, cut), cut), (cut, n)):
+            if start == stop or (start, stop, batch) in runs:
+                continue
+            path = folder / f"part_{start}_{stop}_b{batch}.onnx"
+            shape = export_part(model, start, stop, batch, path)
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feed = {"input": np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)}
+            runs[(start, stop, batch)] = lambda session=session, feed=feed: session.run(None, feed)
+            runs[(start, stop, batch)]()
+    # the host's dense-conv GFLOP/s, timed in the same rounds: the emulation's scale factor
+    proto, shape, conv_flops = kernels()["conv"]
+    conv = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    conv_feed = {"input": np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)}
+    runs["conv"] = lambda: conv.run(None, conv_feed)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(MEASURE_REPEATS):
+        for span, run in runs.items():
+            start_t = time.perf_counter()
+            run()
+            best[span] = min(best[span], time.perf_counter() - start_t)
+    return conv_flops / best["conv"] / 1e9, {
+        (cut, train_from, batch): tuple(
+            best.get((start, stop, batch), 0.0)
+            for start, stop in ((0, min(train_from, cut)), (min(train_from, cut), cut), (cut, n))
+        )
+        for cut, train_from, batch in keys
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-calibration", action="store_true", help="refit and ship toolkit/planning/calibration.json")
+    args = parser.parse_args()
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    model = load_model("mobilenet_v2")
+    edge, fresh, shipped, shipped_error = calibrate(model, args.write_calibration)
+    config = PlanConfig()
+    planner = Planner(model, edge, config, shipped)
+    n = planner.n
+    raw_planner = Planner(model, edge, config.model_copy(update={"allow_raw_upload": True}), shipped)
+    fastest_planner = Planner(model, edge, config.model_copy(update={"slack": 0.0}), shipped)
+
+    cases = []
+    folder = Path(tempfile.mkdtemp(prefix="fedkit-b4-"))
+    for link_name in LINKS:
+        for phone in catalog_profiles(link_name=link_name):
+            chosen = planner.plan_phone(phone)
+            oracle = planner.oracle(phone)
+            fastest = fastest_planner.plan_phone(phone)
+            case = {"class": phone.name, "link": link_name, "phone_gflops": phone.gflops, "memory_mb": phone.memory_mb}
+            if chosen.plan is None:
+                cases.append({**case, "infeasible": chosen.reason})
+                continue
+            plan, depth = chosen.plan, chosen.trainable_blocks
+            total = plan.predicted["total"]
+            sweep = {}
+            for cut in range(0, n + 1):
+                best = best_at(raw_planner, phone, depth, plan.encoding, plan.batch_size, cut)
+                sweep[cut] = None if best is None else round(best.predicted["total"], 4)
+            all_phone, all_edge = sweep[n], sweep[0]
+            baselines = [t for t in (all_phone, all_edge) if t is not None]
+            fastest_total = fastest.plan.predicted["total"]
+            fastest_phone = fastest_where(raw_planner, phone, {n})
+            fastest_edge = fastest_where(raw_planner, phone, {0})
+            cases.append({
+                **case,
+                "choice": {"cut": plan.cut, "train_from": plan.train_from, "trainable_blocks": depth, "engine": plan.engine,
+                           "encoding": plan.encoding, "batch": plan.batch_size},
+                "predicted": plan.predicted,
+                "oracle_total": oracle.plan.predicted["total"],
+                "oracle_same_choice": oracle.plan == plan,
+                "gap_vs_oracle": total / oracle.plan.predicted["total"] - 1,
+                "fastest_any_depth": {"total": fastest.plan.predicted["total"], "cut": fastest.plan.cut,
+                                      "trainable_blocks": fastest.trainable_blocks},
+                "time_cost_of_depth_rule": total / fastest.plan.predicted["total"] - 1,
+                "every_cut_at_this_depth": sweep,
+                "best_cut_at_this_depth": min((t, c) for c, t in sweep.items() if t is not None and c > 0)[1],
+                "all_on_phone": all_phone,
+                "all_on_edge_raw_upload": all_edge,
+                "speedup_vs_better_baseline": (min(baselines) / total) if baselines else None,
+                "latency_only": {
+                    "fastest_private": fastest_total, "fastest_all_on_phone": fastest_phone,
+                    "fastest_all_on_edge_raw_upload": fastest_edge,
+                    "speedup_vs_all_on_phone": fastest_phone / fastest_total,
+                    "speedup_vs_all_on_edge": fastest_edge / fastest_total,
+                    "speedup_vs_better": min(fastest_phone, fastest_edge) / fastest_total,
+                },
+                "measured": {},  # filled in below, once every choice's parts are timed together
+            })
+    feasible = [c for c in cases if "choice" in c]
+    keys = sorted({(c["choice"]["cut"], c["choice"]["train_from"], c["choice"]["batch"]) for c in feasible})
+    host_gflops, host_seconds = measure_choices(model, keys, folder)
+    shutil.rmtree(folder)
+    for c in feasible:
+        ch, predicted = c["choice"], c["predicted"]
+        frozen_s, trainable_s, edge_s = host_seconds[(ch["cut"], ch["train_from"], ch["batch"])]
+        batches = config.local_epochs * math.ceil(config.samples / ch["batch"])
+        compute = batches * (frozen_s + TRAIN_FACTOR * trainable_s) * host_gflops / c["phone_gflops"]
+        edge_time = batches * TRAIN_FACTOR * edge_s * config.edge_load
+        total = compute + edge_time + predicted["upload"] + predicted["download"]
+        c["measured"] = {"compute": compute, "edge": edge_time, "total": total,
+                         "host_seconds_per_batch": {"frozen": frozen_s, "trainable": trainable_s, "edge": edge_s},
+                         "host_gflops": host_gflops}
+        c["measured_vs_predicted"] = total / predicted["total"] - 1
+        c["measured_vs_predicted_compute"] = compute / predicted["compute"] - 1
+    gaps = [c["gap_vs_oracle"] for c in feasible]
+    speedups = [c["speedup_vs_better_baseline"] for c in feasible if c["speedup_vs_better_baseline"]]
+    latency = [c["latency_only"] for c in feasible]
+    errors = [abs(c["measured_vs_predicted"]) for c in feasible]
+    result = {
+        "benchmark": "planner",
+        "summary": {
+            "cases": len(cases),
+            "infeasible": len(cases) - len(feasible),
+            "planner_within_5pct_of_oracle_every_case": all(g <= 0.05 for g in gaps),
+            "max_gap_vs_oracle": max(gaps),
+            "median_speedup_vs_better_of_phone_and_edge_same_depth": statistics.median(speedups),
+            "mean_speedup_vs_better_of_phone_and_edge_same_depth": statistics.fmean(speedups),
+            "latency_only_median_speedup_vs_all_on_phone": statistics.median(x["speedup_vs_all_on_phone"] for x in latency),
+            "latency_only_max_speedup_vs_all_on_phone": max(x["speedup_vs_all_on_phone"] for x in latency),
+            "latency_only_median_speedup_vs_all_on_edge": statistics.median(x["speedup_vs_all_on_edge"] for x in latency),
+            "latency_only_median_speedup_vs_better": statistics.median(x["speedup_vs_better"] for x in latency),
+            "latency_only_mean_speedup_vs_better": statistics.fmean(x["speedup_vs_better"] for x in latency),
+            "splitfed_choices": sum(c["choice"]["cut"] < n for c in feasible),
+            "median_abs_measured_vs_predicted": statistics.median(errors),
+            "max_abs_measured_vs_predicted": max(errors),
+            "max_time_cost_of_depth_rule": max(c["time_cost_of_depth_rule"] for c in feasible),
+        },
+        "calibration": {
+            "fresh_fit": fresh.model_dump(),
+            "shipped_on_todays_measurements": shipped_error,
+            "host_kernel_gflops": edge.kernel_gflops,
+        },
+        "cases": cases,
+        "config": {
+            "model": "mobilenet_v2",
+            "plan": config.model_dump(),
+            "links": {name: link(name).model_dump() for name in LINKS},
+            "edge": {"name": edge.name, "gflops": edge.gflops, "cores": edge.cpu_cores},
+            "oracle": "brute force over the raw product of cut 1..21, train_from 0..cut, engine, encoding, batch; same rule",
+            "measured": "ONNX Runtime forward of the real parts on this host at the planned batch; trainable parts x3 (forward + backward, the documented rule); phone parts x host/phone GFLOP/s; plus the predicted transfers",
+            "seed": SEED,
+            "fedkit": __version__,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+            "machine": f"{platform.machine()}, {platform.processor() or platform.node()}, {edge.cpu_cores} cores",
+            "wall_s": round(time.perf_counter() - started, 1),
+        },
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

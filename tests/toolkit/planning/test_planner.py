@@ -1,0 +1,155 @@
+"""The planner: memory budgets, infeasible phones, the rule, the oracle, plan files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from device_runtime.manifest import DevicePlan
+from toolkit.errors import PlanError
+from toolkit.models import load_model
+from toolkit.planning import FleetPlan, PlanConfig, Planner, distinct_choices, load_plan
+from toolkit.profiling import DeviceProfile, Link, catalog_profiles, links
+
+MODEL = load_model("small_cnn")
+N = len(MODEL.block_names)
+EDGE = DeviceProfile(name="edge", source="local", cpu_cores=2, gflops=200.0, memory_mb=8000)
+
+
+def _phone(name="p", gflops=20.0, memory_mb=900.0, link="4g", engines=("ort", "executorch")) -> DeviceProfile:
+    return DeviceProfile(name=name, source="catalog", cpu_cores=8, gflops=gflops, memory_mb=memory_mb,
+                         engines=engines, link=links()[link], cpu_power_w=3.0)
+
+
+def _planner(**config) -> Planner:
+    return Planner(MODEL, EDGE, PlanConfig(**config))
+
+
+@pytest.mark.parametrize("gflops", [0.5, 5.0, 50.0])
+@pytest.mark.parametrize("link", ["3g", "4g", "wifi"])
+def test_planner_equals_the_brute_force_oracle(gflops, link):
+    planner = _planner(edge_load=3)
+    phone = _phone(gflops=gflops, link=link)
+
+    assert planner.plan_phone(phone) == planner.oracle(phone)
+
+
+def test_chosen_plan_fits_memory_and_tight_memory_shrinks_it():
+    planner = _planner(slack=10.0)  # deepest anything: memory is what limits
+    roomy = planner.plan_phone(_phone(memory_mb=5000))
+    tight_mb = (roomy.memory_mb + 85.0) / 2  # between the runtime alone and the roomy choice
+    tight = planner.plan_phone(_phone(memory_mb=tight_mb))
+
+    assert roomy.memory_mb <= 5000 and tight.memory_mb <= tight_mb
+    assert (tight.trainable_blocks, tight.plan.batch_size) < (roomy.trainable_blocks, roomy.plan.batch_size)
+
+
+def test_nothing_fits_is_reported_not_dropped():
+    fleet = _planner().plan([_phone("ok"), _phone("tiny", memory_mb=5)])
+
+    assert [p.profile for p in fleet.phones] == ["ok", "tiny"]
+    [tiny] = fleet.infeasible
+    assert tiny.plan is None and "nothing fits memory" in tiny.reason and "5 MB" in tiny.reason
+
+
+def test_no_engine_and_energy_budget_without_power_are_reported():
+    fleet = _planner(energy_budget_j=1e9).plan([
+        _phone("no-engine", engines=()),
+        DeviceProfile(name="no-power", source="local", cpu_cores=2, gflops=20, memory_mb=900, link=links()["4g"]),
+    ])
+
+    assert "no engine" in fleet.phones[0].reason
+    assert "cpu_power_w" in fleet.phones[1].reason
+
+
+def test_energy_budget_is_respected():
+    phone = _phone(gflops=5.0, link="4g")
+    free = _planner(slack=10.0).plan_phone(phone)
+    capped = _planner(slack=10.0, energy_budget_j=free.energy_j / 2).plan_phone(phone)
+
+    assert free.energy_j > 0
+    assert capped.plan is None or capped.energy_j <= free.energy_j / 2
+    assert _planner(energy_budget_j=1e-6).plan_phone(phone).reason.startswith("no choice within the energy budget")
+
+
+def test_budget_rule_deeper_with_more_time():
+    phone = _phone(gflops=5.0, link="wifi")
+    fastest = _planner(slack=0.0).plan_phone(phone)
+    loose = _planner(budget_s=fastest.plan.predicted["total"] * 100).plan_phone(phone)
+    too_tight = _planner(budget_s=fastest.plan.predicted["total"] / 2).plan_phone(phone)
+
+    assert loose.trainable_blocks > fastest.trainable_blocks
+    assert loose.plan.predicted["total"] <= fastest.plan.predicted["total"] * 100
+    assert too_tight.plan is None and "over the round budget" in too_tight.reason
+
+
+def test_slack_rule_stays_within_slack_of_the_fastest():
+    phone = _phone(gflops=5.0, link="4g")
+    fastest = _planner(slack=0.0).plan_phone(phone).plan.predicted["total"]
+    for slack in (0.05, 0.5, 2.0):
+        chosen = _planner(slack=slack).plan_phone(phone).plan.predicted["total"]
+        assert chosen <= fastest * (1 + slack) + 1e-4
+
+
+def test_cut_zero_only_when_raw_upload_is_allowed():
+    # a phone so slow that shipping raw images would be fastest
+    phone = _phone(gflops=0.01, link="wifi")
+
+    private = _planner(slack=0.0).plan_phone(phone)
+    raw = _planner(slack=0.0, allow_raw_upload=True).plan_phone(phone)
+
+    assert private.plan.cut >= 1
+    assert raw.plan.cut == 0
+
+
+def test_executorch_only_for_linear_heads_without_backward_from():
+    planner = _planner()
+    phone = _phone()
+    for choice in planner.candidates(phone):
+        if choice.engine == "executorch":
+            trained = MODEL.block_names[choice.train_from:choice.cut]
+            assert set(trained) <= {"pool", "classifier"}
+            assert choice.cut == N or choice.train_from == choice.cut
+
+
+def test_plan_file_round_trip_and_distinct_choices(tmp_path):
+    fleet = _planner().plan([_phone("a"), _phone("b"), _phone("c", gflops=0.5, link="wifi"), _phone("x", memory_mb=5)])
+    fleet.save(tmp_path / "plan.json")
+
+    loaded = load_plan(tmp_path / "plan.json")
+    groups = distinct_choices(loaded)
+
+    assert loaded == fleet
+    assert sum(len(phones) for _, phones in groups) == 3  # the infeasible phone has no bundle
+    assert ["a", "b"] in [phones for _, phones in groups]
+    assert all(isinstance(plan, DevicePlan) and plan.predicted == {} for plan, _ in groups)
+
+
+def test_bad_plan_files_are_refused(tmp_path):
+    with pytest.raises(PlanError, match="does not exist"):
+        load_plan(tmp_path / "none.json")
+    (tmp_path / "v2.json").write_text(json.dumps({"schema_version": 2}))
+    with pytest.raises(PlanError, match="schema version 2"):
+        load_plan(tmp_path / "v2.json")
+    fleet = _planner().plan([_phone("a")])
+    data = json.loads(fleet.model_dump_json())
+    data["phones"][0]["plan"]["train_from"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="bad.json is invalid"):
+        load_plan(tmp_path / "bad.json")
+
+
+def test_duplicate_names_and_bad_config_are_refused():
+    with pytest.raises(PlanError, match="unique"):
+        _planner().plan([_phone("a"), _phone("a")])
+    with pytest.raises(PlanError, match="unknown or no update encodings"):
+        PlanConfig(encodings=("int3",))
+
+
+def test_plans_catalogue_phones_for_mobilenet_v2():
+    phones = catalog_profiles(["entry-2018", "mid-2022", "flagship-2024"])
+    fleet = Planner(load_model("mobilenet_v2"), EDGE, PlanConfig()).plan(phones)
+
+    assert isinstance(fleet, FleetPlan) and not fleet.infeasible
+    assert all(p.plan.cut >= 1 and p.memory_mb <= phone.memory_mb for p, phone in zip(fleet.phones, phones))

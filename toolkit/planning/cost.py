@@ -1,0 +1,330 @@
+"""The cost model: a phone's round time and memory for any cut, trainable depth, encoding
+and batch, from its DeviceProfile.
+
+Compute. A block's forward time on a device of ``gflops`` (dense-conv GFLOP/s) at batch B is
+
+    (B * sum_k flops_k * cost_k  +  ops * op_overhead) / (gflops * 1e9)
+
+over op kinds k (dense conv, 1x1 conv, depthwise conv, linear, elementwise, and conv weight
+reads): ``cost_k`` is how many dense-conv FLOPs one FLOP (or element) of kind k costs.
+Depthwise convs cost several times a dense FLOP: they move as many bytes per FLOP as an
+elementwise op. Convs on tiny feature maps (MobileNetV2's late blocks at 32x32 input are 2x2
+and 1x1) are bound by reading their weights once per image, hence the weight-read term.
+``op_overhead`` is the dispatch cost of one op in dense-conv FLOPs, so it too scales with the
+device. Both are fitted once on this host
+(non-negative least squares on relative error, over measured per-block latencies at batch 1
+and 32 and the probe's kernels) and shipped in ``calibration.json``; a profile with the
+model's own block timings rescales each block to its measurement.
+
+Training. A trainable block costs 3x its forward (forward, then backward for the input and the
+weight gradients, each about one forward); a frozen block 1x. The edge trains every block
+behind the cut.
+
+Transfers. Per round: the task and the phone's trainable weights down (fp32), its update up
+(the plan's encoding), one RTT each. SplitFed adds per batch one request: activations up in
+the plan's encoding, activation gradients down (when the phone trains blocks), one RTT.
+Sizes are ``device_runtime.codec.encoded_size``: the exact bytes on the wire, HTTP headers
+aside.
+
+Edge. The edge's blocks run at the edge profile's speed; ``edge_load`` phones training at
+once share it (processor sharing: each gets 1/load of it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from scipy.optimize import nnls
+from torch import nn
+
+from device_runtime.codec import encoded_size
+from toolkit.errors import PlanError
+from toolkit.models import SplittableModel
+from toolkit.profiling.profile import BlockTiming, DeviceProfile, Link
+
+KINDS = ("conv", "pointwise", "depthwise", "linear", "elementwise", "weight_reads")
+TRAIN_FACTOR = 3.0  # a trainable block: forward + backward ~ 2 forwards
+MB = 1e6
+# Resident memory of the runtime itself. ort: 66-83 MB measured here for a numpy +
+# onnxruntime process running a forward (training artifacts loaded in the same range);
+# executorch: estimate, its runtime is a few MB of native code plus the program.
+ENGINE_MEMORY_MB = {"ort": 85.0, "executorch": 30.0}
+_ELEMENTWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.AdaptiveAvgPool2d)
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """What one block costs per sample, split the way the cost model needs it."""
+
+    name: str
+    flops: dict[str, int]  # per sample, by kind in KINDS (elementwise: elements touched; weight_reads: conv weights)
+    ops: int  # conv, linear and pooling ops: each one a kernel dispatch
+    params: int
+    param_shapes: dict[str, tuple[int, ...]]  # whole-model names
+    in_bytes: int  # fp32 bytes of the block's input
+    out_shape: tuple[int, ...]
+    peak_bytes: int  # inference: input + the largest intermediate
+    saved_bytes: int  # training: every intermediate, kept for backward
+    linear_only: bool  # its parameters are all in nn.Linear layers (ExecuTorch can train it)
+
+
+def block_costs(model: SplittableModel) -> list[BlockCost]:
+    """Per-block costs from one forward of a single sample with hooks on every leaf module."""
+    costs = []
+    x = torch.zeros(1, *model.input_shape)
+    was_training = model.root.training
+    model.root.eval()
+    with torch.no_grad():
+        for name, block in model.blocks:
+            flops = dict.fromkeys(KINDS, 0)
+            outputs: list[int] = []
+            ops = 0
+
+            def hook(m, inp, out):
+                nonlocal ops
+                outputs.append(out.numel() * 4)
+                if isinstance(m, nn.Conv2d):
+                    kind = "depthwise" if m.groups > 1 else "pointwise" if m.kernel_size == (1, 1) else "conv"
+                    flops[kind] += 2 * m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups) * out.numel()
+                    flops["weight_reads"] += m.weight.numel()
+                    ops += 1
+                elif isinstance(m, nn.Linear):
+                    flops["linear"] += 2 * m.in_features * out.numel()
+                    ops += 1
+                elif isinstance(m, _ELEMENTWISE):
+                    flops["elementwise"] += inp[0].numel()
+                    ops += isinstance(m, nn.AdaptiveAvgPool2d)
+
+            leaves = [m for m in block.modules() if not list(m.children())]
+            handles = [m.register_forward_hook(hook) for m in leaves]
+            in_bytes = x.numel() * 4
+            x = block(x)
+            for h in handles:
+                h.remove()
+            parameterised = [m for m in leaves if any(True for _ in m.parameters(recurse=False))]
+            costs.append(
+                BlockCost(
+                    name=name,
+                    flops=flops,
+                    ops=ops,
+                    params=sum(p.numel() for p in block.parameters()),
+                    param_shapes={f"{name}.{n}": tuple(p.shape) for n, p in block.named_parameters()},
+                    in_bytes=in_bytes,
+                    out_shape=tuple(x.shape[1:]),
+                    peak_bytes=in_bytes + max(outputs, default=0),
+                    saved_bytes=in_bytes + sum(outputs),
+                    linear_only=all(isinstance(m, nn.Linear) for m in parameterised),
+                )
+            )
+    model.root.train(was_training)
+    return costs
+
+
+class Calibration(BaseModel):
+    """The per-op-kind costs, fitted on one host, and how well they fit there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = 1
+    model_id: str
+    host_gflops: float  # the host's dense-conv GFLOP/s the fit is relative to
+    cost: dict[str, float]  # dense-conv FLOPs per FLOP of each kind (1 / efficiency)
+    op_overhead: float  # dense-conv FLOPs one op dispatch costs
+    error: dict[str, float] = {}  # relative errors on the host, see fit_calibration
+
+    @property
+    def efficiency(self) -> dict[str, float]:
+        return {k: (1 / c if c > 0 else math.inf) for k, c in self.cost.items()}
+
+
+def _features(cost: BlockCost, batch: int) -> list[float]:
+    return [batch * cost.flops[k] for k in KINDS] + [cost.ops]
+
+
+def predict_block(cost: BlockCost, calibration: Calibration, gflops: float, batch: int) -> float:
+    coef = [calibration.cost[k] for k in KINDS] + [calibration.op_overhead]
+    return float(np.dot(_features(cost, batch), coef)) / (gflops * 1e9)
+
+
+def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile]) -> Calibration:
+    """Fits the per-kind costs to one host's measured block latencies and kernels: one
+    profile per timed batch (``measure_local(model=..., batch=b)``). Each profile's times are
+    taken relative to its own dense-conv GFLOP/s, timed in the same probe run, so load on a
+    shared machine largely cancels out.
+
+    ``error`` holds the mean and max relative error of the per-block predictions (in-sample,
+    and leave-one-block-out, where each block is predicted by a fit without it), and the
+    error of the whole model's forward, at each timed batch."""
+    costs = block_costs(model)
+    kernel_kind = {"conv": "conv", "pointwise": "pointwise", "depthwise": "depthwise", "matmul": "linear"}
+    rows, ys, groups, timings = [], [], [], []
+    for profile in profiles:
+        timing = profile.timing(model.model_id)
+        if timing is None:
+            raise PlanError(f"profile {profile.name!r} has no block timings of {model.model_id}: profile with --model {model.model_id}")
+        timings.append(timing)
+        for i, c in enumerate(costs):
+            rows.append(_features(c, timing.batch))
+            ys.append(timing.seconds[c.name] * profile.gflops * 1e9)
+            groups.append(i)
+        for name, gflops in profile.kernel_gflops.items():
+            # a kernel of F FLOPs runs in F / gflops seconds: in dense-conv FLOPs, F * host / gflops
+            rows.append([1e9 * (k == kernel_kind[name]) for k in KINDS] + [1])
+            ys.append(1e9 * profile.gflops / gflops)
+            groups.append(-1)
+    a, y, groups = np.array(rows, float), np.array(ys, float), np.array(groups)
+
+    def solve(mask):
+        # divide each row by its target: least squares on relative error, so the small late
+        # blocks count as much as the big early ones
+        coef, _ = nnls(a[mask] / y[mask, None], np.ones(mask.sum()))
+        return coef
+
+    coef = solve(np.ones(len(y), bool))
+    in_sample = a @ coef / y - 1
+    loo = np.array([(a[j] @ solve(groups != groups[j])) / y[j] - 1 if groups[j] >= 0 else 0.0 for j in range(len(y))])
+    error = {}
+    block_rows = np.flatnonzero(groups >= 0)
+    for t, timing in enumerate(timings):
+        sl = block_rows[t * len(costs):(t + 1) * len(costs)]
+        b = timing.batch
+        error[f"block_mean_b{b}"] = float(np.mean(np.abs(in_sample[sl])))
+        error[f"block_max_b{b}"] = float(np.max(np.abs(in_sample[sl])))
+        error[f"block_loo_mean_b{b}"] = float(np.mean(np.abs(loo[sl])))
+        error[f"model_b{b}"] = float((a[sl] @ coef).sum() / y[sl].sum() - 1)
+    return Calibration(
+        model_id=model.model_id,
+        host_gflops=float(np.mean([p.gflops for p in profiles])),
+        cost=dict(zip(KINDS, (float(c) for c in coef[:-1]))),
+        op_overhead=float(coef[-1]),
+        error=error,
+    )
+
+
+def shipped_calibration() -> Calibration:
+    """The calibration fitted on the development host (see benchmarks/planner.py)."""
+    text = resources.files("toolkit.planning").joinpath("calibration.json").read_text()
+    return Calibration.model_validate_json(text)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One candidate for a phone: blocks [0, cut) on the phone, blocks from train_from on train
+    (on the phone below the cut, on the edge above it)."""
+
+    cut: int
+    train_from: int
+    engine: str
+    encoding: str
+    batch: int
+
+
+class CostModel:
+    """Predicts round time, energy and memory of a choice for one model."""
+
+    def __init__(self, model: SplittableModel, calibration: Calibration | None = None):
+        self.model = model
+        self.calibration = calibration or shipped_calibration()
+        self.costs = block_costs(model)
+        self.n = len(self.costs)
+
+    def forward_seconds(self, profile: DeviceProfile, batch: int) -> np.ndarray:
+        """Forward seconds of each block at ``batch`` on the device; rescaled per block to the
+        profile's own measurement of this model when it has one."""
+        predicted = np.array([predict_block(c, self.calibration, profile.gflops, batch) for c in self.costs])
+        timing = profile.timing(self.model.model_id)
+        if timing is None:
+            return predicted
+        if set(timing.seconds) != {c.name for c in self.costs}:
+            raise PlanError(
+                f"profile {profile.name!r} has timings of {self.model.model_id} blocks that do not match the model's: "
+                f"re-run `fedkit profile --model {self.model.model_id}`"
+            )
+        at_measured = np.array([predict_block(c, self.calibration, profile.gflops, timing.batch) for c in self.costs])
+        measured = np.array([timing.seconds[c.name] for c in self.costs])
+        # a block the model prices at nothing scales with the batch
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(at_measured > 0, predicted * measured / at_measured, measured * batch / timing.batch)
+
+    @cache
+    def _update_bytes(self, start: int, stop: int, encoding: str) -> int:
+        """Encoded bytes of the weights of blocks [start, stop)."""
+        return encoded_size({name: shape for c in self.costs[start:stop] for name, shape in c.param_shapes.items()}, encoding)
+
+    @cache
+    def _activation_bytes(self, cut: int, batch: int, encoding: str) -> int:
+        """Encoded bytes of one batch of activations at the cut (and of their gradients)."""
+        return encoded_size({"activation": (batch, *self.activation_shape(cut))}, encoding)
+
+    def activation_shape(self, cut: int) -> tuple[int, ...]:
+        return tuple(self.model.input_shape) if cut == 0 else self.costs[cut - 1].out_shape
+
+    def memory_mb(self, choice: Choice) -> float:
+        """Peak memory on the phone: runtime, the phone part's fp32 weights, frozen-part
+        activations of one batch, and for the trainable blocks their saved activations plus
+        gradients and momentum (the optimizer state) and the engine's copy of the weights."""
+        cut, train_from, batch = choice.cut, min(choice.train_from, choice.cut), choice.batch
+        weights = 4 * sum(c.params for c in self.costs[:cut])
+        frozen = batch * max((c.peak_bytes for c in self.costs[:train_from]), default=0)
+        trainable = self.costs[train_from:cut]
+        training = batch * sum(c.saved_bytes for c in trainable) + 3 * 4 * sum(c.params for c in trainable)
+        buffers = 2 * batch * 4 * math.prod(self.activation_shape(cut)) if cut < self.n else 0
+        return ENGINE_MEMORY_MB[choice.engine] + (weights + frozen + training + buffers) / MB
+
+    def round_time(
+        self,
+        choice: Choice,
+        phone: DeviceProfile,
+        edge: DeviceProfile,
+        samples: int,
+        local_epochs: int = 1,
+        edge_load: int = 1,
+        phone_fwd: np.ndarray | None = None,
+        edge_fwd: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        """Seconds of one round: compute, upload, download, edge and total.
+        ``phone_fwd`` / ``edge_fwd`` pass precomputed forward_seconds at this batch."""
+        link = _require_link(phone)
+        cut, train_from, batch = choice.cut, choice.train_from, choice.batch
+        phone_fwd = self.forward_seconds(phone, batch) if phone_fwd is None else phone_fwd
+        edge_fwd = self.forward_seconds(edge, batch) if edge_fwd is None else edge_fwd
+        factor = np.where(np.arange(self.n) >= train_from, TRAIN_FACTOR, 1.0)
+        batches = local_epochs * math.ceil(samples / batch)
+        compute = batches * float((phone_fwd * factor)[:cut].sum())
+        edge_time = batches * float((edge_fwd * factor)[cut:].sum()) * edge_load
+        rtt = link.rtt_ms / 1000
+        phone_trains = train_from < cut
+        upload = rtt / 2 + (_seconds(self._update_bytes(train_from, cut, choice.encoding), link.uplink_mbps) if phone_trains else 0)
+        download = rtt / 2 + (_seconds(self._update_bytes(train_from, cut, "fp32"), link.downlink_mbps) if phone_trains else 0)
+        if cut < self.n:
+            act = self._activation_bytes(cut, batch, choice.encoding)
+            upload += batches * (rtt / 2 + _seconds(act, link.uplink_mbps))
+            download += batches * (rtt / 2 + (_seconds(act, link.downlink_mbps) if phone_trains else 0))
+        total = compute + upload + download + edge_time
+        return {"compute": compute, "upload": upload, "download": download, "edge": edge_time, "total": total}
+
+    def energy_j(self, predicted: dict[str, float], phone: DeviceProfile) -> float | None:
+        """Phone energy of a round: CPU power while computing, radio power while transferring;
+        None when the profile lacks either figure."""
+        link = _require_link(phone)
+        if phone.cpu_power_w is None or link.radio_power_w is None:
+            return None
+        return predicted["compute"] * phone.cpu_power_w + (predicted["upload"] + predicted["download"]) * link.radio_power_w
+
+
+def _seconds(nbytes: int, mbps: float) -> float:
+    return nbytes * 8 / (mbps * 1e6)
+
+
+def _require_link(profile: DeviceProfile) -> Link:
+    if profile.link is None:
+        raise PlanError(
+            f"profile {profile.name!r} has no link: profile it with --aggregator URL, or plan with --link 3g|4g|5g|wifi"
+        )
+    return profile.link

@@ -1,0 +1,278 @@
+"""The planner: per phone, the cut, trainable depth, engine, update encoding and batch size.
+
+Search. Every cut from 1 (cut 0 only with ``allow_raw_upload``: it sends raw images off the
+phone, which defeats federated learning, so it is a baseline, never a default) to the end;
+every trainable depth from "the edge's blocks only" (SplitFed) or "the classifier only" to
+every parameterised block before the cut; ``executorch`` where it can train what the phone
+trains (linear layers only, and no activation gradients to back-propagate: it has no
+``backward_from``), ``ort`` otherwise; each allowed encoding; the reference batch, halved
+down to ``min_batch`` when it does not fit. The search is exhaustive (MobileNetV2 has 22
+cuts); ``oracle`` is a separate brute force over the raw product, kept to check it.
+
+Rule (accuracy against time). Deeper fine-tuning learns more; faithful encodings and the
+reference batch keep the federated optimisation as designed. So among the choices that fit
+the phone's memory, take those whose predicted round time is within ``slack`` (10%) of the
+fastest (or, with ``budget_s``, within the budget; with ``energy_budget_j``, also within
+that), and among them the one with, in order: the most trainable blocks, the most faithful
+encoding, the largest batch, the shortest round, the least memory. A phone where nothing fits
+is reported infeasible with the reason, never dropped.
+
+Trainable depth counts parameterised blocks from ``train_from`` to the end of the model, on
+the phone or on the edge: in SplitFed the edge trains every block behind the cut.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from device_runtime.codec import ENCODINGS
+from device_runtime.errors import BundleError
+from device_runtime.manifest import DevicePlan
+from toolkit.errors import PlanError
+from toolkit.models import SplittableModel, load_model
+from toolkit.planning.cost import Calibration, Choice, CostModel
+from toolkit.profiling.catalog import link
+from toolkit.profiling.local import measure_local
+from toolkit.profiling.profile import DeviceProfile
+
+SCHEMA_VERSION = 1
+FIDELITY = ("fp32", "fp16", "int8", "int4", "topk", "sign1")  # most faithful first
+
+
+class PlanConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    samples: PositiveInt = 3000  # training samples per phone (B1: 60,000 over 20 phones)
+    local_epochs: PositiveInt = 1
+    batch_size: PositiveInt = 32  # the reference batch; smaller ones only to fit memory
+    min_batch: PositiveInt = 8
+    encodings: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
+    slack: float = Field(0.10, ge=0)  # accept rounds up to (1 + slack) x the fastest
+    budget_s: float | None = Field(None, gt=0)  # instead of slack: rounds up to this
+    energy_budget_j: float | None = Field(None, gt=0)
+    edge_load: PositiveInt = 1  # phones training on the edge at once
+    allow_raw_upload: bool = False  # consider cut 0 (all on the edge: raw images leave the phone)
+
+    def model_post_init(self, _context) -> None:
+        unknown = [e for e in self.encodings if e not in ENCODINGS]
+        if unknown or not self.encodings:
+            raise PlanError(f"unknown or no update encodings {unknown}: choose from {', '.join(ENCODINGS)}")
+
+    @property
+    def batches(self) -> list[int]:
+        sizes, b = [], self.batch_size
+        while b >= self.min_batch:
+            sizes.append(b)
+            b //= 2
+        return sizes or [self.batch_size]
+
+
+class PhonePlan(BaseModel):
+    """One phone's line in a fleet plan; ``plan`` is None when nothing fits it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    profile: str
+    plan: DevicePlan | None
+    reason: str
+    trainable_blocks: int | None = None
+    memory_mb: float | None = None
+    energy_j: float | None = None
+
+
+class FleetPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model_id: str
+    block_names: list[str]
+    edge: str  # the edge profile's name
+    config: PlanConfig
+    phones: list[PhonePlan]
+
+    @property
+    def infeasible(self) -> list[PhonePlan]:
+        return [p for p in self.phones if p.plan is None]
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    choice: Choice
+    predicted: dict[str, float]
+    memory_mb: float
+    energy_j: float | None
+    depth: int  # trainable parameterised blocks, phone and edge together
+
+    def key(self) -> tuple:
+        """The rule's preference among acceptable choices: greater is better."""
+        c = self.choice
+        # on an exact tie, more blocks on the phone: fewer activations leave it
+        return (self.depth, -FIDELITY.index(c.encoding), c.batch, -self.predicted["total"], -self.memory_mb, c.cut)
+
+
+class Planner:
+    """Plans phones for one model against one edge."""
+
+    def __init__(self, model: SplittableModel, edge: DeviceProfile, config: PlanConfig | None = None,
+                 calibration: Calibration | None = None):
+        self.model = model
+        self.edge = edge
+        self.config = config or PlanConfig()
+        self.cost = CostModel(model, calibration)
+        self.n = len(model.block_names)
+        self.parameterised = model.parameterised_blocks()
+        self._edge_fwd = {b: self.cost.forward_seconds(edge, b) for b in self.config.batches}
+
+    # -- the pieces ------------------------------------------------------------------------
+    def depth(self, train_from: int) -> int:
+        return sum(1 for i in self.parameterised if i >= train_from)
+
+    def engines(self, phone: DeviceProfile, cut: int, train_from: int) -> list[str]:
+        engines = [e for e in ("ort", "executorch") if e in phone.engines]
+        trains_linear_only = all(c.linear_only for c in self.cost.costs[train_from:cut])
+        needs_backward_from = cut < self.n and train_from < cut
+        if "executorch" in engines and not (trains_linear_only and not needs_backward_from):
+            engines.remove("executorch")
+        return engines
+
+    def candidates(self, phone: DeviceProfile) -> Iterable[Choice]:
+        first_cut = 0 if self.config.allow_raw_upload else 1
+        for cut in range(first_cut, self.n + 1):
+            with_params = self.model.parameterised_blocks(cut)
+            depths = range(0 if cut < self.n else 1, len(with_params) + 1)
+            for train_from in sorted({self.model.train_from(cut, k) for k in depths}, reverse=True):
+                for engine in self.engines(phone, cut, train_from):
+                    for batch in self.config.batches:
+                        for encoding in self.config.encodings:
+                            yield Choice(cut, train_from, engine, encoding, batch)
+
+    def evaluate(self, choice: Choice, phone: DeviceProfile, phone_fwd=None) -> Evaluated:
+        c = self.config
+        predicted = self.cost.round_time(
+            choice, phone, self.edge, c.samples, c.local_epochs, c.edge_load,
+            phone_fwd=phone_fwd, edge_fwd=self._edge_fwd.get(choice.batch),
+        )
+        return Evaluated(choice, predicted, self.cost.memory_mb(choice), self.cost.energy_j(predicted, phone),
+                         self.depth(choice.train_from))
+
+    def evaluate_all(self, phone: DeviceProfile, choices: Iterable[Choice]) -> list[Evaluated]:
+        fwd = {b: self.cost.forward_seconds(phone, b) for b in self.config.batches}
+        return [self.evaluate(ch, phone, fwd.get(ch.batch)) for ch in choices]
+
+    # -- the rule --------------------------------------------------------------------------
+    def choose(self, phone: DeviceProfile, evaluated: list[Evaluated]) -> PhonePlan:
+        c = self.config
+        if not evaluated:
+            return PhonePlan(profile=phone.name, plan=None,
+                             reason=f"no engine: the profile lists {list(phone.engines) or 'none'}; fedkit needs ort or executorch")
+        fits = [e for e in evaluated if e.memory_mb <= phone.memory_mb]
+        if not fits:
+            least = min(e.memory_mb for e in evaluated)
+            return PhonePlan(profile=phone.name, plan=None,
+                             reason=f"nothing fits memory: the smallest choice needs {least:.0f} MB, the phone has {phone.memory_mb:.0f} MB")
+        if c.energy_budget_j is not None:
+            if any(e.energy_j is None for e in fits):
+                return PhonePlan(profile=phone.name, plan=None,
+                                 reason="an energy budget needs cpu_power_w in the profile and radio_power_w in its link")
+            fits = [e for e in fits if e.energy_j <= c.energy_budget_j]
+            if not fits:
+                return PhonePlan(profile=phone.name, plan=None, reason=f"no choice within the energy budget of {c.energy_budget_j:g} J")
+        fastest = min(e.predicted["total"] for e in fits)
+        limit = c.budget_s if c.budget_s is not None else fastest * (1 + c.slack)
+        within = [e for e in fits if e.predicted["total"] <= limit]
+        if not within:
+            return PhonePlan(profile=phone.name, plan=None,
+                             reason=f"the fastest choice takes {fastest:.1f} s, over the round budget of {c.budget_s:g} s")
+        best = max(within, key=Evaluated.key)
+        rule = f"the budget of {c.budget_s:g} s" if c.budget_s is not None else f"{c.slack:.0%} of the fastest ({fastest:.1f} s)"
+        return PhonePlan(
+            profile=phone.name,
+            plan=self.device_plan(best),
+            reason=f"deepest training ({best.depth} blocks) within {rule} that fits {phone.memory_mb:.0f} MB",
+            trainable_blocks=best.depth,
+            memory_mb=round(best.memory_mb, 1),
+            energy_j=None if best.energy_j is None else round(best.energy_j, 1),
+        )
+
+    def device_plan(self, e: Evaluated) -> DevicePlan:
+        ch = e.choice
+        return DevicePlan(cut=ch.cut, train_from=min(ch.train_from, ch.cut), engine=ch.engine, encoding=ch.encoding,
+                          local_epochs=self.config.local_epochs, batch_size=ch.batch,
+                          predicted=dict(e.predicted))
+
+    # -- entry points ----------------------------------------------------------------------
+    def plan_phone(self, phone: DeviceProfile) -> PhonePlan:
+        return self.choose(phone, self.evaluate_all(phone, self.candidates(phone)))
+
+    def oracle(self, phone: DeviceProfile) -> PhonePlan:
+        """The same rule over the raw product of every field (any train_from, every engine the
+        phone has where it can run): a brute force to check the planner's search against."""
+        first_cut = 0 if self.config.allow_raw_upload else 1
+        raw = (
+            Choice(cut, train_from, engine, encoding, batch)
+            for cut, train_from, engine, encoding, batch in itertools.product(
+                range(first_cut, self.n + 1), range(self.n + 1), ("ort", "executorch"), self.config.encodings, self.config.batches)
+            if train_from <= cut and (cut < self.n or train_from < cut) and engine in self.engines(phone, cut, train_from)
+        )
+        return self.choose(phone, self.evaluate_all(phone, raw))
+
+    def plan(self, phones: list[DeviceProfile]) -> FleetPlan:
+        names = [p.name for p in phones]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise PlanError(f"profile names must be unique, {', '.join(duplicates)} repeat: rename the profiles")
+        return FleetPlan(model_id=self.model.model_id, block_names=self.model.block_names, edge=self.edge.name,
+                         config=self.config, phones=[self.plan_phone(p) for p in phones])
+
+
+def load_plan(path: Path) -> FleetPlan:
+    """A fleet plan written by `fedkit plan`, validated."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise PlanError(f"plan {path} does not exist: run `fedkit plan --out {path}` first") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlanError(f"plan {path} is not readable JSON ({exc}): re-run `fedkit plan`") from exc
+    if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
+        raise PlanError(f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: re-run `fedkit plan`")
+    try:
+        return FleetPlan.model_validate(data)
+    except (ValidationError, BundleError) as exc:
+        raise PlanError(f"plan {path} is invalid ({exc}): re-run `fedkit plan`".replace("\n", " ")) from exc
+
+
+def distinct_choices(plan: FleetPlan) -> list[tuple[DevicePlan, list[str]]]:
+    """The distinct DevicePlans of a fleet (predictions dropped: they differ per phone), each
+    with the phones that use it: one bundle to export per entry. Infeasible phones have none."""
+    groups: dict[tuple, tuple[DevicePlan, list[str]]] = {}
+    for phone in plan.phones:
+        if phone.plan is None:
+            continue
+        bare = replace(phone.plan, predicted={})
+        key = tuple(sorted((k, v) for k, v in bare.to_dict().items() if k != "predicted"))
+        groups.setdefault(key, (bare, []))[1].append(phone.profile)
+    return [groups[k] for k in sorted(groups)]
+
+
+def plan_fleet(
+    model: str,
+    phones: list[DeviceProfile],
+    edge: DeviceProfile | None = None,
+    config: PlanConfig | None = None,
+    link_name: str | None = None,
+) -> FleetPlan:
+    """Plans every phone for the named model. ``edge`` defaults to this host, profiled quickly;
+    ``link_name`` puts every phone on that catalogue link."""
+    if link_name is not None:
+        phones = [p.with_link(link(link_name)) for p in phones]
+    edge = edge or measure_local(quick=True, name="edge (this host)")
+    return Planner(load_model(model), edge, config).plan(phones)

@@ -1,0 +1,69 @@
+"""Profiles a phone over adb: pushes the probe and its payload, runs it, reads its JSON.
+
+The phone needs a Python with numpy (Termux's, for instance) and, to time the kernels,
+onnxruntime; ``--python`` names the interpreter on the phone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from android_harness import probe
+from toolkit.errors import PlanError
+from toolkit.models import SplittableModel
+from toolkit.profiling.kernels import write_payload
+from toolkit.profiling.local import FULL_REPEATS, QUICK_REPEATS, profile_from_probe
+from toolkit.profiling.profile import DeviceProfile
+
+REMOTE_DIR = "/data/local/tmp/fedkit-probe"
+TIMEOUT_S = 600
+
+
+def _adb(serial: str, *args: str, timeout: float = 60) -> str:
+    adb = shutil.which("adb")
+    if adb is None:
+        raise PlanError("adb is not installed: install it (Debian: `apt-get install adb`) and attach the phone")
+    try:
+        done = subprocess.run([adb, "-s", serial, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise PlanError(f"`adb {' '.join(args)}` on {serial} did not finish in {timeout:.0f} s: check the phone is awake and unlocked") from exc
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip().splitlines()
+        raise PlanError(
+            f"adb could not reach device {serial!r} ({said[-1] if said else f'exit {done.returncode}'}): "
+            "attach the phone with USB debugging on and check that `adb devices` lists it"
+        )
+    return done.stdout
+
+
+def probe_adb(
+    serial: str,
+    quick: bool = True,
+    model: SplittableModel | None = None,
+    aggregator: str | None = None,
+    batch: int = 32,
+    python: str = "python3",
+) -> DeviceProfile:
+    """The profile of the phone ``serial``, measured on the phone."""
+    _adb(serial, "get-state", timeout=15)  # fails fast, with adb's own words, when it is not attached
+    with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
+        payload = write_payload(Path(tmp) / "payload", model, batch)
+        shutil.copy(probe.__file__, Path(tmp) / "probe.py")
+        _adb(serial, "shell", "rm", "-rf", REMOTE_DIR)
+        _adb(serial, "push", f"{tmp}/.", REMOTE_DIR, timeout=TIMEOUT_S)
+    command = [python, f"{REMOTE_DIR}/probe.py", f"{REMOTE_DIR}/payload", "--repeats", str(QUICK_REPEATS if quick else FULL_REPEATS)]
+    if aggregator:
+        command += ["--aggregator", aggregator]
+    out = _adb(serial, "shell", *command, timeout=TIMEOUT_S)
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError) as exc:
+        raise PlanError(
+            f"the probe on {serial} printed no JSON ({out.strip()[:200]!r}): the phone needs `{python}` with numpy "
+            "(e.g. Termux: `pkg install python python-numpy`); pass --python with its path"
+        ) from exc
+    return profile_from_probe(result, serial, "adb", model and model.model_id, batch)

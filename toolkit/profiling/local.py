@@ -1,0 +1,57 @@
+"""Profiles this host: the same probe a phone runs, called in-process."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from pathlib import Path
+
+from android_harness import probe
+from toolkit.errors import PlanError
+from toolkit.models import SplittableModel
+from toolkit.profiling.kernels import write_payload
+from toolkit.profiling.profile import MEMORY_SHARE, BlockTiming, DeviceProfile, Link
+
+QUICK_REPEATS = 3
+FULL_REPEATS = 30
+
+
+def profile_from_probe(result: dict, name: str, source: str, model_id: str | None, batch: int) -> DeviceProfile:
+    """Turns the probe's JSON into a DeviceProfile."""
+    if "error" in result:
+        raise PlanError(f"the probe failed on {name}: {result['error']}")
+    items = result["items"]
+    kernel_gflops = {i["name"]: i["flops"] / i["seconds"] / 1e9 for i in items if i["group"] == "kernel"}
+    blocks = {i["name"]: i["seconds"] for i in items if i["group"] == "block"}
+    network = result.get("network")
+    return DeviceProfile(
+        name=name,
+        source=source,
+        cpu_cores=result["cpu_cores"],
+        # without onnxruntime on the device, numpy's matmul is the only compute figure there is
+        gflops=kernel_gflops.get("conv", result["numpy_matmul_gflops"]),
+        kernel_gflops=kernel_gflops,
+        memory_mb=result["memory_available_mb"] * MEMORY_SHARE,
+        engines=tuple(result["engines"]),
+        link=Link(**network) if network else None,
+        block_timings=(BlockTiming(model_id=model_id, batch=batch, seconds=blocks),) if blocks else (),
+        notes=f"probe v{result['probe_version']}",
+    )
+
+
+def measure_local(
+    quick: bool = True,
+    model: SplittableModel | None = None,
+    aggregator: str | None = None,
+    batch: int = 32,
+    name: str | None = None,
+) -> DeviceProfile:
+    """This host's profile. ``quick`` times each kernel a few times (about a second);
+    with ``model`` each of its blocks is also exported and timed at ``batch``."""
+    with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
+        payload = write_payload(Path(tmp), model, batch)
+        try:
+            result = probe.probe(str(payload), QUICK_REPEATS if quick else FULL_REPEATS, aggregator)
+        except RuntimeError as exc:
+            raise PlanError(f"profiling this host failed: {exc}") from exc
+    return profile_from_probe(result, name or platform.node() or "local", "local", model and model.model_id, batch)

@@ -1,0 +1,105 @@
+"""DeviceProfile: what one phone (or the edge) can do, measured or catalogued.
+
+Every cost the planner predicts is scaled from these figures: ``gflops`` (effective fp32
+dense-convolution throughput with ONNX Runtime, all cores) for compute, ``block_timings``
+when the model's own blocks were timed on the device, ``memory_mb`` for what fits, ``link``
+for transfers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
+
+from toolkit.errors import PlanError
+
+SCHEMA_VERSION = 1
+# Share of the memory available on a device that fedkit plans to use: the rest stays for the
+# OS and the apps the owner is using, so training does not get the app killed.
+MEMORY_SHARE = 0.5
+
+
+class Link(BaseModel):
+    """A network path between the phone and the aggregator."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "measured"
+    uplink_mbps: PositiveFloat  # Mbit/s
+    downlink_mbps: PositiveFloat  # Mbit/s
+    rtt_ms: NonNegativeFloat
+    radio_power_w: PositiveFloat | None = None  # W while the radio transfers; for energy budgets
+
+
+class BlockTiming(BaseModel):
+    """Forward latency of each block of one model, measured on the device with ONNX Runtime."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_id: str
+    batch: PositiveInt
+    seconds: dict[str, NonNegativeFloat]  # block name -> seconds per forward of one batch
+
+
+class DeviceProfile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1)
+    source: Literal["local", "adb", "catalog"]
+    cpu_cores: PositiveInt
+    gflops: PositiveFloat  # GFLOP/s, effective fp32 dense conv with ONNX Runtime
+    kernel_gflops: dict[str, PositiveFloat] = {}  # measured per kernel: conv, pointwise, depthwise, matmul
+    memory_mb: PositiveFloat  # MB fedkit may use: MEMORY_SHARE of what the device has available
+    engines: tuple[Literal["ort", "executorch"], ...] = ("ort",)
+    link: Link | None = None
+    cpu_power_w: PositiveFloat | None = None  # W with all cores busy; for energy budgets
+    block_timings: tuple[BlockTiming, ...] = ()
+    notes: str = ""
+
+    def timing(self, model_id: str) -> BlockTiming | None:
+        return next((t for t in self.block_timings if t.model_id == model_id), None)
+
+    def with_link(self, link: Link) -> "DeviceProfile":
+        return self.model_copy(update={"link": link})
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "DeviceProfile":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise PlanError(f"profile {path} does not exist: run `fedkit profile` to make one") from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"profile {path} is not readable JSON ({exc}): re-run `fedkit profile`") from exc
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: object, where: str = "profile") -> "DeviceProfile":
+        if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise PlanError(
+                f"{where} has schema version {data.get('schema_version')!r}, this fedkit reads "
+                f"{SCHEMA_VERSION}: re-run `fedkit profile` with this version"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "(root)"
+            raise PlanError(
+                f"{where} is invalid: {field}: {first['msg']} ({exc.error_count()} problem(s)); "
+                "fix the file or re-run `fedkit profile`"
+            ) from exc
+
+
+def load_profiles(folder: Path) -> list[DeviceProfile]:
+    """Every ``*.json`` profile in a folder, in name order."""
+    files = sorted(Path(folder).glob("*.json"))
+    if not files:
+        raise PlanError(f"{folder} holds no *.json profiles: run `fedkit profile --out {folder}/NAME.json` first")
+    return [DeviceProfile.load(f) for f in files]
