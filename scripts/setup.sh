@@ -6,16 +6,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATASET_DIR=/usr/share/datasets/fashion-mnist
+# Debian packages: the dataset, adb (deploy to and profile real phones) and iproute2 (the
+# emulated fleet's network namespaces).
+missing=()
 if [ -z "${FEDKIT_DATA_DIR:-}" ] && [ ! -f "$DATASET_DIR/train-images-idx3-ubyte.gz" ]; then
+  missing+=(dataset-fashion-mnist)
+fi
+command -v adb >/dev/null 2>&1 || missing+=(adb)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
-    echo "fedkit setup: installing the Fashion-MNIST apt package"
+    echo "fedkit setup: installing ${missing[*]} (apt)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
-  else
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  elif [[ " ${missing[*]} " == *" dataset-fashion-mnist "* ]]; then
     echo "fedkit setup: Fashion-MNIST is missing. Run as root:" >&2
-    echo "  apt-get update && apt-get install -y dataset-fashion-mnist" >&2
+    echo "  apt-get update && apt-get install -y ${missing[*]}" >&2
     echo "or set FEDKIT_DATA_DIR to a folder with the four IDX .gz files." >&2
     exit 1
+  else
+    echo "fedkit setup: optional tools missing (${missing[*]}); as root: apt-get install -y ${missing[*]}" >&2
   fi
 fi
 

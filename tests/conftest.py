@@ -1,0 +1,67 @@
+"""Shared fixtures. Every test session gets its own feature cache, so tests never read or fill
+the user's ~/.cache/fedkit."""
+
+from __future__ import annotations
+
+import pytest
+
+from toolkit.data import FashionMNIST, load_fashion_mnist
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDKIT_CACHE_DIR", str(tmp_path_factory.mktemp("fedkit-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def fashion_train() -> FashionMNIST:
+    return load_fashion_mnist("train")
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> FashionMNIST:
+    return load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: on the shared 2-core machine under load, torch's
+    two OpenMP threads wait on each other and small convolutions get ~30× slower."""
+    import torch  # here, so modules that never ask for it stay torch-free
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def small_cnn_bundle(tmp_path_factory):
+    """A factory of small_cnn bundles: ``small_cnn_bundle(cut=None, train_blocks=1,
+    engines=("ort",))`` exports one (cut None = all blocks on the phone) the first time it is
+    asked for and returns its folder. Bundles are shared by the whole session: copy one before
+    changing it. Same seed, same weights: every call gives the same model."""
+    made = {}
+
+    def make(cut: int | None = None, train_blocks: int = 1, engines: tuple[str, ...] = ("ort",)):
+        key = (cut, train_blocks, tuple(engines))
+        if key not in made:
+            import torch  # here, so tests that never ask for a bundle stay torch-free
+
+            from device_runtime.manifest import DevicePlan
+            from exporters.bundle import export_bundle
+            from toolkit.data import LABEL_NAMES
+            from toolkit.models import load_model
+
+            torch.manual_seed(0)  # small_cnn's backbone is drawn from torch's global generator
+            model = load_model("small_cnn")
+            stop = len(model.block_names) if cut is None else cut
+            plan = DevicePlan(cut=stop, train_from=model.train_from(stop, train_blocks), engine=engines[0])
+            out = tmp_path_factory.mktemp("small_cnn_bundle") / "bundle"
+            export_bundle(model, plan, out, engines, label_names=LABEL_NAMES)
+            made[key] = out
+        return made[key]
+
+    return make
