@@ -6,8 +6,9 @@
     ├── EngineError             a training engine cannot load or run a bundle
     ├── CheckpointError         a local checkpoint cannot be read
     ├── ProtocolError           the aggregator answered something the client cannot use
-    └── (host side, in toolkit.errors) DataError, ModelError, ExportError, PlanError,
-        ConfigError, StoreError, DeployError
+    ├── DataError               a dataset file or a phone's data shard is missing or corrupt
+    └── (host side, in toolkit.errors) ModelError, ExportError, PlanError, ConfigError,
+        StoreError, DeployError
 
 InternalError is different: a broken assumption inside fedkit, not a user mistake.
 """
@@ -35,6 +36,10 @@ class CheckpointError(FedkitError):
 
 class ProtocolError(FedkitError):
     """The aggregator's answer breaks the sync protocol, or it refused a request for good."""
+
+
+class DataError(FedkitError):
+    """A dataset file or a phone's data shard is missing, truncated or corrupt."""
 
 
 class InternalError(Exception):

@@ -37,7 +37,7 @@ from device_runtime.bundle import Bundle, sha256_file
 from device_runtime.checkpoint import load_checkpoint, save_checkpoint
 from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode, layered_encodings
 from device_runtime.engines import Engine, open_engine
-from device_runtime.errors import BundleError, FedkitError, InternalError, ProtocolError
+from device_runtime.errors import BundleError, DataError, FedkitError, InternalError, ProtocolError
 from device_runtime.optim import SGD
 from device_runtime.preprocess import prepare
 
@@ -132,7 +132,7 @@ class LocalTrainer:
         self.eval_index = held
         self.train_index = np.setdiff1d(np.arange(n), held)
         if len(self.train_index) == 0:
-            raise FedkitError(f"shard {self.shard_path} has {n} images, none left to train on: lower holdout_fraction")
+            raise DataError(f"shard {self.shard_path} has {n} images, none left to train on: lower holdout_fraction")
         self._state: dict[str, Any] = load_checkpoint(self.checkpoint_path) or {}
         self.error_feedback = ErrorFeedback()
         if "error_feedback" in self._state:
@@ -308,24 +308,24 @@ def load_shard(path: str | Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
     """A phone's data shard: ``images`` uint8 (N, 28, 28) and ``labels`` int64 (N,)."""
     path = Path(path)
     if not path.is_file():
-        raise FedkitError(f"data shard {path} does not exist: deploy the phone's shard first")
+        raise DataError(f"data shard {path} does not exist: deploy the phone's shard first")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = sorted({"images", "labels"} - set(npz.files))
             if missing:
-                raise FedkitError(
+                raise DataError(
                     f"data shard {path} lacks {' and '.join(missing)}: a shard holds 'images' and 'labels'; re-create it"
                 )
             images, labels = npz["images"], npz["labels"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FedkitError(f"data shard {path} is corrupt or not an .npz ({exc}); re-create it") from exc
+        raise DataError(f"data shard {path} is corrupt or not an .npz ({exc}); re-create it") from exc
     if images.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or len(labels) == 0:
-        raise FedkitError(
+        raise DataError(
             f"data shard {path} holds images {images.dtype}{images.shape} and labels {labels.dtype}{labels.shape}; "
             "want uint8 (N, H, W) images and N labels, N ≥ 1: re-create it"
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= num_classes:
-        raise FedkitError(f"data shard {path} has labels outside 0..{num_classes - 1}: re-create it for this model")
+        raise DataError(f"data shard {path} has labels outside 0..{num_classes - 1}: re-create it for this model")
     return images, labels.astype(np.int64)
 
 

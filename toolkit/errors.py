@@ -2,8 +2,8 @@
 phone and the host share one hierarchy; they are re-exported here.
 
     FedkitError
-    ├── BundleError, CodecError, EngineError, CheckpointError, ProtocolError  (device_runtime)
-    ├── DataError       a dataset file is missing, truncated or corrupt
+    ├── BundleError, CodecError, EngineError, CheckpointError, ProtocolError,
+    │   DataError  (device_runtime)
     ├── ModelError      an unknown model, missing or wrong pretrained weights, a bad cut
     ├── ExportError     a part of the model cannot be exported for the requested engine
     ├── PlanError       a plan or profile is invalid, or no choice fits a phone
@@ -16,6 +16,7 @@ from device_runtime.errors import (
     BundleError,
     CheckpointError,
     CodecError,
+    DataError,
     EngineError,
     FedkitError,
     InternalError,
@@ -38,10 +39,6 @@ __all__ = [
     "ProtocolError",
     "StoreError",
 ]
-
-
-class DataError(FedkitError):
-    """A dataset file is missing, truncated or corrupt."""
 
 
 class ModelError(FedkitError):
