@@ -9,9 +9,8 @@ $(STAMP): pyproject.toml scripts/setup.sh
 
 setup: $(STAMP)
 
-# until `fedkit demo` lands, the main job is the centralized baseline
 demo: setup
-	$(VENV)/bin/fedkit train-central
+	$(VENV)/bin/fedkit demo
 
 test: setup
 	$(VENV)/bin/python -m pytest

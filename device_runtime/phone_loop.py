@@ -1,0 +1,228 @@
+"""The phone's sync loop: pull a task, pull the weights if they are new, train, checkpoint, push.
+
+A phone folder (what ``fedkit deploy`` installs) holds::
+
+    bundles/<name>/       one or more verified bundles (one per trainable depth it may train)
+    shard.npz             the phone's images and labels
+    credential.json       {"url", "device_id", "token"} or {"url", "device_id", "enrol_token"}
+    work/                 trainer checkpoints, feature caches, the last global weights
+    events.jsonl          one JSON line per span (train, download, upload, wait, offline) or event
+
+The loop runs until the aggregator answers "done". A rejected update (e.g. a diverged round
+whose norm is over the limit) is logged and the phone sits that round out. It is safe to kill at any point: the
+trainer checkpoints the round and the encoded update before the push, the aggregator hands out
+the same task again until it has the update, and a repeated push is answered "duplicate".
+
+A task names a trainable depth (``trainable_blocks``); the phone trains the deepest of its
+bundles that is not deeper, or its shallowest one. Tensors of the global model that its
+bundle does not train are ignored by it. Standard library, numpy and device_runtime only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from device_runtime.__main__ import peak_rss_mb
+from device_runtime.bundle import Bundle
+from device_runtime.client import Assignment, RetryPolicy, SyncClient
+from device_runtime.codec import decode
+from device_runtime.errors import FedkitError, ProtocolError
+from device_runtime.trainer import LocalTrainer, Task
+
+CREDENTIAL = "credential.json"
+SHARD = "shard.npz"
+BUNDLES = "bundles"
+EVENTS = "events.jsonl"
+MAX_FAILURES = 5  # consecutive "no definite answer" errors before the phone gives up
+
+
+@dataclass(frozen=True)
+class Credential:
+    url: str
+    device_id: str
+    token: str | None = None
+    enrol_token: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> "Credential":
+        try:
+            data = json.loads(path.read_text())
+            return cls(str(data["url"]), str(data["device_id"]), data.get("token"), data.get("enrol_token"))
+        except FileNotFoundError as exc:
+            raise FedkitError(f"{path} does not exist: deploy the phone with a credential first") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FedkitError(f"{path} is not a credential (JSON with url, device_id and token or enrol_token): {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        data = {k: v for k, v in vars(self).items() if v is not None}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data) + "\n")
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Where an emulated phone shapes the loop; a real phone uses the defaults."""
+
+    before_task: Callable[[], None] = lambda: None  # e.g. wait out an offline window
+    after_compute: Callable[[float], None] = lambda seconds: None  # e.g. slow compute down
+    transport: httpx.BaseTransport | None = None  # e.g. a shaped link
+
+
+class EventLog:
+    """Appends one JSON line per event to ``events.jsonl``, flushed at once (a kill loses nothing)."""
+
+    def __init__(self, path: Path, device_id: str):
+        self.device_id = device_id
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, event: str, **fields) -> None:
+        self._file.write(json.dumps({"t": round(time.time(), 3), "phone": self.device_id, "event": event, **fields}) + "\n")
+
+    def span(self, kind: str, start: float, **fields) -> None:
+        self.write(kind, start=round(start, 3), end=round(time.time(), 3), **fields)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class PhoneLoop:
+    def __init__(self, phone_dir: str | Path, hooks: Hooks = Hooks(), retry: RetryPolicy = RetryPolicy(),
+                 max_wait_s: float = 10.0):  # longest sleep when told to wait: how soon a new round is noticed
+        self.root = Path(phone_dir)
+        self.max_wait_s = max_wait_s
+        self.hooks = hooks
+        self.credential = Credential.load(self.root / CREDENTIAL)
+        self.bundles = _load_bundles(self.root / BUNDLES)
+        self.work = self.root / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = EventLog(self.root / EVENTS, self.credential.device_id)
+        self.client = SyncClient(self.credential.url, self.credential.token, retry=retry, transport=hooks.transport)
+        self._trainers: dict[str, LocalTrainer] = {}
+        self._weights: tuple[int, dict] | None = None  # (version, tensors) last pulled
+        self._rejected_round: int | None = None  # its update was rejected: sit the round out
+
+    def run(self) -> int:
+        """Trains rounds until the run is done; returns the number of updates pushed."""
+        self.log.write("start", pid=os.getpid(), bundles=sorted(self.bundles))
+        pushed, failures = 0, 0
+        try:
+            self._enrol()
+            while True:
+                self.hooks.before_task()
+                try:
+                    assignment = self.client.task()
+                    if assignment.status == "done":
+                        self.log.write("done", pushed=pushed, peak_rss_mb=round(peak_rss_mb(), 1))
+                        return pushed
+                    if assignment.status == "wait" or assignment.round == self._rejected_round:
+                        start = time.time()
+                        time.sleep(min(assignment.retry_after or 1.0, self.max_wait_s))
+                        self.log.span("wait", start, round=assignment.round)
+                        continue
+                    pushed += self._round(assignment)
+                    failures = 0
+                except ProtocolError as exc:
+                    failures += 1
+                    self.log.write("error", reason=str(exc), failures=failures)
+                    if failures >= MAX_FAILURES:
+                        raise
+        finally:
+            self.client.close()
+            self.log.close()
+
+    def _enrol(self) -> None:
+        cred = self.credential
+        if cred.token:
+            return
+        if not cred.enrol_token:
+            raise FedkitError(f"{self.root / CREDENTIAL} holds neither a token nor an enrol_token: deploy a credential")
+        token = self.client.enrol(cred.enrol_token, cred.device_id)
+        self.credential = Credential(cred.url, cred.device_id, token)
+        self.credential.save(self.root / CREDENTIAL)  # the enrolment token is spent: keep the credential
+        self.log.write("enrolled")
+
+    def _round(self, a: Assignment) -> int:
+        task = Task(**a.task_fields())
+        name = _pick(self.bundles, a.trainable_blocks)
+        bundle = self.bundles[name]
+        base = self._base_weights(task.base_version, bundle)
+        trainer = self._trainer(name)
+        self.log.write("round", round=task.round, stage=a.stage, bundle=name)
+        start = time.time()
+        result = trainer.run_round(task, base)
+        encoded = trainer.encode_update(task, result)
+        self.hooks.after_compute(time.time() - start)
+        self.log.span("train", start, round=task.round, bundle=name, samples=result.num_samples, steps=result.steps,
+                      loss=result.train_loss, accuracy=result.eval_accuracy, resumed=result.resumed,
+                      compute_s=round(result.feature_seconds + result.train_seconds, 3))
+        start = time.time()
+        answer = self.client.push(encoded.payload, encoded.idempotency_key, result.eval_accuracy)
+        self.log.span("upload", start, round=task.round, bytes=len(encoded.payload), status=answer.status, reason=answer.reason)
+        if answer.status == "rejected":  # pushing the same bytes again would be rejected again
+            self._rejected_round = task.round
+        return int(answer.status == "accepted")
+
+    def _base_weights(self, version: int, bundle: Bundle) -> dict:
+        if self._weights is None or self._weights[0] != version:
+            start = time.time()
+            blob, _ = self.client.weights(version)
+            self._weights = (version, decode(blob).tensors)
+            self.log.span("download", start, version=version, bytes=len(blob))
+        tensors = self._weights[1]
+        missing = [t.name for t in bundle.manifest.trainable if t.name not in tensors]
+        if missing:
+            raise ProtocolError(f"global model version {version} lacks {', '.join(missing)}: the bundle does not fit this run")
+        return {t.name: tensors[t.name] for t in bundle.manifest.trainable}
+
+    def _trainer(self, name: str) -> LocalTrainer:
+        if name not in self._trainers:
+            self._trainers[name] = LocalTrainer(
+                self.bundles[name], self.root / SHARD, self.work / name, device_id=self.credential.device_id
+            )
+        return self._trainers[name]
+
+
+def bundle_depth(bundle: Bundle) -> int:
+    """How many blocks the bundle trains (blocks holding at least one trainable tensor)."""
+    names = bundle.manifest.block_names
+    return len({b for t in bundle.manifest.trainable for b in names if t.name.startswith(b + ".")})
+
+
+def _load_bundles(folder: Path) -> dict[str, Bundle]:
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise FedkitError(f"{folder} holds no bundle: deploy one with fedkit deploy")
+    return {p.name: Bundle.load(p) for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def _pick(bundles: dict[str, Bundle], depth: int | None) -> str:
+    by_depth = sorted(bundles, key=lambda n: bundle_depth(bundles[n]))
+    fitting = [n for n in by_depth if depth is None or bundle_depth(bundles[n]) <= depth]
+    return fitting[-1] if fitting else by_depth[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m device_runtime.phone_loop", description=__doc__.splitlines()[0])
+    parser.add_argument("phone_dir", help="the phone folder: bundles/, shard.npz, credential.json")
+    args = parser.parse_args(argv)
+    try:
+        pushed = PhoneLoop(args.phone_dir).run()
+    except FedkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"pushed": pushed}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

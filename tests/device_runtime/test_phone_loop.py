@@ -1,0 +1,79 @@
+"""The phone's sync loop against the real aggregator (uvicorn in a thread, on loopback)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from android_harness.deploy import LocalTarget
+from device_runtime.bundle import Bundle
+from device_runtime.errors import FedkitError
+from device_runtime.phone_loop import PhoneLoop, _pick, bundle_depth
+from toolkit.aggregator.admin import issue_tokens
+from toolkit.aggregator.app import create_app
+from toolkit.aggregator.config import parse_config
+from toolkit.aggregator.coordinator import Coordinator
+from toolkit.aggregator.store import Store
+from toolkit.data import write_shard
+
+
+@pytest.fixture
+def server(tmp_path, small_cnn_bundle):
+    config = parse_config({"name": "t", "bundle": str(small_cnn_bundle()), "fedavg": {"min_reports": 1},
+                           "stages": [{"name": "s", "rounds": 2, "lr": 0.05}]}, tmp_path)
+    coordinator = Coordinator(config, Store(tmp_path / "agg.sqlite"))
+    coordinator.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(coordinator, tick_seconds=0.2), port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", coordinator
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_phone_enrols_trains_every_round_and_stops_when_done(server, small_cnn_bundle, fashion_train, tmp_path):
+    url, coordinator = server
+    (token,) = issue_tokens(coordinator.store, 1)
+    cred = tmp_path / "cred.json"
+    cred.write_text(json.dumps({"url": url, "device_id": "p1", "enrol_token": token}))
+    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:200], fashion_train.labels[:200])
+    phone = tmp_path / "phone"
+    LocalTarget(phone).install([small_cnn_bundle()], shard, cred)
+
+    assert PhoneLoop(phone, max_wait_s=0.2).run() == 2
+
+    saved = json.loads((phone / "credential.json").read_text())
+    assert saved["token"] and "enrol_token" not in saved  # the spent enrolment token is replaced
+    events = [json.loads(line) for line in (phone / "events.jsonl").read_text().splitlines()]
+    uploads = [e for e in events if e["event"] == "upload"]
+    assert [(e["round"], e["status"]) for e in uploads] == [(1, "accepted"), (2, "accepted")]
+    assert events[-1]["event"] == "done" and events[-1]["peak_rss_mb"] > 0
+    assert coordinator.store.get_meta("done") == "1"
+
+
+def test_a_phone_without_bundles_or_credential_says_what_to_deploy(tmp_path):
+    with pytest.raises(FedkitError, match="credential"):
+        PhoneLoop(tmp_path)
+    (tmp_path / "credential.json").write_text(json.dumps({"url": "http://x", "device_id": "p", "token": "t"}))
+    with pytest.raises(FedkitError, match="no bundle"):
+        PhoneLoop(tmp_path)
+
+
+def test_the_deepest_bundle_not_deeper_than_the_task_is_trained(small_cnn_bundle):
+    shallow, deep = Bundle.load(small_cnn_bundle(train_blocks=1)), Bundle.load(small_cnn_bundle(train_blocks=2))
+    assert (bundle_depth(shallow), bundle_depth(deep)) == (1, 2)
+    bundles = {"a": shallow, "b": deep}
+    assert _pick(bundles, 1) == "a"
+    assert _pick(bundles, 5) == "b"
+    assert _pick(bundles, None) == "b"
+    assert _pick({"b": deep}, 1) == "b"  # nothing shallow enough: the shallowest there is

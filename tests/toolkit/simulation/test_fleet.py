@@ -1,0 +1,90 @@
+"""End to end: emulated phone processes against the real aggregator on loopback (small_cnn,
+4 phones, 3 rounds), healthy, with the aggregator killed mid-round, and with --netem as root."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from toolkit.simulation import parse_simulation, simulate
+
+
+def small_config(**extra) -> dict:
+    return {
+        "name": "small",
+        "model": "small_cnn",
+        "train_blocks": 4,  # every block: small_cnn has no pretrained backbone to freeze
+        "train_images": 2000,
+        "test_images": 1000,
+        "partition": "iid",
+        "deadline_s": 60,
+        "timeout_s": 240,
+        "phones": [{"class": "flagship-2023", "count": 2}, {"class": "low-2022", "count": 2}],
+        "stages": [{"name": "all", "rounds": 3, "lr": 0.05}],
+        **extra,
+    }
+
+
+def run(tmp_path, **extra) -> dict:
+    import torch
+
+    torch.manual_seed(0)  # small_cnn's backbone comes from torch's global generator
+    return simulate(parse_simulation(small_config(**extra)), tmp_path / "run")
+
+
+def check_finished(summary: dict, run_dir) -> None:
+    assert summary["rounds"] == 3
+    assert summary["final_accuracy"] > 0.15  # chance is 0.10
+    assert summary["accepted_lost"] == 0
+    assert summary["updates_accepted"] >= 3 * 1  # min_reports per round at least
+    for name in ("index.html", "accuracy.png", "bytes.png", "timeline.png"):
+        assert (run_dir / "report" / name).stat().st_size > 0
+    for name in ("config.json", "plan.json", "metrics.jsonl", "aggregator.sqlite", "summary.json"):
+        assert (run_dir / name).is_file()
+    versions = [json.loads(line)["version"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert versions == [0, 1, 2, 3]
+
+
+def test_small_federation_completes_above_chance_with_a_report(tmp_path):
+    summary = run(tmp_path)
+    check_finished(summary, tmp_path / "run")
+    assert summary["updates_accepted"] == 12  # every phone reports every round
+    assert all(p["exit_code"] == 0 and p["starts"] == 1 for p in summary["phones"])
+    assert {p["link"] for p in summary["phones"]} == {"in-process"}
+    factors = {p["class"]: p["compute_factor"] for p in summary["phones"]}
+    assert factors["flagship-2023"] == 1.0 and factors["low-2022"] > 2.5  # 100.4 / 38.4 GFLOP/s
+
+
+def test_aggregator_killed_mid_round_loses_no_accepted_update(tmp_path):
+    summary = run(tmp_path, faults=[{"kind": "kill_aggregator", "round": 2, "after_s": 0.0, "down_s": 1.5},
+                                    {"kind": "duplicate_pushes", "phone": "phone-2"}])
+    check_finished(summary, tmp_path / "run")
+    kinds = [f["kind"] for f in summary["faults"]]
+    assert "kill_aggregator" in kinds and "restart" in kinds
+    uploads = [json.loads(line) for line in (tmp_path / "run/phones/phone-2/events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "upload" for e in uploads)
+
+
+def test_phone_killed_mid_training_resumes_over_a_lossy_link_with_churn(tmp_path):
+    churning = [{"class": "flagship-2023", "count": 2}, {"class": "low-2022", "count": 2, "churn_online_s": 3, "churn_offline_s": 1}]
+    summary = run(tmp_path, phones=churning,
+                  faults=[{"kind": "kill_phone", "phone": "phone-3", "round": 2, "after_s": 0.0, "down_s": 0.5},
+                          {"kind": "link", "after_s": 0.0, "duration_s": 10.0, "delay_ms": 50, "loss": 0.2}])
+    check_finished(summary, tmp_path / "run")
+    phone = next(p for p in summary["phones"] if p["device_id"] == "phone-3")
+    assert phone["starts"] == 2 and phone["exit_code"] == 0
+    assert all(p["offline_windows"] > 0 for p in summary["phones"] if p["class"] == "low-2022")
+    assert any(e["kind"] == "kill_phone" for e in summary["faults"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--netem needs root to create network namespaces and tc qdiscs")
+def test_netem_run_shapes_links_with_namespaces_and_cleans_up(tmp_path):
+    import subprocess
+
+    summary = run(tmp_path, netem=True)
+    check_finished(summary, tmp_path / "run")
+    assert all(p["link"].startswith("netns + tc tbf") for p in summary["phones"])
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"fk-{os.getpid():x}"[-5:] not in left

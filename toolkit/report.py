@@ -1,0 +1,196 @@
+"""The report of a simulated run: ``report/index.html`` and its PNG plots, rebuilt from the run
+folder alone (``fedkit report RUN_DIR``).
+
+Plots: accuracy per round against the centralized reference; uplink bytes per round by phone
+class; a timeline per phone (train, upload, download, wait, offline, killed); and the plan
+table. Everything is read from ``summary.json``, ``metrics.jsonl``, ``plan.json``,
+``faults.jsonl`` and ``phones/*/events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from toolkit.errors import FedkitError  # noqa: E402
+
+SPAN_COLOURS = {"train": "tab:blue", "upload": "tab:orange", "download": "tab:green", "wait": "lightgrey",
+                "offline": "black", "killed": "tab:red"}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except FileNotFoundError as exc:
+        raise FedkitError(f"{run_dir} holds no summary.json: it is not a finished fedkit simulate run folder") from exc
+    events = {p.parent.name: _jsonl(p) for p in sorted((run_dir / "phones").glob("*/events.jsonl"))}
+    plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else None
+    return {"summary": summary, "metrics": _jsonl(run_dir / "metrics.jsonl"), "events": events, "plan": plan,
+            "faults": _jsonl(run_dir / "faults.jsonl")}
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Writes ``RUN_DIR/report/index.html`` and its plots; returns the HTML's path."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    plot_accuracy(run, out / "accuracy.png")
+    plot_bytes(run, out / "bytes.png")
+    plot_timeline(run, out / "timeline.png")
+    page = out / "index.html"
+    page.write_text(render_html(run))
+    return page
+
+
+def plot_accuracy(run: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [m for m in run["metrics"] if m.get("accuracy") is not None]
+    ax.plot([m["version"] for m in rows], [100 * m["accuracy"] for m in rows], marker="o", label="federated (global model)")
+    ref = run["summary"].get("reference")
+    if ref:
+        ax.axhline(100 * ref["final_accuracy"], color="tab:red", linestyle="--", label="centralized reference")
+    ax.set_xlabel("round (model version; 0 = initial)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{run['summary']['name']}: accuracy on {run['summary'].get('test_images', 'the')} test images")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bytes_by_round(run: dict) -> dict[str, dict[int, int]]:
+    """Uplink payload bytes per phone class per round, every push counted (retries included)."""
+    cls = {p["device_id"]: p["class"] for p in run["summary"]["phones"]}
+    out: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for phone, events in run["events"].items():
+        for e in events:
+            if e["event"] == "upload":
+                out[cls.get(phone, phone)][e["round"]] += e["bytes"]
+    return {k: dict(v) for k, v in out.items()}
+
+
+def plot_bytes(run: dict, path: Path) -> None:
+    data = bytes_by_round(run)
+    rounds = sorted({r for v in data.values() for r in v})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(rounds)
+    for cls, per_round in sorted(data.items()):
+        heights = [per_round.get(r, 0) / 1024 for r in rounds]
+        ax.bar(rounds, heights, bottom=bottom, label=cls)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("uplink payload (KiB)")
+    ax.set_title("uplink bytes per round by phone class")
+    if data:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def spans(run: dict) -> dict[str, list[tuple[str, float, float]]]:
+    """Per phone: (kind, start, end) in seconds from the first event of the run."""
+    t0 = min((e["t"] for events in run["events"].values() for e in events), default=0.0)
+    out: dict[str, list[tuple[str, float, float]]] = {}
+    for phone, events in run["events"].items():
+        out[phone] = [(e["event"], e["start"] - t0, e["end"] - t0) for e in events
+                      if e["event"] in SPAN_COLOURS and "start" in e]
+    kills = {}
+    for f in run["faults"]:
+        if f["kind"] == "kill_phone":
+            kills[f["phone"]] = f["t"]
+        elif f["kind"] == "restart" and f["detail"].endswith("restarted"):
+            phone = f["detail"].split()[0]
+            if phone in kills and phone in out:
+                out[phone].append(("killed", kills.pop(phone) - t0, f["t"] - t0))
+    return out
+
+
+def plot_timeline(run: dict, path: Path) -> None:
+    per_phone = spans(run)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * max(4, len(per_phone)) + 1))
+    for row, (phone, items) in enumerate(sorted(per_phone.items(), key=lambda kv: int(kv[0].split("-")[-1]) if kv[0].split("-")[-1].isdigit() else 0)):
+        for kind, start, end in items:
+            ax.broken_barh([(start, max(end - start, 0.05))], (row - 0.4, 0.8), color=SPAN_COLOURS[kind])
+    names = sorted(per_phone, key=lambda p: int(p.split("-")[-1]) if p.split("-")[-1].isdigit() else 0)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("seconds since the first phone started")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SPAN_COLOURS.values()]
+    ax.legend(handles, list(SPAN_COLOURS), ncol=6, fontsize="small", loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f} %"
+
+
+def render_html(run: dict) -> str:
+    s = run["summary"]
+    ref = s.get("reference")
+    facts = [
+        ["model", f"{s['model']} ({'classifier only' if s['depth'] == 'head' else 'head, then the planner depth per phone'})"],
+        ["phones", len(s["phones"])],
+        ["rounds", s["rounds"]],
+        ["final accuracy (global model, host evaluation)", _pct(s.get("final_accuracy"))],
+        ["centralized reference", _pct(ref["final_accuracy"]) + f" ({ref['source']})" if ref else
+         "not available: run `fedkit train-central` to produce benchmarks/results/central.json"],
+        ["updates accepted", f"{s['updates_accepted']} ({s['bytes_accepted'] / 1024:.1f} KiB)"],
+        ["accepted updates lost", f"{s['accepted_lost']} of {s['accepted_told_phones']} the phones were told were accepted"],
+        ["wall time", f"{s['wall_s']:.0f} s (setup {s['setup_s']:.0f} s, training {s['train_s']:.0f} s)"],
+        ["compute", s["compute_note"]],
+    ]
+    phones = [[p["device_id"], p["class"], f"× {p['compute_factor']:g}",
+               "none" if p["address_space_mb"] is None else f"{p['address_space_mb']} MB", p["link"], p["samples"],
+               ", ".join(p["bundles"]), p["starts"], p["exit_code"], p.get("peak_rss_mb", "–")] for p in s["phones"]]
+    faults = [[f"{f['elapsed_s']:.1f} s", f["kind"], f.get("phone", ""), f.get("detail", "")] for f in run["faults"]]
+    rounds = [[m["version"], m.get("round") or "–", m.get("stage") or "–", _pct(m["accuracy"]), m["updates"],
+               m.get("samples", ""), m.get("round_s") or "–"] for m in run["metrics"]]
+    plan_rows = []
+    if run["plan"]:
+        for p in run["plan"]["phones"]:
+            d = p.get("plan") or {}
+            plan_rows.append([p["profile"], d.get("cut", "–"), d.get("train_from", "–"), p.get("trainable_blocks", "–"),
+                              d.get("engine", "–"), d.get("encoding", "–"), d.get("batch_size", "–"),
+                              f"{d.get('predicted', {}).get('total', float('nan')):.2f}", p["reason"]])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fedkit run {html.escape(s['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}} img{{max-width:100%}}</style></head>
+<body><h1>fedkit run {html.escape(s['name'])}</h1>
+{_table(["", ""], facts)}
+<h2>Accuracy per round</h2><img src="accuracy.png" alt="accuracy per round">
+{_table(["version", "round", "stage", "accuracy", "updates", "samples", "round time (s)"], rounds)}
+<h2>Uplink bytes per round by phone class</h2><img src="bytes.png" alt="bytes per round">
+<h2>Per-phone timeline</h2><img src="timeline.png" alt="timeline">
+<h2>Phones</h2>
+{_table(["phone", "class", "compute", "RLIMIT_AS", "link", "images", "bundles", "starts", "exit", "peak RSS (MB)"], phones)}
+<h2>Faults</h2>
+{_table(["at", "fault", "phone", "what happened"], faults) if faults else "<p>none injected</p>"}
+<h2>Plan</h2>
+{_table(["class", "cut", "train_from", "trainable blocks", "engine", "encoding", "batch", "predicted s/round", "why"], plan_rows)}
+</body></html>
+"""

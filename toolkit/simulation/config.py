@@ -1,0 +1,163 @@
+"""The simulation's configuration: a TOML file validated by pydantic.
+
+    name = "demo"
+    model = "mobilenet_v2"         # or "small_cnn"
+    depth = "plan"                 # "head": train_blocks only; "plan": then the planner's depth per phone
+    train_blocks = 1               # blocks every phone's first bundle trains (1: the classifier)
+    encoding = "int8"              # how phones encode updates (every stage may override it)
+    train_images = 60000           # the first N Fashion-MNIST training images are split
+    test_images = 10000            # the global model is evaluated on the first N test images
+    partition = "dirichlet"        # or "iid"
+    alpha = 0.5
+
+    [[phones]]                     # a group of phones of one catalogue class (or a profile file)
+    class = "flagship-2023"
+    count = 2
+    engine = "ort"                 # or "executorch", or "plan" (the planner's choice)
+
+    [[stages]]                     # toolkit.aggregator.config.Stage
+    name = "head"
+    rounds = 2
+    lr = 0.01
+    trainable_blocks = 1
+
+    [[faults]]                     # see Fault
+    kind = "kill_phone"
+    phone = "phone-3"
+    round = 2
+
+A bad file raises ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toolkit.aggregator.config import Stage
+from toolkit.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PhoneGroup(_Strict):
+    phone_class: str | None = Field(default=None, alias="class")  # a catalogue class
+    profile: Path | None = None  # or a DeviceProfile JSON (from fedkit profile)
+    count: int = Field(default=1, ge=1)
+    engine: Literal["ort", "executorch", "plan"] = "ort"
+    churn_online_s: float | None = Field(default=None, gt=0)  # mean online period; None: always online
+    churn_offline_s: float = Field(default=10.0, gt=0)  # mean offline period
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.phone_class is None) == (self.profile is None):
+            raise ValueError("give exactly one of 'class' (a catalogue class) or 'profile' (a profile JSON file)")
+        return self
+
+
+class Fault(_Strict):
+    """A fault on demand.
+
+    - kill_phone: SIGKILL ``phone`` ``after_s`` after it starts training ``round``; restart it
+      ``down_s`` later (it resumes from its checkpoint).
+    - kill_aggregator: SIGKILL the aggregator ``after_s`` after ``round`` has its first
+      accepted update; restart it on the same database ``down_s`` later.
+
+    Times are lower bounds: the simulation notices events at its next poll (every 0.5 s, later
+    when the host is saturated).
+    - link: ``after_s`` after the phones start, for ``duration_s``, ``phone``'s link (every
+      phone's when no phone is named) adds ``delay_ms`` and loses ``loss`` of its requests.
+    - duplicate_pushes: ``phone`` sends every push twice.
+    """
+
+    kind: Literal["kill_phone", "kill_aggregator", "link", "duplicate_pushes"]
+    phone: str | None = None
+    round: int = Field(default=1, ge=1)
+    after_s: float = Field(default=0.5, ge=0)
+    down_s: float = Field(default=2.0, ge=0)
+    delay_ms: float = Field(default=0.0, ge=0)
+    loss: float = Field(default=0.0, ge=0, lt=1)
+    duration_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_phone(self):
+        if self.kind in ("kill_phone", "duplicate_pushes") and self.phone is None:
+            raise ValueError(f"a {self.kind} fault names its 'phone' (e.g. phone-1)")
+        return self
+
+
+class SimulationConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    model: Literal["mobilenet_v2", "small_cnn"] = "mobilenet_v2"
+    depth: Literal["head", "plan"] = "head"
+    train_blocks: int = Field(default=1, ge=1)  # blocks the first bundle trains, the classifier included
+    planner_slack: float = Field(default=0.10, ge=0)  # the planner's rule: rounds within (1 + slack) x the fastest
+    max_train_blocks: int | None = Field(default=None, ge=1)  # caps the planner's depth (deeper can diverge)
+    encoding: str = "int8"
+    batch_size: int = Field(default=32, ge=1)
+    seed: int = 0
+    train_images: int = Field(default=60000, ge=10, le=60000)
+    test_images: int = Field(default=10000, ge=10, le=10000)
+    partition: Literal["dirichlet", "iid"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0)
+    compute: Literal["relative", "none"] = "relative"  # relative: the fastest class runs at host speed
+    memory_cap: bool = True  # RLIMIT_AS per phone from its class's memory budget
+    shape_links: bool = True  # bandwidth, RTT and loss of each phone's link
+    netem: bool = False  # namespaces + tc (root only) instead of in-process shaping where tc can
+    deadline_s: float = Field(default=120.0, gt=0)
+    min_reports: int = Field(default=1, ge=1)
+    timeout_s: float = Field(default=1800.0, gt=0)  # the whole run
+    phones: list[PhoneGroup] = Field(min_length=1)
+    stages: list[Stage] = Field(min_length=1)
+    faults: list[Fault] = []
+
+    @property
+    def num_phones(self) -> int:
+        return sum(g.count for g in self.phones)
+
+    @model_validator(mode="after")
+    def _faults_name_phones(self):
+        known = {f"phone-{i}" for i in range(1, self.num_phones + 1)}
+        for f in self.faults:
+            if f.phone is not None and f.phone not in known:
+                raise ValueError(f"fault {f.kind} names {f.phone!r}; phones are phone-1 … phone-{self.num_phones}")
+        return self
+
+
+def parse_simulation(data: dict, base_dir: Path | None = None) -> SimulationConfig:
+    try:
+        config = SimulationConfig.model_validate(data)
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where} (fix these fields in the simulation config)") from exc
+    if base_dir is not None:
+        groups = [g.model_copy(update={"profile": base_dir / g.profile}) if g.profile and not g.profile.is_absolute() else g
+                  for g in config.phones]
+        config = config.model_copy(update={"phones": groups})
+    return config
+
+
+def load_simulation(path: str | Path) -> SimulationConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"simulation config {path} does not exist; pass --config with a TOML file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"simulation config {path} is not valid TOML ({exc}); fix the line named") from exc
+    try:
+        return parse_simulation(data, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"simulation config {path}: {exc}") from exc
+
+
+def demo_config() -> SimulationConfig:
+    """``fedkit demo``: 8 phones of 4 catalogue classes, MobileNetV2 on Fashion-MNIST, int8
+    updates, two stages (head only, then the planner's depth per phone), one phone crash."""
+    text = (Path(__file__).parent / "demo.toml").read_text()
+    return parse_simulation(tomllib.loads(text))
