@@ -118,8 +118,8 @@ def _check_request(
     trainable = model.part(plan.train_from, plan.cut)
     if not any(True for _ in trainable.parameters()):
         raise ExportError(
-            f"blocks {plan.train_from}..{plan.cut - 1} of {model.model_id} have no parameters, so nothing would train "
-            "on the phone: train at least one block (--train-blocks 1 or more)"
+            f"the plan trains blocks [{plan.train_from}, {plan.cut}) of {model.model_id} on the phone, which hold no "
+            "parameters, so nothing would train there: train at least one block (--train-blocks 1 or more)"
         )
     if "executorch" in engines:
         # Imported only when asked for: executorch takes seconds to import and logs on the way.

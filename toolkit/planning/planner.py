@@ -2,8 +2,10 @@
 
 Search. Every cut from 1 (cut 0 only with ``allow_raw_upload``: it sends raw images off the
 phone, which defeats federated learning, so it is a baseline, never a default) to the end;
-every trainable depth from "the edge's blocks only" (SplitFed) or "the classifier only" to
-every parameterised block before the cut; ``executorch`` where it can train what the phone
+every trainable depth on the phone from its last parameterised block before the cut (the
+classifier alone when the cut is at the end; in SplitFed the edge trains everything behind
+the cut) to every parameterised block before the cut — the phone always trains at least one
+block, since a SplitFed phone with only frozen blocks would run inference alone; ``executorch`` where it can train what the phone
 trains (linear layers only, and no activation gradients to back-propagate: it has no
 ``backward_from``), ``ort`` otherwise; each allowed encoding; the reference batch, halved
 down to ``min_batch`` when it does not fit. The search is exhaustive (MobileNetV2 has 22
@@ -148,7 +150,10 @@ class Planner:
         first_cut = 0 if self.config.allow_raw_upload else 1
         for cut in range(first_cut, self.n + 1):
             with_params = self.model.parameterised_blocks(cut)
-            depths = range(0 if cut < self.n else 1, len(with_params) + 1)
+            # The phone trains at least one of its blocks: a SplitFed phone whose blocks were all
+            # frozen would only run inference, and bundles always carry something to train.
+            # Cut 0 (raw upload, a baseline) has no phone blocks at all.
+            depths = range(0 if cut == 0 else 1, len(with_params) + 1)
             for train_from in sorted({self.model.train_from(cut, k) for k in depths}, reverse=True):
                 for engine in self.engines(phone, cut, train_from):
                     for batch in self.config.batches:
@@ -221,7 +226,7 @@ class Planner:
             Choice(cut, train_from, engine, encoding, batch)
             for cut, train_from, engine, encoding, batch in itertools.product(
                 range(first_cut, self.n + 1), range(self.n + 1), ("ort", "executorch"), self.config.encodings, self.config.batches)
-            if train_from <= cut and (cut < self.n or train_from < cut) and engine in self.engines(phone, cut, train_from)
+            if (cut == 0 or any(i >= train_from for i in self.model.parameterised_blocks(cut))) and engine in self.engines(phone, cut, train_from)
         )
         return self.choose(phone, self.evaluate_all(phone, raw))
 
