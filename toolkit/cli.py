@@ -3,6 +3,7 @@ renders the result with Rich; a FedkitError becomes one line on stderr and exit 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ app = typer.Typer(
     help="Federated transfer learning and split learning for pretrained vision models on phones.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstrings wrap as paragraphs, not at their source line breaks
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -111,16 +113,25 @@ def export(
         str, typer.Option(help="How the phone encodes its updates: fp32, fp16, int8, int4, sign1, topk or layered:BITS.")
     ] = "int8",
     batch_size: Annotated[int, typer.Option(help="Samples per training step on the phone.")] = 32,
+    plan_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="A plan from `fedkit plan`: export one bundle per distinct phone choice into OUT "
+            "(the model and choices come from the plan) and OUT/phones.json.",
+        ),
+    ] = None,
 ) -> None:
     """Export the bundle for one phone: its part of the model for inference and training on the
     chosen engine, the initial trainable weights, and manifest.json with every file's sha256."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from device_runtime.manifest import DevicePlan
     from exporters.bundle import export_bundle  # imports torch: only when the command runs
     from toolkit.data import LABEL_NAMES
     from toolkit.models import load_model
 
+    if plan_file is not None:
+        _export_plan(plan_file, out)
+        return
     splittable = load_model(model)
     cut = len(splittable.block_names) if cut is None else cut
     engines = ("ort", "executorch") if engine == "both" else (engine,)
@@ -131,18 +142,39 @@ def export(
         encoding=encoding,
         batch_size=batch_size,
     )
+    with _step_progress() as progress:
+        manifest = export_bundle(splittable, plan, out, engines, label_names=LABEL_NAMES, progress=progress)
+    _print_bundle(out, manifest, splittable.stats)
+
+
+@contextlib.contextmanager
+def _step_progress():
+    """A transient progress bar over an exporter's named steps; yields the progress callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("checking the plan", total=None)
-        manifest = export_bundle(
-            splittable,
-            plan,
-            out,
-            engines,
-            label_names=LABEL_NAMES,
-            progress=lambda step, done, total: bar.update(task, description=step, completed=done, total=total),
-        )
-    _print_bundle(out, manifest, splittable.stats)
+        yield lambda step, done, total: bar.update(task, description=step, completed=done, total=total)
+
+
+def _export_plan(plan_file: Path, out: Path) -> None:
+    from rich.table import Table
+
+    from toolkit.planning import export_plan_bundles, load_plan
+
+    fleet = load_plan(plan_file)
+    with _step_progress() as progress:
+        bundles = export_plan_bundles(fleet, out, progress)
+    table = Table(title=f"bundles for {fleet.model_id} in {out}")
+    for column in ("bundle", "cut", "trains from", "engine", "encoding", "batch", "phones"):
+        table.add_column(column)
+    for b in bundles:
+        p = b.plan
+        table.add_row(b.folder.name, str(p.cut), str(p.train_from), p.engine, p.encoding, str(p.batch_size), ", ".join(b.phones))
+    console.print(table)
+    for phone in fleet.infeasible:
+        err_console.print(f"[yellow]no bundle for {phone.profile}:[/yellow] {phone.reason}", highlight=False)
 
 
 def _print_bundle(out: Path, manifest, stats) -> None:
