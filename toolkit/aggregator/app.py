@@ -9,6 +9,7 @@
 | POST /v1/updates          | device | 200 accepted / duplicate; 409 stale; 400, 403, 422 rejected; 413 too large |
 | POST /v1/evaluations      | admin  | 200 {"status": "recorded"}; 404 unknown version |
 | GET  /v1/status           | admin  | 200 the run's status |
+| /v1/splitfed/...          |        | with a SplitFed edge only: toolkit/splitfed/routes.py |
 
 Every error body is JSON ``{"status": ..., "reason": ...}``; 401 on a missing or wrong bearer
 token (nothing is stored), 429 with Retry-After when a device exceeds its request rate.
@@ -20,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -32,9 +33,12 @@ from toolkit import __version__
 from toolkit.aggregator.coordinator import DEVICE_ID, Coordinator
 from toolkit.aggregator.status import run_status
 
+if TYPE_CHECKING:
+    from toolkit.splitfed.edge import SplitFedEdge
+
 TICK_SECONDS = 1.0  # how often round deadlines are checked
 
-_STATUS_OF_CODE = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "rejected", 429: "rate_limited"}
+_STATUS_OF_CODE = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "rejected", 429: "rate_limited", 503: "busy"}
 
 
 @dataclass(frozen=True)
@@ -220,8 +224,9 @@ def _error(status_code: int, reason: str, headers: dict | None = None) -> JSONRe
     return JSONResponse({"status": _STATUS_OF_CODE.get(status_code, "rejected"), "reason": reason}, status_code, headers)
 
 
-def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS) -> FastAPI:
-    """The app around a started coordinator; while served, deadlines are checked every tick."""
+def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, edge: "SplitFedEdge | None" = None) -> FastAPI:
+    """The app around a started coordinator; while served, deadlines are checked every tick.
+    With ``edge`` (a SplitFed run) it also serves the edge's routes."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -242,6 +247,11 @@ def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS) 
     app.state.limiter = RateLimiter(limits.requests_per_s, limits.burst)
     for router in (health, enrolment, tasks, weights, updates, evaluations, status):
         app.include_router(router)
+    if edge is not None:
+        from toolkit.splitfed.routes import splitfed  # imported here: it uses this module's auth dependencies
+
+        app.state.edge = edge
+        app.include_router(splitfed)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

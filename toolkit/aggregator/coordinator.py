@@ -81,6 +81,10 @@ class Coordinator:
     store: Store
     clock: Callable[[], float] = time.time
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # SplitFed (set by toolkit.splitfed.edge): the edge's copy of the blocks past a device's cut
+    # for a round, as a delta from the round's base, or None; merged into that device's update
+    # when it is accepted, so each block is averaged over every copy that trained it.
+    edge_delta: Callable[[str, int], dict[str, np.ndarray] | None] | None = None
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -227,9 +231,13 @@ class Coordinator:
             stale = self._staleness_problem(rnd)
             if stale:
                 return PushOutcome("stale", 409, stale, h.round)
+            blob = body
+            edge = self.edge_delta(device_id, h.round) if self.edge_delta is not None else None
+            if edge:  # stored as one update: the device's tensors (as decoded) and the edge's, fp32
+                blob = encode(h, {**edge, **update.tensors}, "fp32")
             update_id = self.store.add_update(
                 device_id=device_id, idem_key=idem_key, round_=h.round, base_version=h.base_version,
-                num_samples=h.num_samples, accuracy=accuracy, blob=body, now=self.clock(),
+                num_samples=h.num_samples, accuracy=accuracy, blob=blob, now=self.clock(), nbytes=len(body),
             )
         return PushOutcome("accepted", 200, "", h.round, update_id)
 

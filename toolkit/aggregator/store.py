@@ -237,12 +237,14 @@ class Store:
 
     def add_update(
         self, *, device_id: str, idem_key: str, round_: int, base_version: int, num_samples: int,
-        accuracy: float | None, blob: bytes, now: float,
+        accuracy: float | None, blob: bytes, now: float, nbytes: int | None = None,
     ) -> int:
+        """``nbytes``: what the device sent (default: the blob's length; a SplitFed update's blob
+        also holds the edge's tensors)."""
         rows = self._q(
             "INSERT INTO updates(device_id, idem_key, round, base_version, num_samples, accuracy, nbytes, sha256,"
             " blob, received) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (device_id, idem_key, round_, base_version, num_samples, accuracy, len(blob),
+            (device_id, idem_key, round_, base_version, num_samples, accuracy, len(blob) if nbytes is None else nbytes,
              hashlib.sha256(blob).hexdigest(), blob, now),
         )
         return rows[0][0]

@@ -1,0 +1,53 @@
+"""The SplitFed edge's HTTP routes, mounted by ``toolkit.aggregator.app.create_app`` when it is
+given an edge; same bearer credentials as the rest of the aggregator.
+
+| route                            | auth   | answers |
+|----------------------------------|--------|---------|
+| PUT /v1/splitfed/batches/{batch} | device | 200 codec "gradient" bytes (a retried batch id: the same bytes |
+|                                  |        | again); 403 round not given to this device; 409 round closed, or |
+|                                  |        | batch id below the last; 413; 422 bad message; 503 + Retry-After |
+|                                  |        | when the edge is at capacity |
+| GET /v1/splitfed/status          | admin  | 200 the edge's load and each phone's traffic (bytes per direction) |
+
+``batch`` is the phone's step index in the round: PUT, because sending it again is harmless.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from starlette.exceptions import HTTPException
+
+from toolkit.aggregator.app import Principal, _read_body, admin, device
+from toolkit.splitfed.edge import SplitFedEdge
+
+splitfed = APIRouter(tags=["splitfed"])
+
+
+async def get_edge(request: Request) -> SplitFedEdge:
+    return request.app.state.edge
+
+
+EdgeDep = Annotated[SplitFedEdge, Depends(get_edge)]
+
+
+@splitfed.put("/v1/splitfed/batches/{batch}", responses={200: {"content": {"application/octet-stream": {}}}, 503: {}})
+async def put_batch(
+    batch: Annotated[int, Path(ge=0, lt=2**31, description="the phone's step index in the round")],
+    request: Request,
+    device_id: Annotated[str, Depends(device)],
+    edge: EdgeDep,
+) -> Response:
+    """Trains the edge's copy on one batch of activations and answers the gradient at the cut."""
+    body = await _read_body(request, edge.coordinator.config.limits.max_update_bytes)
+    reply = await edge.submit(device_id, batch, body)
+    if reply.code != 200:
+        headers = {"Retry-After": str(reply.retry_after)} if reply.retry_after is not None else None
+        raise HTTPException(reply.code, reply.reason, headers)
+    return Response(reply.body, media_type="application/octet-stream", headers={"X-Fedkit-Batch": reply.status})
+
+
+@splitfed.get("/v1/splitfed/status")
+async def get_splitfed_status(_: Annotated[Principal, Depends(admin)], edge: EdgeDep) -> dict:
+    return edge.status().model_dump(mode="json")
