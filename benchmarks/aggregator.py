@@ -22,7 +22,6 @@ Prints one JSON line and writes it to benchmarks/results/aggregator.json.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import signal
@@ -40,6 +39,7 @@ from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import UpdateHeader, encode
 from toolkit.aggregator.admin import issue_tokens
 from toolkit.aggregator.store import Store
+from toolkit.benchmarking import machine, write_result
 
 RESULT = Path(__file__).resolve().parent / "results" / "aggregator.json"
 SEED = 0
@@ -275,13 +275,6 @@ def recovery(folder: Path, phones: int = 20, rounds: int = 3, kills_at: tuple[in
     return result
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     import fastapi
     import httpx
@@ -309,15 +302,11 @@ def main() -> None:
             "seed": SEED,
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "fastapi": fastapi.__version__,
                          "uvicorn": uvicorn.__version__, "httpx": httpx.__version__},
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "arch": platform.machine(),
-                        "load_average_1m": round(os.getloadavg()[0], 2)},
+            "machine": machine(),
             "transport": "HTTP on loopback, phones as threads of one process",
         },
     }
-    line = json.dumps(record)
-    print(line)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(line + "\n")
+    write_result(record, RESULT)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ benchmarks/results/central.json.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from toolkit.benchmarking import write_result
 from toolkit.central import train_central
 
 RESULT = Path(__file__).resolve().parent / "results" / "central.json"
@@ -43,10 +43,7 @@ def main() -> None:
     record["figures"]["matmul_1024_seconds"] = baseline
     record["figures"]["extraction_vs_matmul"] = result.extraction_seconds / baseline
     record["figures"]["train_vs_matmul"] = result.train_seconds / baseline
-    line = json.dumps(record)
-    print(line)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(line + "\n")
+    write_result(record, RESULT)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from toolkit.benchmarking import machine, write_result  # torch-free: fine in the child too
 
 SEED = 0
 BATCHES = (1, 32)
@@ -61,10 +62,7 @@ def main() -> None:
         child(*args.child)
         return
     result = run(args.repeats)
-    line = json.dumps(result, sort_keys=True)
-    print(line)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    write_result(result, RESULT)
 
 
 # -- the parent: export, time, spawn the children -----------------------------------------------
@@ -242,23 +240,8 @@ def configuration(repeats: int) -> dict:
         },
         "torch_threads": 1,  # see EagerEngine
         "peak_rss": "VmHWM of a fresh child process per engine after the batch-32 train steps",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-        },
+        "machine": machine(),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # -- the child: one engine, batch-32 train steps, its own peak RSS ------------------------------

@@ -30,9 +30,7 @@ Prints one JSON line and writes it to benchmarks/results/planner.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import shutil
 import statistics
 import sys
@@ -46,6 +44,7 @@ import torch
 
 from toolkit import __version__
 from toolkit.models import load_model
+from toolkit.benchmarking import machine, write_result
 from toolkit.planning import PlanConfig, Planner, fit_calibration, shipped_calibration
 from toolkit.planning.cost import TRAIN_FACTOR, Choice, block_costs, predict_block
 from toolkit.profiling import catalog_profiles, link, measure_local
@@ -260,13 +259,11 @@ def main() -> None:
             "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__,
             "python": sys.version.split()[0],
-            "machine": f"{platform.machine()}, {platform.processor() or platform.node()}, {edge.cpu_cores} cores",
+            "machine": machine(),
             "wall_s": round(time.perf_counter() - started, 1),
         },
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, RESULT)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import track
 
 from device_runtime.preprocess import InputSpec
+from toolkit.benchmarking import cpu_name
 from toolkit.data import load_fashion_mnist, transform
 from toolkit.errors import ConfigError, DataError
 from toolkit.models import SplittableModel, load_model
@@ -254,18 +255,8 @@ def _machine() -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],  # the machine is shared: how busy it was
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass  # not Linux: fall back to what platform knows
-    return platform.processor() or platform.machine()

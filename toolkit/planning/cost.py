@@ -46,7 +46,7 @@ from torch import nn
 from device_runtime.codec import encoded_size
 from toolkit.errors import PlanError
 from toolkit.models import SplittableModel
-from toolkit.profiling.profile import BlockTiming, DeviceProfile, Link
+from toolkit.profiling.profile import DeviceProfile, Link
 
 KINDS = ("conv", "pointwise", "depthwise", "linear", "elementwise", "weight_reads")
 TRAIN_FACTOR = 3.0  # a trainable block: forward + backward ~ 2 forwards

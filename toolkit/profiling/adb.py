@@ -51,7 +51,7 @@ def probe_adb(
     """The profile of the phone ``serial``, measured on the phone."""
     _adb(serial, "get-state", timeout=15)  # fails fast, with adb's own words, when it is not attached
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
-        payload = write_payload(Path(tmp) / "payload", model, batch)
+        write_payload(Path(tmp) / "payload", model, batch)
         shutil.copy(probe.__file__, Path(tmp) / "probe.py")
         _adb(serial, "shell", "rm", "-rf", REMOTE_DIR)
         _adb(serial, "push", f"{tmp}/.", REMOTE_DIR, timeout=TIMEOUT_S)

@@ -10,7 +10,7 @@ from device_runtime.manifest import DevicePlan
 from toolkit.errors import PlanError
 from toolkit.models import load_model
 from toolkit.planning import FleetPlan, PlanConfig, Planner, distinct_choices, load_plan
-from toolkit.profiling import DeviceProfile, Link, catalog_profiles, links
+from toolkit.profiling import DeviceProfile, catalog_profiles, links
 
 MODEL = load_model("small_cnn")
 N = len(MODEL.block_names)
