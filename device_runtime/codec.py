@@ -38,8 +38,9 @@ channel): with f32 scales whole-MobileNetV2 int8 updates were only 3.87x smaller
 
 int8/int4 use s = max |x| / qmax (127 or 7; never below 2**-100, so 1/s stays finite), rounded
 up to bfloat16, and stochastic rounding, q = floor(x / s + u) with u uniform in [0, 1): the
-decoded value is an unbiased estimate of x (to within 2**-16 of a step: u has 16 random bits,
-drawn from the caller's generator) and is less than one step s away from it.
+decoded value is an unbiased estimate of x (to within 2**-9 of a step: u = (b + 0.5) / 256 for
+8 random bits b drawn from the caller's generator) and is less than one step s away from it.
+How u is drawn is the encoder's business: the format does not depend on it.
 
 ``encoded_size`` gives the exact length of ``encode``'s output: everything but the header's
 JSON bytes, or all of it when the header is passed too.
@@ -55,6 +56,7 @@ the next::
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import math
 import numbers
@@ -97,6 +99,8 @@ _FP16_MAX = 65504.0
 _MIN_SCALE = np.float32(2.0**-100)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _QMAX = {"int8": 127, "int4": 7}
+_BATCH = 1 << 18  # elements: see _batches
+_ALIGN = {"int8": 1, "int4": 2, "sign1": 8}  # elements per payload byte of the scaled encodings
 # Largest |q| a decoder can meet per scaled encoding (int8 bytes reach -128, int4 nibbles -8):
 # scale * bound must stay finite, so no decoded value overflows to inf.
 _Q_BOUND = {"int8": 128, "int4": 8, "sign1": 1}
@@ -134,7 +138,7 @@ class UpdateHeader:
 @dataclass(frozen=True)
 class Update:
     """A decoded update: float32 tensors by name (in the sender's order) and the encoding each
-    one travelled in."""
+    one travelled in. Tensors decoded together may be views of one buffer (never overlapping)."""
 
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
@@ -159,7 +163,7 @@ def encode(
     rng = np.random.default_rng() if rng is None else rng
     header_json = _header_json(header)
     parts: list = [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_json)), header_json, _COUNT.pack(len(tensors))]
-    total = 0
+    arrays, total = {}, 0
     for name, value in tensors.items():
         total += np.size(value)
         if total > MAX_ELEMENTS:
@@ -167,7 +171,11 @@ def encode(
         x = _as_float32(name, value)
         if x.ndim > _MAX_NDIM or any(d > _U32_MAX for d in x.shape):
             raise CodecError(f"tensor {name!r} has shape {x.shape}: the format holds at most {_MAX_NDIM} dimensions of < 2**32")
-        payload = _encode_payload(name, x, encodings[name], rng, topk_fraction)
+        _name_bytes(name)  # refuse a bad name before any encoding work
+        arrays[name] = x
+    payloads = _encode_payloads(arrays, encodings, rng, topk_fraction)
+    for name, x in arrays.items():
+        payload = payloads[name]
         payload_size = sum(p.nbytes for p in payload)
         if payload_size > _U32_MAX:
             raise CodecError(f"tensor {name!r} encodes to {payload_size} bytes, over the format's 4 GiB per tensor")
@@ -219,8 +227,8 @@ def decode(
         raise CodecError("update fails its checksum: it was corrupted in transit, send it again")
     header = _parse_header(header_bytes)
     _check_records(records, expected)
-    tensors = {r.name: _decode_payload(r, view) for r in records}
-    return Update(header, tensors, {r.name: r.encoding for r in records})
+    tensors = _decode_payloads(records, view)
+    return Update(header, {r.name: tensors[r.name] for r in records}, {r.name: r.encoding for r in records})
 
 
 def encoded_size(
@@ -382,54 +390,162 @@ def _payload_size(encoding: str, shape: tuple[int, ...], k: int) -> int:
     }[encoding]
 
 
-def _encode_payload(name: str, x: np.ndarray, encoding: str, rng: np.random.Generator, fraction: float) -> list[np.ndarray]:
+def _encode_payloads(
+    arrays: dict[str, np.ndarray], encodings: dict[str, str], rng: np.random.Generator, fraction: float
+) -> dict[str, list[np.ndarray]]:
+    payloads = {}
+    for encoding in ENCODINGS:
+        group = {name: x for name, x in arrays.items() if encodings[name] == encoding}
+        if encoding in _ALIGN:
+            names = list(group)
+            for run in _batches([group[name].size for name in names]):
+                payloads |= _encode_scaled({name: group[name] for name in names[run]}, encoding, rng)
+        else:
+            payloads |= {name: _encode_unscaled(name, x, encoding, fraction) for name, x in group.items()}
+    return payloads
+
+
+def _encode_unscaled(name: str, x: np.ndarray, encoding: str, fraction: float) -> list[np.ndarray]:
     if x.size:
         lo, hi = x.min(), x.max()
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise CodecError(f"tensor {name!r} holds NaN or Inf: the update is broken, do not send it (lower the learning rate?)")
+            raise _non_finite(name)
         if encoding in ("fp16", "topk") and max(-lo, hi) > _FP16_MAX:
             raise CodecError(f"tensor {name!r} has values beyond fp16's ±{_FP16_MAX:g}: encode it as fp32 or int8")
     if encoding == "fp32":
         return [x.astype("<f4", copy=False)]
     if encoding == "fp16":
         return [x.astype("<f2")]
-    if encoding == "topk":
-        return _topk(x.reshape(-1), _topk_count(x.size, fraction))
-    rows = x.reshape(_channels(x.shape), -1 if x.size else 0)
-    if encoding == "sign1":
-        with np.errstate(over="ignore"):
-            scales = np.abs(rows).sum(axis=1, dtype=np.float32) / np.float32(max(rows.shape[1], 1))
-        stored = _scales_to_bf16(scales)
-        _check_scales(name, _bf16_to_scales(stored), encoding)
-        return [stored, np.packbits(x.reshape(-1) >= 0)]
-    qmax = _QMAX[encoding]
-    amax = np.maximum(rows.max(axis=1, initial=0), -rows.min(axis=1, initial=0))
-    stored = _scales_to_bf16(np.maximum(amax / np.float32(qmax), _MIN_SCALE))
+    return _topk(x.reshape(-1), _topk_count(x.size, fraction))
+
+
+def _non_finite(name: str) -> CodecError:
+    return CodecError(f"tensor {name!r} holds NaN or Inf: the update is broken, do not send it (lower the learning rate?)")
+
+
+def _batches(sizes: list[int]) -> list[slice]:
+    """Runs of consecutive tensors of about _BATCH elements (a bigger tensor is a run of its
+    own): big enough that numpy's per-call cost stays small, small enough that temporaries
+    are reused by malloc. Measured on whole MobileNetV2: runs of 2**16..2**19 elements are
+    equally fast; 2**20 (4 MB temporaries, fresh pages from the kernel every call) or one run
+    for all tensors take twice as long."""
+    runs, start, elements = [], 0, 0
+    for i, n in enumerate(sizes):
+        elements += n
+        if elements >= _BATCH or i == len(sizes) - 1:
+            runs.append(slice(start, i + 1))
+            start, elements = i + 1, 0
+    return runs
+
+
+def _encode_scaled(arrays: dict[str, np.ndarray], encoding: str, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
+    """int8, int4 or sign1 payloads of all ``arrays`` at once: a few numpy calls over one
+    buffer, where ~20 calls per tensor cost more than the arithmetic for MobileNetV2's 158."""
+    names = list(arrays)
+    layout = _Layout.of([x.shape for x in arrays.values()], _ALIGN[encoding])
+    pieces = []
+    for x, pad in zip(arrays.values(), layout.pads):
+        pieces += [x.reshape(-1), np.zeros(pad, np.float32)]
+    flat = np.concatenate(pieces)
+    magnitude = np.abs(flat)
+    segments = layout.segments()
+    nonempty = segments > 0
+    per_channel = np.zeros(segments.size, np.float32)
+    reduce = np.add if encoding == "sign1" else np.maximum  # padding zeros change neither
+    with np.errstate(over="ignore"):  # a huge sum becomes inf, refused below
+        if nonempty.any():
+            per_channel[nonempty] = reduce.reduceat(magnitude, (np.cumsum(segments) - segments)[nonempty])
+        if encoding == "sign1":
+            stored = _scales_to_bf16(per_channel / np.maximum(layout.counts, 1).astype(np.float32))
+        else:
+            stored = _scales_to_bf16(np.maximum(per_channel / np.float32(_QMAX[encoding]), _MIN_SCALE))
     scales = _bf16_to_scales(stored)
-    _check_scales(name, scales, encoding)
-    q = _stochastic_round(x.reshape(-1), scales, rows.shape[1], qmax, rng)
-    if encoding == "int8":
-        return [stored, q]
-    nibbles = np.full(x.size + x.size % 2, 8, dtype=np.uint8)  # an odd tail pads with q = 0
-    np.add(q, 8, out=nibbles[: x.size], casting="unsafe")
-    return [stored, nibbles[0::2] | (nibbles[1::2] << 4)]
+    bad = _bad_tensor(layout, scales, encoding)
+    if bad is not None:
+        # NaN and Inf reach the scales (max and sum propagate them), as do finite values too large
+        if not np.isfinite(arrays[names[bad]]).all():
+            raise _non_finite(names[bad])
+        raise _bad_scales(names[bad], encoding)
+    if encoding == "sign1":
+        positive = flat >= 0
+        positive[layout.padding()] = False  # np.packbits pads a tensor's last byte with 0 bits
+        body = np.packbits(positive)
+    else:
+        q = _stochastic_round(flat, scales, segments, rng, out=magnitude)
+        if encoding == "int8":
+            body = q.view(np.uint8)
+        else:
+            nibbles = (q + 8).view(np.uint8)  # a padding element is q = 0, nibble 8
+            body = nibbles[0::2] | (nibbles[1::2] << 4)
+    align = _ALIGN[encoding]
+    return {
+        name: [stored[c : c + count], body[offset // align : (offset + size + pad) // align]]
+        for name, c, count, offset, size, pad in zip(
+            names, layout.first_channels, layout.channels, layout.offsets, layout.sizes, layout.pads
+        )
+    }
 
 
-def _stochastic_round(flat: np.ndarray, scales: np.ndarray, per_channel: int, qmax: int, rng: np.random.Generator) -> np.ndarray:
-    """floor(x / s + u), u uniform in [0, 1), as int8. u comes as 16 raw random bits (added to
-    x / s scaled by 2**16, exact in float32), about twice as fast as rng.random in float32."""
-    y = np.multiply(flat, _per_element(np.float32(2**16) / scales, per_channel))
-    bits = rng.bit_generator.random_raw(-(-y.size // 4)).view(np.uint16)[: y.size]
-    np.add(y, bits, out=y)
-    np.multiply(y, np.float32(2**-16), out=y)
-    np.floor(y, out=y)
-    np.clip(y, -qmax, qmax, out=y)  # x / s may round a hair past qmax
-    return y.astype(np.int8)
+def _stochastic_round(
+    flat: np.ndarray, scales: np.ndarray, segments: np.ndarray, rng: np.random.Generator, *, out: np.ndarray
+) -> np.ndarray:
+    """floor(x / s + u) as int8, u = (b + 0.5) / 256 for 8 random bits b: u is uniform on a
+    grid of 256 midpoints, so the rounding is unbiased to within 2**-9 of a step (16 bits
+    would take it to 2**-17 for twice the random bytes, already among the costliest steps)."""
+    y = np.multiply(flat, np.repeat(np.float32(256) / scales, segments), out=out)  # 256 x / s, to 2**-16 of a step
+    y += rng.bit_generator.random_raw(-(-y.size // 8)).view(np.uint8)[: y.size]  # b, 8 bytes per raw draw
+    y += np.float32(0.5)
+    y *= np.float32(1 / 256)
+    # No clip: |x / s| <= qmax (1 + 2**-22) and 2**-9 <= u <= 1 - 2**-9 keep floor within ±qmax.
+    return np.floor(y, out=y).astype(np.int8)
 
 
-def _per_element(scales: np.ndarray, per_channel: int) -> np.ndarray:
-    # One flat multiply beats broadcasting (C, 1) against rows as short as a depthwise conv's 9.
-    return np.repeat(scales, per_channel)
+@dataclass(frozen=True)
+class _Layout:
+    """Where the tensors of one scaled encoding sit in one flat buffer. Each tensor starts at a
+    multiple of ``align`` elements (2 for int4, 8 for sign1) so its payload starts on a whole
+    byte; the gap after it is padding, counted in its last channel."""
+
+    sizes: list[int]
+    pads: list[int]
+    offsets: list[int]
+    channels: list[int]
+    first_channels: list[int]
+    counts: np.ndarray  # per channel: its elements, padding not counted
+
+    @classmethod
+    def of(cls, shapes: list[tuple[int, ...]], align: int) -> _Layout:
+        sizes = [math.prod(shape) for shape in shapes]
+        pads = [-n % align for n in sizes]
+        channels = [_channels(shape) for shape in shapes]
+        offsets = list(itertools.accumulate((n + p for n, p in zip(sizes, pads)), initial=0))[:-1]
+        first_channels = list(itertools.accumulate(channels, initial=0))[:-1]
+        counts = np.repeat(np.array([n // c if c else 0 for n, c in zip(sizes, channels)], np.int64), channels)
+        return cls(sizes, pads, offsets, channels, first_channels, counts)
+
+    def segments(self) -> np.ndarray:
+        """Elements per channel in the buffer, padding included (so they sum to its length)."""
+        segments = self.counts.copy()
+        for first, c, pad in zip(self.first_channels, self.channels, self.pads):
+            if pad:  # a padded tensor has elements, so channels
+                segments[first + c - 1] += pad
+        return segments
+
+    def padding(self) -> list[int]:
+        return [i for offset, n, pad in zip(self.offsets, self.sizes, self.pads) for i in range(offset + n, offset + n + pad)]
+
+
+def _bad_tensor(layout: _Layout, scales: np.ndarray, encoding: str) -> int | None:
+    """The index of the first tensor with a negative, NaN or too large scale (one that would
+    decode to Inf), or None."""
+    bad = ~((scales >= 0) & (scales <= _FLOAT32_MAX / _Q_BOUND[encoding]))  # NaN fails both
+    if not bad.any():
+        return None
+    return int(np.searchsorted(layout.first_channels, np.argmax(bad), side="right")) - 1
+
+
+def _bad_scales(name: str, encoding: str) -> CodecError:
+    return CodecError(f"tensor {name!r} has {encoding} scales that are negative, NaN, Inf or too large to decode")
 
 
 def _scales_to_bf16(scales: np.ndarray) -> np.ndarray:
@@ -449,12 +565,6 @@ def _topk(flat: np.ndarray, k: int) -> list[np.ndarray]:
         index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :].astype("<u4")
         index.sort()
     return [index, flat[index].astype("<f2")]
-
-
-def _check_scales(name: str, scales: np.ndarray, encoding: str) -> None:
-    # min and max propagate NaN, which fails both comparisons
-    if scales.size and not (scales.min() >= 0 and scales.max() <= _FLOAT32_MAX / _Q_BOUND[encoding]):
-        raise CodecError(f"tensor {name!r} has {encoding} scales that are negative, NaN, Inf or too large to decode")
 
 
 def _raise_gain(variance: float, rung: int) -> float:
@@ -572,37 +682,64 @@ def _check_records(records: list[_Record], expected: Mapping[str, tuple[int, ...
             raise CodecError(f"tensor {r.name!r} has shape {r.shape}, expected {want[r.name]}: the device trains a different model")
 
 
-def _decode_payload(record: _Record, view: memoryview) -> np.ndarray:
+def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
+    tensors = {}
+    for encoding in ENCODINGS:
+        group = [r for r in records if r.encoding == encoding]
+        if encoding in _ALIGN:
+            for run in _batches([math.prod(r.shape) for r in group]):
+                tensors |= _decode_scaled(group[run], view)
+        else:
+            tensors |= {r.name: _decode_unscaled(r, view) for r in group}
+    return tensors
+
+
+def _decode_unscaled(record: _Record, view: memoryview) -> np.ndarray:
     n = math.prod(record.shape)
     payload = view[record.offset : record.offset + record.size]
     if record.encoding in ("fp32", "fp16"):
         values = _aligned(payload, "<f4" if record.encoding == "fp32" else "<f2").astype(np.float32, copy=False)
         return _finite(record, values).reshape(record.shape)
-    if record.encoding == "topk":
-        k = record.size // 6
-        index = np.frombuffer(payload, dtype="<u4", count=k)
-        if k and (index[-1] >= n or (k > 1 and not (index[1:] > index[:-1]).all())):
-            raise CodecError(f"tensor {record.name!r} has top-k indices out of order or out of range: the update is corrupt")
-        out = np.zeros(n, dtype=np.float32)
-        out[index] = _finite(record, _aligned(payload[4 * k :], "<f2").astype(np.float32))
-        return out.reshape(record.shape)
-    channels = _channels(record.shape)
-    scales = _bf16_to_scales(np.frombuffer(payload, dtype="<u2", count=channels))
-    _check_scales(record.name, scales, record.encoding)
-    body = np.frombuffer(payload, dtype=np.uint8, offset=2 * channels)
-    if record.encoding == "int8":
+    k = record.size // 6
+    index = np.frombuffer(payload, dtype="<u4", count=k)
+    if k and (index[-1] >= n or (k > 1 and not (index[1:] > index[:-1]).all())):
+        raise CodecError(f"tensor {record.name!r} has top-k indices out of order or out of range: the update is corrupt")
+    out = np.zeros(n, dtype=np.float32)
+    out[index] = _finite(record, _aligned(payload[4 * k :], "<f2").astype(np.float32))
+    return out.reshape(record.shape)
+
+
+def _decode_scaled(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
+    """int8, int4 or sign1 tensors, all at once in one buffer laid out as ``_encode_scaled``
+    built it. The tensors returned are views of that one buffer."""
+    encoding = records[0].encoding
+    layout = _Layout.of([r.shape for r in records], _ALIGN[encoding])
+    scales, bodies = [], []
+    for r, c in zip(records, layout.channels):
+        scales.append(np.frombuffer(view, dtype="<u2", count=c, offset=r.offset))
+        bodies.append(np.frombuffer(view, dtype=np.uint8, count=r.size - 2 * c, offset=r.offset + 2 * c))
+    scales = _bf16_to_scales(np.concatenate(scales))
+    bad = _bad_tensor(layout, scales, encoding)
+    if bad is not None:
+        raise _bad_scales(records[bad].name, encoding)
+    body = np.concatenate(bodies)
+    if encoding == "int8":
         q = body.view(np.int8)
-    elif record.encoding == "int4":
+    elif encoding == "int4":
         q = np.empty(2 * body.size, dtype=np.int8)
         np.bitwise_and(body, 15, out=q[0::2], casting="unsafe")
         np.right_shift(body, 4, out=q[1::2], casting="unsafe")
-        q = q[:n]
         q -= 8
     else:
-        q = np.unpackbits(body, count=n).view(np.int8)
+        q = np.unpackbits(body).view(np.int8)
         q *= 2
         q -= 1
-    return np.multiply(q, _per_element(scales, n // channels if channels else 0), dtype=np.float32).reshape(record.shape)
+    values = q.astype(np.float32)
+    values *= np.repeat(scales, layout.segments())
+    return {
+        r.name: values[offset : offset + size].reshape(r.shape)
+        for r, offset, size in zip(records, layout.offsets, layout.sizes)
+    }
 
 
 def _aligned(payload: memoryview, dtype: str) -> np.ndarray:

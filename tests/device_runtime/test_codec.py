@@ -57,6 +57,27 @@ def container(records: list[tuple[str, int, tuple[int, ...], bytes]], header: by
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def payloads(data: bytes) -> dict[str, bytes]:
+    """Each tensor's payload, read by the layout in the codec's docstring."""
+    (header_size,) = struct.unpack_from("<I", data, 6)
+    pos = 10 + header_size + 4
+    out = {}
+    while pos < len(data) - 4:
+        (name_size,) = struct.unpack_from("<H", data, pos)
+        name = data[pos + 2 : pos + 2 + name_size].decode()
+        ndim = data[pos + 3 + name_size]
+        pos += 4 + name_size + 4 * ndim
+        (size,) = struct.unpack_from("<I", data, pos)
+        out[name] = data[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+    return out
+
+
+def bf16_round_up(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded up to bfloat16, as the docstring says scales are stored."""
+    return (((x.view(np.uint32).astype(np.uint64) + 0xFFFF) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+
 def channel_rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0] if x.ndim >= 2 else 1, -1 if x.size else 0)
 
@@ -121,6 +142,32 @@ def test_per_tensor_encodings_and_size_without_header():
         assert_decodes_as(name, x, update.tensors[name], 0.01)
     header_json = json.dumps(asdict(HEADER), sort_keys=True, separators=(",", ":")).encode()
     assert encoded_size(shapes, encodings) + len(header_json) == len(data)
+
+
+@pytest.mark.parametrize("encoding", ["int8", "int4", "sign1"])
+def test_scaled_encodings_of_many_tensors_match_each_tensor_alone(encoding):
+    # The codec encodes the tensors of an encoding together, in runs of about 2**18 elements:
+    # sizes odd and not multiples of 8, empty tensors and a run boundary after the big one.
+    rng = np.random.default_rng(8)
+    shapes = [(5, 7), (3,), (0, 4), (70001,), (), (9, 1, 3, 3), (1100, 257), (2, 0), (13,)]
+    tensors = {f"t{i}": (rng.standard_normal(shape) * 3.0**i).astype(np.float32) for i, shape in enumerate(shapes)}
+    tensors["t4"] = np.float32(-3.0)  # a scalar at its own scale: q = -qmax exactly
+
+    data = encode(HEADER, tensors, encoding, rng=rng)
+    together = decode(data)
+
+    for name, x in tensors.items():
+        assert_decodes_as(encoding, np.asarray(x), together.tensors[name], 0.01)
+        if encoding in QMAX:  # never the -qmax - 1 that the payload could hold
+            amax = np.abs(channel_rows(np.asarray(x))).max(axis=1, initial=0).astype(np.float32)
+            scale = bf16_round_up(np.maximum(amax / np.float32(QMAX[encoding]), np.float32(2.0**-100)))
+            q = channel_rows(together.tensors[name]) / scale[:, None]
+            np.testing.assert_array_equal(q, np.round(q))
+            assert (np.abs(q) <= QMAX[encoding]).all()
+    if encoding == "sign1":  # the bits exactly as the docstring says, padding bits 0
+        for name, payload in payloads(data).items():
+            x = np.asarray(tensors[name])
+            assert payload[2 * channel_rows(x).shape[0] :] == np.packbits(x.reshape(-1) >= 0).tobytes()
 
 
 def test_layout_matches_the_docstring_byte_for_byte():
