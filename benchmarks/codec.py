@@ -29,7 +29,6 @@ Prints one JSON line and writes it to benchmarks/results/codec.json.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -39,7 +38,15 @@ from pathlib import Path
 import numpy as np
 
 import device_runtime
-from device_runtime.codec import ENCODINGS, UpdateHeader, decode, encode, encoded_size, layered_encodings
+from device_runtime.codec import (
+    ENCODINGS,
+    UpdateHeader,
+    decode,
+    encode,
+    encoded_size,
+    layered_encodings,
+)
+from toolkit.benchmarking import machine, write_result
 
 RESULT = Path(__file__).resolve().parent / "results" / "codec.json"
 SEED = 0
@@ -53,7 +60,9 @@ BIG_COPY_BYTES = 256 << 20  # out of any cache
 
 
 def synthetic_updates() -> dict[str, dict[str, np.ndarray]]:
-    from toolkit.models import load_model  # torch is needed for the shapes and stds only
+    from toolkit.models import (
+        load_model,  # torch is needed for the shapes and stds only
+    )
 
     model = load_model("mobilenet_v2")
     rng = np.random.default_rng(SEED)
@@ -118,16 +127,6 @@ def measure(
         "crc32_s": crc_s,
         "crc32_ceiling_copy_fraction": round(copy_seconds / crc_s, 4),
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
@@ -199,14 +198,11 @@ def main() -> None:
                 "torch": torch.__version__,
                 "fedkit": device_runtime.__version__,
             },
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "arch": platform.machine()},
+            "machine": machine(),
             "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
         },
     }
-    line = json.dumps(report)
-    print(line)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(line + "\n")
+    write_result(report, RESULT)
 
 
 if __name__ == "__main__":
