@@ -1,4 +1,5 @@
-"""The phone's side of the sync protocol (httpx): enrol, pull a task, pull weights, push an update.
+"""The phone's side of the sync protocol (httpx): enrol, pull a task, pull weights, push an update,
+and exchange SplitFed batches with the edge.
 
 Connection errors, timeouts, 5xx, and 429/503 are retried with exponential backoff and full
 jitter (a Retry-After header is honoured); a definite answer is never retried. A push returns
@@ -156,6 +157,15 @@ class SyncClient:
         if status not in ("accepted", "duplicate", "stale", "rejected"):
             raise ProtocolError(f"push answered {r.status_code} with {body!r}, which is not a push outcome")
         return PushResult(status, str(body.get("reason", "")), body.get("round"), body.get("update_id"), r.status_code)
+
+    def splitfed_batch(self, batch: int, payload: bytes) -> bytes:
+        """Sends one SplitFed batch (a codec "activation" message) to the edge and returns its
+        codec "gradient" answer. ``batch`` is the step's index in the round: a retry whose first
+        answer was lost gets the same bytes again, and never trains twice."""
+        headers = {"Content-Type": "application/octet-stream"}
+        r = self._request("PUT", f"/splitfed/batches/{batch}", content=payload, headers=headers)
+        self._expect(r, 200, f"SplitFed batch {batch}")
+        return r.content
 
     # -- transport --------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, token: str | None = None, **kwargs) -> httpx.Response:

@@ -34,6 +34,7 @@ from device_runtime.bundle import Bundle
 from device_runtime.client import Assignment, RetryPolicy, SyncClient
 from device_runtime.codec import decode
 from device_runtime.errors import FedkitError, ProtocolError
+from device_runtime.split_trainer import SplitRoundResult, SplitTrainer, edge_exchange
 from device_runtime.trainer import LocalTrainer, Task
 
 CREDENTIAL = "credential.json"
@@ -105,7 +106,7 @@ class PhoneLoop:
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = EventLog(self.root / EVENTS, self.credential.device_id)
         self.client = SyncClient(self.credential.url, self.credential.token, retry=retry, transport=hooks.transport)
-        self._trainers: dict[str, LocalTrainer] = {}
+        self._trainers: dict[str, LocalTrainer | SplitTrainer] = {}
         self._weights: tuple[int, dict] | None = None  # (version, tensors) last pulled
         self._rejected_round: int | None = None  # its update was rejected: sit the round out
 
@@ -159,12 +160,22 @@ class PhoneLoop:
         start = time.time()
         result = trainer.run_round(task, base)
         encoded = trainer.encode_update(task, result)
-        self.hooks.after_compute(time.time() - start)
+        if isinstance(result, SplitRoundResult):
+            # only the phone's own compute is slowed down: the edge and the link take their own time
+            self.hooks.after_compute(result.compute_seconds)
+            accuracy, fields = None, {
+                "resumed": False, "compute_s": round(result.compute_seconds, 3), "exchange_s": round(result.exchange_seconds, 3),
+                "activation_bytes": result.activation_bytes, "gradient_bytes": result.gradient_bytes,
+            }
+        else:
+            self.hooks.after_compute(time.time() - start)
+            accuracy, fields = result.eval_accuracy, {
+                "resumed": result.resumed, "compute_s": round(result.feature_seconds + result.train_seconds, 3),
+            }
         self.log.span("train", start, round=task.round, bundle=name, samples=result.num_samples, steps=result.steps,
-                      loss=result.train_loss, accuracy=result.eval_accuracy, resumed=result.resumed,
-                      compute_s=round(result.feature_seconds + result.train_seconds, 3))
+                      loss=result.train_loss, accuracy=accuracy, **fields)
         start = time.time()
-        answer = self.client.push(encoded.payload, encoded.idempotency_key, result.eval_accuracy)
+        answer = self.client.push(encoded.payload, encoded.idempotency_key, accuracy)
         self.log.span("upload", start, round=task.round, bytes=len(encoded.payload), status=answer.status, reason=answer.reason)
         if answer.status == "rejected":  # pushing the same bytes again would be rejected again
             self._rejected_round = task.round
@@ -182,11 +193,13 @@ class PhoneLoop:
             raise ProtocolError(f"global model version {version} lacks {', '.join(missing)}: the bundle does not fit this run")
         return {t.name: tensors[t.name] for t in bundle.manifest.trainable}
 
-    def _trainer(self, name: str) -> LocalTrainer:
+    def _trainer(self, name: str) -> LocalTrainer | SplitTrainer:
         if name not in self._trainers:
-            self._trainers[name] = LocalTrainer(
-                self.bundles[name], self.root / SHARD, self.work / name, device_id=self.credential.device_id
-            )
+            bundle, device_id = self.bundles[name], self.credential.device_id
+            if bundle.manifest.is_splitfed:
+                self._trainers[name] = SplitTrainer(bundle, self.root / SHARD, edge_exchange(self.client), device_id=device_id)
+            else:
+                self._trainers[name] = LocalTrainer(bundle, self.root / SHARD, self.work / name, device_id=device_id)
         return self._trainers[name]
 
 

@@ -32,7 +32,7 @@ from device_runtime.engines import Engine, open_engine
 from device_runtime.errors import BundleError, CodecError, ProtocolError
 from device_runtime.optim import SGD
 from device_runtime.preprocess import prepare
-from device_runtime.trainer import FEATURE_BATCH, EncodedUpdate, Task, _layered_bits, load_shard
+from device_runtime.trainer import FEATURE_BATCH, EncodedUpdate, Task, layered_bits, load_shard
 
 LABELS = "labels"
 LOSS = "loss"
@@ -53,21 +53,18 @@ class SplitRoundResult:
     gradient_bytes: int  # received from the edge, this round
     feature_seconds: float
     train_seconds: float  # the phone's compute, the edge's and the link's
+    exchange_seconds: float  # of train_seconds, waiting for the edge's answers (link and edge)
+
+    @property
+    def compute_seconds(self) -> float:
+        """The phone's own compute this round: features (when computed) and its blocks' steps."""
+        return self.feature_seconds + self.train_seconds - self.exchange_seconds
 
 
 def edge_exchange(client: SyncClient) -> Exchange:
     """Batches over HTTP to the aggregator's edge (``PUT /v1/splitfed/batches/{batch}``), with
     the client's credential, retries, backoff and Retry-After (a busy edge answers 503)."""
-
-    def exchange(batch: int, payload: bytes) -> bytes:
-        # SyncClient's own request path (it has no public method for this route yet), so a batch
-        # gets the same credential, retries and Retry-After handling as every other request
-        headers = {"Content-Type": "application/octet-stream"}
-        r = client._request("PUT", f"/splitfed/batches/{batch}", content=payload, headers=headers)
-        client._expect(r, 200, f"SplitFed batch {batch}")
-        return r.content
-
-    return exchange
+    return client.splitfed_batch
 
 
 class SplitTrainer:
@@ -118,14 +115,16 @@ class SplitTrainer:
         weights, opt = dict(base), SGD(task.lr, momentum=task.momentum)
         self.engine.set_weights(weights)
         n, bs = len(self.labels), task.batch_size
-        step, loss_sum, sent, received = 0, 0.0, 0, 0
+        step, loss_sum, sent, received, waited = 0, 0.0, 0, 0, 0.0
         for epoch in range(task.local_epochs):
             order = self._rng(task, 0, epoch).permutation(n)
             for b in range(0, n, bs):
                 idx = order[b : b + bs]
                 activation = self.engine.forward(h[idx])
                 message = self._activation_message(task, step, activation, self.labels[idx])
+                t_send = time.perf_counter()
                 reply = self.exchange(step, message)
+                waited += time.perf_counter() - t_send
                 loss, grad = self._gradient(reply, activation.shape)
                 weights = opt.step(weights, self.engine.backward_from(h[idx], grad))
                 self.engine.set_weights(weights)
@@ -141,6 +140,7 @@ class SplitTrainer:
             gradient_bytes=received,
             feature_seconds=feature_seconds,
             train_seconds=time.perf_counter() - t0,
+            exchange_seconds=waited,
         )
 
     def encode_update(self, task: Task, result: SplitRoundResult) -> EncodedUpdate:
@@ -149,7 +149,7 @@ class SplitTrainer:
             return self._encoded
         header = UpdateHeader(self.device_id, task.round, task.base_version, result.num_samples, kind="delta")
         compensated = self.error_feedback.compensate(result.update)
-        bits = _layered_bits(task.encoding)
+        bits = layered_bits(task.encoding)
         encoding = task.encoding if bits is None else layered_encodings(compensated, bits)
         payload = encode(header, compensated, encoding, rng=self._rng(task, 1))
         self.error_feedback.record(compensated, decode(payload).tensors)

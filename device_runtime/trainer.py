@@ -63,7 +63,7 @@ class Task:
             raise ProtocolError(
                 f"task {self} asks for an impossible round: lr > 0, local_epochs ≥ 1, batch_size ≥ 1, 0 ≤ momentum < 1"
             )
-        if self.encoding not in ENCODINGS and _layered_bits(self.encoding) is None:
+        if self.encoding not in ENCODINGS and layered_bits(self.encoding) is None:
             raise ProtocolError(f"task encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or layered:<bits>")
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,7 +207,7 @@ class LocalTrainer:
             return EncodedUpdate(task.round, st["payload"], st["idempotency_key"])
         header = UpdateHeader(self.device_id, task.round, task.base_version, result.num_samples, kind="delta")
         compensated = self.error_feedback.compensate(result.update)
-        bits = _layered_bits(task.encoding)
+        bits = layered_bits(task.encoding)
         encoding = task.encoding if bits is None else layered_encodings(compensated, bits)
         payload = encode(header, compensated, encoding, rng=self._rng(task, 1))
         self.error_feedback.record(compensated, decode(payload).tensors)
@@ -296,7 +296,7 @@ class LocalTrainer:
         )
 
 
-def _layered_bits(encoding: str) -> float | None:
+def layered_bits(encoding: str) -> float | None:
     """The average bits of a ``"layered:<bits>"`` encoding; None for anything else."""
     try:
         return float(encoding.removeprefix("layered:")) if encoding.startswith("layered:") else None

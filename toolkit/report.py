@@ -3,7 +3,8 @@ folder alone (``fedkit report RUN_DIR``).
 
 Plots: accuracy per round against the centralized reference; uplink bytes per round by phone
 class; a timeline per phone (train, upload, download, wait, offline, killed); and the plan
-table. Everything is read from ``summary.json``, ``metrics.jsonl``, ``plan.json``,
+table. Per round: the slowest phone's own compute and, SplitFed, the edge's compute and the
+activation and gradient bytes. Everything is read from ``summary.json``, ``metrics.jsonl``, ``plan.json``,
 ``faults.jsonl`` and ``phones/*/events.jsonl``.
 """
 
@@ -148,11 +149,27 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f} %"
 
 
+def _mode(s: dict) -> str:
+    if s.get("mode") == "splitfed":
+        return "SplitFed: each phone's cut from the planner, the edge trains the blocks past it"
+    return "classifier only" if s["depth"] == "head" else "head, then the planner depth per phone"
+
+
+def _slowest(m: dict) -> str:
+    """The longest of the phones' own compute in the round (their "train" events)."""
+    times = [t for t in m.get("phone_compute_s", {}).values() if t is not None]
+    return f"{max(times):.1f}" if times else "–"
+
+
+def _kib(n) -> str:
+    return "–" if n is None else f"{n / 1024:.0f}"
+
+
 def render_html(run: dict) -> str:
     s = run["summary"]
     ref = s.get("reference")
     facts = [
-        ["model", f"{s['model']} ({'classifier only' if s['depth'] == 'head' else 'head, then the planner depth per phone'})"],
+        ["model", f"{s['model']} ({_mode(s)})"],
         ["phones", len(s["phones"])],
         ["rounds", s["rounds"]],
         ["final accuracy (global model, host evaluation)", _pct(s.get("final_accuracy"))],
@@ -168,7 +185,8 @@ def render_html(run: dict) -> str:
                ", ".join(p["bundles"]), p["starts"], p["exit_code"], p.get("peak_rss_mb", "–")] for p in s["phones"]]
     faults = [[f"{f['elapsed_s']:.1f} s", f["kind"], f.get("phone", ""), f.get("detail", "")] for f in run["faults"]]
     rounds = [[m["version"], m.get("round") or "–", m.get("stage") or "–", _pct(m["accuracy"]), m["updates"],
-               m.get("samples", ""), m.get("round_s") or "–"] for m in run["metrics"]]
+               m.get("samples", ""), m.get("round_s") or "–", _slowest(m), m.get("edge_s") or "–",
+               _kib(m.get("activation_bytes")) + " / " + _kib(m.get("gradient_bytes"))] for m in run["metrics"]]
     plan_rows = []
     if run["plan"]:
         for p in run["plan"]["phones"]:
@@ -183,7 +201,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}} img
 <body><h1>fedkit run {html.escape(s['name'])}</h1>
 {_table(["", ""], facts)}
 <h2>Accuracy per round</h2><img src="accuracy.png" alt="accuracy per round">
-{_table(["version", "round", "stage", "accuracy", "updates", "samples", "round time (s)"], rounds)}
+{_table(["version", "round", "stage", "accuracy", "updates", "samples", "round time (s)", "slowest phone's compute (s)",
+          "edge compute (s)", "activations up / gradients down (KiB)"], rounds)}
 <h2>Uplink bytes per round by phone class</h2><img src="bytes.png" alt="bytes per round">
 <h2>Per-phone timeline</h2><img src="timeline.png" alt="timeline">
 <h2>Phones</h2>

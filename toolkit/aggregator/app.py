@@ -12,7 +12,8 @@
 | /v1/splitfed/...          |        | with a SplitFed edge only: toolkit/splitfed/routes.py |
 
 Every error body is JSON ``{"status": ..., "reason": ...}``; 401 on a missing or wrong bearer
-token (nothing is stored), 429 with Retry-After when a device exceeds its request rate.
+token (nothing is stored), 429 with Retry-After when a device exceeds its request rate
+(``[limits]``; SplitFed batches count in a separate bucket per device, ``[splitfed]``).
 """
 
 from __future__ import annotations
@@ -77,25 +78,39 @@ def _bearer(authorization: str | None) -> str:
     return token.strip()
 
 
+def _authenticated(coordinator: Coordinator, authorization: str | None, limiter: RateLimiter) -> Principal:
+    found = coordinator.authenticate(_bearer(authorization))
+    if found is None:
+        raise HTTPException(401, "unknown or revoked token: enrol again for a new one", {"WWW-Authenticate": "Bearer"})
+    who = Principal(*found)
+    wait = limiter.retry_after(who.device_id or "admin", time.monotonic())
+    if wait:
+        raise HTTPException(429, f"too many requests: retry after {wait:.1f} s", {"Retry-After": str(max(1, round(wait)))})
+    return who
+
+
 async def principal(
     request: Request,
     coordinator: Annotated[Coordinator, Depends(get_coordinator)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:
-    found = coordinator.authenticate(_bearer(authorization))
-    if found is None:
-        raise HTTPException(401, "unknown or revoked token: enrol again for a new one", {"WWW-Authenticate": "Bearer"})
-    who = Principal(*found)
-    wait = request.app.state.limiter.retry_after(who.device_id or "admin", time.monotonic())
-    if wait:
-        raise HTTPException(429, f"too many requests: retry after {wait:.1f} s", {"Retry-After": str(max(1, round(wait)))})
-    return who
+    return _authenticated(coordinator, authorization, request.app.state.limiter)
 
 
 async def device(who: Annotated[Principal, Depends(principal)]) -> str:
     if who.role != "device":
         raise HTTPException(403, "this route is for enrolled devices; use a device credential")
     return who.device_id
+
+
+async def batch_device(
+    request: Request,
+    coordinator: Annotated[Coordinator, Depends(get_coordinator)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
+    """A device sending SplitFed batches: counted in its own, larger bucket (``[splitfed]``)."""
+    who = _authenticated(coordinator, authorization, request.app.state.batch_limiter)
+    return await device(who)
 
 
 async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
@@ -251,6 +266,7 @@ def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, 
         from toolkit.splitfed.routes import splitfed  # imported here: it uses this module's auth dependencies
 
         app.state.edge = edge
+        app.state.batch_limiter = RateLimiter(edge.config.batches_per_s, edge.config.batch_burst)
         app.include_router(splitfed)
 
     @app.exception_handler(HTTPException)

@@ -20,6 +20,11 @@
     rounds = 10
     lr = 0.01
 
+    [splitfed]                     # SplitFed: the aggregator also serves the edge (toolkit.splitfed)
+    workers = 2                    # needs mode = "fedavg" and ``model``; start from
+    queue = 16                     # toolkit.splitfed.initial_weights (every block a copy trains)
+    max_copies = 64
+
 A bad file raises ConfigError naming the field (``stages.0.lr: ...``).
 """
 
@@ -99,6 +104,22 @@ class Limits(_Strict):
     seen_window_s: float = Field(default=300.0, gt=0)  # "available" = seen within this window
 
 
+class EdgeConfig(_Strict):
+    """The ``[splitfed]`` section: the SplitFed edge's capacity (toolkit.splitfed.edge)."""
+
+    workers: int = Field(default=2, ge=1)  # threads training phones' batches
+    queue: int = Field(default=16, ge=0)  # batches waiting for a worker; beyond it: 503
+    # phones with a model copy at once; beyond it: 503. A copy holds its part's weights, gradients
+    # and momentum: 27 MB for MobileNetV2 cut after features.1, 20 MB after features.13
+    max_copies: int = Field(default=64, ge=1)
+    retry_after_s: int = Field(default=1, ge=1)  # what a 503 tells the phone to wait
+    # Batches have their own token bucket per device, apart from ``limits``: a phone sends one
+    # batch at a time, each waiting for its answer, so on a fast link a well-behaved phone sends
+    # far more than 20 a second; the edge's bounded queue (503 + Retry-After) is what protects it.
+    batches_per_s: float = Field(default=1000.0, gt=0)
+    batch_burst: int = Field(default=1000, ge=1)
+
+
 class RunConfig(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -113,6 +134,15 @@ class RunConfig(_Strict):
     robust: RobustConfig = RobustConfig()
     limits: Limits = Limits()
     stages: list[Stage] = Field(min_length=1)
+    splitfed: EdgeConfig | None = None  # present: a SplitFed run, the edge served beside the aggregator
+
+    @model_validator(mode="after")
+    def _splitfed_needs(self):
+        if self.splitfed is not None and self.mode != "fedavg":
+            raise ValueError(f"SplitFed needs synchronous rounds, the run's mode is {self.mode!r}: set mode = \"fedavg\"")
+        if self.splitfed is not None and self.model is None:
+            raise ValueError("SplitFed trains the blocks past each phone's cut on the edge: name the run's 'model' (e.g. \"mobilenet_v2\")")
+        return self
 
     @model_validator(mode="after")
     def _one_weights_source(self):

@@ -1,5 +1,6 @@
 """Runs the aggregator with uvicorn: ``fedkit serve`` or ``python -m toolkit.aggregator.server``.
-One JSON line per event on stderr; TLS when given a certificate and key."""
+One JSON line per event on stderr; TLS when given a certificate and key; with a ``[splitfed]``
+section, the SplitFed edge and its routes too."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -15,6 +17,9 @@ from toolkit.aggregator.config import load_config
 from toolkit.aggregator.coordinator import Coordinator, json_log_line
 from toolkit.aggregator.store import Store
 from toolkit.errors import ConfigError, FedkitError
+
+if TYPE_CHECKING:
+    from toolkit.splitfed.edge import SplitFedEdge
 
 
 class JsonFormatter(logging.Formatter):
@@ -45,6 +50,17 @@ def open_coordinator(config_path: str | Path, db: str | Path | None = None) -> C
     return coordinator
 
 
+def open_edge(coordinator: Coordinator) -> "SplitFedEdge | None":
+    """The run's SplitFed edge (its ``[splitfed]`` section), or None for a federated run."""
+    config = coordinator.config
+    if config.splitfed is None:
+        return None
+    from toolkit.models import load_model  # torch: only a SplitFed aggregator needs it
+    from toolkit.splitfed.edge import SplitFedEdge
+
+    return SplitFedEdge(coordinator, load_model(config.model), config.splitfed)
+
+
 def serve(
     config_path: str | Path,
     db: str | Path | None = None,
@@ -58,11 +74,13 @@ def serve(
         raise ConfigError("TLS needs both --certfile and --keyfile")
     configure_logging()
     coordinator = open_coordinator(config_path, db)
+    edge = open_edge(coordinator)
     logging.getLogger("fedkit.aggregator").info(
-        "serve", extra={"fields": {"db": str(coordinator.store.path), "host": host, "port": port, "tls": certfile is not None}}
+        "serve", extra={"fields": {"db": str(coordinator.store.path), "host": host, "port": port, "tls": certfile is not None,
+                                   "splitfed": edge is not None}}
     )
     uvicorn.run(
-        create_app(coordinator),
+        create_app(coordinator, edge=edge),
         host=host,
         port=port,
         ssl_certfile=str(certfile) if certfile else None,

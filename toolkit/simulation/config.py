@@ -2,6 +2,7 @@
 
     name = "demo"
     model = "mobilenet_v2"         # or "small_cnn"
+    mode = "federated"             # or "splitfed": each phone's cut from the planner, the edge on the aggregator
     depth = "plan"                 # "head": train_blocks only; "plan": then the planner's depth per phone
     train_blocks = 1               # blocks every phone's first bundle trains (1: the classifier)
     encoding = "int8"              # how phones encode updates (every stage may override it)
@@ -14,6 +15,7 @@
     class = "flagship-2023"
     count = 2
     engine = "ort"                 # or "executorch", or "plan" (the planner's choice)
+    # cut = 3                      # splitfed: pin this group's cut (else the planner's)
 
     [[stages]]                     # toolkit.aggregator.config.Stage
     name = "head"
@@ -50,6 +52,7 @@ class PhoneGroup(_Strict):
     profile: Path | None = None  # or a DeviceProfile JSON (from fedkit profile)
     count: int = Field(default=1, ge=1)
     engine: Literal["ort", "executorch", "plan"] = "ort"
+    cut: int | None = Field(default=None, ge=1)  # splitfed: pin the group's cut (the planner picks the rest)
     churn_online_s: float | None = Field(default=None, gt=0)  # mean online period; None: always online
     churn_offline_s: float = Field(default=10.0, gt=0)  # mean offline period
 
@@ -94,6 +97,10 @@ class Fault(_Strict):
 class SimulationConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model: Literal["mobilenet_v2", "small_cnn"] = "mobilenet_v2"
+    # federated: every phone holds the whole model (depth below); splitfed: every phone runs the
+    # planner's best SplitFed choice (a cut before the last block, depth capped at max_train_blocks)
+    mode: Literal["federated", "splitfed"] = "federated"
+    edge_workers: int = Field(default=2, ge=1)  # splitfed: the edge's training threads
     depth: Literal["head", "plan"] = "head"
     train_blocks: int = Field(default=1, ge=1)  # blocks the first bundle trains, the classifier included
     planner_slack: float = Field(default=0.10, ge=0)  # the planner's rule: rounds within (1 + slack) x the fastest
@@ -119,6 +126,15 @@ class SimulationConfig(_Strict):
     @property
     def num_phones(self) -> int:
         return sum(g.count for g in self.phones)
+
+    @model_validator(mode="after")
+    def _splitfed_engines(self):
+        if self.mode == "splitfed" and any(g.engine == "executorch" for g in self.phones):
+            raise ValueError("SplitFed phones back-propagate the edge's gradient, which only the ort engine does: "
+                             "set engine = \"ort\" (or \"plan\") for every phone group")
+        if self.mode != "splitfed" and any(g.cut is not None for g in self.phones):
+            raise ValueError("a phone group's 'cut' is for SplitFed runs: set mode = \"splitfed\" or drop the cut")
+        return self
 
     @model_validator(mode="after")
     def _faults_name_phones(self):

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -52,7 +52,7 @@ from toolkit.simulation.config import SimulationConfig
 if TYPE_CHECKING:
     from android_harness.netns import NamespaceNetwork
     from toolkit.models import SplittableModel
-    from toolkit.planning import FleetPlan
+    from toolkit.planning import FleetPlan, PhonePlan, Planner
     from toolkit.profiling import DeviceProfile
 
 SCHEMA_VERSION = 1
@@ -68,6 +68,7 @@ class Phone:
     profile: "DeviceProfile"
     engine: str
     churn: tuple[float, float] | None  # (mean online s, mean offline s)
+    cut: int | None = None  # SplitFed: the group's fixed cut instead of the planner's
 
 
 @dataclass
@@ -100,26 +101,44 @@ def fleet_phones(config: SimulationConfig) -> list[Phone]:
         profile = catalog_profiles([group.phone_class])[0] if group.phone_class else DeviceProfile.load(group.profile)
         ch = (group.churn_online_s, group.churn_offline_s) if group.churn_online_s else None
         for _ in range(group.count):
-            phones.append(Phone(f"phone-{len(phones) + 1}", profile.name, profile, group.engine, ch))
+            phones.append(Phone(f"phone-{len(phones) + 1}", profile.name, profile, group.engine, ch, group.cut))
     return phones
 
 
 def plan_phones(config: SimulationConfig, phones: list[Phone], model: "SplittableModel") -> tuple["FleetPlan", dict[str, list[DevicePlan]]]:
-    """The fleet plan, and per phone the plans of the bundles it gets: the one training the
-    last ``train_blocks`` blocks first, then (``depth = "plan"``) the planner's depth, capped
-    at ``max_train_blocks``. The simulation runs federated transfer learning: a SplitFed
-    choice (cut before the end) is run as the same depth with the whole model on the phone."""
-    from toolkit.planning import PlanConfig, Planner
+    """The fleet plan, and per phone the plans of the bundles it gets.
+
+    Federated (``mode = "federated"``): the bundle training the last ``train_blocks`` blocks
+    first, then (``depth = "plan"``) the planner's depth, capped at ``max_train_blocks``; a
+    SplitFed choice (cut before the end) is run as the same depth with the whole model on the
+    phone. SplitFed (``mode = "splitfed"``): one bundle, the planner's rule applied to the
+    SplitFed choices alone (cut before the last block, trainable depth, phone and edge
+    together, capped at ``max_train_blocks``): a class the planner would give the whole model
+    still runs SplitFed, at the best cut the rule finds for it."""
+    from toolkit.planning import FleetPlan, PlanConfig, Planner
     from toolkit.profiling import DeviceProfile
 
     n = len(model.block_names)
     unique = list({p.profile.name: p.profile for p in phones}.values())
-    # The edge only matters to SplitFed choices, which the simulation does not run.
+    # The host that runs the aggregator is the edge: what the planner prices SplitFed choices against.
     edge = DeviceProfile(name="edge", source="local", cpu_cores=os.cpu_count() or 1, gflops=50.0, memory_mb=8192)
     plan_config = PlanConfig(samples=max(1, config.train_images // len(phones)), batch_size=config.batch_size,
                              encodings=(config.encoding,) if config.encoding in ("fp32", "fp16", "int8", "int4") else ("int8",),
                              slack=config.planner_slack)
-    fleet = Planner(model, edge, plan_config).plan(unique)
+    planner = Planner(model, edge, plan_config)
+    if config.mode == "splitfed":
+        chosen_for = {(p.profile.name, p.cut): p.profile for p in phones}  # a group may pin its cut
+        by_phone = {key: splitfed_choice(planner, profile, config.max_train_blocks, key[1]) for key, profile in chosen_for.items()}
+        fleet = FleetPlan(model_id=model.model_id, block_names=model.block_names, edge=edge.name, config=plan_config,
+                          phones=list(by_phone.values()))
+        out = {}
+        for phone in phones:
+            chosen = by_phone[(phone.phone_class, phone.cut)]
+            if chosen.plan is None:
+                raise SimulationError(f"no SplitFed choice for {phone.phone_class}: {chosen.reason}")
+            out[phone.device_id] = [replace(chosen.plan, predicted={}, encoding=config.encoding)]
+        return fleet, out
+    fleet = planner.plan(unique)
     by_class = {p.profile: p for p in fleet.phones}
     out: dict[str, list[DevicePlan]] = {}
     for phone in phones:
@@ -141,9 +160,30 @@ def plan_phones(config: SimulationConfig, phones: list[Phone], model: "Splittabl
     return fleet, out
 
 
-def bundle_name(model_id: str, plan: DevicePlan) -> str:
+def splitfed_choice(planner: "Planner", profile: "DeviceProfile", max_depth: int | None, cut: int | None = None) -> "PhonePlan":
+    """The planner's rule over its SplitFed choices for ``profile``: a cut before the last block
+    (``cut`` when given), engine ort (only it back-propagates the edge's gradient), trainable
+    depth (phone and edge together) at most ``max_depth``."""
+    from toolkit.planning import PhonePlan
+
+    evaluated = [
+        e for e in planner.evaluate_all(profile, planner.candidates(profile))
+        if e.choice.cut < planner.n and e.choice.engine == "ort" and (max_depth is None or e.depth <= max_depth)
+        and (cut is None or e.choice.cut == cut)
+    ]
+    if not evaluated:
+        at = f" at cut {cut}" if cut is not None else ""
+        within = f" within max_train_blocks = {max_depth}" if max_depth is not None else ""
+        return PhonePlan(profile=profile.name, plan=None, reason=(
+            f"no SplitFed choice{at}{within} fits it on the ort engine (the phone trains at least one block before "
+            f"the cut, the edge every block after it): raise max_train_blocks, or pin a cut between 1 and {planner.n - 1}"))
+    return planner.choose(profile, evaluated)
+
+
+def bundle_name(model: "SplittableModel", plan: DevicePlan) -> str:
     # No encoding in the name: every task names the encoding the phone uses for that round.
-    return f"{model_id}-from{plan.train_from}-{plan.engine}-b{plan.batch_size}"
+    cut = f"-cut{plan.cut}" if plan.cut < len(model.block_names) else ""  # SplitFed
+    return f"{model.model_id}{cut}-from{plan.train_from}-{plan.engine}-b{plan.batch_size}"
 
 
 def export_bundles(model: "SplittableModel", plans: list[DevicePlan], progress: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
@@ -154,7 +194,7 @@ def export_bundles(model: "SplittableModel", plans: list[DevicePlan], progress: 
 
     out = {}
     for plan in plans:
-        name = bundle_name(model.model_id, plan)
+        name = bundle_name(model, plan)
         if name in out:
             continue
         path = cache_dir() / "bundles" / f"{name}-{model.content_hash()[:12]}"
@@ -341,7 +381,12 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
     bundles = export_bundles(model, all_plans, on_step)
     deepest = min(all_plans, key=lambda p: p.train_from)
     initial = run_dir / "initial_weights.bin"
-    initial.write_bytes(Bundle.load(bundles[bundle_name(model.model_id, deepest)]).path("weights").read_bytes())
+    if config.mode == "splitfed":  # the edges' blocks too: every block from the deepest phone's train_from
+        from toolkit.splitfed import initial_weights
+
+        initial.write_bytes(initial_weights(model, deepest.train_from))
+    else:
+        initial.write_bytes(Bundle.load(bundles[bundle_name(model, deepest)]).path("weights").read_bytes())
 
     on_step("splitting the data")
     shards = split_data(config, len(phones))
@@ -356,6 +401,9 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
         "fedavg": {"deadline_s": config.deadline_s, "min_reports": config.min_reports},
         "stages": [s.model_dump() for s in config.stages],
     }
+    if config.mode == "splitfed":
+        # every phone may have a batch at the edge at once; one copy per phone
+        agg_config["splitfed"] = {"workers": config.edge_workers, "queue": len(phones), "max_copies": len(phones)}
     (run_dir / "aggregator.toml").write_text(_toml(agg_config))
     store = Store(db)
     tokens = issue_tokens(store, len(phones), "enrol")
@@ -400,7 +448,7 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
             credential.parent.mkdir(exist_ok=True)
             credential.write_text(json.dumps({"url": url, "device_id": phone.device_id, "token": token}) + "\n")
             shard = write_shard(run_dir / "shards" / f"{phone.device_id}.npz", *shards[i])
-            names = [bundle_name(model.model_id, p) for p in plans[phone.device_id]]
+            names = [bundle_name(model, p) for p in plans[phone.device_id]]
             LocalTarget(phone_dir).install([bundles[n] for n in names], shard, credential)
             offline = churn(config.seed * 1000 + i, config.timeout_s, *phone.churn) if phone.churn else ()
             spec = PhoneSpec(
@@ -432,12 +480,13 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
         "schema_version": SCHEMA_VERSION,
         "name": config.name,
         "model": config.model,
+        "mode": config.mode,
         "depth": config.depth,
         "test_images": config.test_images,
         "phones": [
             {"device_id": s.device_id, "class": s.phone_class, "compute_factor": s.compute_factor,
              "address_space_mb": s.address_space_mb(), "link": link_modes[s.device_id],
-             "bundles": [bundle_name(model.model_id, p) for p in plans[s.device_id]],
+             "bundles": [bundle_name(model, p) for p in plans[s.device_id]],
              "samples": int(len(shards[i][1])), "starts": procs[s.device_id].starts,
              "exit_code": procs[s.device_id].returncode, "offline_windows": len(s.offline),
              "peak_rss_mb": monitor.peak_rss.get(s.device_id)}
@@ -481,6 +530,7 @@ class Monitor:
         self.crashed: dict[str, int] = {}
         self.armed: dict[int, float] = {}
         self.peak_rss: dict[str, float] = {}
+        self.trained: dict[int, dict[str, dict]] = {}  # round → phone → its "train" event
 
     def run(self) -> None:
         done_at = None
@@ -537,6 +587,7 @@ class Monitor:
                 "samples": sum(u.num_samples for u in self.store.updates(version=v.version)) if v.version else 0,
                 "elapsed_s": round(v.created - self.t0, 2),
                 "round_s": round(rnd.closed - rnd.opened, 2) if rnd and rnd.closed else None,
+                **self._round_costs(v.round),
             }) + "\n")
             self.pending_evals.append((v.version, accuracy))
             self.evaluated += 1
@@ -550,6 +601,29 @@ class Monitor:
             except httpx.HTTPError:
                 pass  # the aggregator is restarting: posted on a later poll
 
+    def _round_costs(self, round_: int | None) -> dict:
+        """Each phone's own compute in the round (its "train" event) and, SplitFed, the bytes of
+        activations up and gradients down and the edge's compute."""
+        trained = self.trained.get(round_, {}) if round_ is not None else {}
+        costs = {"phone_compute_s": {d: e.get("compute_s") for d, e in sorted(trained.items())}}
+        if self.config.mode == "splitfed" and round_ is not None:
+            costs["activation_bytes"] = sum(e.get("activation_bytes", 0) for e in trained.values())
+            costs["gradient_bytes"] = sum(e.get("gradient_bytes", 0) for e in trained.values())
+            costs["exchange_s"] = {d: e.get("exchange_s") for d, e in sorted(trained.items())}
+            status = self.edge_status()
+            costs["edge_s"] = status["edge_seconds"].get(str(round_)) if status else None
+        return costs
+
+    def edge_status(self) -> dict | None:
+        """The SplitFed edge's status (GET /v1/splitfed/status), or None when it cannot be had now."""
+        try:
+            r = httpx.get(self.aggregator.url + "/v1/splitfed/status", headers={"Authorization": f"Bearer {self.admin_token}"},
+                          timeout=10)
+            r.raise_for_status()
+            return r.json()
+        except httpx.HTTPError:
+            return None  # restarting: the figure is missing from this line
+
     # -- phones ----------------------------------------------------------------------------
     def _read_events(self) -> None:
         for device, proc in self.procs.items():
@@ -557,6 +631,8 @@ class Monitor:
             for e in events:
                 if e["event"] == "round":
                     self.training[device] = (e["round"], e["t"])
+                elif e["event"] == "train":
+                    self.trained.setdefault(e["round"], {})[device] = e
                 elif e["event"] == "done":
                     self.peak_rss[device] = e.get("peak_rss_mb")
                 elif e["event"] == "upload" and e.get("status") == "accepted":
@@ -620,6 +696,7 @@ class Monitor:
             "accepted_lost": len(lost),
             "faults": self.fault_log,
             "crashed_phones": self.crashed,
+            **({"splitfed": self.edge_status()} if self.config.mode == "splitfed" else {}),
         }
 
 

@@ -38,18 +38,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from torch import nn
 
 from device_runtime.codec import Update, UpdateHeader, decode, encode
 from device_runtime.errors import CodecError
-from toolkit.aggregator.config import Stage
+from toolkit.aggregator.config import EdgeConfig, Stage
 from toolkit.aggregator.coordinator import Coordinator
 from toolkit.errors import ConfigError
 from toolkit.models import SplittableModel
@@ -57,17 +58,6 @@ from toolkit.models import SplittableModel
 EDGE_ID = "edge"
 LABELS = "labels"
 LOSS = "loss"
-
-
-class EdgeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    workers: int = Field(default=2, ge=1)  # threads training phones' batches
-    queue: int = Field(default=16, ge=0)  # batches waiting for a worker; beyond it: 503
-    # phones with a model copy at once; beyond it: 503. A copy holds its part's weights, gradients
-    # and momentum: 27 MB for MobileNetV2 cut after features.1, 20 MB after features.13
-    max_copies: int = Field(default=64, ge=1)
-    retry_after_s: int = Field(default=1, ge=1)  # what a 503 tells the phone to wait
 
 
 class PhoneTraffic(BaseModel):
@@ -81,6 +71,7 @@ class PhoneTraffic(BaseModel):
     retries: int  # batches answered again from the cache
     activation_bytes: int  # phone → edge
     gradient_bytes: int  # edge → phone
+    edge_seconds: float = 0.0  # the edge's compute for this phone (its part's forward, backward and step)
 
 
 class EdgeStatus(BaseModel):
@@ -91,6 +82,7 @@ class EdgeStatus(BaseModel):
     in_flight: int
     busy_answers: int  # 503s so far
     copies: int  # per-phone model copies held
+    edge_seconds: dict[int, float] = {}  # per round: the edge's compute, every phone's batches
     phones: list[PhoneTraffic]
 
 
@@ -176,6 +168,7 @@ class SplitFedEdge:
         self._copies: dict[str, _Copy] = {}
         self._phone_locks: dict[str, threading.Lock] = {}
         self._traffic: dict[str, PhoneTraffic] = {}
+        self._edge_seconds: dict[int, float] = {}
         self._global: tuple[int, dict[str, np.ndarray]] | None = None
         coordinator.edge_delta = self.delta
 
@@ -237,13 +230,15 @@ class SplitFedEdge:
                 kept = self._new_copy(device_id, h.round, cut, base, stage)
                 if isinstance(kept, BatchReply):
                     return kept
+            t0 = time.perf_counter()
             loss, grad = edge_step(kept.part, kept.optimizer, activation, labels)
+            edge_seconds = time.perf_counter() - t0
             name = self.model.block_names[cut - 1]
             header = UpdateHeader(EDGE_ID, h.round, h.base_version, len(labels), kind="gradient")
             rng = np.random.default_rng([h.round, batch])  # stochastic rounding: same batch, same bytes
             reply = encode(header, {name: grad, LOSS: np.float32(loss)}, {name: message.encodings[name], LOSS: "fp32"}, rng=rng)
             kept.last_batch, kept.last_reply = batch, reply
-        self._count(device_id, cut, h.round, batches=1, samples=len(labels), gradient_bytes=len(reply))
+        self._count(device_id, cut, h.round, batches=1, samples=len(labels), gradient_bytes=len(reply), edge_seconds=edge_seconds)
         return BatchReply("trained", 200, body=reply)
 
     def delta(self, device_id: str, round_: int) -> dict[str, np.ndarray] | None:
@@ -265,6 +260,7 @@ class SplitFedEdge:
                 in_flight=self._in_flight,
                 busy_answers=self._busy,
                 copies=len(self._copies),
+                edge_seconds={r: round(t, 3) for r, t in sorted(self._edge_seconds.items())},
                 phones=[t.model_copy() for _, t in sorted(self._traffic.items())],
             )
 
@@ -356,7 +352,7 @@ class SplitFedEdge:
         with self._lock:
             return self._phone_locks.setdefault(device_id, threading.Lock())
 
-    def _count(self, device_id: str, cut: int, round_: int, **add: int) -> None:
+    def _count(self, device_id: str, cut: int, round_: int, **add: float) -> None:
         with self._lock:
             t = self._traffic.get(device_id)
             if t is None:
@@ -366,3 +362,5 @@ class SplitFedEdge:
             t.cut, t.round = cut, round_
             for key, value in add.items():
                 setattr(t, key, getattr(t, key) + value)
+            if "edge_seconds" in add:
+                self._edge_seconds[round_] = self._edge_seconds.get(round_, 0.0) + add["edge_seconds"]

@@ -3,11 +3,14 @@ given an edge; same bearer credentials as the rest of the aggregator.
 
 | route                            | auth   | answers |
 |----------------------------------|--------|---------|
-| PUT /v1/splitfed/batches/{batch} | device | 200 codec "gradient" bytes (a retried batch id: the same bytes |
+| PUT /v1/splitfed/batches/{batch} | device*| 200 codec "gradient" bytes (a retried batch id: the same bytes |
 |                                  |        | again); 403 round not given to this device; 409 round closed, or |
 |                                  |        | batch id below the last; 413; 422 bad message; 503 + Retry-After |
 |                                  |        | when the edge is at capacity |
 | GET /v1/splitfed/status          | admin  | 200 the edge's load and each phone's traffic (bytes per direction) |
+
+(*) counted in the device's own batch bucket (``[splitfed] batches_per_s``, ``batch_burst``),
+not in ``[limits]``: a phone sends one batch after another as fast as the edge answers.
 
 ``batch`` is the phone's step index in the round: PUT, because sending it again is harmless.
 """
@@ -19,7 +22,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 from starlette.exceptions import HTTPException
 
-from toolkit.aggregator.app import Principal, _read_body, admin, device
+from toolkit.aggregator.app import Principal, _read_body, admin, batch_device
 from toolkit.splitfed.edge import SplitFedEdge
 
 splitfed = APIRouter(tags=["splitfed"])
@@ -36,7 +39,7 @@ EdgeDep = Annotated[SplitFedEdge, Depends(get_edge)]
 async def put_batch(
     batch: Annotated[int, Path(ge=0, lt=2**31, description="the phone's step index in the round")],
     request: Request,
-    device_id: Annotated[str, Depends(device)],
+    device_id: Annotated[str, Depends(batch_device)],
     edge: EdgeDep,
 ) -> Response:
     """Trains the edge's copy on one batch of activations and answers the gradient at the cut."""

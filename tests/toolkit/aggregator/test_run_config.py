@@ -74,3 +74,27 @@ def test_missing_and_broken_files_are_config_errors(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+SPLITFED = {"name": "s", "weights": "w.bin", "model": "small_cnn", "splitfed": {"workers": 3},
+            "stages": [{"name": "a", "rounds": 1, "lr": 0.1}]}
+
+
+def test_a_splitfed_section_is_read_with_defaults():
+    edge = parse_config(SPLITFED).splitfed
+    assert (edge.workers, edge.queue, edge.max_copies) == (3, 16, 64)
+    assert parse_config({k: v for k, v in SPLITFED.items() if k != "splitfed"}).splitfed is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mode": "fedbuff"}, "synchronous rounds"),
+        ({"model": None}, "name the run's 'model'"),
+        ({"splitfed": {"workers": 0}}, "splitfed.workers"),
+        ({"splitfed": {"threads": 2}}, "splitfed.threads"),
+    ],
+)
+def test_a_bad_splitfed_section_says_what_to_fix(change, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**SPLITFED, **change})

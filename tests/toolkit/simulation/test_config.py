@@ -47,3 +47,14 @@ def test_profile_paths_are_taken_from_the_config_folder(tmp_path):
 def test_missing_file_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="--config"):
         load_simulation(tmp_path / "nope.toml")
+
+
+def test_a_pinned_cut_needs_a_splitfed_run():
+    with pytest.raises(ConfigError, match="mode = \"splitfed\""):
+        parse_simulation({**BASE, "phones": [{"class": "mid-2022", "cut": 3}]})
+    assert parse_simulation({**BASE, "mode": "splitfed", "phones": [{"class": "mid-2022", "cut": 3}]}).phones[0].cut == 3
+
+
+def test_splitfed_phones_cannot_run_executorch():
+    with pytest.raises(ConfigError, match="only the ort engine"):
+        parse_simulation({**BASE, "mode": "splitfed", "phones": [{"class": "mid-2022", "engine": "executorch"}]})
