@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from toolkit.benchmarking import machine, write_result
+
 RESULT = Path(__file__).parent / "results" / "fashion_transfer.json"
 CLASSES = ("flagship-2023", "upper-mid-2023", "mid-2022", "low-2022")
 
@@ -257,14 +259,11 @@ def main() -> int:
                                   "the run, 20 phone processes and the edge sharing the host"},
             "versions": {"fedkit": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
                          "onnxruntime": onnxruntime.__version__},
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+            "machine": machine(),
         },
         "figures": figures,
     }
-    line = json.dumps(out)
-    print(line)
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(line + "\n")
+    write_result(out, RESULT)
     return 0
 
 

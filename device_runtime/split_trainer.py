@@ -27,12 +27,12 @@ import numpy as np
 
 from device_runtime.bundle import Bundle
 from device_runtime.client import SyncClient
-from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode, layered_encodings
+from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode
 from device_runtime.engines import Engine, open_engine
 from device_runtime.errors import BundleError, CodecError, ProtocolError
 from device_runtime.optim import SGD
 from device_runtime.preprocess import prepare
-from device_runtime.trainer import FEATURE_BATCH, EncodedUpdate, Task, layered_bits, load_shard
+from device_runtime.trainer import FEATURE_BATCH, EncodedUpdate, Task, encode_with_feedback, load_shard
 
 LABELS = "labels"
 LOSS = "loss"
@@ -147,13 +147,9 @@ class SplitTrainer:
         """The round's update compressed for pushing (the same bytes and key when asked again)."""
         if self._encoded is not None and self._encoded.round == task.round:
             return self._encoded
-        header = UpdateHeader(self.device_id, task.round, task.base_version, result.num_samples, kind="delta")
-        compensated = self.error_feedback.compensate(result.update)
-        bits = layered_bits(task.encoding)
-        encoding = task.encoding if bits is None else layered_encodings(compensated, bits)
-        payload = encode(header, compensated, encoding, rng=self._rng(task, 1))
-        self.error_feedback.record(compensated, decode(payload).tensors)
-        key = f"{self.device_id}:{task.round}:{hashlib.sha256(payload).hexdigest()[:16]}"
+        payload, key = encode_with_feedback(
+            self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1)
+        )
         self._encoded = EncodedUpdate(task.round, payload, key)
         return self._encoded
 

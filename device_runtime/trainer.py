@@ -205,13 +205,9 @@ class LocalTrainer:
             raise InternalError(f"encode_update(round {task.round}) called before run_round finished that task")
         if st["phase"] == "encoded":
             return EncodedUpdate(task.round, st["payload"], st["idempotency_key"])
-        header = UpdateHeader(self.device_id, task.round, task.base_version, result.num_samples, kind="delta")
-        compensated = self.error_feedback.compensate(result.update)
-        bits = layered_bits(task.encoding)
-        encoding = task.encoding if bits is None else layered_encodings(compensated, bits)
-        payload = encode(header, compensated, encoding, rng=self._rng(task, 1))
-        self.error_feedback.record(compensated, decode(payload).tensors)
-        key = f"{self.device_id}:{task.round}:{hashlib.sha256(payload).hexdigest()[:16]}"
+        payload, key = encode_with_feedback(
+            self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1)
+        )
         self._save(
             st["round_key"], "encoded", st["weights"], None, st["position"],
             metrics=st["metrics"], payload=payload, idempotency_key=key,
@@ -294,6 +290,26 @@ class LocalTrainer:
             train_seconds=pos["train_seconds"],
             resumed=resumed,
         )
+
+
+def encode_with_feedback(
+    device_id: str,
+    task: Task,
+    num_samples: int,
+    update: dict[str, np.ndarray],
+    error_feedback: ErrorFeedback,
+    rng: np.random.Generator,
+) -> tuple[bytes, str]:
+    """A round's update encoded as the task says, with error feedback (the residual of this
+    encoding is kept for the next round), and its idempotency key: the same bytes give the
+    same key, so a re-push after a restart is recognised as a duplicate."""
+    header = UpdateHeader(device_id, task.round, task.base_version, num_samples, kind="delta")
+    compensated = error_feedback.compensate(update)
+    bits = layered_bits(task.encoding)
+    encoding = task.encoding if bits is None else layered_encodings(compensated, bits)
+    payload = encode(header, compensated, encoding, rng=rng)
+    error_feedback.record(compensated, decode(payload).tensors)
+    return payload, f"{device_id}:{task.round}:{hashlib.sha256(payload).hexdigest()[:16]}"
 
 
 def layered_bits(encoding: str) -> float | None:

@@ -33,11 +33,13 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolkit.errors import ConfigError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 ENCODINGS = ("fp32", "fp16", "int8", "int4", "sign1", "topk")
@@ -180,18 +182,24 @@ def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
     return config.model_copy(update=fixes)
 
 
-def load_config(path: str | Path) -> RunConfig:
+def load_toml(path: str | Path, what: str, parse: Callable[[dict, Path], T]) -> T:
+    """Reads the TOML file ``path`` and validates it with ``parse`` (given the file's folder, to
+    resolve relative paths); every error names the file and says ``what`` it was meant to be."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"run config {path} does not exist; pass --config with a TOML run file") from exc
+        raise ConfigError(f"{what} {path} does not exist; pass --config with a TOML file") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"run config {path} is not valid TOML ({exc}); fix the line named") from exc
+        raise ConfigError(f"{what} {path} is not valid TOML ({exc}); fix the line named") from exc
     try:
-        return parse_config(data, path.parent)
+        return parse(data, path.parent)
     except ConfigError as exc:
-        raise ConfigError(f"run config {path}: {exc}") from exc
+        raise ConfigError(f"{what} {path}: {exc}") from exc
+
+
+def load_config(path: str | Path) -> RunConfig:
+    return load_toml(path, "run config", parse_config)
 
 
 def config_json(config: RunConfig) -> str:

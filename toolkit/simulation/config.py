@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from toolkit.aggregator.config import Stage
+from toolkit.aggregator.config import Stage, load_toml
 from toolkit.errors import ConfigError
 
 
@@ -159,17 +159,7 @@ def parse_simulation(data: dict, base_dir: Path | None = None) -> SimulationConf
 
 
 def load_simulation(path: str | Path) -> SimulationConfig:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"simulation config {path} does not exist; pass --config with a TOML file") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"simulation config {path} is not valid TOML ({exc}); fix the line named") from exc
-    try:
-        return parse_simulation(data, path.parent)
-    except ConfigError as exc:
-        raise ConfigError(f"simulation config {path}: {exc}") from exc
+    return load_toml(path, "simulation config", parse_simulation)
 
 
 def demo_config() -> SimulationConfig:

@@ -262,7 +262,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Aggregator:
+class _Child:
+    """A child process of the simulation that faults may kill (SIGKILL, no clean-up)."""
+
+    proc: subprocess.Popen | None = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+class Aggregator(_Child):
     """The aggregator as a child process on a database; kill() and start() again resume it."""
 
     def __init__(self, config_path: Path, db: Path, host: str, port: int, log: Path):
@@ -270,7 +284,6 @@ class Aggregator:
                         "--host", host, "--port", str(port)]
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
-        self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
@@ -287,14 +300,6 @@ class Aggregator:
             time.sleep(0.2)
         raise SimulationError(f"the aggregator did not answer /v1/health within {HEALTH_TIMEOUT_S:.0f} s; see {self.log}")
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
     def stop(self) -> None:
         if self.alive():
             self.proc.terminate()
@@ -304,11 +309,10 @@ class Aggregator:
                 self.kill()
 
 
-class PhoneProcess:
+class PhoneProcess(_Child):
     def __init__(self, spec_path: Path, phone_dir: Path, prefix: list[str]):
         self.command = [*prefix, sys.executable, "-m", "android_harness.phone", str(spec_path)]
         self.phone_dir = phone_dir
-        self.proc: subprocess.Popen | None = None
         self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.starts = 0
 
@@ -317,13 +321,6 @@ class PhoneProcess:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=log, env=self.env, start_new_session=True)
         self.starts += 1
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
 
     @property
     def returncode(self) -> int | None:
