@@ -65,3 +65,19 @@ def small_cnn_bundle(tmp_path_factory):
         return made[key]
 
     return make
+
+
+# Module-scoped: a test module may switch a model's mode or requires_grad; the next module gets
+# a fresh one. load_model is deterministic (small_cnn's backbone is seeded too).
+@pytest.fixture(scope="module")
+def mobilenet():
+    from toolkit.models import load_model  # imports torch: only for the tests that ask
+
+    return load_model("mobilenet_v2")
+
+
+@pytest.fixture(scope="module")
+def small_cnn():
+    from toolkit.models import load_model
+
+    return load_model("small_cnn")

@@ -58,11 +58,6 @@ def write_bundle(root: Path, model: SplittableModel, train_from: int, *, frozen_
 
 
 @pytest.fixture(scope="module")
-def small_cnn():
-    return load_model("small_cnn")
-
-
-@pytest.fixture(scope="module")
 def cnn_bundle(small_cnn, tmp_path_factory):
     # a small max batch, so that a batch of 40 runs in three chunks
     return write_bundle(tmp_path_factory.mktemp("cnn"), small_cnn, train_from=4, frozen_max_batch=16)

@@ -23,7 +23,7 @@ from device_runtime.optim import SGD
 from device_runtime.preprocess import InputSpec
 from exporters.onnx import export_onnx
 from exporters.ort_training import export_ort_training
-from toolkit.models import SplittableModel, load_model
+from toolkit.models import SplittableModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,17 +57,6 @@ def make_bundle(model: SplittableModel, train_from: int, cut: int, out: Path) ->
     )
     (out / MANIFEST).write_text(json.dumps(manifest.to_dict()))
     return Bundle.load(out)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return load_model("mobilenet_v2")
-
-
-@pytest.fixture(scope="module")
-def small_cnn():
-    torch.manual_seed(0)  # small_cnn's backbone is drawn from torch's global generator
-    return load_model("small_cnn")
 
 
 @pytest.fixture(scope="module")

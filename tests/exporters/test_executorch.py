@@ -14,7 +14,6 @@ from torch import nn
 
 from exporters.executorch import check_trainable_on_executorch, export_executorch_inference, export_executorch_training
 from toolkit.errors import ExportError
-from toolkit.models import load_model
 
 
 def _load(path, training: bool = False):
@@ -24,16 +23,6 @@ def _load(path, training: bool = False):
         from executorch.extension.training import _load_for_executorch_for_training
 
         return (_load_for_executorch_for_training if training else _load_for_executorch)(str(path))
-
-
-@pytest.fixture(scope="module")
-def small_cnn():
-    return load_model("small_cnn")
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return load_model("mobilenet_v2")
 
 
 @pytest.fixture(scope="module")

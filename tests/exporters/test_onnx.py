@@ -9,22 +9,10 @@ from torch import nn
 
 from exporters.onnx import MAX_IR_VERSION, export_onnx
 from toolkit.errors import ExportError
-from toolkit.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BATCHES = (1, 7, 64)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    return load_model("mobilenet_v2")
-
-
-@pytest.fixture(scope="module")
-def small_cnn():
-    torch.manual_seed(0)  # small_cnn's backbone is drawn from torch's global generator
-    return load_model("small_cnn")
 
 
 def part_and_inputs(model, start: int, stop: int, batch: int = 64):

@@ -8,15 +8,8 @@ import torch
 from exporters.onnx import MAX_IR_VERSION
 from exporters.ort_training import FILES, GRAD_OUTPUT_NAME, export_ort_training
 from toolkit.errors import ExportError
-from toolkit.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def small_cnn():
-    torch.manual_seed(0)  # small_cnn's backbone is drawn from torch's global generator
-    return load_model("small_cnn")
 
 
 def part_and_example(model, start: int, stop: int):

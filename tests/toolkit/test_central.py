@@ -18,11 +18,6 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def small_cnn():
-    return load_model("small_cnn")
-
-
 def test_features_are_the_backbone_outputs_in_eval_mode(cache, small_cnn, fashion_test):
     images = fashion_test.images[:300]
     small_cnn.root.train()  # features must not depend on the mode the caller left the model in

@@ -12,16 +12,6 @@ from toolkit.models.mobilenet_v2 import MobileNetV2
 from toolkit.models.weights import MOBILENET_V2_SHA256, load_verified_state_dict, mobilenet_v2_path
 
 
-@pytest.fixture(scope="module")
-def mobilenet():
-    return load_model("mobilenet_v2")
-
-
-@pytest.fixture(scope="module")
-def small_cnn():
-    return load_model("small_cnn")
-
-
 @pytest.fixture(scope="module", params=["mobilenet_v2", "small_cnn"])
 def model(request, mobilenet, small_cnn):
     return {"mobilenet_v2": mobilenet, "small_cnn": small_cnn}[request.param]
