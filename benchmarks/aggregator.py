@@ -22,12 +22,7 @@ Prints one JSON line and writes it to benchmarks/results/aggregator.json.
 
 from __future__ import annotations
 
-import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +32,7 @@ import numpy as np
 
 from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import UpdateHeader, encode
-from toolkit.aggregator.admin import issue_tokens
+from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.store import Store
 from toolkit.benchmarking import machine, write_result
 
@@ -48,62 +43,14 @@ PATIENT = RetryPolicy(attempts=80, base_s=0.05, cap_s=1.0)
 VERSIONS = {10: 30, 200: 2}  # phones -> model versions pushed (300 and 400 pushes)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The aggregator in a subprocess, on a run folder with its config and database."""
-
-    def __init__(self, folder: Path, config: str):
-        folder.mkdir(parents=True)
-        rng = np.random.default_rng(SEED)
-        head = {n: (0.01 * rng.standard_normal(s)).astype(np.float32) for n, s in HEAD.items()}
-        (folder / "weights.bin").write_bytes(encode(UpdateHeader("init", 0, 0, 1, kind="weights"), head, "fp32"))
-        (folder / "run.toml").write_text(config)
-        self.folder, self.db, self.port = folder, folder / "agg.sqlite", free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def tokens(self, n: int) -> list[str]:
-        store = Store(self.db)
-        try:
-            return issue_tokens(store, n)
-        finally:
-            store.close()
-
-    def start(self) -> float:
-        t0 = time.perf_counter()
-        log = open(self.folder / "server.log", "ab")
-        cmd = [sys.executable, "-m", "toolkit.aggregator.server", "--config", str(self.folder / "run.toml"),
-               "--db", str(self.db), "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        for _ in range(1200):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited, see {self.folder / 'server.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return time.perf_counter() - t0
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start within 60 s")
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc")
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
+def run_folder(folder: Path, config: str) -> AggregatorProcess:
+    """The aggregator of a run folder: its config, initial head weights and database."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(SEED)
+    head = {n: (0.01 * rng.standard_normal(s)).astype(np.float32) for n, s in HEAD.items()}
+    (folder / "weights.bin").write_bytes(encode(UpdateHeader("init", 0, 0, 1, kind="weights"), head, "fp32"))
+    (folder / "run.toml").write_text(config)
+    return AggregatorProcess(folder / "run.toml", folder / "agg.sqlite", folder / "server.log")
 
 
 def config(mode: str, phones: int, rounds: int) -> str:
@@ -131,7 +78,7 @@ lr = 0.01
 class Phone(threading.Thread):
     """Enrols, then pulls a task and pushes an int8 update, ``pushes`` times (or until done)."""
 
-    def __init__(self, server: Server, token: str, index: int, pushes: int, on_answer=None, barrier=None):
+    def __init__(self, server: AggregatorProcess, token: str, index: int, pushes: int, on_answer=None, barrier=None):
         super().__init__(daemon=True)
         self.barrier = barrier  # all phones push, then all pull the next task: no polling
         self.server, self.token, self.id, self.pushes = server, token, f"phone-{index:03d}", pushes
@@ -182,8 +129,8 @@ def health_latency(url: str, n: int = 200) -> float:
 
 def throughput(folder: Path, phones: int) -> dict:
     versions = VERSIONS[phones]
-    server = Server(folder, config("fedbuff", phones, rounds=10**6))
-    tokens = server.tokens(phones)
+    server = run_folder(folder, config("fedbuff", phones, rounds=10**6))
+    tokens = server.issue_tokens(phones)
     server.start()
     try:
         health = health_latency(server.url)
@@ -232,8 +179,8 @@ def throughput(folder: Path, phones: int) -> dict:
 
 
 def recovery(folder: Path, phones: int = 20, rounds: int = 3, kills_at: tuple[int, ...] = (10, 35)) -> dict:
-    server = Server(folder, config("fedavg", phones, rounds=rounds))
-    tokens = server.tokens(phones)
+    server = run_folder(folder, config("fedavg", phones, rounds=rounds))
+    tokens = server.issue_tokens(phones)
     server.start()
     counted = {"n": 0}
     lock = threading.Lock()

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +45,7 @@ from android_harness.phone import PhoneSpec
 from device_runtime.bundle import Bundle
 from device_runtime.client import SyncClient
 from device_runtime.manifest import DevicePlan
+from toolkit.aggregator.process import AggregatorProcess
 from toolkit.errors import ConfigError, FedkitError
 from toolkit.simulation.config import SimulationConfig
 
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 POLL_S = 0.5
-HEALTH_TIMEOUT_S = 60.0
 PHONE_EXIT_GRACE_S = 30.0
 
 
@@ -256,14 +255,8 @@ class Evaluator:
 
 
 # -- processes -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Child:
-    """A child process of the simulation that faults may kill (SIGKILL, no clean-up)."""
+    """A phone process of the simulation that faults may kill (SIGKILL, no clean-up)."""
 
     proc: subprocess.Popen | None = None
 
@@ -274,39 +267,6 @@ class _Child:
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
-
-
-class Aggregator(_Child):
-    """The aggregator as a child process on a database; kill() and start() again resume it."""
-
-    def __init__(self, config_path: Path, db: Path, host: str, port: int, log: Path):
-        self.command = [sys.executable, "-m", "toolkit.aggregator.server", "--config", str(config_path), "--db", str(db),
-                        "--host", host, "--port", str(port)]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.time() + HEALTH_TIMEOUT_S
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SimulationError(f"the aggregator exited with code {self.proc.returncode} at start; see {self.log}")
-            try:
-                if httpx.get(self.url + "/v1/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SimulationError(f"the aggregator did not answer /v1/health within {HEALTH_TIMEOUT_S:.0f} s; see {self.log}")
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 class PhoneProcess(_Child):
@@ -405,9 +365,8 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
     store = Store(db)
     tokens = issue_tokens(store, len(phones), "enrol")
     admin_token = issue_tokens(store, 1, "admin")[0]
-    port = free_port()
-    aggregator = Aggregator(run_dir / "aggregator.toml", db, "0.0.0.0" if network else "127.0.0.1", port,
-                            run_dir / "aggregator.log")
+    aggregator = AggregatorProcess(run_dir / "aggregator.toml", db, run_dir / "aggregator.log",
+                                   host="0.0.0.0" if network else "127.0.0.1")
     on_step("starting the aggregator")
     aggregator.start()
 
@@ -429,7 +388,7 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
             if config.shape_links and link is not None:
                 if network is not None:
                     net = network.add_phone(link.uplink_mbps, link.downlink_mbps, link.rtt_ms)
-                    url, prefix = f"http://{net.host_ip}:{port}", net.command_prefix()
+                    url, prefix = f"http://{net.host_ip}:{aggregator.port}", net.command_prefix()
                     rtt = 0.0 if network.netem else link.rtt_ms
                     shape = LinkShape(rtt_ms=rtt, windows=windows)
                     link_mode = "netns + tc tbf" + (" + netem" if network.netem else ", RTT in-process (no netem in this kernel)")
@@ -489,7 +448,7 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
              "peak_rss_mb": monitor.peak_rss.get(s.device_id)}
             for i, s in enumerate(specs.values())
         ],
-        "compute_note": (f"each phone's local round is slowed to (fastest class GFLOP/s / its GFLOP/s) x the time this host took"
+        "compute_note": ("each phone's local round is slowed to (fastest class GFLOP/s / its GFLOP/s) x the time this host took"
                          if config.compute == "relative" else "phones run at host speed"),
         "setup_s": round(setup_s, 1),
         "train_s": round(train_s, 1),
@@ -508,7 +467,7 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
 class Monitor:
     """Watches the run until it is done: evaluates versions, injects faults, tracks phones."""
 
-    def __init__(self, config, run_dir, store, aggregator: Aggregator, procs: dict[str, PhoneProcess], evaluator: Evaluator,
+    def __init__(self, config, run_dir, store, aggregator: AggregatorProcess, procs: dict[str, PhoneProcess], evaluator: Evaluator,
                  admin_token: str, on_tick):
         self.config, self.run_dir, self.store, self.aggregator = config, run_dir, store, aggregator
         self.procs, self.evaluator, self.admin_token, self.on_tick = procs, evaluator, admin_token, on_tick

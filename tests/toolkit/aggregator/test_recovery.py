@@ -5,10 +5,7 @@ and restarted on the same database."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,16 +19,10 @@ from aggregator_helpers import delta, initial_weights, payload, run_config
 from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import decode
 from device_runtime.errors import ProtocolError
-from toolkit.aggregator.admin import issue_tokens
+from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.store import Store
 
 PATIENT = RetryPolicy(attempts=40, base_s=0.1, cap_s=1.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_toml(path: Path, data: dict) -> None:
@@ -44,55 +35,13 @@ def write_toml(path: Path, data: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-class Server:
-    def __init__(self, folder: Path, extra_args: tuple[str, ...] = (), **config):
-        self.extra_args = list(extra_args)
-        self.config = folder / "run.toml"
-        write_toml(self.config, run_config(folder, **config))
-        self.db = folder / "agg.sqlite"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(folder / "server.log", "ab")
-        self.proc: subprocess.Popen | None = None
-
-    def tokens(self, n: int) -> list[str]:
-        store = Store(self.db)
-        try:
-            return issue_tokens(store, n)
-        finally:
-            store.close()
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "toolkit.aggregator.server", "--config", str(self.config), "--db", str(self.db),
-               "--port", str(self.port), *self.extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "server exited at start"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("server did not start within 60 s")
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        self.log.close()
-
-
 @pytest.fixture
 def server(tmp_path):
     made = []
 
-    def make(extra_args=(), **config) -> Server:
-        made.append(Server(tmp_path, extra_args, **config))
+    def make(extra_args=(), **config) -> AggregatorProcess:
+        write_toml(tmp_path / "run.toml", run_config(tmp_path, **config))
+        made.append(AggregatorProcess(tmp_path / "run.toml", tmp_path / "agg.sqlite", tmp_path / "server.log", extra_args=extra_args))
         return made[-1]
 
     yield make
@@ -104,7 +53,7 @@ def test_sigkill_mid_round_loses_no_accepted_update(server, tmp_path):
     # Prepare: 8 phones, the round wants all 8; fp32 updates so the aggregate is exact
     n = 8
     srv = server(fedavg={"min_reports": n, "deadline_s": 600}, stages=[{"name": "head", "rounds": 2, "lr": 0.1}])
-    tokens = srv.tokens(n)
+    tokens = srv.issue_tokens(n)
     srv.start()
     phones = []
     for i, token in enumerate(tokens):
@@ -166,7 +115,7 @@ with SyncClient(url, token, retry=RetryPolicy(attempts=40, base_s=0.1, cap_s=1.0
 
 def test_a_phone_process_resumes_a_push_without_double_counting(server, tmp_path):
     srv = server(fedavg={"min_reports": 2}, stages=[{"name": "head", "rounds": 1, "lr": 0.1}])
-    tokens = srv.tokens(2)
+    tokens = srv.issue_tokens(2)
     srv.start()
     with SyncClient(srv.url, retry=PATIENT) as c:
         credential = c.enrol(tokens[0], "phone-a")
@@ -187,7 +136,7 @@ def test_a_phone_process_resumes_a_push_without_double_counting(server, tmp_path
 
 def test_the_server_logs_one_json_line_per_event(server, tmp_path):
     srv = server(stages=[{"name": "head", "rounds": 1, "lr": 0.1}])
-    (token,) = srv.tokens(1)
+    (token,) = srv.issue_tokens(1)
     srv.start()
     with SyncClient(srv.url, retry=PATIENT) as c:
         c.enrol(token, "phone-a")
@@ -210,7 +159,7 @@ def test_tls_with_a_certificate_and_key(server, tmp_path):
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
     srv = server(extra_args=("--certfile", str(cert), "--keyfile", str(key)), stages=[{"name": "head", "rounds": 1, "lr": 0.1}])
-    (token,) = srv.tokens(1)
+    (token,) = srv.issue_tokens(1)
     srv.start()
     with SyncClient(srv.url.replace("http://", "https://"), retry=PATIENT, verify=str(cert)) as c:
         c.enrol(token, "phone-a")

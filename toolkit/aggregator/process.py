@@ -1,0 +1,86 @@
+"""The aggregator as a child process (``python -m toolkit.aggregator.server``) on a run's config
+and database: what ``fedkit simulate``, the B3 benchmark and the recovery tests start, kill with
+SIGKILL mid-round and start again on the same database."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toolkit.aggregator.admin import issue_tokens
+from toolkit.aggregator.store import Store
+from toolkit.errors import ConfigError
+
+HEALTH_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AggregatorProcess:
+    """One aggregator process at a time on ``db``; ``kill()`` then ``start()`` resumes the run."""
+
+    def __init__(self, config: str | Path, db: str | Path, log: str | Path, *, host: str = "127.0.0.1",
+                 port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.db, self.log, self.port = Path(db), Path(log), port or free_port()
+        self.command = [sys.executable, "-m", "toolkit.aggregator.server", "--config", str(config), "--db", str(db),
+                        "--host", host, "--port", str(self.port), *extra_args]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def issue_tokens(self, count: int, role: str = "enrol") -> list[str]:
+        """Tokens written straight to the database (the server need not be running)."""
+        store = Store(self.db)
+        try:
+            return issue_tokens(store, count, role)
+        finally:
+            store.close()
+
+    def start(self) -> float:
+        """Starts the process and returns the seconds until it accepts connections (uvicorn
+        listens only once the app has started: database open, round open; TLS or not)."""
+        t0 = time.perf_counter()
+        with open(self.log, "ab") as log:
+            # its own session: a Ctrl-C meant for the parent must not kill it out of turn
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=log, start_new_session=True)
+        while time.perf_counter() - t0 < HEALTH_TIMEOUT_S:
+            if self.proc.poll() is not None:
+                raise ConfigError(f"the aggregator exited with code {self.proc.returncode} at start; see {self.log}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise ConfigError(f"the aggregator did not listen within {HEALTH_TIMEOUT_S:.0f} s; see {self.log}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, as a crash or a power cut."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the running process (ru_maxrss is inherited across exec, so it is not used)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc: peak memory is measured on Linux only")
