@@ -4,7 +4,6 @@ SIGKILL mid-round and start again on the same database."""
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from toolkit.aggregator.admin import issue_tokens
 from toolkit.aggregator.store import Store
+from toolkit.child import ChildProcess
 from toolkit.errors import ConfigError
 
 HEALTH_TIMEOUT_S = 60.0
@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class AggregatorProcess:
+class AggregatorProcess(ChildProcess):
     """One aggregator process at a time on ``db``; ``kill()`` then ``start()`` resumes the run."""
 
     def __init__(self, config: str | Path, db: str | Path, log: str | Path, *, host: str = "127.0.0.1",
@@ -33,7 +33,6 @@ class AggregatorProcess:
         self.command = [sys.executable, "-m", "toolkit.aggregator.server", "--config", str(config), "--db", str(db),
                         "--host", host, "--port", str(self.port), *extra_args]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
 
     def issue_tokens(self, count: int, role: str = "enrol") -> list[str]:
         """Tokens written straight to the database (the server need not be running)."""
@@ -60,15 +59,6 @@ class AggregatorProcess:
                 time.sleep(0.05)
         self.kill()
         raise ConfigError(f"the aggregator did not listen within {HEALTH_TIMEOUT_S:.0f} s; see {self.log}")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, as a crash or a power cut."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
 
     def stop(self) -> None:
         if self.alive():

@@ -26,7 +26,6 @@ the phone or on the edge: in SplitFed the edge trains every block behind the cut
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Literal
@@ -41,7 +40,7 @@ from toolkit.models import SplittableModel, load_model
 from toolkit.planning.cost import Calibration, Choice, CostModel
 from toolkit.profiling.catalog import link
 from toolkit.profiling.local import measure_local
-from toolkit.profiling.profile import DeviceProfile
+from toolkit.profiling.profile import DeviceProfile, read_json
 
 SCHEMA_VERSION = 1
 FIDELITY = ("fp32", "fp16", "int8", "int4", "topk", "sign1")  # most faithful first
@@ -241,12 +240,7 @@ class Planner:
 
 def load_plan(path: Path) -> FleetPlan:
     """A fleet plan written by `fedkit plan`, validated."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise PlanError(f"plan {path} does not exist: run `fedkit plan --out {path}` first") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PlanError(f"plan {path} is not readable JSON ({exc}): re-run `fedkit plan`") from exc
+    data = read_json(path, "plan", f"fedkit plan --out {path}")
     if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
         raise PlanError(f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: re-run `fedkit plan`")
     try:

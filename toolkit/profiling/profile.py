@@ -12,7 +12,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
 
 from toolkit.errors import PlanError
 
@@ -71,13 +79,7 @@ class DeviceProfile(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> "DeviceProfile":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise PlanError(f"profile {path} does not exist: run `fedkit profile` to make one") from exc
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PlanError(f"profile {path} is not readable JSON ({exc}): re-run `fedkit profile`") from exc
-        return cls.parse(data, str(path))
+        return cls.parse(read_json(path, "profile", "fedkit profile"), str(path))
 
     @classmethod
     def parse(cls, data: object, where: str = "profile") -> "DeviceProfile":
@@ -103,3 +105,13 @@ def load_profiles(folder: Path) -> list[DeviceProfile]:
     if not files:
         raise PlanError(f"{folder} holds no *.json profiles: run `fedkit profile --out {folder}/NAME.json` first")
     return [DeviceProfile.load(f) for f in files]
+
+
+def read_json(path: Path, what: str, command: str) -> object:
+    """The JSON in ``path`` (a ``what`` that ``command`` writes), or a PlanError saying to run it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise PlanError(f"{what} {path} does not exist: run `{command}` to make one") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{what} {path} is not readable JSON ({exc}): re-run `{command}`") from exc

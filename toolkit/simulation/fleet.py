@@ -46,6 +46,7 @@ from device_runtime.bundle import Bundle
 from device_runtime.client import SyncClient
 from device_runtime.manifest import DevicePlan
 from toolkit.aggregator.process import AggregatorProcess
+from toolkit.child import ChildProcess
 from toolkit.errors import ConfigError, FedkitError
 from toolkit.simulation.config import SimulationConfig
 
@@ -255,21 +256,7 @@ class Evaluator:
 
 
 # -- processes -------------------------------------------------------------------------------
-class _Child:
-    """A phone process of the simulation that faults may kill (SIGKILL, no clean-up)."""
-
-    proc: subprocess.Popen | None = None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
-class PhoneProcess(_Child):
+class PhoneProcess(ChildProcess):
     def __init__(self, spec_path: Path, phone_dir: Path, prefix: list[str]):
         self.command = [*prefix, sys.executable, "-m", "android_harness.phone", str(spec_path)]
         self.phone_dir = phone_dir
