@@ -7,6 +7,11 @@ The export is a straight chain of named steps, each writing files under their bu
 hidden folder beside ``out_dir``, verified with the phone's own loader, and renamed into place
 at the end: a failed or interrupted export leaves no half-written bundle. The same model and
 plan give byte-identical files, so the same manifest and bundle hash.
+
+Phones of one run may train different depths. ``fed_from`` is the first block any phone of the
+run trains: the frozen part takes the parameters of its blocks from ``fed_from`` on as inputs, so
+the phone runs them with the global model's values (which deeper phones update) rather than the
+exported ones, and its features stay those of the global model.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ def export_bundle(
     *,
     label_names: Sequence[str],
     progress: Progress | None = None,
+    fed_from: int | None = None,
 ) -> Manifest:
     """Writes the bundle of ``plan`` for ``model`` into ``out_dir`` (which must not exist yet,
     or be empty) with the files of each engine in ``engines``; returns its manifest. Every part
@@ -58,7 +64,10 @@ def export_bundle(
     out_dir = Path(out_dir)
     engines = tuple(engines)
     frozen, trainable = _check_request(model, plan, engines, label_names, out_dir)
-    steps = _steps(model, plan, engines, frozen, trainable)
+    fed = []  # the frozen part's tensors the phone takes from the global model
+    if fed_from is not None and fed_from < plan.train_from:
+        fed = [name for name, _ in model.part(fed_from, plan.train_from).named_parameters()]
+    steps = _steps(model, plan, engines, frozen, trainable, fed)
     total = len(steps) + 1  # the manifest is the last step
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +162,7 @@ def _at_least_one(text: str) -> bool:
 
 
 def _steps(
-    model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], frozen: nn.Module, trainable: nn.Module
+    model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], frozen: nn.Module, trainable: nn.Module, fed: list[str]
 ) -> list[Step]:
     # Example inputs: zeros, so the trace is the same every time; the exporters make the batch dynamic.
     x = torch.zeros(plan.batch_size, *model.input_shape)
@@ -163,7 +172,7 @@ def _steps(
 
     steps = []
     if plan.train_from > 0:
-        steps.append(Step("frozen part → ONNX", lambda d: {"frozen.onnx": export_onnx(frozen, x, d / "frozen.onnx")}))
+        steps.append(Step("frozen part → ONNX", lambda d: {"frozen.onnx": export_onnx(frozen, x, d / "frozen.onnx", fed=fed)}))
     steps.append(Step("trainable part → ONNX", lambda d: {"trainable.onnx": export_onnx(trainable, h, d / "trainable.onnx")}))
     if "ort" in engines:
         steps.append(Step("ONNX Runtime training artifacts", lambda d: export_ort_training(trainable, h, d, mode=mode)))

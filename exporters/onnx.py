@@ -15,6 +15,13 @@ by default (so its weight and bias vanish as trainable tensors), reaches opset 1
 version-conversion fallback, and takes seconds per part.
 
 Export is deterministic: the same module and example give the same bytes.
+
+``fed`` names tensors that become graph inputs as well as initializers (ONNX's overridable
+initializers): the phone feeds them the global model's values, which other phones of the run
+train, instead of keeping the exported ones. ONNX Runtime does not constant-fold them (BatchNorm
+is not fused into those convolutions), so only the blocks that need it should be fed. (Tried
+first: ``SessionOptions.add_initializer`` is ignored by ORT 1.19 at any optimization level
+above "disable all", which makes the whole frozen part 5-10x slower.)
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import onnx
@@ -37,7 +44,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, for_training: bool = False) -> Path:
+def export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, *, for_training: bool = False, fed: Collection[str] = ()
+) -> Path:
     """Writes ``module`` (in eval mode) as ONNX to ``path``: input "input", output "output",
     the batch dimension dynamic. ``example`` is one batch of inputs (any batch size).
 
@@ -46,7 +55,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, for_tra
     fedkit trains with the running statistics (see DESIGN: BatchNorm stays in eval mode), so
     the training artifacts are built from this form. Both forms compute the same function.
     """
-    model = export_model(module, example, for_training=for_training)
+    model = _feed(export_model(module, example, for_training=for_training), fed)
     return _write(model, Path(path))
 
 
@@ -104,6 +113,17 @@ def _unshare_initializers(model: onnx.ModelProto, tensor_names: set[str]) -> onn
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    return model
+
+
+def _feed(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
+    initializers = {init.name: init for init in model.graph.initializer}
+    unknown = sorted(set(names) - set(initializers))
+    if unknown:
+        raise ExportError(f"cannot feed {unknown[:5]}: the part has no such tensors")
+    for name in sorted(names):
+        init = initializers[name]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
     return model
 
 

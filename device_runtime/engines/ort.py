@@ -1,6 +1,6 @@
 """The ``ort`` engine: ONNX Runtime runs the frozen part, ONNX Runtime training the trainable one.
 
-Files it reads from the bundle: ``frozen.onnx`` (absent when nothing is frozen), and the
+Files it reads from the bundle: ``frozen.onnx`` (absent when nothing is frozen; see FrozenPart), and the
 training artifacts ``ort.training_model``, ``ort.eval_model`` and ``ort.checkpoint`` written by
 ``exporters.ort_training``. The checkpoint state holds the trainable parameters and, after each
 training step, their gradients; the optimizer step is fedkit's numpy SGD, outside the engine.
@@ -13,6 +13,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -86,6 +87,35 @@ _ORT_ERRORS = (
 )
 
 
+class FrozenPart:
+    """``frozen.onnx`` on ONNX Runtime. The tensors the exporter made inputs (``fed``: those of
+    blocks other phones of the run train) run with the values given to ``feed``, the exported
+    ones until then."""
+
+    def __init__(self, path: Path):
+        options = _session_options()
+        options.log_severity_level = 3  # ORT warns once per fed tensor that it cannot fold it: by design
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except _ORT_ERRORS as exc:
+            raise EngineError(f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version") from exc
+        self.fed = {arg.name: tuple(arg.shape) for arg in self._session.get_overridable_initializers()}
+        self._values: dict[str, np.ndarray] = {}
+
+    def feed(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Takes the values of the fed tensors from ``tensors`` (others are ignored) and returns
+        them; a fed tensor ``tensors`` lacks keeps its value."""
+        for name, shape in self.fed.items():
+            if name in tensors:
+                if tuple(np.shape(tensors[name])) != shape:
+                    raise EngineError(f"the frozen part's {name!r} is {shape}, the global model's {tuple(np.shape(tensors[name]))}")
+                self._values[name] = _float32(tensors[name])
+        return dict(self._values)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return _run("the frozen part", lambda: self._session.run(None, {"input": _float32(x), **self._values})[0])
+
+
 class OrtEngine:
     """The Engine protocol (``device_runtime.engines.Engine``) on ONNX Runtime."""
 
@@ -95,14 +125,8 @@ class OrtEngine:
         manifest = bundle.manifest
         self._splitfed = manifest.is_splitfed
         self._shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
+        self._frozen = FrozenPart(bundle.path("frozen.onnx")) if bundle.has("frozen.onnx") else None
         try:
-            self._frozen = (
-                onnxruntime.InferenceSession(
-                    str(bundle.path("frozen.onnx")), _session_options(), providers=["CPUExecutionProvider"]
-                )
-                if bundle.has("frozen.onnx")
-                else None
-            )
             self._state = training_api.CheckpointState.load_checkpoint(str(bundle.path("ort.checkpoint")))
             self._module = training_api.Module(
                 str(bundle.path("ort.training_model")),
@@ -122,14 +146,14 @@ class OrtEngine:
             )
 
     def features(self, x: np.ndarray) -> np.ndarray:
-        x = _float32(x)
-        if self._frozen is None:
-            return x
-        return self._run("the frozen part", lambda: self._frozen.run(None, {"input": x})[0])
+        return _float32(x) if self._frozen is None else self._frozen.run(x)
+
+    def set_frozen_weights(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {} if self._frozen is None else self._frozen.feed(tensors)
 
     def forward(self, h: np.ndarray) -> np.ndarray:
         self._module.eval()
-        return self._run("the trainable part", lambda: self._module(_float32(h)))
+        return _run("the trainable part", lambda: self._module(_float32(h)))
 
     def gradients(self, h: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         if self._splitfed:
@@ -161,18 +185,19 @@ class OrtEngine:
         # Gradients accumulate across ORT train steps unless reset: every call starts from zero.
         self._module.train()
         self._module.lazy_reset_grad()
-        return self._run("the training step", lambda: self._module(*inputs))
+        return _run("the training step", lambda: self._module(*inputs))
 
     def _gradients(self) -> dict[str, np.ndarray]:
         # Copies: ORT reuses the gradient buffers at the next step.
         return {name: self._state.parameters[name].grad.copy() for name in self._shapes}
 
-    @staticmethod
-    def _run(what: str, call):
-        try:
-            return call()
-        except _ORT_ERRORS as exc:
-            raise EngineError(f"ONNX Runtime failed running {what} ({exc}); check the input's shape and dtype against the bundle") from exc
+
+
+def _run(what: str, call):
+    try:
+        return call()
+    except _ORT_ERRORS as exc:
+        raise EngineError(f"ONNX Runtime failed running {what} ({exc}); check the input's shape and dtype against the bundle") from exc
 
 
 def _session_options():

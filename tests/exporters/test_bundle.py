@@ -122,6 +122,36 @@ def test_nothing_frozen_means_no_frozen_file(tmp_path, model):
     assert [t.name for t in manifest.trainable] == [name for name, _ in model.root.named_parameters()]
 
 
+@pytest.mark.parametrize("engine", ["ort", "executorch"])
+def test_a_frozen_part_fed_global_values_computes_the_global_models_features(tmp_path, model, engine):
+    # Prepare: a head-only bundle of a run whose deepest phone trains from block 1
+    export_bundle(model, plan_for(model, engine=engine), tmp_path / "b", (engine,), label_names=LABEL_NAMES, fed_from=1)
+    phone = open_engine(Bundle.load(tmp_path / "b"))
+    frozen = model.part(0, model.train_from(len(model.block_names), 1)).eval()
+    x = torch.randn(5, *model.input_shape, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    global_model = {n: (p + 0.1 * torch.randn(p.shape, generator=g)).detach().numpy() for n, p in model.root.named_parameters()}
+
+    # Execute
+    exported = phone.features(x.numpy())
+    fed = phone.set_frozen_weights(global_model)
+    refreshed = phone.features(x.numpy())
+
+    # Verify: blocks 1.. take the global values, block 0 and BatchNorm statistics stay exported
+    assert sorted(fed) == sorted(n for n, _ in model.part(1, model.train_from(len(model.block_names), 1)).named_parameters())
+    with torch.no_grad():
+        np.testing.assert_allclose(exported, frozen(x).numpy(), rtol=1e-4, atol=1e-5)
+        expected = torch.func.functional_call(frozen, {n: torch.from_numpy(v) for n, v in fed.items()}, (x,))
+    np.testing.assert_allclose(refreshed, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(refreshed - exported).max() > 1e-2
+
+
+def test_fed_from_past_the_trainable_blocks_feeds_nothing(tmp_path, model):
+    export_bundle(model, plan_for(model), tmp_path / "b", label_names=LABEL_NAMES, fed_from=len(model.block_names) - 1)
+    phone = open_engine(Bundle.load(tmp_path / "b"))
+    assert phone.set_frozen_weights({n: p.detach().numpy() for n, p in model.root.named_parameters()}) == {}
+
+
 def test_progress_reports_every_step_in_order_then_done(tmp_path, model):
     calls = []
     export_bundle(model, plan_for(model), tmp_path / "b", label_names=LABEL_NAMES, progress=lambda *a: calls.append(a))

@@ -48,9 +48,10 @@ def export_plan_bundles(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     made = []
+    fed_from = min(plan.train_from for plan, _ in choices)  # phones training less take these blocks from the global model
     for plan, phones in choices:
         folder = out_dir / bundle_folder_name(plan)
-        export_bundle(model, plan, folder, (plan.engine,), label_names=LABEL_NAMES, progress=progress)
+        export_bundle(model, plan, folder, (plan.engine,), label_names=LABEL_NAMES, progress=progress, fed_from=fed_from)
         made.append(PlannedBundle(folder, plan, tuple(phones)))
     index = {phone: b.folder.name for b in made for phone in b.phones}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

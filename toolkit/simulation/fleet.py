@@ -187,24 +187,27 @@ def bundle_name(model: "SplittableModel", plan: DevicePlan) -> str:
 
 
 def export_bundles(model: "SplittableModel", plans: list[DevicePlan], progress: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
-    """One bundle per distinct plan, exported once into the host cache and reused after."""
+    """One bundle per distinct plan, exported once into the host cache and reused after. Each
+    frozen part is fed the global values of every block some plan trains (``fed_from``)."""
     from exporters.bundle import export_bundle
     from toolkit.central import cache_dir
     from toolkit.data import LABEL_NAMES
 
     out = {}
+    fed_from = min(plan.train_from for plan in plans)
     for plan in plans:
         name = bundle_name(model, plan)
         if name in out:
             continue
-        path = cache_dir() / "bundles" / f"{name}-{model.content_hash()[:12]}"
+        fed = f"-fed{fed_from}" if fed_from < plan.train_from else ""
+        path = cache_dir() / "bundles" / f"{name}{fed}-{model.content_hash()[:12]}"
         try:
             Bundle.load(path)
         except FedkitError:
             if path.exists():
                 shutil.rmtree(path)
             progress(f"exporting {name}")
-            export_bundle(model, plan, path, (plan.engine,), label_names=LABEL_NAMES)
+            export_bundle(model, plan, path, (plan.engine,), label_names=LABEL_NAMES, fed_from=fed_from)
         out[name] = path
     return out
 
