@@ -425,20 +425,25 @@ def _run_simulation(config, out: Path) -> None:
 
     from toolkit.simulation import simulate
 
-    def view(tick=None, step: str = "") -> Table:
-        table = Table(title=f"fedkit simulate {config.name}: {len(config.phones)} phone group(s), {config.num_phones} phones")
+    last = {"tick": None, "step": "starting"}
+
+    def view(tick=None, step: str | None = None) -> Table:
+        # a step after training (the report) keeps the last round's figures on screen
+        last["tick"], last["step"] = tick or last["tick"], step or ("" if tick else last["step"])
+        table = Table(title=f"fedkit simulate {config.name}: {len(config.phones)} phone group(s), {config.num_phones} phones",
+                      caption=last["step"])
         for column in ("elapsed", "stage", "round", "reports", "accuracy", "uplink", "phones", "faults"):
             table.add_column(column)
-        if tick is None:
-            table.add_row("", step, "", "", "", "", "", "")
-        else:
+        tick = last["tick"]
+        if tick is not None:
             table.add_row(f"{tick.elapsed_s:.0f} s", tick.stage or "done", str(tick.round or "–"),
                           f"{tick.reports}/{tick.assigned}", "–" if tick.accuracy is None else f"{tick.accuracy:.2%}",
                           _size(tick.bytes_up), str(tick.phones_running), ", ".join(tick.faults[-3:]) or "none")
         return table
 
-    with Live(view(step="starting"), console=err_console, refresh_per_second=2, transient=False) as live:
+    with Live(view(), console=err_console, refresh_per_second=2, transient=False) as live:
         summary = simulate(config, out, on_tick=lambda t: live.update(view(t)), on_step=lambda s: live.update(view(step=s)))
+        live.update(view(step="report written"))
     accuracy = summary["final_accuracy"]
     ref = summary.get("reference")
     console.print(

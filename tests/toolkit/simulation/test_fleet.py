@@ -90,3 +90,22 @@ def test_netem_run_shapes_links_with_namespaces_and_cleans_up(tmp_path):
     assert all(p["link"].startswith("netns + tc tbf") for p in summary["phones"])
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"fk-{os.getpid():x}"[-5:] not in left
+
+
+def test_cli_simulate_shows_the_last_round_and_where_the_report_is(tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        'name = "tiny"\nmodel = "small_cnn"\ntrain_blocks = 4\ntrain_images = 600\ntest_images = 300\npartition = "iid"\n'
+        "deadline_s = 60\ntimeout_s = 240\n"
+        '[[phones]]\nclass = "flagship-2023"\ncount = 2\n'
+        '[[stages]]\nname = "all"\nrounds = 1\nlr = 0.05\n'
+    )
+    result = CliRunner().invoke(app, ["simulate", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "1 rounds in" in result.output and "2 updates accepted, 0 lost" in result.output
+    assert "report written" in result.output and "writing the report" not in result.output.split("report written")[-1]
+    assert (tmp_path / "run" / "report" / "index.html").is_file()
