@@ -1,12 +1,12 @@
 """The update container: what a phone pushes and what the aggregator decodes (one definition
 of the wire format, shared by both ends). numpy and the standard library only.
 
-Layout, format version 1. Every integer is unsigned little-endian; floats are IEEE
-little-endian; no pickle anywhere.
+Layout, format version 2 (version 1 had no fp16 or top-k scale). Every integer is unsigned
+little-endian; floats are IEEE little-endian; no pickle anywhere.
 
     size     field
     4        magic b"FKUP"
-    2  u16   format version (1)
+    2  u16   format version (2)
     4  u32   header length H (at most 64 KiB)
     H        header: UTF-8 JSON object, keys sorted, no spaces, exactly these keys:
              {"base_version": int, "device_id": str, "kind": str, "num_samples": int, "round": int}
@@ -22,24 +22,29 @@ little-endian; no pickle anywhere.
     4  u32   CRC-32 (zlib.crc32) of every byte before it
 
 Payloads, for a tensor of n elements. Its channels are the slices along the first axis when
-D >= 2; a scalar or a 1-D tensor is one channel. Each channel has its own scale s:
+D >= 2; a scalar or a 1-D tensor is one channel. int8, int4 and sign1 have a scale s per
+channel; fp16 and topk one per tensor:
     fp32   n f32
-    fp16   n f16
+    fp16   1 scale, then n f16 h;                                value = h * s
     int8   C scales, then n i8 q in [-127, 127];                 value = q * s
     int4   C scales, then ceil(n/2) bytes: element 2i in the low nibble, 2i+1 in the high one,
            nibble = q + 8 with q in [-7, 7];                     value = q * s
     sign1  C scales (s = mean |x| of the channel), then ceil(n/8) bytes of np.packbits order
            (first element in the most significant bit);          value = +s for 1, -s for 0
-    topk   k u32 flat indices, strictly increasing, then k f16 values (k = P / 6); the other
-           elements are 0. k = ceil(topk_fraction * n), the k largest |x|.
+    topk   1 scale, then k u32 flat indices, strictly increasing, then k f16 h (k = (P - 2) / 6);
+           value = h * s, the other elements are 0. k = ceil(topk_fraction * n), the k largest |x|.
 A scale is a u16 bfloat16: the high half of a float32's bits, rounded up (so |x| / s never
 passes qmax). Half the bytes of f32 scales, which matters for depthwise convs (9 elements per
 channel): with f32 scales whole-MobileNetV2 int8 updates were only 3.87x smaller than fp32.
+The fp16 and topk scale is a power of two 2**e, e in [-126, 14], the one that puts max |x| / s
+in (2**14, 2**15]: an update's small values stay normal halves (unscaled, a delta of 1e-5 is
+a subnormal half, with fewer significant bits and 100x slower to convert), |x| up to
+65504 * 2**14 fits, and h is exactly numpy's x / s rounded to float16.
 
 int8/int4 use s = max |x| / qmax (127 or 7; never below 2**-100, so 1/s stays finite), rounded
 up to bfloat16, and stochastic rounding, q = floor(x / s + u) with u uniform in [0, 1): the
-decoded value is an unbiased estimate of x (to within 2**-9 of a step: u = (b + 0.5) / 256 for
-8 random bits b drawn from the caller's generator) and is less than one step s away from it.
+decoded value is an unbiased estimate of x (to within 2**-8 of a step: u = (b + 0.5) / 128 for
+7 random bits b drawn from the caller's generator) and is less than one step s away from it.
 How u is drawn is the encoder's business: the format does not depend on it.
 
 ``encoded_size`` gives the exact length of ``encode``'s output: everything but the header's
@@ -61,8 +66,10 @@ import json
 import math
 import numbers
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -85,7 +92,7 @@ __all__ = [
 ]
 
 MAGIC = b"FKUP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENCODINGS = ("fp32", "fp16", "int8", "int4", "sign1", "topk")
 KINDS = ("delta", "weights", "activation", "gradient")
 # The decoder allocates at most this many float32 elements per update (256 MiB), whatever a
@@ -96,6 +103,11 @@ _MAX_HEADER = 64 * 1024
 _MAX_NDIM = 8
 _U32_MAX = 2**32 - 1
 _FP16_MAX = 65504.0
+_FP16_LIMIT = _FP16_MAX * 2.0**14  # the largest |x| scaled fp16 holds: fp16's max at the largest scale
+_HALF_REBIAS = np.float32(2.0**-112)  # float32 exponent bias 127 less float16's 15
+_SPLIT = np.float32(2**13 + 1)  # Veltkamp's constant for 24 - 13 = 11 significant bits
+_TOPK_SAMPLED = 1 << 14  # elements: top-k of a tensor this large by a threshold from a sample
+_TOPK_STRIDE = 64  # the sample: every 64th |x|
 _MIN_SCALE = np.float32(2.0**-100)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _QMAX = {"int8": 127, "int4": 7}
@@ -103,7 +115,7 @@ _BATCH = 1 << 18  # elements: see _batches
 _ALIGN = {"int8": 1, "int4": 2, "sign1": 8}  # elements per payload byte of the scaled encodings
 # Largest |q| a decoder can meet per scaled encoding (int8 bytes reach -128, int4 nibbles -8):
 # scale * bound must stay finite, so no decoded value overflows to inf.
-_Q_BOUND = {"int8": 128, "int4": 8, "sign1": 1}
+_Q_BOUND = {"int8": 128, "int4": 8, "sign1": 1, "fp16": _FP16_MAX}
 _BITS = {"sign1": 1, "int4": 4, "int8": 8, "fp16": 16, "fp32": 32}  # nominal bits per element
 _LADDER = ("sign1", "int4", "int8", "fp16", "fp32")
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
@@ -373,62 +385,84 @@ def _channels(shape: tuple[int, ...]) -> int:
     return shape[0] if len(shape) >= 2 else 1
 
 
+def _scale_count(encoding: str, shape: tuple[int, ...]) -> int:
+    """How many scales a tensor's payload starts with."""
+    if encoding == "fp32":
+        return 0
+    return 1 if encoding in ("fp16", "topk") else _channels(shape)
+
+
 def _topk_count(n: int, fraction: float) -> int:
     return min(n, math.ceil(fraction * n))
 
 
 def _payload_size(encoding: str, shape: tuple[int, ...], k: int) -> int:
     n = math.prod(shape)
-    scales = 2 * _channels(shape)
-    return {
-        "fp32": 4 * n,
-        "fp16": 2 * n,
-        "int8": scales + n,
-        "int4": scales + (n + 1) // 2,
-        "sign1": scales + (n + 7) // 8,
-        "topk": 6 * k,
-    }[encoding]
+    body = {"fp32": 4 * n, "fp16": 2 * n, "int8": n, "int4": (n + 1) // 2, "sign1": (n + 7) // 8, "topk": 6 * k}[encoding]
+    return 2 * _scale_count(encoding, shape) + body
+
+
+class _Scratch:
+    """Work buffers for temporaries, reused from run to run and from call to call: fresh
+    memory costs more in page faults than the arithmetic on it (measured on whole
+    MobileNetV2: np.abs of every run into fresh buffers 1.6 ms, into reused ones 0.25 ms).
+    Nothing returned ever points into them."""
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def __call__(self, key: str, dtype, size: int) -> np.ndarray:
+        nbytes = size * np.dtype(dtype).itemsize
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < nbytes:
+            buffer = self._buffers[key] = np.empty(max(nbytes, 64), np.uint8)
+        return buffer[:nbytes].view(dtype)
+
+
+_SHARED = _Scratch()  # a few MB, kept: the largest run's temporaries
+_SHARED_LOCK = threading.Lock()
+
+
+@contextmanager
+def _scratch():
+    """The shared work buffers, or fresh ones while another thread holds them."""
+    if not _SHARED_LOCK.acquire(blocking=False):
+        yield _Scratch()
+        return
+    try:
+        yield _SHARED
+    finally:
+        _SHARED_LOCK.release()
 
 
 def _encode_payloads(
     arrays: dict[str, np.ndarray], encodings: dict[str, str], rng: np.random.Generator, fraction: float
 ) -> dict[str, list[np.ndarray]]:
     payloads = {}
-    for encoding in ENCODINGS:
-        group = {name: x for name, x in arrays.items() if encodings[name] == encoding}
-        if encoding in _ALIGN:
+    with _scratch() as scratch:
+        for encoding in ENCODINGS:
+            group = {name: x for name, x in arrays.items() if encodings[name] == encoding}
+            if encoding == "topk":
+                payloads |= _encode_topk(group, fraction, scratch) if group else {}
+                continue
             names = list(group)
             for run in _batches([group[name].size for name in names]):
-                payloads |= _encode_scaled({name: group[name] for name in names[run]}, encoding, rng)
-        else:
-            payloads |= {name: _encode_unscaled(name, x, encoding, fraction) for name, x in group.items()}
+                payloads |= _encode_run({name: group[name] for name in names[run]}, encoding, rng, scratch)
     return payloads
-
-
-def _encode_unscaled(name: str, x: np.ndarray, encoding: str, fraction: float) -> list[np.ndarray]:
-    if x.size:
-        lo, hi = x.min(), x.max()
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise _non_finite(name)
-        if encoding in ("fp16", "topk") and max(-lo, hi) > _FP16_MAX:
-            raise CodecError(f"tensor {name!r} has values beyond fp16's ±{_FP16_MAX:g}: encode it as fp32 or int8")
-    if encoding == "fp32":
-        return [x.astype("<f4", copy=False)]
-    if encoding == "fp16":
-        return [x.astype("<f2")]
-    return _topk(x.reshape(-1), _topk_count(x.size, fraction))
 
 
 def _non_finite(name: str) -> CodecError:
     return CodecError(f"tensor {name!r} holds NaN or Inf: the update is broken, do not send it (lower the learning rate?)")
 
 
+def _beyond_fp16(name: str) -> CodecError:
+    return CodecError(f"tensor {name!r} has values beyond ±{_FP16_LIMIT:g}, more than scaled fp16 holds: encode it as fp32 or int8")
+
+
 def _batches(sizes: list[int]) -> list[slice]:
     """Runs of consecutive tensors of about _BATCH elements (a bigger tensor is a run of its
-    own): big enough that numpy's per-call cost stays small, small enough that temporaries
-    are reused by malloc. Measured on whole MobileNetV2: runs of 2**16..2**19 elements are
-    equally fast; 2**20 (4 MB temporaries, fresh pages from the kernel every call) or one run
-    for all tensors take twice as long."""
+    own): big enough that numpy's per-call cost stays small across MobileNetV2's 158 tensors,
+    small enough that a run's work buffers stay in the last-level cache."""
     runs, start, elements = [], 0, 0
     for i, n in enumerate(sizes):
         elements += n
@@ -438,46 +472,37 @@ def _batches(sizes: list[int]) -> list[slice]:
     return runs
 
 
-def _encode_scaled(arrays: dict[str, np.ndarray], encoding: str, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
-    """int8, int4 or sign1 payloads of all ``arrays`` at once: a few numpy calls over one
+def _encode_run(
+    arrays: dict[str, np.ndarray], encoding: str, rng: np.random.Generator, scratch: _Scratch
+) -> dict[str, list[np.ndarray]]:
+    """The payloads of a run of tensors of one encoding, all at once: a few numpy calls over one
     buffer, where ~20 calls per tensor cost more than the arithmetic for MobileNetV2's 158."""
     names = list(arrays)
-    layout = _Layout.of([x.shape for x in arrays.values()], _ALIGN[encoding])
-    pieces = []
-    for x, pad in zip(arrays.values(), layout.pads):
-        pieces += [x.reshape(-1), np.zeros(pad, np.float32)]
-    flat = np.concatenate(pieces)
-    magnitude = np.abs(flat)
+    layout = _Layout.of([x.shape for x in arrays.values()], encoding)
+    flat = _flat(list(arrays.values()), layout, scratch)
+    if encoding == "fp32":
+        if flat.size and not (np.isfinite(flat.min()) and np.isfinite(flat.max())):
+            raise _non_finite(names[_first_non_finite(arrays.values())])
+        return {name: [x.astype("<f4", copy=False)] for name, x in arrays.items()}
     segments = layout.segments()
-    nonempty = segments > 0
-    per_channel = np.zeros(segments.size, np.float32)
-    reduce = np.add if encoding == "sign1" else np.maximum  # padding zeros change neither
-    with np.errstate(over="ignore"):  # a huge sum becomes inf, refused below
-        if nonempty.any():
-            per_channel[nonempty] = reduce.reduceat(magnitude, (np.cumsum(segments) - segments)[nonempty])
-        if encoding == "sign1":
-            stored = _scales_to_bf16(per_channel / np.maximum(layout.counts, 1).astype(np.float32))
-        else:
-            stored = _scales_to_bf16(np.maximum(per_channel / np.float32(_QMAX[encoding]), _MIN_SCALE))
-    scales = _bf16_to_scales(stored)
+    magnitude = np.abs(flat, out=scratch("magnitude", np.float32, flat.size))
+    stored, scales = _scales_of(magnitude, layout, segments, encoding)
     bad = _bad_tensor(layout, scales, encoding)
     if bad is not None:
         # NaN and Inf reach the scales (max and sum propagate them), as do finite values too large
         if not np.isfinite(arrays[names[bad]]).all():
             raise _non_finite(names[bad])
-        raise _bad_scales(names[bad], encoding)
+        raise _beyond_fp16(names[bad]) if encoding == "fp16" else _bad_scales(names[bad], encoding)
+    work = magnitude  # not needed any more
     if encoding == "sign1":
-        positive = flat >= 0
+        positive = np.greater_equal(flat, 0, out=scratch("positive", np.bool_, flat.size))
         positive[layout.padding()] = False  # np.packbits pads a tensor's last byte with 0 bits
         body = np.packbits(positive)
+    elif encoding == "fp16":
+        body = _halves(flat, _times(flat, _HALF_REBIAS * (1 / scales), segments, work), segments, 1 / scales, scratch)
     else:
-        q = _stochastic_round(flat, scales, segments, rng, out=magnitude)
-        if encoding == "int8":
-            body = q.view(np.uint8)
-        else:
-            nibbles = (q + 8).view(np.uint8)  # a padding element is q = 0, nibble 8
-            body = nibbles[0::2] | (nibbles[1::2] << 4)
-    align = _ALIGN[encoding]
+        body = _stochastic_round(flat, scales, segments, encoding, rng, work, scratch)
+    align = _ALIGN.get(encoding, 1)
     return {
         name: [stored[c : c + count], body[offset // align : (offset + size + pad) // align]]
         for name, c, count, offset, size, pad in zip(
@@ -486,25 +511,131 @@ def _encode_scaled(arrays: dict[str, np.ndarray], encoding: str, rng: np.random.
     }
 
 
+def _flat(xs: list[np.ndarray], layout: _Layout, scratch: _Scratch) -> np.ndarray:
+    """The run's tensors one after the other with their padding, copied only if there are several."""
+    if len(xs) == 1 and not layout.pads[0]:
+        return xs[0].reshape(-1)
+    pieces = []
+    for x, pad in zip(xs, layout.pads):
+        pieces += [x.reshape(-1), np.zeros(pad, np.float32)]
+    return np.concatenate(pieces, out=scratch("flat", np.float32, layout.total))
+
+
+def _first_non_finite(xs) -> int:
+    return next(i for i, x in enumerate(xs) if not np.isfinite(x).all())
+
+
+def _scales_of(magnitude: np.ndarray, layout: _Layout, segments: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's scale as stored (bfloat16 bits) and as float32."""
+    nonempty = segments > 0
+    per_channel = np.zeros(segments.size, np.float32)
+    reduce = np.add if encoding == "sign1" else np.maximum  # padding zeros change neither
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge sum becomes inf, refused by the caller
+        if nonempty.any():
+            per_channel[nonempty] = reduce.reduceat(magnitude, (np.cumsum(segments) - segments)[nonempty])
+        if encoding == "sign1":
+            stored = _scales_to_bf16(per_channel / np.maximum(layout.counts, 1).astype(np.float32))
+        elif encoding == "fp16":
+            stored = _half_scales(per_channel)
+        else:
+            stored = _scales_to_bf16(np.maximum(per_channel / np.float32(_QMAX[encoding]), _MIN_SCALE))
+    return stored, _bf16_to_scales(stored)
+
+
+def _half_scales(amax: np.ndarray) -> np.ndarray:
+    """The fp16 scale for a max |x| as bfloat16 bits: the power of two 2**e that puts max |x| / s
+    in (2**14, 2**15], e clipped to [-126, 14]; NaN or a max past _FP16_LIMIT becomes Inf,
+    refused by the caller."""
+    exponent = np.clip(np.frexp(amax)[1].astype(np.int64) - 15, -126, 14)
+    stored = ((exponent + 127) << 7).astype("<u2")
+    stored[~(amax <= _FP16_LIMIT)] = 0x7F80
+    return stored
+
+
+def _times(flat: np.ndarray, factors: np.ndarray, segments: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``flat`` times each channel's factor, into ``out``: broadcast when the channels are equal
+    (one tensor, no padding), spread with np.repeat otherwise."""
+    if flat.size and (segments == segments[0]).all():
+        np.multiply(flat.reshape(segments.size, -1), factors[:, None], out=out.reshape(segments.size, -1))
+    else:
+        np.multiply(flat, np.repeat(factors, segments), out=out)
+    return out
+
+
 def _stochastic_round(
-    flat: np.ndarray, scales: np.ndarray, segments: np.ndarray, rng: np.random.Generator, *, out: np.ndarray
+    flat: np.ndarray,
+    scales: np.ndarray,
+    segments: np.ndarray,
+    encoding: str,
+    rng: np.random.Generator,
+    work: np.ndarray,
+    scratch: _Scratch,
 ) -> np.ndarray:
-    """floor(x / s + u) as int8, u = (b + 0.5) / 256 for 8 random bits b: u is uniform on a
-    grid of 256 midpoints, so the rounding is unbiased to within 2**-9 of a step (16 bits
-    would take it to 2**-17 for twice the random bytes, already among the costliest steps)."""
-    y = np.multiply(flat, np.repeat(np.float32(256) / scales, segments), out=out)  # 256 x / s, to 2**-16 of a step
-    y += rng.bit_generator.random_raw(-(-y.size // 8)).view(np.uint8)[: y.size]  # b, 8 bytes per raw draw
-    y += np.float32(0.5)
-    y *= np.float32(1 / 256)
-    # No clip: |x / s| <= qmax (1 + 2**-22) and 2**-9 <= u <= 1 - 2**-9 keep floor within ±qmax.
-    return np.floor(y, out=y).astype(np.int8)
+    """int8 bytes (or int4 bytes of two nibbles) of floor(x / s + u), u = (b + 0.5) / 128 for 7
+    random bits b: floor(x / s + u) = round(x / s + o / 256) for the odd o = 2b - 127, and adding
+    1.5 * 2**31 to 256 x / s + o rounds it to a multiple of 256, whose low mantissa byte is q
+    (q + 8 for int4, from a magic number 8 * 256 larger). u on a grid of 128 midpoints keeps the
+    rounding unbiased to within 2**-8 of a step; an 8th bit would cost a pass for the + 0.5."""
+    n = flat.size
+    z = _times(flat, np.float32(256) / scales, segments, work)
+    dither = rng.bit_generator.random_raw(-(-n // 8))  # 8 random bytes per raw draw
+    dither |= np.uint64(0x0101010101010101)  # odd bytes, o in [-127, 127]
+    np.add(z, dither.view(np.int8)[:n], out=z)
+    # No clip: |x / s| <= qmax (1 + 2**-22) and |o| <= 127 keep the rounding within ±qmax.
+    z += np.float32(1.5 * 2**31 + (8 * 256 if encoding == "int4" else 0))
+    q = np.empty(n, np.uint8)
+    np.copyto(q, z.view(np.int32), casting="unsafe")  # the low byte
+    if encoding == "int8":
+        return q
+    pairs = q.view("<u2")  # a padded run has an even number of elements
+    packed = np.right_shift(pairs, 4, out=scratch("pairs", "<u2", pairs.size))
+    packed |= pairs  # low byte: element 2i in the low nibble, 2i+1 in the high one
+    body = np.empty(pairs.size, np.uint8)
+    np.copyto(body, packed, casting="unsafe")
+    return body
+
+
+def _halves(flat: np.ndarray, y: np.ndarray, segments: np.ndarray, inverse: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """float16 bits of x / s (numpy's astype(np.float16), round to nearest even, without its
+    software conversion: 190 ns per subnormal element, 3 ns per normal one), from
+    y = x / s * 2**-112, whose float32 bits are those of the half shifted left by 13 when x / s
+    is a normal half. Veltkamp's split, c - (c - y) with c = y * 8193, rounds y to 11
+    significant bits, to nearest even; then a shift by 13 and the sign moved from bit 18 to
+    bit 15. Values in the half's subnormal range (or 0) are converted by numpy, one by one."""
+    c = np.multiply(y, _SPLIT, out=scratch("split", np.float32, y.size))
+    np.subtract(c, y, out=y)
+    np.subtract(c, y, out=c)
+    bits = c.view(np.int32)
+    np.right_shift(bits, 13, out=bits)  # a negative value is now -2**18 + its magnitude
+    sign = np.right_shift(bits, 3, out=y.view(np.int32))
+    np.bitwise_and(sign, 0x8000, out=sign)
+    bits |= sign
+    halves = np.empty(y.size, "<u2")
+    np.copyto(halves, bits, casting="unsafe")
+    exponent = np.bitwise_and(halves, 0x7C00, out=scratch("exponent", "<u2", y.size))
+    if exponent.size and exponent.min() == 0:
+        small = np.flatnonzero(exponent == 0)
+        halves[small] = (flat[small] * np.repeat(inverse, segments)[small]).astype("<f2").view("<u2")
+    return halves
+
+
+def _from_halves(halves: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) = the halves (int16 bits) times 2**-112, exactly, subnormals too: a
+    half's bits shifted left by 13 are a float32's bits; the shift of a negative half's sign
+    extension set 3 exponent bits, cleared by the mask."""
+    bits = values.view(np.int32)
+    np.copyto(bits, halves.view(np.int16))
+    np.left_shift(bits, 13, out=bits)
+    np.bitwise_and(bits, np.int32(-0x70000001), out=bits)  # 0x8FFFFFFF
+    return values
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where the tensors of one scaled encoding sit in one flat buffer. Each tensor starts at a
-    multiple of ``align`` elements (2 for int4, 8 for sign1) so its payload starts on a whole
-    byte; the gap after it is padding, counted in its last channel."""
+    """Where the tensors of one run of an encoding sit in one flat buffer. Each tensor starts at
+    a multiple of ``align`` elements (2 for int4, 8 for sign1) so its payload starts on a whole
+    byte; the gap after it is padding, counted in its last channel (a tensor's share of scales:
+    one for fp16, its channels for the others)."""
 
     sizes: list[int]
     pads: list[int]
@@ -512,16 +643,18 @@ class _Layout:
     channels: list[int]
     first_channels: list[int]
     counts: np.ndarray  # per channel: its elements, padding not counted
+    total: int
 
     @classmethod
-    def of(cls, shapes: list[tuple[int, ...]], align: int) -> _Layout:
+    def of(cls, shapes: list[tuple[int, ...]], encoding: str) -> _Layout:
+        align = _ALIGN.get(encoding, 1)
         sizes = [math.prod(shape) for shape in shapes]
         pads = [-n % align for n in sizes]
-        channels = [_channels(shape) for shape in shapes]
-        offsets = list(itertools.accumulate((n + p for n, p in zip(sizes, pads)), initial=0))[:-1]
+        channels = [_scale_count(encoding, shape) for shape in shapes]
+        offsets = list(itertools.accumulate((n + p for n, p in zip(sizes, pads)), initial=0))
         first_channels = list(itertools.accumulate(channels, initial=0))[:-1]
         counts = np.repeat(np.array([n // c if c else 0 for n, c in zip(sizes, channels)], np.int64), channels)
-        return cls(sizes, pads, offsets, channels, first_channels, counts)
+        return cls(sizes, pads, offsets[:-1], channels, first_channels, counts, offsets[-1])
 
     def segments(self) -> np.ndarray:
         """Elements per channel in the buffer, padding included (so they sum to its length)."""
@@ -558,13 +691,61 @@ def _bf16_to_scales(stored: np.ndarray) -> np.ndarray:
     return (stored.astype(np.uint32) << 16).view(np.float32)
 
 
-def _topk(flat: np.ndarray, k: int) -> list[np.ndarray]:
-    if k == flat.size:
-        index = np.arange(k, dtype="<u4")
-    else:
-        index = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :].astype("<u4")
-        index.sort()
-    return [index, flat[index].astype("<f2")]
+def _encode_topk(arrays: dict[str, np.ndarray], fraction: float, scratch: _Scratch) -> dict[str, list[np.ndarray]]:
+    """Each tensor's k largest |x|: small tensors of one size together, one np.argpartition on
+    their stack; a large one by a threshold from a sample (_topk_large). Their values, all at
+    once, in fp16 at one power-of-two scale per tensor."""
+    names = list(arrays)
+    index: dict[str, np.ndarray] = {}
+    top = {}  # max |x| per tensor: NaN or Inf shows there
+    by_size: dict[int, list[str]] = {}
+    for name, x in arrays.items():
+        if x.size >= _TOPK_SAMPLED:
+            index[name], top[name] = _topk_large(x.reshape(-1), _topk_count(x.size, fraction), scratch)
+        else:
+            by_size.setdefault(x.size, []).append(name)
+    for n, group in by_size.items():
+        k = _topk_count(n, fraction)
+        magnitude = np.abs(np.stack([arrays[name].reshape(-1) for name in group]))
+        chosen = np.argpartition(magnitude, n - k, axis=1)[:, n - k :] if k < n else np.tile(np.arange(n), (len(group), 1))
+        chosen = np.sort(chosen, axis=1).astype("<u4")
+        peaks = magnitude.max(axis=1, initial=0)
+        for name, row, peak in zip(group, chosen, peaks):
+            index[name], top[name] = row, peak
+    for name in names:
+        if not np.isfinite(top[name]):
+            raise _non_finite(name)
+        if not top[name] <= _FP16_LIMIT:
+            raise _beyond_fp16(name)
+    counts = np.array([index[name].size for name in names], np.int64)
+    values = np.concatenate([arrays[name].reshape(-1)[index[name]] for name in names] or [np.zeros(0, np.float32)])
+    stored = _half_scales(np.array([top[name] for name in names], np.float32))
+    inverse = 1 / _bf16_to_scales(stored)
+    y = np.multiply(values, np.repeat(_HALF_REBIAS * inverse, counts), out=scratch("topk y", np.float32, values.size))
+    halves = _halves(values, y, counts, inverse, scratch)
+    starts = itertools.accumulate(counts, initial=0)
+    return {name: [stored[i : i + 1], index[name], halves[start : start + index[name].size]] for i, (name, start) in enumerate(zip(names, starts))}
+
+
+def _topk_large(flat: np.ndarray, k: int, scratch: _Scratch) -> tuple[np.ndarray, np.float32]:
+    """The k largest |x| of a large tensor (sorted indices) and max |x|. Every element at or
+    above a threshold t is a candidate; t from every 64th element is set so that about twice k
+    pass, so that at least k pass is all but certain. Then they hold the k largest exactly,
+    found among the candidates alone; if fewer pass, among all."""
+    n = flat.size
+    magnitude = np.abs(flat, out=scratch("topk magnitude", np.float32, n))
+    peak = magnitude.max()
+    if k == n or not np.isfinite(peak):
+        return np.arange(n, dtype="<u4"), peak
+    sample = magnitude[::_TOPK_STRIDE]
+    above = min(sample.size, 2 * -(-k // _TOPK_STRIDE) + 16)
+    threshold = np.partition(sample, sample.size - above)[sample.size - above]
+    candidates = np.flatnonzero(magnitude >= threshold)
+    if candidates.size < k:
+        candidates = np.arange(n)
+    chosen = candidates[np.argpartition(magnitude[candidates], candidates.size - k)[candidates.size - k :]]
+    chosen.sort()
+    return chosen.astype("<u4"), peak
 
 
 def _raise_gain(variance: float, rung: int) -> float:
@@ -637,7 +818,7 @@ def _read_record(reader: _Reader) -> _Record:
     if n > MAX_ELEMENTS:
         raise CodecError(f"tensor {name[:80]!r} declares shape {shape}, over {MAX_ELEMENTS} elements: refusing it")
     if encoding == "topk":
-        ok = size % 6 == 0 and size // 6 <= n
+        ok = size >= 2 and (size - 2) % 6 == 0 and (size - 2) // 6 <= n
     else:
         ok = size == _payload_size(encoding, shape, 0)
     if not ok:
@@ -684,71 +865,131 @@ def _check_records(records: list[_Record], expected: Mapping[str, tuple[int, ...
 
 def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
     tensors = {}
-    for encoding in ENCODINGS:
-        group = [r for r in records if r.encoding == encoding]
-        if encoding in _ALIGN:
+    with _scratch() as scratch:
+        for encoding in ENCODINGS:
+            group = [r for r in records if r.encoding == encoding]
+            if encoding == "topk":
+                tensors |= _decode_topk(group, view) if group else {}
+                continue
             for run in _batches([math.prod(r.shape) for r in group]):
-                tensors |= _decode_scaled(group[run], view)
-        else:
-            tensors |= {r.name: _decode_unscaled(r, view) for r in group}
+                tensors |= _decode_run(group[run], view, scratch)
     return tensors
 
 
-def _decode_unscaled(record: _Record, view: memoryview) -> np.ndarray:
-    n = math.prod(record.shape)
-    payload = view[record.offset : record.offset + record.size]
-    if record.encoding in ("fp32", "fp16"):
-        values = _aligned(payload, "<f4" if record.encoding == "fp32" else "<f2").astype(np.float32, copy=False)
-        return _finite(record, values).reshape(record.shape)
-    k = record.size // 6
-    index = np.frombuffer(payload, dtype="<u4", count=k)
-    if k and (index[-1] >= n or (k > 1 and not (index[1:] > index[:-1]).all())):
-        raise CodecError(f"tensor {record.name!r} has top-k indices out of order or out of range: the update is corrupt")
-    out = np.zeros(n, dtype=np.float32)
-    out[index] = _finite(record, _aligned(payload[4 * k :], "<f2").astype(np.float32))
-    return out.reshape(record.shape)
-
-
-def _decode_scaled(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
-    """int8, int4 or sign1 tensors, all at once in one buffer laid out as ``_encode_scaled``
+def _decode_run(records: list[_Record], view: memoryview, scratch: _Scratch) -> dict[str, np.ndarray]:
+    """A run of tensors of one encoding, all at once in one buffer laid out as ``_encode_run``
     built it. The tensors returned are views of that one buffer."""
     encoding = records[0].encoding
-    layout = _Layout.of([r.shape for r in records], _ALIGN[encoding])
+    layout = _Layout.of([r.shape for r in records], encoding)
     scales, bodies = [], []
     for r, c in zip(records, layout.channels):
         scales.append(np.frombuffer(view, dtype="<u2", count=c, offset=r.offset))
         bodies.append(np.frombuffer(view, dtype=np.uint8, count=r.size - 2 * c, offset=r.offset + 2 * c))
-    scales = _bf16_to_scales(np.concatenate(scales))
-    bad = _bad_tensor(layout, scales, encoding)
+    values = np.empty(layout.total, np.float32)
+    # One aligned copy of the bodies (numpy casts from unaligned memory ~10x slower than it
+    # copies); fp32's is the decoded tensors already.
+    body = values.view(np.uint8) if encoding == "fp32" else scratch("body", np.uint8, sum(b.size for b in bodies))
+    np.concatenate(bodies, out=body)
+    stored = np.concatenate(scales)
+    if encoding == "fp32":
+        bad = None
+    elif encoding == "fp16":
+        bad = _bad_half_scale(stored)
+    else:
+        bad = _bad_tensor(layout, _bf16_to_scales(stored), encoding)
     if bad is not None:
         raise _bad_scales(records[bad].name, encoding)
-    body = np.concatenate(bodies)
-    if encoding == "int8":
-        q = body.view(np.int8)
-    elif encoding == "int4":
-        q = np.empty(2 * body.size, dtype=np.int8)
-        np.bitwise_and(body, 15, out=q[0::2], casting="unsafe")
-        np.right_shift(body, 4, out=q[1::2], casting="unsafe")
-        q -= 8
+    segments = layout.segments()
+    if encoding == "fp32":
+        if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+            raise _decodes_non_finite(records[_first_non_finite(_split(values, layout))].name)
+        return dict(zip((r.name for r in records), _split(values, layout, [r.shape for r in records])))
+    if encoding == "fp16":
+        halves = body.view("<u2")
+        exponent = np.bitwise_and(halves, 0x7C00, out=scratch("exponent", "<u2", halves.size))
+        if exponent.size and exponent.max() == 0x7C00:
+            raise _decodes_non_finite(records[_first_non_finite(_split(halves.view("<f2"), layout))].name)
+        factors = _bf16_to_scales(stored) * np.float32(2.0**112)  # 2**(112 + e) <= 2**126
+        _times(_from_halves(halves, values), factors, segments, values)
     else:
-        q = np.unpackbits(body).view(np.int8)
-        q *= 2
-        q -= 1
-    values = q.astype(np.float32)
-    values *= np.repeat(scales, layout.segments())
-    return {
-        r.name: values[offset : offset + size].reshape(r.shape)
-        for r, offset, size in zip(records, layout.offsets, layout.sizes)
-    }
+        if encoding == "int8":
+            q = body.view(np.int8)
+        elif encoding == "int4":
+            q = _nibbles(body, scratch)
+        else:
+            q = _signs(body)
+        np.copyto(values, q)
+        _times(values, _bf16_to_scales(stored), segments, values)
+    return dict(zip((r.name for r in records), _split(values, layout, [r.shape for r in records])))
 
 
-def _aligned(payload: memoryview, dtype: str) -> np.ndarray:
-    # Payloads sit at any byte offset; numpy casts from unaligned memory ~10x slower than it
-    # copies bytes, so copy the bytes to a fresh (aligned) array first.
-    return np.frombuffer(payload, dtype=np.uint8).copy().view(dtype)
+def _split(values: np.ndarray, layout: _Layout, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    pieces = [values[offset : offset + size] for offset, size in zip(layout.offsets, layout.sizes)]
+    return pieces if shapes is None else [p.reshape(shape) for p, shape in zip(pieces, shapes)]
 
 
-def _finite(record: _Record, values: np.ndarray) -> np.ndarray:
-    if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
-        raise CodecError(f"tensor {record.name!r} decodes to NaN or Inf: the sender is broken, refusing the update")
-    return values
+def _nibbles(body: np.ndarray, scratch: _Scratch) -> np.ndarray:
+    """int4 bytes to q as int8, two per byte: widened to 16 bits, byte | byte << 4 has the low
+    nibble in its low byte and the high one in its high byte."""
+    pairs = scratch("pairs", "<u2", body.size)
+    np.copyto(pairs, body)
+    shifted = np.left_shift(pairs, 4, out=scratch("shifted", "<u2", body.size))
+    pairs |= shifted
+    pairs &= 0x0F0F
+    q = pairs.view(np.int8)
+    q -= 8
+    return q
+
+
+def _signs(body: np.ndarray) -> np.ndarray:
+    """sign1 bits to ±1 as int8: bytes of 0/1 times 0xFE, inverted (8 bytes per 64-bit word;
+    no byte carries into the next)."""
+    bits = np.unpackbits(body)
+    words = bits.view(np.uint64)
+    words *= np.uint64(0xFE)
+    np.invert(words, out=words)
+    return bits.view(np.int8)
+
+
+def _bad_half_scale(stored: np.ndarray) -> int | None:
+    """The index of the first fp16 scale that is not a power of two 2**e, e in [-126, 14]."""
+    exponent = stored.astype(np.int64) >> 7
+    bad = ((stored & 0x807F) != 0) | (exponent < 1) | (exponent > 127 + 14)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def _decode_topk(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
+    """All top-k tensors at once, into one buffer of zeros."""
+    sizes = [math.prod(r.shape) for r in records]
+    counts = np.array([(r.size - 2) // 6 for r in records], np.int64)
+    raw = np.concatenate([np.frombuffer(view, np.uint8, count=r.size, offset=r.offset) for r in records])
+    starts = np.cumsum([r.size for r in records]) - [r.size for r in records]
+    stored = np.stack([raw[s : s + 2] for s in starts]).view("<u2").reshape(-1)
+    bad = _bad_half_scale(stored)
+    if bad is not None:
+        raise _bad_scales(records[bad].name, "topk")
+    index = np.concatenate([raw[s + 2 : s + 2 + 4 * k].view("<u4") for s, k in zip(starts, counts)]).astype(np.int64)
+    halves = np.concatenate([raw[s + 2 + 4 * k : s + 2 + 6 * k].view("<u2") for s, k in zip(starts, counts)])
+    offsets = np.cumsum(sizes) - sizes
+    for r, n, k, last in zip(records, sizes, counts, np.cumsum(counts) - 1):
+        if k and index[last] >= n:
+            raise _bad_indices(r.name)
+    index += np.repeat(offsets, counts)
+    if index.size > 1 and not (index[1:] > index[:-1]).all():
+        first = int(np.searchsorted(np.cumsum(counts), np.argmin(index[1:] > index[:-1]) + 1, side="right"))
+        raise _bad_indices(records[first].name)  # the first tensor whose indices go down
+    if halves.size and np.bitwise_and(halves, 0x7C00).max() == 0x7C00:
+        raise _decodes_non_finite(records[int(np.searchsorted(np.cumsum(counts), np.flatnonzero((halves & 0x7C00) == 0x7C00)[0], side="right"))].name)
+    values = _from_halves(halves, np.empty(halves.size, np.float32))
+    values *= np.repeat(_bf16_to_scales(stored) * np.float32(2.0**112), counts)
+    out = np.zeros(sum(sizes), np.float32)
+    out[index] = values
+    return {r.name: out[o : o + n].reshape(r.shape) for r, o, n in zip(records, offsets, sizes)}
+
+
+def _bad_indices(name: str) -> CodecError:
+    return CodecError(f"tensor {name!r} has top-k indices out of order or out of range: the update is corrupt")
+
+
+def _decodes_non_finite(name: str) -> CodecError:
+    return CodecError(f"tensor {name!r} decodes to NaN or Inf: the sender is broken, refusing the update")

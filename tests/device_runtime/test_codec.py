@@ -3,10 +3,12 @@ per-layer bits, exact sizes, and a decoder that refuses every malformed input wi
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -17,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 
 from device_runtime.codec import (
     ENCODINGS,
+    FORMAT_VERSION,
     MAGIC,
     MAX_ELEMENTS,
     ErrorFeedback,
@@ -49,7 +52,7 @@ def reseal(data: bytes) -> bytes:
 def container(records: list[tuple[str, int, tuple[int, ...], bytes]], header: bytes | None = None) -> bytes:
     """A container built by hand from the layout in the codec's docstring."""
     header = header if header is not None else json.dumps(asdict(HEADER), sort_keys=True, separators=(",", ":")).encode()
-    body = MAGIC + struct.pack("<HI", 1, len(header)) + header + struct.pack("<I", len(records))
+    body = MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header + struct.pack("<I", len(records))
     for name, code, shape, payload in records:
         raw = name.encode()
         body += struct.pack(f"<H{len(raw)}sBB{len(shape)}II", len(raw), raw, code, len(shape), *shape, len(payload))
@@ -78,6 +81,13 @@ def bf16_round_up(x: np.ndarray) -> np.ndarray:
     return (((x.view(np.uint32).astype(np.uint64) + 0xFFFF) >> 16) << 16).astype(np.uint32).view(np.float32)
 
 
+def scaled_half(x: np.ndarray) -> np.ndarray:
+    """x through fp16 as the docstring says: a power-of-two scale putting max |x| / s in (2**14, 2**15]."""
+    exponent = np.clip(np.frexp(np.float32(np.abs(x).max(initial=0)))[1] - 15, -126, 14)
+    scale = np.float32(2.0**exponent)
+    return (x / scale).astype(np.float16).astype(np.float32) * scale
+
+
 def channel_rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0] if x.ndim >= 2 else 1, -1 if x.size else 0)
 
@@ -86,7 +96,7 @@ def assert_decodes_as(encoding: str, x: np.ndarray, y: np.ndarray, fraction: flo
     assert y.dtype == np.float32 and y.shape == x.shape
     if not x.size:
         return
-    half = x.astype(np.float16).astype(np.float32)
+    half = scaled_half(x)
     if encoding == "fp32":
         np.testing.assert_array_equal(y, x)
     elif encoding == "fp16":
@@ -172,10 +182,81 @@ def test_scaled_encodings_of_many_tensors_match_each_tensor_alone(encoding):
 
 def test_layout_matches_the_docstring_byte_for_byte():
     x = np.array([[1.5, -2.0], [0.25, 3.0]], dtype=np.float32)
-    by_hand = container([("layer.weight", 0, (2, 2), x.astype("<f4").tobytes())])
+    small = np.array([3e-6, -1e-5, 0.0], dtype=np.float32)  # max |x| = 1e-5 <= 2**-16: s = 2**-31
+    scale = struct.pack("<H", (127 - 31) << 7)  # 2**-31 as bfloat16
+    halves = (small * np.float32(2.0**31)).astype("<f2")
+    by_hand = container(
+        [
+            ("layer.weight", 0, (2, 2), x.astype("<f4").tobytes()),
+            ("h", 1, (3,), scale + halves.tobytes()),
+            ("k", 5, (3,), scale + struct.pack("<I", 1) + halves[1:2].tobytes()),
+        ]
+    )
 
-    assert encode(HEADER, {"layer.weight": x}, "fp32") == by_hand
-    np.testing.assert_array_equal(decode(by_hand).tensors["layer.weight"], x)
+    data = encode(HEADER, {"layer.weight": x, "h": small, "k": small}, {"layer.weight": "fp32", "h": "fp16", "k": "topk"}, topk_fraction=0.3)
+
+    assert data == by_hand
+    decoded = decode(by_hand).tensors
+    np.testing.assert_array_equal(decoded["layer.weight"], x)
+    np.testing.assert_array_equal(decoded["h"], halves.astype(np.float32) * np.float32(2.0**-31))
+    np.testing.assert_array_equal(decoded["k"], [0, halves[1] * np.float32(2.0**-31), 0])
+
+
+def test_fp16_matches_numpy_astype_after_its_scale_subnormals_and_ties_too():
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, 50_000, dtype=np.uint64).astype(np.uint32)
+    wide = ((bits & 0x807FFFFF) | (rng.integers(60, 142, bits.size).astype(np.uint32) << 23)).view(np.float32)
+    ties = ((bits[:5000] & 0x807FE000) | 0x1000 | (rng.integers(100, 142, 5000).astype(np.uint32) << 23)).view(np.float32)
+    tensors = {
+        "wide": wide,  # 2**-67 .. 2**15: many halves subnormal or 0 after the scale
+        "ties": ties,  # exactly halfway between two halves: to even
+        "tiny": np.array([1e-42, -3e-39, 1e-40], np.float32),  # float32 subnormal inputs
+        "delta": (rng.standard_normal((64, 3, 3)) * 1e-6).astype(np.float32),  # subnormal halves unscaled
+    }
+
+    decoded = decode(encode(HEADER, tensors, "fp16")).tensors
+
+    for name, x in tensors.items():
+        np.testing.assert_array_equal(decoded[name], scaled_half(x), err_msg=name)
+    assert np.abs(decoded["delta"] - tensors["delta"]).max() <= 2**-11 * np.abs(tensors["delta"]).max()
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.05])
+def test_topk_of_large_tensors_is_exact(fraction):
+    # Large tensors take the k largest among elements over a threshold from every 64th |x|;
+    # with the big values only where the sample looks (and k larger than the sample), too few
+    # pass it and all elements are searched.
+    rng = np.random.default_rng(12)
+    spiky = np.ones(64_000, np.float32)
+    spiky[::64] = 10.0
+    tensors = {"normal": rng.standard_normal((300, 128)).astype(np.float32), "spiky": spiky, "ties": np.full(20_000, 0.5, np.float32)}
+
+    update = decode(encode(HEADER, tensors, "topk", topk_fraction=fraction))
+
+    for name, x in tensors.items():
+        assert_decodes_as("topk", x, update.tensors[name], fraction)
+    k = math.ceil(fraction * tensors["normal"].size)
+    expected = np.sort(np.argsort(np.abs(tensors["normal"]).reshape(-1))[-k:])
+    np.testing.assert_array_equal(np.flatnonzero(update.tensors["normal"]), expected)
+
+
+def test_threads_encode_and_decode_alike():
+    rng = np.random.default_rng(13)
+    tensors = {f"t{i}": rng.standard_normal((50, 40 * i + 1)).astype(np.float32) for i in range(1, 12)}
+    encodings = dict(zip(tensors, itertools.cycle(ENCODINGS)))
+
+    def round_trip(seed: int) -> tuple[bytes, list[np.ndarray]]:
+        data = encode(HEADER, tensors, encodings, rng=np.random.default_rng(seed))
+        return data, list(decode(data).tensors.values())
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(round_trip, [s % 3 for s in range(24)]))
+
+    for seed, (data, decoded) in zip([s % 3 for s in range(24)], together):
+        alone_data, alone = round_trip(seed)
+        assert data == alone_data
+        for a, b in zip(decoded, alone):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_kinds_and_inputs_other_than_float32():
@@ -221,8 +302,10 @@ def test_rounding_draws_from_the_given_generator():
     [
         ({"w": np.array([1.0, np.nan])}, {}, "NaN or Inf"),
         ({"w": np.array([np.inf])}, {"encoding": "sign1"}, "NaN or Inf"),
-        ({"w": np.array([1e5])}, {"encoding": "fp16"}, "fp16"),
-        ({"w": np.array([1e5])}, {"encoding": "topk"}, "fp16"),
+        ({"w": np.array([1.1e9])}, {"encoding": "fp16"}, "fp16"),  # past 65504 * 2**14
+        ({"w": np.array([1.1e9])}, {"encoding": "topk"}, "fp16"),
+        ({"w": np.array([1.0, np.inf])}, {"encoding": "fp16"}, "NaN or Inf"),
+        ({"w": np.array([1.0, np.nan])}, {"encoding": "topk"}, "NaN or Inf"),
         ({"w": np.array([3e38])}, {"encoding": "int4"}, "too large"),
         ({"w": np.zeros(3)}, {"encoding": "int3"}, "unknown"),
         ({"w": np.zeros(3)}, {"encoding": {"v": "int8"}}, "missing"),
@@ -279,8 +362,8 @@ def test_decode_refuses_wrong_magic_version_and_checksum():
     data = sample()
     with pytest.raises(CodecError, match="not a fedkit update"):
         decode(b"XXXX" + data[4:])
-    with pytest.raises(CodecError, match="format version 2"):
-        decode(reseal(data[:4] + struct.pack("<H", 2) + data[6:]))
+    with pytest.raises(CodecError, match="format version 1, this fedkit reads 2: update the older side"):
+        decode(reseal(data[:4] + struct.pack("<H", 1) + data[6:]))
     flipped = bytearray(data)
     flipped[-10] ^= 0x01
     with pytest.raises(CodecError, match="checksum"):
@@ -323,12 +406,16 @@ def test_decode_refuses_oversized_input():
     [
         ("fp32", np.array([1.0, 2.0], np.float32), struct.pack("<f", math.nan), 4),
         ("fp32", np.array([1.0, 2.0], np.float32), struct.pack("<f", -math.inf), 0),
-        ("fp16", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0x7C00), 2),
+        ("fp16", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0x7C00), 4),  # after the scale
+        ("fp16", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0xFE00), 2),  # NaN, negative
+        ("fp16", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0x3F81), 0),  # scale not a power of two
+        ("fp16", np.array([1.0, 2.0], np.float32), struct.pack("<H", (127 + 15) << 7), 0),  # scale 2**15: over 2**14
+        ("topk", np.array([3.0, 2.0, 1.0], np.float32), struct.pack("<H", 0x7F80), 0),  # Inf scale
         ("int8", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0x7FC0), 0),  # NaN scale
         ("int4", np.ones((2, 3), np.float32), struct.pack("<H", 0x7F80), 2),  # Inf scale
         ("sign1", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0xBF80), 0),  # -1 scale
         ("int8", np.array([1.0, 2.0], np.float32), struct.pack("<H", 0x7F7F), 0),  # 128 * scale overflows
-        ("topk", np.array([3.0, 2.0, 1.0], np.float32), struct.pack("<H", 0x7E00), 12),  # NaN value
+        ("topk", np.array([3.0, 2.0, 1.0], np.float32), struct.pack("<H", 0x7E00), 14),  # NaN value
     ],
 )
 def test_decode_refuses_non_finite_values_and_scales(encoding, x, raw, at):
@@ -343,7 +430,7 @@ def test_decode_refuses_bad_topk_indices(indices):
     data, payload = one_tensor("topk", np.array([3.0, 2.0, 1.0], np.float32))
     assert decode(data).tensors["x"].tolist() == [3.0, 2.0, 1.0]
     with pytest.raises(CodecError, match="top-k indices"):
-        decode(patched(data, payload, struct.pack("<3I", *indices)))
+        decode(patched(data, payload + 2, struct.pack("<3I", *indices)))
 
 
 @pytest.mark.parametrize(
@@ -351,9 +438,10 @@ def test_decode_refuses_bad_topk_indices(indices):
     [
         ([("x", 0, (2**20,), b"\0" * 4)], "does not fit its shape"),
         ([("x", 5, (2**32 - 1, 2**32 - 1), b"\0" * 6)], "elements"),
-        ([(name, 5, (2**13, 2**12), b"\0" * 6) for name in "xyz"], "in all"),
+        ([(name, 5, (2**13, 2**12), b"\0" * 8) for name in "xyz"], "in all"),
         ([("x", 5, (3,), b"\0" * 7)], "does not fit its shape"),
-        ([("x", 5, (1,), b"\0" * 12)], "does not fit its shape"),
+        ([("x", 5, (1,), b"\0" * 14)], "does not fit its shape"),  # k = 2 of 1 element
+        ([("x", 5, (1,), b"\0" * 6)], "does not fit its shape"),  # no room for the scale
         ([("x", 9, (1,), b"\0" * 4)], "encoding code 9"),
         ([("x", 0, (1,) * 9, b"\0" * 4)], "dimensions"),
         ([("x", 0, (1,), b"\0" * 4)] * 2, "twice"),
@@ -425,7 +513,7 @@ def test_mutated_updates_only_ever_raise_codec_error(flips, cut, truncate, inser
 @settings(max_examples=300, deadline=None)
 @given(tail=st.binary(max_size=200), seal=st.booleans())
 def test_random_bytes_after_a_valid_prefix_only_ever_raise_codec_error(tail, seal):
-    data = MAGIC + struct.pack("<H", 1) + tail
+    data = MAGIC + struct.pack("<H", FORMAT_VERSION) + tail
     assert_decodes_or_refuses(reseal(data) if seal else data)
 
 
