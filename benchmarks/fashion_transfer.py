@@ -177,7 +177,7 @@ def measured_alone(per_class: dict, root: Path) -> dict:
     def weights(bundle: Bundle) -> dict:
         return decode(bundle.path("weights").read_bytes()).tensors
 
-    split = SplitTrainer(split_bundle, shard, exchange, device_id="phone-16")
+    split = SplitTrainer(split_bundle, shard, exchange, workdir=root / "split", device_id="phone-16")
     s = split.run_round(task, weights(split_bundle))
     alone = LocalTrainer(alone_bundle, shard, root / "alone", device_id="phone-16", holdout_fraction=0.0)
     a = alone.run_round(task, weights(alone_bundle))

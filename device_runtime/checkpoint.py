@@ -10,6 +10,10 @@ Writing: a temporary file in the same folder, fsync, ``os.replace``, fsync of th
 kill at any point leaves either the old checkpoint or the new one, never a torn file; a
 checkpoint that still fails to read (damaged storage, altered by hand) raises
 CheckpointError, and the trainer refuses to resume from it (see ``device_runtime.trainer``).
+
+``RoundCheckpoint`` is the layout both trainers keep their round in: which round (a key of the
+task and the base weights), its phase ("training" → "trained" → "encoded"), the weights,
+optimizer and position after the last saved step, and the error-feedback residuals.
 """
 
 from __future__ import annotations
@@ -29,8 +33,39 @@ FORMAT_VERSION = 1
 _META = "__meta__"
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Writes ``state`` to ``path`` atomically (the old file stays until the new one is complete)."""
+class RoundCheckpoint:
+    """A trainer's round, as last saved to (or read from) its checkpoint file at ``path``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.state: dict[str, Any] = load_checkpoint(self.path) or {}
+
+    def phase(self, round_key: dict[str, Any]) -> str | None:
+        """The saved phase of the round ``round_key``; None when the file holds another round or none."""
+        return self.state.get("phase") if self.state.get("round_key") == round_key else None
+
+    def save(
+        self, round_key, phase: str, weights, optimizer: dict, position: dict, error_feedback: dict, *, durable: bool = True, **extra
+    ) -> None:
+        """Saves the round atomically; ``optimizer`` and ``error_feedback`` are their state dicts
+        (``durable``: see save_checkpoint)."""
+        state = {
+            "round_key": round_key,
+            "phase": phase,
+            "weights": weights,
+            "optimizer": optimizer,
+            "position": position,
+            "error_feedback": error_feedback,
+            **extra,
+        }
+        save_checkpoint(self.path, state, durable=durable)
+        self.state = state
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], *, durable: bool = True) -> None:
+    """Writes ``state`` to ``path`` atomically (the old file stays until the new one is complete).
+    ``durable=False`` skips the fsyncs: still atomic against a killed process (the kernel keeps
+    the written pages), but a power cut may bring back the previous checkpoint."""
     path = Path(path)
     arrays: dict[str, np.ndarray] = {}
     meta = {"format_version": FORMAT_VERSION, "state": _split(state, "", arrays)}
@@ -42,12 +77,14 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:

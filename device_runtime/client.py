@@ -10,6 +10,8 @@ same pair is pushed again and answered "duplicate" if the first push had landed.
 
     ProtocolError  the credential is refused (enrol again), the aggregator answered something
                    outside the protocol, or it stayed unreachable through every retry
+    RestartRound   (SplitFed) a batch answered 409 with ``X-Fedkit-Batch: restart``: the edge
+                   lost the phone's round (it restarted); send batch 0 to train it again
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any, Callable
 
 import httpx
 
-from device_runtime.errors import ProtocolError
+from device_runtime.errors import ProtocolError, RestartRound
 
 API = "/v1"
+BATCH_HEADER = "X-Fedkit-Batch"  # the edge's status of a SplitFed batch; "restart" on a 409: send batch 0
 TASK_FIELDS = ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")
 
 
@@ -73,7 +76,8 @@ class Assignment:
 @dataclass(frozen=True)
 class PushResult:
     """The aggregator's definite answer to a push: accepted, duplicate (an earlier push of it
-    was accepted), stale (its round closed, or its base is too old) or rejected (``reason``)."""
+    was accepted), stale (its round closed, or its base is too old), rejected (``reason``) or,
+    for a SplitFed update, restart (the edge lost its part of the round: train it again)."""
 
     status: str
     reason: str = ""
@@ -154,16 +158,19 @@ class SyncClient:
             raise ProtocolError(f"the aggregator refused this device's credential: {_reason(r)}; enrol again")
         body = _json(r)
         status = body.get("status") if isinstance(body, dict) else None
-        if status not in ("accepted", "duplicate", "stale", "rejected"):
+        if status not in ("accepted", "duplicate", "stale", "rejected", "restart"):
             raise ProtocolError(f"push answered {r.status_code} with {body!r}, which is not a push outcome")
         return PushResult(status, str(body.get("reason", "")), body.get("round"), body.get("update_id"), r.status_code)
 
     def splitfed_batch(self, batch: int, payload: bytes) -> bytes:
         """Sends one SplitFed batch (a codec "activation" message) to the edge and returns its
         codec "gradient" answer. ``batch`` is the step's index in the round: a retry whose first
-        answer was lost gets the same bytes again, and never trains twice."""
+        answer was lost gets the same bytes again, and never trains twice. Raises RestartRound
+        when the edge answers that it cannot continue the round from this batch."""
         headers = {"Content-Type": "application/octet-stream"}
         r = self._request("PUT", f"/splitfed/batches/{batch}", content=payload, headers=headers)
+        if r.status_code == 409 and r.headers.get(BATCH_HEADER) == "restart":
+            raise RestartRound(f"SplitFed batch {batch}: {_reason(r)}")
         self._expect(r, 200, f"SplitFed batch {batch}")
         return r.content
 

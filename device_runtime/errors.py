@@ -6,6 +6,7 @@
     ├── EngineError             a training engine cannot load or run a bundle
     ├── CheckpointError         a local checkpoint cannot be read
     ├── ProtocolError           the aggregator answered something the client cannot use
+    │   └── RestartRound        the SplitFed edge lost the phone's round: train it again from batch 0
     ├── DataError               a dataset file or a phone's data shard is missing or corrupt
     └── (host side, in toolkit.errors) ModelError, ExportError, PlanError, ConfigError,
         StoreError, DeployError
@@ -36,6 +37,11 @@ class CheckpointError(FedkitError):
 
 class ProtocolError(FedkitError):
     """The aggregator's answer breaks the sync protocol, or it refused a request for good."""
+
+
+class RestartRound(ProtocolError):
+    """The SplitFed edge holds no state for the phone's round (the aggregator restarted): the
+    phone must train the round again from batch 0, from the round's base weights."""
 
 
 class DataError(FedkitError):

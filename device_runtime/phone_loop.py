@@ -12,6 +12,8 @@ The loop runs until the aggregator answers "done". A rejected update (e.g. a div
 whose norm is over the limit) is logged and the phone sits that round out. It is safe to kill at any point: the
 trainer checkpoints the round and the encoded update before the push, the aggregator hands out
 the same task again until it has the update, and a repeated push is answered "duplicate".
+A SplitFed push answered "restart" (the aggregator restarted after the phone's last batch and
+lost the edge's part) trains the same task again from batch 0 and pushes that.
 
 A task names a trainable depth (``trainable_blocks``); the phone trains the deepest of its
 bundles that is not deeper, or its shallowest one. Tensors of the global model that its
@@ -153,19 +155,18 @@ class PhoneLoop:
     def _round(self, a: Assignment) -> int:
         task = Task(**a.task_fields())
         name = _pick(self.bundles, a.trainable_blocks)
-        bundle = self.bundles[name]
-        base = self._base_weights(task.base_version, bundle)
+        global_weights = self._global_weights(task.base_version)
         trainer = self._trainer(name)
         self.log.write("round", round=task.round, stage=a.stage, bundle=name)
         start = time.time()
-        result = trainer.run_round(task, base)
+        result = trainer.run_round(task, global_weights)
         encoded = trainer.encode_update(task, result)
         if isinstance(result, SplitRoundResult):
             # only the phone's own compute is slowed down: the edge and the link take their own time
             self.hooks.after_compute(result.compute_seconds)
             accuracy, fields = None, {
-                "resumed": False, "compute_s": round(result.compute_seconds, 3), "exchange_s": round(result.exchange_seconds, 3),
-                "activation_bytes": result.activation_bytes, "gradient_bytes": result.gradient_bytes,
+                "resumed": result.resumed, "compute_s": round(result.compute_seconds, 3), "exchange_s": round(result.exchange_seconds, 3),
+                "activation_bytes": result.activation_bytes, "gradient_bytes": result.gradient_bytes, "restarts": result.restarts,
             }
         else:
             self.hooks.after_compute(time.time() - start)
@@ -179,25 +180,26 @@ class PhoneLoop:
         self.log.span("upload", start, round=task.round, bytes=len(encoded.payload), status=answer.status, reason=answer.reason)
         if answer.status == "rejected":  # pushing the same bytes again would be rejected again
             self._rejected_round = task.round
+        if answer.status == "restart":  # SplitFed: the edge lost its part; the same task trains the round again
+            trainer.restart_round(task)
         return int(answer.status == "accepted")
 
-    def _base_weights(self, version: int, bundle: Bundle) -> dict:
+    def _global_weights(self, version: int) -> dict:
+        """The global model's tensors of ``version``, downloaded once (the trainers take what their bundle needs)."""
         if self._weights is None or self._weights[0] != version:
             start = time.time()
             blob, _ = self.client.weights(version)
             self._weights = (version, decode(blob).tensors)
             self.log.span("download", start, version=version, bytes=len(blob))
-        tensors = self._weights[1]
-        missing = [t.name for t in bundle.manifest.trainable if t.name not in tensors]
-        if missing:
-            raise ProtocolError(f"global model version {version} lacks {', '.join(missing)}: the bundle does not fit this run")
-        return {t.name: tensors[t.name] for t in bundle.manifest.trainable}
+        return self._weights[1]
 
     def _trainer(self, name: str) -> LocalTrainer | SplitTrainer:
         if name not in self._trainers:
             bundle, device_id = self.bundles[name], self.credential.device_id
             if bundle.manifest.is_splitfed:
-                self._trainers[name] = SplitTrainer(bundle, self.root / SHARD, edge_exchange(self.client), device_id=device_id)
+                self._trainers[name] = SplitTrainer(
+                    bundle, self.root / SHARD, edge_exchange(self.client), workdir=self.work / name, device_id=device_id
+                )
             else:
                 self._trainers[name] = LocalTrainer(bundle, self.root / SHARD, self.work / name, device_id=device_id)
         return self._trainers[name]

@@ -11,8 +11,22 @@ twice; batch 0 (re)starts the phone's round on the edge.
 At the end, the update (new − base weights of the phone's trainable tensors) is encoded as
 LocalTrainer's is, with error feedback; when the aggregator accepts it, it adds the edge's copy
 of the blocks past the cut (``toolkit.splitfed.edge``). There is no held-out evaluation (the
-phone cannot classify alone) and no checkpoint: a phone killed mid-round starts the round over
-from batch 0. Standard library, numpy and device_runtime only.
+phone cannot classify alone).
+
+Crashes, on either side:
+
+- the phone checkpoints (``device_runtime.checkpoint.RoundCheckpoint``, as LocalTrainer does)
+  after every batch, at the end of the round and with the encoded update before it is pushed.
+  Every batch, because the edge keeps only its last batch: a phone resumed at batch s finds
+  the edge's last batch at s (the cached answer, no second training) or s − 1 (it trains s),
+  and the round goes on as if nothing happened, bit for bit;
+- an edge that lost the round (the aggregator restarted) answers a batch past 0 with
+  RestartRound: the phone resets its weights and optimizer to the round's base and starts
+  over from batch 0 (at most MAX_RESTARTS times in a row, then a ProtocolError). A push whose
+  edge part was lost is answered "restart": ``restart_round`` forgets the encoded update and
+  its error-feedback residuals, and the round is trained again.
+
+Standard library, numpy and device_runtime only.
 """
 
 from __future__ import annotations
@@ -26,17 +40,22 @@ from typing import Callable
 import numpy as np
 
 from device_runtime.bundle import Bundle
+from device_runtime.checkpoint import RoundCheckpoint
 from device_runtime.client import SyncClient
 from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode
 from device_runtime.engines import Engine, open_engine
-from device_runtime.errors import BundleError, CodecError, ProtocolError
+from device_runtime.errors import BundleError, CodecError, InternalError, ProtocolError, RestartRound
 from device_runtime.optim import SGD
 from device_runtime.preprocess import prepare
-from device_runtime.trainer import FEATURE_BATCH, EncodedUpdate, Task, encode_with_feedback, load_shard
+from device_runtime.trainer import (
+    CHECKPOINT, FEATURE_BATCH, EncodedUpdate, Task, batches, encode_checkpointed, load_shard, round_key, start_from,
+    weights_digest,
+)  # fmt: skip
 
 LABELS = "labels"
 LOSS = "loss"
 MAX_REPLY_BYTES = 64 * 1024 * 1024
+MAX_RESTARTS = 3  # in a row, when the edge keeps losing the round (it keeps restarting)
 
 # Sends one batch's activation message to the edge and returns its gradient message.
 Exchange = Callable[[int, bytes], bytes]
@@ -52,13 +71,26 @@ class SplitRoundResult:
     activation_bytes: int  # sent to the edge, this round
     gradient_bytes: int  # received from the edge, this round
     feature_seconds: float
-    train_seconds: float  # the phone's compute, the edge's and the link's
+    train_seconds: float  # the phone's compute, the edge's and the link's, summed over processes and restarts
     exchange_seconds: float  # of train_seconds, waiting for the edge's answers (link and edge)
+    resumed: bool  # this process continued a checkpointed round
+    restarts: int  # times the edge lost the round and it started over from batch 0
 
     @property
     def compute_seconds(self) -> float:
         """The phone's own compute this round: features (when computed) and its blocks' steps."""
         return self.feature_seconds + self.train_seconds - self.exchange_seconds
+
+
+SPENT = ("activation_bytes", "gradient_bytes", "train_seconds", "exchange_seconds")
+
+
+def _start(stopped: dict | None = None) -> dict:
+    """The position at batch 0 of a round; restarted after ``stopped``, the bytes and time it
+    spent stay counted (they were spent) and the restart is counted."""
+    if stopped is None:
+        return {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, **dict.fromkeys(SPENT, 0), "restarts": 0}
+    return {**_start(), **{k: stopped[k] for k in SPENT}, "restarts": stopped["restarts"] + 1}
 
 
 def edge_exchange(client: SyncClient) -> Exchange:
@@ -69,7 +101,7 @@ def edge_exchange(client: SyncClient) -> Exchange:
 
 class SplitTrainer:
     """Trains one phone's shard on a SplitFed bundle (``ort`` engine), with the edge reached
-    through ``exchange``."""
+    through ``exchange``, checkpointing into ``workdir`` (which belongs to this trainer alone)."""
 
     def __init__(
         self,
@@ -77,6 +109,7 @@ class SplitTrainer:
         shard_path: str | Path,
         exchange: Exchange,
         *,
+        workdir: str | Path,
         device_id: str = "phone",
         engine: Engine | None = None,
         encoding: str = "int8",  # of the activations (the edge answers in the same)
@@ -93,73 +126,132 @@ class SplitTrainer:
         self.encoding = encoding
         self.cut_name = manifest.block_names[manifest.plan.cut - 1]  # the activation's name on the wire
         self.images, self.labels = load_shard(shard_path, len(manifest.label_names))
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        self.checkpoint = RoundCheckpoint(Path(workdir) / CHECKPOINT)
         self.error_feedback = ErrorFeedback()
-        self._features: np.ndarray | None = None
-        self._encoded: EncodedUpdate | None = None
+        if "error_feedback" in self.checkpoint.state:
+            self.error_feedback.load_state_dict(self.checkpoint.state["error_feedback"])
+        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed tensors, features)
         self._device_key = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "little")
 
     def run_round(self, task: Task, global_weights: dict[str, np.ndarray]) -> SplitRoundResult:
         """Trains from the global model's tensors of this phone's blocks, batch by batch with
-        the edge; ``global_weights`` may hold more tensors (the edge's blocks)."""
-        missing = [t.name for t in self.bundle.manifest.trainable if t.name not in global_weights]
-        if missing:
-            raise ProtocolError(
-                f"global model version {task.base_version} lacks {', '.join(missing[:3])}: the bundle does not fit this run"
-            )
-        base = {t.name: np.asarray(global_weights[t.name], np.float32) for t in self.bundle.manifest.trainable}
+        the edge; ``global_weights`` may hold more tensors (the edge's blocks). Continues the
+        round from the checkpoint when one of the same task and base is there; starts it over
+        from batch 0 (at most MAX_RESTARTS times) when the edge says it lost the round."""
+        base, fed = start_from(self.bundle, self.engine, task, global_weights)
+        key = round_key(task, {**base, **fed})
+        phase = self.checkpoint.phase(key)
+        if phase in ("trained", "encoded"):
+            return self._result(base, resumed=True)
         t0 = time.perf_counter()
-        h = self.features()
+        h = self.features(fed)
         feature_seconds = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        weights, opt = dict(base), SGD(task.lr, momentum=task.momentum)
-        self.engine.set_weights(weights)
-        n, bs = len(self.labels), task.batch_size
-        step, loss_sum, sent, received, waited = 0, 0.0, 0, 0, 0.0
-        for epoch in range(task.local_epochs):
-            order = self._rng(task, 0, epoch).permutation(n)
-            for b in range(0, n, bs):
-                idx = order[b : b + bs]
-                activation = self.engine.forward(h[idx])
-                message = self._activation_message(task, step, activation, self.labels[idx])
-                t_send = time.perf_counter()
-                reply = self.exchange(step, message)
-                waited += time.perf_counter() - t_send
-                loss, grad = self._gradient(reply, activation.shape)
-                weights = opt.step(weights, self.engine.backward_from(h[idx], grad))
-                self.engine.set_weights(weights)
-                step, loss_sum = step + 1, loss_sum + loss * len(idx)
-                sent, received = sent + len(message), received + len(reply)
-        return SplitRoundResult(
-            round=task.round,
-            update={k: weights[k] - base[k] for k in base},
-            num_samples=n,
-            steps=step,
-            train_loss=loss_sum / (n * task.local_epochs),
-            activation_bytes=sent,
-            gradient_bytes=received,
-            feature_seconds=feature_seconds,
-            train_seconds=time.perf_counter() - t0,
-            exchange_seconds=waited,
-        )
+        opt = SGD(task.lr, momentum=task.momentum)
+        if phase == "training":  # continue at the saved batch
+            st = self.checkpoint.state
+            weights = {k: np.array(v, dtype=np.float32) for k, v in st["weights"].items()}
+            opt.load_state_dict(st["optimizer"])
+            pos = st["position"]
+        else:
+            weights, pos = dict(base), _start()
+        restarts = 0
+        while True:
+            try:
+                weights, pos = self._train(task, key, h, weights, opt, pos)
+                break
+            except RestartRound as exc:
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise ProtocolError(
+                        f"the edge lost this phone's round {task.round} {restarts} times in a row ({exc}): the aggregator keeps "
+                        "restarting; check its log, then run the phone again"
+                    ) from exc
+                stopped = self.checkpoint.state["position"]  # saved after the last batch trained (batch 0 never restarts)
+                weights, opt, pos = dict(base), SGD(task.lr, momentum=task.momentum), _start(stopped)
+        metrics = {"num_samples": len(self.labels), "train_loss": pos["loss_sum"] / pos["seen"], "feature_seconds": feature_seconds}
+        self.checkpoint.save(key, "trained", weights, {}, pos, self.error_feedback.state_dict(), metrics=metrics)
+        return self._result(base, resumed=phase == "training")
 
     def encode_update(self, task: Task, result: SplitRoundResult) -> EncodedUpdate:
-        """The round's update compressed for pushing (the same bytes and key when asked again)."""
-        if self._encoded is not None and self._encoded.round == task.round:
-            return self._encoded
-        payload, key = encode_with_feedback(
-            self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1)
-        )
-        self._encoded = EncodedUpdate(task.round, payload, key)
-        return self._encoded
+        """The round's update compressed for pushing, checkpointed before it is returned; for a
+        round already encoded, the same bytes and key again."""
+        return encode_checkpointed(
+            self.checkpoint, self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1),
+            feedback_before=self.error_feedback.state_dict(),  # for restart_round
+        )  # fmt: skip
 
-    def features(self) -> np.ndarray:
-        """The frozen part's outputs for every image of the shard (the input itself when nothing is frozen)."""
-        if self._features is None:
+    def restart_round(self, task: Task) -> None:
+        """The push was answered "restart" (the edge lost its part of the round): forgets the
+        encoded update and its error-feedback residuals, so the next ``run_round`` of ``task``
+        trains the round again from batch 0."""
+        st = self.checkpoint.state
+        if st.get("round_key", {}).get("task") != task.to_dict() or st.get("phase") != "encoded":
+            raise InternalError(f"restart_round(round {task.round}) called for a round that is not encoded")
+        self.error_feedback.load_state_dict(st["feedback_before"])
+        self.checkpoint.save(st["round_key"], "restart", {}, {}, {}, self.error_feedback.state_dict())
+
+    def features(self, fed: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The frozen part's outputs for every image of the shard (the input itself when nothing
+        is frozen); ``fed``: the global values the frozen part was last fed (see start_from)."""
+        fed_digest = weights_digest(fed or {})
+        if self._features is None or self._features[0] != fed_digest:
             spec = self.bundle.manifest.input_spec
             chunks = range(0, len(self.images), FEATURE_BATCH)  # bounds the frozen part's peak memory
-            self._features = np.concatenate([self.engine.features(prepare(self.images[i : i + FEATURE_BATCH], spec)) for i in chunks])
-        return self._features
+            h = np.concatenate([self.engine.features(prepare(self.images[i : i + FEATURE_BATCH], spec)) for i in chunks])
+            self._features = (fed_digest, h)
+        return self._features[1]
+
+    # -- training --------------------------------------------------------------------------
+    def _train(self, task: Task, key: dict, h: np.ndarray, weights: dict, opt: SGD, pos: dict) -> tuple[dict, dict]:
+        """The round's batches from ``pos`` on, each checkpointed once stepped."""
+        self.engine.set_weights(weights)
+        for idx, (epoch, batch) in batches(task, len(self.labels), pos, lambda e: self._rng(task, 0, e)):
+            t0 = time.perf_counter()
+            activation = self.engine.forward(h[idx])
+            message = self._activation_message(task, pos["step"], activation, self.labels[idx])
+            t_send = time.perf_counter()
+            reply = self.exchange(pos["step"], message)
+            waited = time.perf_counter() - t_send
+            loss, grad = self._gradient(reply, activation.shape)
+            weights = opt.step(weights, self.engine.backward_from(h[idx], grad))
+            self.engine.set_weights(weights)
+            pos = {
+                **pos,
+                "epoch": epoch,
+                "batch": batch,
+                "step": pos["step"] + 1,
+                "loss_sum": pos["loss_sum"] + loss * len(idx),
+                "seen": pos["seen"] + len(idx),
+                "activation_bytes": pos["activation_bytes"] + len(message),
+                "gradient_bytes": pos["gradient_bytes"] + len(reply),
+                "exchange_seconds": pos["exchange_seconds"] + waited,
+                "train_seconds": pos["train_seconds"] + time.perf_counter() - t0,
+            }
+            # Every batch: the edge keeps only its last batch, so a resumed phone must be at most one
+            # batch behind it. Not fsynced (half the cost of a step): after a power cut an older
+            # checkpoint is further behind, and the edge answers "restart" rather than train twice.
+            self.checkpoint.save(key, "training", weights, opt.state_dict(), pos, self.error_feedback.state_dict(), durable=False)
+        return weights, pos
+
+    def _result(self, base: dict[str, np.ndarray], resumed: bool) -> SplitRoundResult:
+        st = self.checkpoint.state
+        m, pos = st["metrics"], st["position"]
+        return SplitRoundResult(
+            round=st["round_key"]["task"]["round"],
+            update={k: np.asarray(w, np.float32) - base[k] for k, w in st["weights"].items()},
+            num_samples=m["num_samples"],
+            steps=pos["step"],
+            train_loss=m["train_loss"],
+            activation_bytes=pos["activation_bytes"],
+            gradient_bytes=pos["gradient_bytes"],
+            feature_seconds=m["feature_seconds"],
+            train_seconds=pos["train_seconds"],
+            exchange_seconds=pos["exchange_seconds"],
+            resumed=resumed,
+            restarts=pos["restarts"],
+        )
 
     # -- messages --------------------------------------------------------------------------
     def _activation_message(self, task: Task, step: int, activation: np.ndarray, labels: np.ndarray) -> bytes:

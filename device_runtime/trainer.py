@@ -29,12 +29,12 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from device_runtime.bundle import Bundle, sha256_file
-from device_runtime.checkpoint import load_checkpoint, save_checkpoint
+from device_runtime.checkpoint import RoundCheckpoint
 from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode, layered_encodings
 from device_runtime.engines import Engine, open_engine
 from device_runtime.errors import BundleError, DataError, FedkitError, InternalError, ProtocolError
@@ -133,25 +133,27 @@ class LocalTrainer:
         self.train_index = np.setdiff1d(np.arange(n), held)
         if len(self.train_index) == 0:
             raise DataError(f"shard {self.shard_path} has {n} images, none left to train on: lower holdout_fraction")
-        self._state: dict[str, Any] = load_checkpoint(self.checkpoint_path) or {}
+        self.checkpoint = RoundCheckpoint(self.checkpoint_path)
         self.error_feedback = ErrorFeedback()
-        if "error_feedback" in self._state:
-            self.error_feedback.load_state_dict(self._state["error_feedback"])
-        self._features: np.ndarray | None = None
+        if "error_feedback" in self.checkpoint.state:
+            self.error_feedback.load_state_dict(self.checkpoint.state["error_feedback"])
+        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed tensors, features)
         self._device_key = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "little")
 
     # -- a round ---------------------------------------------------------------------------
-    def run_round(self, task: Task, base_weights: dict[str, np.ndarray]) -> RoundResult:
-        """Trains from ``base_weights`` as ``task`` says and returns the update; continues the
-        round from the checkpoint when one of the same task and base is there."""
-        key = {"task": task.to_dict(), "base_digest": weights_digest(base_weights)}
-        st = self._state
-        same = st.get("round_key") == key
-        if same and st["phase"] in ("trained", "encoded"):
+    def run_round(self, task: Task, global_weights: dict[str, np.ndarray]) -> RoundResult:
+        """Trains from the global model's tensors (``global_weights``: this bundle's trainable
+        ones, and those its frozen part is fed) as ``task`` says and returns the update;
+        continues the round from the checkpoint when one of the same task and base is there."""
+        base_weights, fed = start_from(self.bundle, self.engine, task, global_weights)
+        key = round_key(task, {**base_weights, **fed})
+        st, phase = self.checkpoint.state, self.checkpoint.phase(key)
+        same = phase is not None
+        if phase in ("trained", "encoded"):
             return self._result(st, base_weights, resumed=True)
 
         t0 = time.perf_counter()
-        h = self.features()
+        h = self.features(fed)
         feature_seconds = time.perf_counter() - t0
         opt = SGD(task.lr, momentum=task.momentum)
         if same:  # phase "training": continue at the saved batch
@@ -163,28 +165,24 @@ class LocalTrainer:
             pos = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, "train_seconds": 0.0}
         self.engine.set_weights(weights)
 
-        n, bs = len(self.train_index), task.batch_size
-        batches = -(-n // bs)
+        n = len(self.train_index)
         t0 = time.perf_counter()
-        for epoch in range(pos["epoch"], task.local_epochs):
-            order = self._rng(task, 0, epoch).permutation(n)
-            for b in range(pos["batch"], batches):  # 0 except in a resumed epoch
-                idx = self.train_index[order[b * bs : (b + 1) * bs]]  # gathered per batch: no copy of all features
-                loss, grads = self.engine.gradients(h[idx], self.labels[idx])
-                weights = opt.step(weights, grads)
-                self.engine.set_weights(weights)
-                nxt = (epoch, b + 1) if b + 1 < batches else (epoch + 1, 0)
-                pos = {
-                    "epoch": nxt[0],
-                    "batch": nxt[1],
-                    "step": pos["step"] + 1,
-                    "loss_sum": pos["loss_sum"] + float(loss) * len(idx),
-                    "seen": pos["seen"] + len(idx),
-                    "train_seconds": pos["train_seconds"] + time.perf_counter() - t0,
-                }
-                t0 = time.perf_counter()
-                if pos["step"] % self.checkpoint_every == 0:
-                    self._save(key, "training", weights, opt, pos)
+        for picked, (epoch, batch) in batches(task, n, pos, lambda e: self._rng(task, 0, e)):
+            idx = self.train_index[picked]  # gathered per batch: no copy of all features
+            loss, grads = self.engine.gradients(h[idx], self.labels[idx])
+            weights = opt.step(weights, grads)
+            self.engine.set_weights(weights)
+            pos = {
+                "epoch": epoch,
+                "batch": batch,
+                "step": pos["step"] + 1,
+                "loss_sum": pos["loss_sum"] + float(loss) * len(idx),
+                "seen": pos["seen"] + len(idx),
+                "train_seconds": pos["train_seconds"] + time.perf_counter() - t0,
+            }
+            t0 = time.perf_counter()
+            if pos["step"] % self.checkpoint_every == 0:
+                self._save(key, "training", weights, opt, pos)
 
         eval_loss, eval_accuracy = self._evaluate(h)
         metrics = {
@@ -195,32 +193,24 @@ class LocalTrainer:
             "feature_seconds": feature_seconds,
         }
         self._save(key, "trained", weights, opt, pos, metrics=metrics)
-        return self._result(self._state, base_weights, resumed=same)
+        return self._result(self.checkpoint.state, base_weights, resumed=same)
 
     def encode_update(self, task: Task, result: RoundResult) -> EncodedUpdate:
         """The round's update compressed for pushing, checkpointed before it is returned; for a
         round already encoded, the same bytes and key again."""
-        st = self._state
-        if st.get("round_key", {}).get("task") != task.to_dict() or st.get("phase") not in ("trained", "encoded"):
-            raise InternalError(f"encode_update(round {task.round}) called before run_round finished that task")
-        if st["phase"] == "encoded":
-            return EncodedUpdate(task.round, st["payload"], st["idempotency_key"])
-        payload, key = encode_with_feedback(
-            self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1)
+        return encode_checkpointed(
+            self.checkpoint, self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1)
         )
-        self._save(
-            st["round_key"], "encoded", st["weights"], None, st["position"],
-            metrics=st["metrics"], payload=payload, idempotency_key=key,
-        )  # fmt: skip
-        return EncodedUpdate(task.round, payload, key)
 
     # -- features and evaluation -----------------------------------------------------------
-    def features(self) -> np.ndarray:
-        """The frozen part's outputs for every image of the shard, from the cache when it holds them."""
-        if self._features is not None:
-            return self._features
+    def features(self, fed: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The frozen part's outputs for every image of the shard, from the cache when it holds
+        them; ``fed``: the global values the frozen part was last fed (see start_from)."""
+        fed_digest = weights_digest(fed or {})
+        if self._features is not None and self._features[0] == fed_digest:
+            return self._features[1]
         digest = sha256_file(self.shard_path)
-        path = self.workdir / f"features-{self.bundle.bundle_hash[:16]}-{digest[:16]}.npy"
+        path = self.workdir / f"features-{self.bundle.bundle_hash[:16]}-{digest[:16]}-{fed_digest[:16]}.npy"
         try:
             h = np.load(path, allow_pickle=False)
             if h.dtype != np.float32 or len(h) != len(self.labels):
@@ -233,7 +223,7 @@ class LocalTrainer:
             with open(tmp, "wb") as f:
                 np.save(f, h)
             os.replace(tmp, path)
-        self._features = h
+        self._features = (fed_digest, h)
         return h
 
     def _compute_features(self) -> np.ndarray:
@@ -264,17 +254,7 @@ class LocalTrainer:
         return np.random.default_rng([task.seed, task.round, self._device_key, stream, *more])
 
     def _save(self, round_key, phase, weights, opt, pos, **extra) -> None:
-        state = {
-            "round_key": round_key,
-            "phase": phase,
-            "weights": weights,
-            "optimizer": opt.state_dict() if opt is not None else {},  # momentum matters mid-round only
-            "position": pos,
-            "error_feedback": self.error_feedback.state_dict(),
-            **extra,
-        }
-        save_checkpoint(self.checkpoint_path, state)
-        self._state = state
+        self.checkpoint.save(round_key, phase, weights, opt.state_dict(), pos, self.error_feedback.state_dict(), **extra)
 
     def _result(self, st: dict[str, Any], base_weights: dict[str, np.ndarray], resumed: bool) -> RoundResult:
         m, pos = st["metrics"], st["position"]
@@ -290,6 +270,65 @@ class LocalTrainer:
             train_seconds=pos["train_seconds"],
             resumed=resumed,
         )
+
+
+def batches(
+    task: Task, n: int, pos: dict[str, Any], shuffle: Callable[[int], np.random.Generator]
+) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+    """A round's batches of ``n`` samples from position ``pos`` on: each batch's sample indices
+    and the (epoch, batch) position after it. ``shuffle(epoch)`` gives the epoch's generator, so
+    a resumed epoch is shuffled as it was."""
+    bs = task.batch_size
+    count = -(-n // bs)
+    for epoch in range(pos["epoch"], task.local_epochs):
+        order = shuffle(epoch).permutation(n)
+        for b in range(pos["batch"] if epoch == pos["epoch"] else 0, count):
+            yield order[b * bs : (b + 1) * bs], ((epoch, b + 1) if b + 1 < count else (epoch + 1, 0))
+
+
+def start_from(
+    bundle: Bundle, engine: Engine, task: Task, global_weights: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A round's base weights (the bundle's trainable tensors of the global model) and the global
+    values fed to the engine's frozen part (blocks other phones of the run train: without them
+    this phone would learn on features of weights the run has moved away from)."""
+    missing = [t.name for t in bundle.manifest.trainable if t.name not in global_weights]
+    if missing:
+        raise ProtocolError(
+            f"global model version {task.base_version} lacks {', '.join(missing[:3])}: the bundle does not fit this run"
+        )
+    base = {t.name: np.asarray(global_weights[t.name], np.float32) for t in bundle.manifest.trainable}
+    return base, engine.set_frozen_weights(global_weights)
+
+
+def round_key(task: Task, base_weights: dict[str, np.ndarray]) -> dict[str, Any]:
+    """What a checkpointed round belongs to: one task and one set of base weights."""
+    return {"task": task.to_dict(), "base_digest": weights_digest(base_weights)}
+
+
+def encode_checkpointed(
+    checkpoint: RoundCheckpoint,
+    device_id: str,
+    task: Task,
+    num_samples: int,
+    update: dict[str, np.ndarray],
+    error_feedback: ErrorFeedback,
+    rng: np.random.Generator,
+    **extra,
+) -> EncodedUpdate:
+    """A trained round's update encoded with feedback and checkpointed (phase "encoded", with
+    ``extra``) before it is returned; for a round already encoded, the same bytes and key again."""
+    st = checkpoint.state
+    if st.get("round_key", {}).get("task") != task.to_dict() or st.get("phase") not in ("trained", "encoded"):
+        raise InternalError(f"encode_update(round {task.round}) called before run_round finished that task")
+    if st["phase"] == "encoded":
+        return EncodedUpdate(task.round, st["payload"], st["idempotency_key"])
+    payload, key = encode_with_feedback(device_id, task, num_samples, update, error_feedback, rng)
+    checkpoint.save(
+        st["round_key"], "encoded", st["weights"], {}, st["position"], error_feedback.state_dict(),  # momentum matters mid-round only
+        metrics=st["metrics"], payload=payload, idempotency_key=key, **extra,
+    )  # fmt: skip
+    return EncodedUpdate(task.round, payload, key)
 
 
 def encode_with_feedback(

@@ -81,3 +81,25 @@ def small_cnn():
     from toolkit.models import load_model
 
     return load_model("small_cnn")
+
+
+@pytest.fixture(scope="session")
+def wait_for_checkpoint():
+    """``wait(proc, checkpoint, reached)`` returns once the trainer checkpoint at ``checkpoint``
+    satisfies ``reached(state)``, or ``proc`` has exited: where a kill test aims its SIGKILL."""
+    import time
+
+    from device_runtime.checkpoint import load_checkpoint
+
+    def wait(proc, checkpoint, reached) -> None:
+        seen = None
+        while proc.poll() is None:
+            mtime = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
+            if mtime != seen:
+                seen = mtime
+                state = load_checkpoint(checkpoint)
+                if state is not None and reached(state):
+                    return
+            time.sleep(0.003)
+
+    return wait

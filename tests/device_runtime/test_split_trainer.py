@@ -1,7 +1,9 @@
 """The phone's side of SplitFed: with the edge's arithmetic in process, a round trains exactly as
 SGD on the whole model does; messages are int8 activations named after the cut, with their
-labels and batch ids 0, 1, ...; wrong bundles, weights and answers are refused. The real edge
-over HTTP is in tests/toolkit/splitfed."""
+labels and batch ids 0, 1, ...; wrong bundles, weights and answers are refused; an edge that
+lost the round restarts it from the base, a stopped trainer resumes from its checkpoint, both
+to the same weights. The real edge over HTTP is in tests/toolkit/splitfed (and a phone process
+killed against it in test_kill.py there)."""
 
 import copy
 
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from device_runtime.bundle import Bundle
 from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import UpdateHeader, decode, encode
-from device_runtime.errors import BundleError, CodecError, ProtocolError
+from device_runtime.errors import BundleError, CodecError, ProtocolError, RestartRound
 from device_runtime.split_trainer import SplitTrainer, edge_exchange
 from device_runtime.trainer import Task
 from toolkit.data import transform, write_shard
@@ -63,7 +65,10 @@ class InProcessEdge:
         labels = message.tensors["labels"].astype(np.int64)
         loss, grad = edge_step(self.part, self.optimizer, message.tensors[self.name], labels)
         header = UpdateHeader("edge", message.header.round, message.header.base_version, len(labels), kind="gradient")
-        reply = encode(header, {self.name: grad, "loss": np.float32(loss)}, {self.name: message.encodings[self.name], "loss": "fp32"})
+        rng = np.random.default_rng([message.header.round, batch])  # as the edge's: same batch, same bytes
+        reply = encode(
+            header, {self.name: grad, "loss": np.float32(loss)}, {self.name: message.encodings[self.name], "loss": "fp32"}, rng=rng
+        )
         self.batches.append(batch)
         self.messages.append((payload, message))
         self.replies.append(reply)
@@ -74,7 +79,7 @@ def test_a_round_trains_as_sgd_on_the_whole_model(tmp_path, model, bundle, globa
     # Prepare: 24 images in batches of 32, so each of the 3 epochs is one full batch (its
     # gradient does not depend on the shuffle); fp32 both ways, so nothing is lost on the wire
     edge = InProcessEdge(model, global_weights, TASK.lr)
-    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 24), edge, encoding="fp32")
+    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 24), edge, workdir=tmp_path, encoding="fp32")
     whole = copy.deepcopy(model)
     trained = dict(whole.part(1, len(whole.block_names)).named_parameters())
     optimizer = torch.optim.SGD(trained.values(), lr=TASK.lr, momentum=TASK.momentum)
@@ -103,7 +108,7 @@ def test_messages_are_int8_activations_named_after_the_cut_with_labels_and_batch
     tmp_path, model, bundle, global_weights, fashion_train
 ):
     edge = InProcessEdge(model, global_weights, 0.05)
-    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 70), edge, device_id="phone-7")
+    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 70), edge, workdir=tmp_path, device_id="phone-7")
     task = Task(round=4, base_version=3, lr=0.05, local_epochs=1, batch_size=32, encoding="int8", seed=1)
 
     result = trainer.run_round(task, global_weights)
@@ -125,7 +130,7 @@ def test_the_update_holds_the_phones_tensors_and_is_the_same_bytes_when_asked_ag
     tmp_path, model, bundle, global_weights, fashion_train
 ):
     edge = InProcessEdge(model, global_weights, 0.05)
-    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 40), edge, device_id="p")
+    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 40), edge, workdir=tmp_path, device_id="p")
     task = Task(round=2, base_version=1, lr=0.05, local_epochs=1, batch_size=16, encoding="int8", seed=0)
     result = trainer.run_round(task, global_weights)
 
@@ -141,12 +146,12 @@ def test_wrong_bundles_encodings_and_weights_are_refused(tmp_path, model, bundle
     shard = make_shard(tmp_path, fashion_train, 8)
     edge = InProcessEdge(model, global_weights, 0.05)
     with pytest.raises(BundleError, match="LocalTrainer"):
-        SplitTrainer(Bundle.load(small_cnn_bundle()), shard, edge)
+        SplitTrainer(Bundle.load(small_cnn_bundle()), shard, edge, workdir=tmp_path)
     with pytest.raises(CodecError, match="int3"):
-        SplitTrainer(bundle, shard, edge, encoding="int3")
+        SplitTrainer(bundle, shard, edge, workdir=tmp_path, encoding="int3")
     lacking = {k: v for k, v in global_weights.items() if not k.startswith("features.1.")}
     with pytest.raises(ProtocolError, match="features.1"):
-        SplitTrainer(bundle, shard, edge).run_round(TASK, lacking)
+        SplitTrainer(bundle, shard, edge, workdir=tmp_path).run_round(TASK, lacking)
     assert edge.batches == []
 
 
@@ -162,7 +167,7 @@ def test_wrong_bundles_encodings_and_weights_are_refused(tmp_path, model, bundle
     ],
 )
 def test_an_answer_that_is_not_this_batchs_gradient_raises(tmp_path, bundle, global_weights, fashion_train, answer, reason):
-    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 8), answer)
+    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 8), answer, workdir=tmp_path)
     with pytest.raises(ProtocolError, match=reason):
         trainer.run_round(TASK, global_weights)
 
@@ -173,6 +178,7 @@ def test_edge_exchange_puts_the_batch_retries_a_busy_edge_and_raises_on_a_refusa
         httpx.Response(503, headers={"Retry-After": "2"}, json={"status": "busy", "reason": "at capacity"}),
         httpx.Response(200, content=b"gradient"),
         httpx.Response(409, json={"status": "conflict", "reason": "round 3 is closed; pull a new task"}),
+        httpx.Response(409, headers={"X-Fedkit-Batch": "restart"}, json={"status": "stale", "reason": "send batch 0"}),
     ])
 
     def handler(request):
@@ -184,8 +190,127 @@ def test_edge_exchange_puts_the_batch_retries_a_busy_edge_and_raises_on_a_refusa
     exchange = edge_exchange(client)
 
     assert exchange(5, b"activation") == b"gradient"
-    with pytest.raises(ProtocolError, match="round 3 is closed"):
+    with pytest.raises(ProtocolError, match="round 3 is closed") as closed:
         exchange(6, b"activation")
-    assert [(r.method, r.url.path) for r in seen] == [("PUT", "/v1/splitfed/batches/5")] * 2 + [("PUT", "/v1/splitfed/batches/6")]
+    with pytest.raises(RestartRound, match="batch 7: send batch 0"):
+        exchange(7, b"activation")
+    assert not isinstance(closed.value, RestartRound)  # only the marked answer restarts the round
+    assert [(r.method, r.url.path) for r in seen] == [("PUT", "/v1/splitfed/batches/5")] * 2 + [
+        ("PUT", "/v1/splitfed/batches/6"), ("PUT", "/v1/splitfed/batches/7")]
     assert seen[0].content == b"activation" and seen[0].headers["Authorization"] == "Bearer cred"
     assert sleeps == [2.0]  # Retry-After honoured
+
+
+# -- crashes -------------------------------------------------------------------------------
+
+KILL_TASK = Task(round=1, base_version=0, lr=0.05, local_epochs=2, batch_size=16, encoding="int8", seed=3)  # 2 x 5 batches
+
+
+class ForgetfulEdge:
+    """The edge's arithmetic, restarted on batch 0; it loses its state (as an aggregator that
+    restarts) before the batches in ``lose_at`` and answers RestartRound until batch 0 comes."""
+
+    def __init__(self, model, weights, lose_at=()):
+        self.model, self.weights, self.lose_at = model, weights, list(lose_at)
+        self.edge, self.batches = None, []
+
+    def __call__(self, batch: int, payload: bytes) -> bytes:
+        self.batches.append(batch)
+        if self.lose_at and batch == self.lose_at[0]:
+            self.lose_at.pop(0)
+            self.edge = None
+        if batch == 0:
+            self.edge = InProcessEdge(self.model, self.weights, KILL_TASK.lr)
+        if self.edge is None:
+            raise RestartRound(f"batch {batch}: the edge holds no state for round 1: send batch 0")
+        return self.edge(batch, payload)
+
+
+def edge_tensors(edge: ForgetfulEdge) -> dict[str, np.ndarray]:
+    return {n: p.detach().numpy().copy() for n, p in edge.edge.part.named_parameters()}
+
+
+def test_an_edge_that_lost_the_round_restarts_it_from_the_base_to_the_same_update(
+    tmp_path, model, bundle, global_weights, fashion_train
+):
+    # Prepare: one round uninterrupted; one whose edge loses its state before batches 3 and 7
+    shard = make_shard(tmp_path, fashion_train, 80)
+    calm = ForgetfulEdge(model, global_weights)
+    reference = SplitTrainer(bundle, shard, calm, workdir=tmp_path / "calm")
+    expected = reference.run_round(KILL_TASK, global_weights)
+    forgetful = ForgetfulEdge(model, global_weights, lose_at=(3, 7))
+    trainer = SplitTrainer(bundle, shard, forgetful, workdir=tmp_path / "forgetful")
+
+    # Execute
+    result = trainer.run_round(KILL_TASK, global_weights)
+
+    # Assert: batch 0 sent again after each loss; phone and edge end where the calm round ends, bit for bit
+    assert forgetful.batches == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, *range(10)]
+    assert (result.restarts, result.steps, expected.restarts) == (2, 10, 0)
+    for name, d in expected.update.items():
+        np.testing.assert_array_equal(result.update[name], d, err_msg=name)
+    for name, w in edge_tensors(calm).items():
+        np.testing.assert_array_equal(edge_tensors(forgetful)[name], w, err_msg=name)
+    assert result.train_loss == expected.train_loss
+    assert result.activation_bytes > expected.activation_bytes  # the lost batches' bytes were sent all the same
+    assert trainer.encode_update(KILL_TASK, result).payload == reference.encode_update(KILL_TASK, expected).payload
+
+
+def test_an_edge_that_keeps_losing_the_round_raises_a_protocol_error(tmp_path, model, bundle, global_weights, fashion_train):
+    edge = ForgetfulEdge(model, global_weights, lose_at=(1, 1, 1, 1))
+    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 80), edge, workdir=tmp_path)
+
+    with pytest.raises(ProtocolError, match="4 times in a row.*keeps restarting"):
+        trainer.run_round(KILL_TASK, global_weights)
+    assert edge.batches == [0, 1] * 4
+
+
+class Stop(Exception):
+    """Stands for the process being killed."""
+
+
+def test_a_stopped_trainer_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, model, bundle, global_weights, fashion_train):
+    # Prepare: the reference round; then a phone stopped as it sends batch 6 (the edge never sees it)
+    shard = make_shard(tmp_path, fashion_train, 80)
+    calm = ForgetfulEdge(model, global_weights)
+    expected = SplitTrainer(bundle, shard, calm, workdir=tmp_path / "calm").run_round(KILL_TASK, global_weights)
+    edge = ForgetfulEdge(model, global_weights)
+
+    def stopping(batch, payload):
+        if batch == 6:
+            raise Stop
+        return edge(batch, payload)
+
+    with pytest.raises(Stop):
+        SplitTrainer(bundle, shard, stopping, workdir=tmp_path / "phone").run_round(KILL_TASK, global_weights)
+
+    # Execute: a new trainer on the same folder
+    result = SplitTrainer(bundle, shard, edge, workdir=tmp_path / "phone").run_round(KILL_TASK, global_weights)
+
+    # Assert: it went on at batch 6 (no restart) and ended where the calm round ends
+    assert edge.batches == list(range(10)) and result.resumed and result.restarts == 0
+    for name, d in expected.update.items():
+        np.testing.assert_array_equal(result.update[name], d, err_msg=name)
+    for name, w in edge_tensors(calm).items():
+        np.testing.assert_array_equal(edge_tensors(edge)[name], w, err_msg=name)
+
+
+def test_a_push_answered_restart_trains_the_round_again_with_the_same_residuals(
+    tmp_path, model, bundle, global_weights, fashion_train
+):
+    # Prepare: a round trained and encoded (int8: the encoding leaves residuals behind)
+    edge = ForgetfulEdge(model, global_weights)
+    trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 80), edge, workdir=tmp_path)
+    first = trainer.encode_update(KILL_TASK, trainer.run_round(KILL_TASK, global_weights))
+    assert any(np.any(r != 0) for r in trainer.error_feedback.state_dict().values())
+
+    # Execute: the push was answered "restart"; the phone's loop trains the same task again
+    trainer.restart_round(KILL_TASK)
+    residuals = trainer.error_feedback.state_dict()
+    again = trainer.encode_update(KILL_TASK, trainer.run_round(KILL_TASK, global_weights))
+
+    # Assert: from batch 0 again, from the residuals before the first encoding: the same update
+    assert edge.batches == [*range(10), *range(10)]
+    assert all(not np.any(r) for r in residuals.values())
+    assert again == first
+

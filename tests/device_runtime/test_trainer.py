@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,13 @@ from device_runtime.bundle import Bundle
 from device_runtime.checkpoint import load_checkpoint
 from device_runtime.codec import decode
 from device_runtime.engines import open_engine
-from device_runtime.errors import BundleError, CheckpointError, FedkitError, InternalError, ProtocolError
+from device_runtime.errors import (
+    BundleError,
+    CheckpointError,
+    FedkitError,
+    InternalError,
+    ProtocolError,
+)
 from device_runtime.manifest import DevicePlan
 from device_runtime.trainer import CHECKPOINT, LocalTrainer, Task
 from exporters.bundle import export_bundle
@@ -118,6 +123,34 @@ def test_features_are_computed_once_per_bundle_and_shard(bundle, shard, tmp_path
 
     assert first.calls["features"] > 0 and later.calls["features"] == 0 and later.calls["gradients"] == result.steps
     assert len(list(tmp_path.glob(f"features-{bundle.bundle_hash[:16]}-*.npy"))) == 1
+
+
+def test_a_phone_fed_the_global_blocks_trains_as_if_its_bundle_were_exported_from_the_global_model(shard, tmp_path):
+    # Prepare: a run where deeper phones train small_cnn from block 1; this phone trains from 2.
+    # The global model has moved block 1 away from the exported weights.
+    import torch
+
+    plan = DevicePlan(cut=5, train_from=2, batch_size=16)
+    exported = load_model("small_cnn")
+    export_bundle(exported, plan, tmp_path / "fed", ("ort",), label_names=LABEL_NAMES, fed_from=1)
+    fed_bundle = Bundle.load(tmp_path / "fed")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in exported.part(1, 2).named_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    export_bundle(exported, plan, tmp_path / "global", ("ort",), label_names=LABEL_NAMES)
+    global_bundle = Bundle.load(tmp_path / "global")
+    global_weights = {n: p.detach().numpy().copy() for n, p in exported.root.named_parameters()}
+
+    # Execute
+    fed = trainer(fed_bundle, shard, tmp_path / "a").run_round(TASK, global_weights)
+    fresh = trainer(global_bundle, shard, tmp_path / "b").run_round(TASK, global_weights)
+    stale = trainer(fed_bundle, shard, tmp_path / "c").run_round(TASK, {**base_weights(fed_bundle)})
+
+    # Verify: the same update as a bundle of the global model, unlike one on the exported features
+    for name in fresh.update:
+        np.testing.assert_allclose(fed.update[name], fresh.update[name], rtol=1e-4, atol=1e-6)
+    assert max(np.abs(stale.update[n] - fresh.update[n]).max() for n in fresh.update) > 1e-3
 
 
 def test_a_damaged_feature_cache_is_recomputed(bundle, shard, tmp_path):
@@ -314,20 +347,7 @@ def test_cli_fails_with_one_line(bundle, tmp_path):
 STEPS = 2 * 90  # the killed run: 800 images, 10% held out, batch 8, 2 epochs
 
 
-def _wait_for_step(proc: subprocess.Popen, checkpoint: Path, step: int) -> None:
-    """Returns once the child's checkpoint has reached ``step``, or the child has exited."""
-    seen = None
-    while proc.poll() is None:
-        mtime = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
-        if mtime != seen:
-            seen = mtime
-            state = load_checkpoint(checkpoint)
-            if state is not None and state["position"]["step"] >= step:
-                return
-        time.sleep(0.005)
-
-
-def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_train):
+def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_train, wait_for_checkpoint):
     # Prepare: one run uninterrupted, for reference; a checkpoint every 7 steps
     shard = write_shard(tmp_path / "shard.npz", fashion_train.images[:800], fashion_train.labels[:800])
     out = tmp_path / "update.bin"
@@ -341,7 +361,7 @@ def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_
 
     started = time.perf_counter()
     proc = subprocess.Popen(command(tmp_path / "reference"), stdout=subprocess.PIPE, text=True)
-    _wait_for_step(proc, tmp_path / "reference" / CHECKPOINT, 1)
+    wait_for_checkpoint(proc, tmp_path / "reference" / CHECKPOINT, lambda state: state["position"]["step"] >= 1)
     first_checkpoint_s = time.perf_counter() - started  # start-up and features
     reference = proc.communicate()[0]
     assert proc.returncode == 0
@@ -362,7 +382,7 @@ def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_
         if target == 0:
             time.sleep(rng.uniform(0.2, 0.95) * first_checkpoint_s)
         else:
-            _wait_for_step(proc, checkpoint, int(target))
+            wait_for_checkpoint(proc, checkpoint, lambda state: state["position"]["step"] >= int(target))
             time.sleep(rng.uniform(0.0, 0.02))
         proc.kill()  # SIGKILL
         proc.communicate()

@@ -6,7 +6,7 @@
 | POST /v1/enrol            | enrol  | 200 {"device_id", "token"}; 401 bad/used token; 409 device id taken |
 | GET  /v1/task             | device | 200 {"status": "task", round, base_version, lr, ...} / {"status": "wait", retry_after} / {"status": "done"} |
 | GET  /v1/weights/{v}      | device | 200 codec bytes + ETag; 304 if If-None-Match has that ETag; 404 unknown version |
-| POST /v1/updates          | device | 200 accepted / duplicate; 409 stale; 400, 403, 422 rejected; 413 too large |
+| POST /v1/updates          | device | 200 accepted / duplicate; 409 stale, or restart (SplitFed: the edge lost its part); 400, 403, 422 rejected; 413 too large |
 | POST /v1/evaluations      | admin  | 200 {"status": "recorded"}; 404 unknown version |
 | GET  /v1/status           | admin  | 200 the run's status |
 | /v1/splitfed/...          |        | with a SplitFed edge only: toolkit/splitfed/routes.py |
@@ -203,7 +203,8 @@ async def post_update(
     idempotency_key: Annotated[str | None, Header()] = None,
     x_fedkit_accuracy: Annotated[float | None, Header(description="local validation accuracy, in [0, 1]")] = None,
 ) -> JSONResponse:
-    """Pushes a codec-encoded delta. The body's status is accepted, duplicate, stale or rejected."""
+    """Pushes a codec-encoded delta. The body's status is accepted, duplicate, stale, restart
+    (SplitFed: train the round again, the edge lost its part) or rejected."""
     body = await _read_body(request, coordinator.config.limits.max_update_bytes)
     outcome = coordinator.push(device_id, idempotency_key, body, x_fedkit_accuracy)
     return JSONResponse(outcome.body(), status_code=outcome.code)

@@ -47,8 +47,9 @@ def log_event(event: str, **fields: Any) -> None:
 
 @dataclass(frozen=True)
 class PushOutcome:
-    """A definite answer to a push. ``status``: accepted, duplicate, stale or rejected; the
-    HTTP layer turns ``code`` into the status code."""
+    """A definite answer to a push. ``status``: accepted, duplicate, stale, rejected, or (SplitFed)
+    restart: the edge lost its part of the round, train it again from batch 0; the HTTP layer
+    turns ``code`` into the status code."""
 
     status: str
     code: int
@@ -81,10 +82,12 @@ class Coordinator:
     store: Store
     clock: Callable[[], float] = time.time
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    # SplitFed (set by toolkit.splitfed.edge): the edge's copy of the blocks past a device's cut
-    # for a round, as a delta from the round's base, or None; merged into that device's update
-    # when it is accepted, so each block is averaged over every copy that trained it.
-    edge_delta: Callable[[str, int], dict[str, np.ndarray] | None] | None = None
+    # SplitFed (set by toolkit.splitfed.edge): given a device, a round and its update's tensor
+    # names, the edge's copy of the blocks past the device's cut as a delta from the round's
+    # base (merged into the update when it is accepted, so each block is averaged over every
+    # copy that trained it), None (nothing to merge), or a reason the update cannot be merged:
+    # the edge lost the copy, and the push is answered "restart" (train the round again).
+    edge_delta: Callable[[str, int, set[str]], dict[str, np.ndarray] | str | None] | None = None
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,7 +235,9 @@ class Coordinator:
             if stale:
                 return PushOutcome("stale", 409, stale, h.round)
             blob = body
-            edge = self.edge_delta(device_id, h.round) if self.edge_delta is not None else None
+            edge = self.edge_delta(device_id, h.round, set(update.tensors)) if self.edge_delta is not None else None
+            if isinstance(edge, str):
+                return PushOutcome("restart", 409, edge, h.round)
             if edge:  # stored as one update: the device's tensors (as decoded) and the edge's, fp32
                 blob = encode(h, {**edge, **update.tensors}, "fp32")
             update_id = self.store.add_update(

@@ -16,13 +16,21 @@ same base version, no update pushed yet) and keeps per phone one copy of blocks 
 its SGD momentum (lr and momentum of the round's stage) and the last batch id and answer:
 
 - a retried batch (same id: the phone's answer was lost) gets the cached answer again and
-  does not train twice; batch 0 (re)starts the phone's round on a fresh copy; an id below the
-  last is refused (409);
+  does not train twice; batch 0 (re)starts the phone's round on a fresh copy; the next id
+  (last + 1) trains;
+- any other id cannot continue the phone's round: the edge holds no copy of this round for
+  the phone past batch 0 (the aggregator restarted, or the copy was dropped), or the id is
+  behind or ahead of the copy's last batch. Training it would leave the edge's part of the
+  update without batches the phone's part has, so the answer is 409 with the header
+  ``X-Fedkit-Batch: restart`` (status "restart"): the phone resets its weights and optimizer
+  to the round's base and sends batch 0;
 - the copies are made from the round's global model, and dropped when the next round's first
   batch arrives, so the edge holds at most one copy per phone of the open round;
 - when the phone's update is accepted, the coordinator merges this copy into it (as a delta
   from the round's base, with the phone's sample count): at round end every block is averaged
-  over every copy that trained it, on phones and here alike.
+  over every copy that trained it, on phones and here alike. A SplitFed update (one without
+  the model's last block, which the edge always trains) whose copy the edge does not hold is
+  answered "restart" too (409): accepting it would drop the edge's part.
 
 Work runs on a pool of ``workers`` threads behind a bounded queue: a batch that finds
 ``workers + queue`` batches in work or waiting, or a new phone when ``max_copies`` copies are
@@ -89,7 +97,8 @@ class EdgeStatus(BaseModel):
 @dataclass(frozen=True)
 class BatchReply:
     """The edge's definite answer to one batch. ``status``: trained, retry (the cached answer),
-    busy (503), stale (409), or rejected; ``body`` holds the gradient message when ``code`` is 200."""
+    busy (503), restart (409: send batch 0), stale (409), or rejected; ``body`` holds the
+    gradient message when ``code`` is 200. Sent as the ``X-Fedkit-Batch`` header."""
 
     status: str
     code: int
@@ -160,6 +169,8 @@ class SplitFedEdge:
         self.config = config
         model.root.eval()  # BatchNorm on its running statistics, as on the phones
         self._out_shapes = [s.out_shape for s in model.stats]  # computed once, before any thread
+        last = model.block_names[-1]
+        self._last_block = {name for name, _ in model.root.named_parameters() if name.startswith(last + ".")}
         self._pool = executor or ThreadPoolExecutor(config.workers, thread_name_prefix="splitfed-edge")
         self._capacity = config.workers + config.queue
         self._lock = threading.Lock()  # guards everything below
@@ -222,11 +233,17 @@ class SplitFedEdge:
             if ongoing and batch == kept.last_batch:
                 self._count(device_id, cut, h.round, retries=1, gradient_bytes=len(kept.last_reply))
                 return BatchReply("retry", 200, body=kept.last_reply)
-            if ongoing and 0 < batch < kept.last_batch:
-                return _refused(
-                    409, f"batch {batch} comes after batch {kept.last_batch} this round; send batch 0 to start the round over"
-                )
-            if not ongoing or batch == 0:
+            if batch > 0 and not ongoing:
+                return BatchReply(
+                    "restart", 409, f"the edge holds no state for round {h.round} of this phone past batch 0 (the aggregator "
+                    "restarted, or its copy was dropped): send batch 0 to start the round over",
+                )  # fmt: skip
+            if batch > 0 and batch != kept.last_batch + 1:
+                return BatchReply(
+                    "restart", 409, f"batch {batch} cannot follow batch {kept.last_batch}, the edge's last this round: "
+                    "send batch 0 to start the round over",
+                )  # fmt: skip
+            if batch == 0:
                 kept = self._new_copy(device_id, h.round, cut, base, stage)
                 if isinstance(kept, BatchReply):
                     return kept
@@ -241,14 +258,21 @@ class SplitFedEdge:
         self._count(device_id, cut, h.round, batches=1, samples=len(labels), gradient_bytes=len(reply), edge_seconds=edge_seconds)
         return BatchReply("trained", 200, body=reply)
 
-    def delta(self, device_id: str, round_: int) -> dict[str, np.ndarray] | None:
-        """This phone's copy of the round as a delta from the round's base (None if the edge
-        trained nothing for it): what the coordinator merges into the phone's update."""
+    def delta(self, device_id: str, round_: int, phone_tensors: set[str]) -> dict[str, np.ndarray] | str | None:
+        """What the coordinator merges into the phone's update of ``round_`` (holding
+        ``phone_tensors``): this phone's copy as a delta from the round's base; None for an
+        update of the whole model (it holds the last block: no copy to merge); or, for a SplitFed
+        update whose copy the edge does not hold, the reason to answer "restart"."""
         with self._phone_lock(device_id):
             with self._lock:
                 kept = self._copies.get(device_id)
             if kept is None or kept.round != round_:
-                return None
+                if phone_tensors & self._last_block:
+                    return None
+                return (
+                    f"the edge holds no state for round {round_} of this phone (the aggregator restarted after its last "
+                    "batch): its part of the update is lost; train the round again from batch 0 and push that update"
+                )
             return {name: p.detach().numpy() - kept.base[name] for name, p in kept.part.named_parameters()}
 
     def status(self) -> EdgeStatus:

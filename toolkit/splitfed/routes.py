@@ -5,14 +5,18 @@ given an edge; same bearer credentials as the rest of the aggregator.
 |----------------------------------|--------|---------|
 | PUT /v1/splitfed/batches/{batch} | device*| 200 codec "gradient" bytes (a retried batch id: the same bytes |
 |                                  |        | again); 403 round not given to this device; 409 round closed, or |
-|                                  |        | batch id below the last; 413; 422 bad message; 503 + Retry-After |
-|                                  |        | when the edge is at capacity |
+|                                  |        | restart (below); 413; 422 bad message; 503 + Retry-After when the |
+|                                  |        | edge is at capacity |
 | GET /v1/splitfed/status          | admin  | 200 the edge's load and each phone's traffic (bytes per direction) |
 
 (*) counted in the device's own batch bucket (``[splitfed] batches_per_s``, ``batch_burst``),
 not in ``[limits]``: a phone sends one batch after another as fast as the edge answers.
 
 ``batch`` is the phone's step index in the round: PUT, because sending it again is harmless.
+Every answer carries ``X-Fedkit-Batch``: the edge's status (``BatchReply``). ``restart`` (409)
+is the one a phone acts on: the edge cannot continue its round from this batch (it restarted
+and lost its copy, or the id does not follow its last), so the phone resets its weights and
+optimizer to the round's base and sends batch 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request, Response
 from starlette.exceptions import HTTPException
 
+from device_runtime.client import BATCH_HEADER
 from toolkit.aggregator.app import Principal, _read_body, admin, batch_device
 from toolkit.splitfed.edge import SplitFedEdge
 
@@ -45,10 +50,12 @@ async def put_batch(
     """Trains the edge's copy on one batch of activations and answers the gradient at the cut."""
     body = await _read_body(request, edge.coordinator.config.limits.max_update_bytes)
     reply = await edge.submit(device_id, batch, body)
+    headers = {BATCH_HEADER: reply.status}
     if reply.code != 200:
-        headers = {"Retry-After": str(reply.retry_after)} if reply.retry_after is not None else None
+        if reply.retry_after is not None:
+            headers["Retry-After"] = str(reply.retry_after)
         raise HTTPException(reply.code, reply.reason, headers)
-    return Response(reply.body, media_type="application/octet-stream", headers={"X-Fedkit-Batch": reply.status})
+    return Response(reply.body, media_type="application/octet-stream", headers=headers)
 
 
 @splitfed.get("/v1/splitfed/status")

@@ -118,7 +118,7 @@ def test_a_retried_batch_gets_the_same_answer_and_trains_once(run, model):
     assert reply.header.kind == "gradient" and set(reply.tensors) == {"features.2", "loss"}
     assert reply.encodings["features.2"] == "int8"  # the activation's encoding, mirrored
     once = one_step_from(model, v0, 3, message, lr=0.05)
-    trained = {k: v0[k] + d for k, d in edge.delta("a", 1).items()}
+    trained = {k: v0[k] + d for k, d in edge.delta("a", 1, set()).items()}
     assert trained.keys() == once.keys()
     for name in once:
         np.testing.assert_allclose(trained[name], once[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -138,10 +138,10 @@ def test_batch_zero_starts_the_round_over_and_an_older_id_is_refused(run, model)
     restart = activation_message(model, "a", 1, 0, cut=3, seed=9)
     restarted = edge.train_batch("a", 0, restart)
 
-    assert (older.code, older.status) == (409, "stale") and "batch 0" in older.reason
+    assert (older.code, older.status) == (409, "restart") and "batch 0" in older.reason
     assert restarted.status == "trained"
     once = one_step_from(model, v0, 3, restart, lr=0.05)
-    for name, d in edge.delta("a", 1).items():
+    for name, d in edge.delta("a", 1, set()).items():
         np.testing.assert_allclose(v0[name] + d, once[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
@@ -166,7 +166,7 @@ def test_messages_that_do_not_fit_are_refused(run, model):
     for reason, body in cases.items():
         reply = edge.train_batch("a", 0, body)
         assert (reply.code in (403, 422), reason in reply.reason) == (True, True), (reason, reply)
-    assert edge.status().phones == [] and edge.delta("a", 1) is None  # nothing was trained or counted
+    assert edge.status().phones == [] and edge.status().copies == 0  # nothing was trained or counted
 
 
 def test_batches_outside_the_phones_open_round_are_refused(run, model):
@@ -215,13 +215,13 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
         task = Task(**{k: v for k, v in started(coordinator, device_id).items() if k in Task.__dataclass_fields__})
         bundle = Bundle.load(small_cnn_bundle(cut, train_blocks))
         exchange = lambda batch, body, d=device_id: edge.train_batch(d, batch, body).body  # noqa: E731
-        trainer = SplitTrainer(bundle, shard(tmp_path, fashion_train, 100 * i, n), exchange, device_id=device_id)
+        trainer = SplitTrainer(bundle, shard(tmp_path, fashion_train, 100 * i, n), exchange, workdir=tmp_path / device_id, device_id=device_id)
 
         # Execute
         result = trainer.run_round(task, v0)
         encoded = trainer.encode_update(task, result)
         pushed = decode(encoded.payload).tensors
-        copies[device_id] = (n, {**edge.delta(device_id, 1), **pushed})
+        copies[device_id] = (n, {**edge.delta(device_id, 1, set()), **pushed})
         assert coordinator.push(device_id, encoded.idempotency_key, encoded.payload, None).status == "accepted"
         assert coordinator.store.updates(round_=1)[-1].nbytes == len(encoded.payload)  # what the phone sent
 
@@ -246,6 +246,53 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
     assert edge.train_batch("p3", 0, message).code == 200
     assert edge.status().copies == 1
     once = one_step_from(model, v1, 3, message, lr=0.05)
-    for name, d in edge.delta("p3", 2).items():
+    for name, d in edge.delta("p3", 2, set()).items():
         np.testing.assert_allclose(v1[name] + d, once[name], rtol=1e-5, atol=1e-6, err_msg=name)
     edge.close()
+
+
+def test_an_edge_that_lost_the_phones_round_answers_restart_and_batch_0_starts_it_over(run, model):
+    # Prepare: two batches trained, then the aggregator restarts: a new edge on the same run
+    coordinator, edge = run
+    started(coordinator, "a")
+    v0 = decode(coordinator.weights(0)[0]).tensors
+    for batch in range(2):
+        assert edge.train_batch("a", batch, activation_message(model, "a", 1, 0, cut=3, seed=batch)).status == "trained"
+    restarted = SplitFedEdge(coordinator, model)
+
+    # Execute
+    lost = restarted.train_batch("a", 2, activation_message(model, "a", 1, 0, cut=3, seed=2))
+    again = activation_message(model, "a", 1, 0, cut=3, seed=9)
+    first = restarted.train_batch("a", 0, again)
+    gap = restarted.train_batch("a", 2, activation_message(model, "a", 1, 0, cut=3, seed=2))
+
+    # Assert: a definite answer, not a copy missing batches 0 and 1; batch 0 starts from the base
+    assert (lost.code, lost.status) == (409, "restart")
+    assert "no state for round 1" in lost.reason and "send batch 0" in lost.reason
+    assert first.status == "trained" and (gap.code, gap.status) == (409, "restart") and "cannot follow batch 0" in gap.reason
+    once = one_step_from(model, v0, 3, again, lr=0.05)
+    for name, d in restarted.delta("a", 1, set()).items():
+        np.testing.assert_allclose(v0[name] + d, once[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    restarted.close()
+
+
+def test_a_splitfed_push_whose_edge_part_was_lost_is_answered_restart(run, model, small_cnn_bundle, fashion_train, tmp_path):
+    # Prepare: a phone trains its round, then the aggregator restarts before its push
+    coordinator, edge = run
+    task = Task(**{k: v for k, v in started(coordinator, "a").items() if k in Task.__dataclass_fields__})
+    v0 = decode(coordinator.weights(0)[0]).tensors
+    trainer = SplitTrainer(Bundle.load(small_cnn_bundle(3, 3)), shard(tmp_path, fashion_train, 0, 40),
+                           lambda batch, body: edge.train_batch("a", batch, body).body, workdir=tmp_path / "a", device_id="a")
+    encoded = trainer.encode_update(task, trainer.run_round(task, v0))
+    restarted = SplitFedEdge(coordinator, model)
+
+    # Execute
+    lost = coordinator.push("a", encoded.idempotency_key, encoded.payload, None)
+    whole = encode(UpdateHeader("a", 1, 0, 40, kind="delta"), {"classifier.bias": np.zeros(10, np.float32)}, "fp32")
+    whole_model = restarted.delta("a", 1, set(decode(whole).tensors))
+
+    # Assert: refused with a definite answer, nothing stored; an update holding the last block
+    # (a whole-model phone) has nothing to merge and is not refused
+    assert (lost.status, lost.code) == ("restart", 409) and "train the round again from batch 0" in lost.reason
+    assert coordinator.store.updates(round_=1) == [] and whole_model is None
+    restarted.close()

@@ -42,7 +42,7 @@ def run_phone(url: str, token: str, device_id: str, bundle: Bundle, shard_path) 
     """A phone's SplitFed loop until the run is done; its training loss per round."""
     losses = []
     with SyncClient(url, token, retry=PATIENT) as client:
-        trainer = SplitTrainer(bundle, shard_path, edge_exchange(client), device_id=device_id)
+        trainer = SplitTrainer(bundle, shard_path, edge_exchange(client), workdir=shard_path.parent / device_id, device_id=device_id)
         while (assignment := client.task()).status != "done":
             if assignment.status == "wait":
                 time.sleep(0.02)
@@ -138,7 +138,7 @@ def test_the_edge_survives_a_phone_vanishing_mid_batch_and_trains_it_once(gated,
     (traffic,) = edge.status().phones
     assert (traffic.batches, traffic.retries) == (1, 2)
     once = one_step_from(model, v0, 3, message, lr=0.05)
-    for name, d in edge.delta("a", 1).items():
+    for name, d in edge.delta("a", 1, set()).items():
         np.testing.assert_allclose(v0[name] + d, once[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
