@@ -251,8 +251,8 @@ def main() -> int:
             "lr": LR, "momentum": 0.9, "batch_size": 32, "local_epochs": 1, "planner_slack_B": 0.5, "max_depth_B": 2,
             "compute": "host speed (no slowdown)", "links": "in-process, each class's cellular link",
             "C": {"mode": "splitfed", "planner_slack": 0.1, "max_depth": None, "edge_workers": 2, "slowest_class": SLOWEST,
-                  "rounds_note": "C ran 20 of B1's 30 rounds: about 100 s a round on this 2-core host, where the edge "
-                                 "trains every phone's blocks past its cut; C is compared with B at 30 and at 20 rounds",
+                  "rounds_note": "about 100 s a round on this 2-core host, where the edge trains every phone's blocks past "
+                                 "its cut; C_minus_B_points_same_rounds compares them at C's round count",
                   "compute_note": "C_predicted_compute_slowest: the planner's cost model, phone seconds per round, frozen "
                                   "forward included; C-alone: measured on this host, one round on a low-2022 shard alone, "
                                   "frozen features excluded (computed once per shard); per_class compute_s: measured in "
