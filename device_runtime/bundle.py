@@ -1,5 +1,6 @@
 """Reads a bundle and verifies it before anything runs: schema version, every file's size and
-sha256. A bundle that fails is refused with the file and the reason named."""
+sha256, and that its initial weights decode to the manifest's trainable tensors. A bundle that
+fails is refused with the file and the reason named."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_runtime.errors import BundleError
+from device_runtime.codec import decode
+from device_runtime.errors import BundleError, CodecError
 from device_runtime.manifest import Manifest
 
 MANIFEST = "manifest.json"
+WEIGHTS = "weights"  # the role of the initial trainable weights, a codec "weights" container
 
 
 def sha256_file(path: Path) -> str:
@@ -48,6 +51,8 @@ class Bundle:
             raise BundleError(f"{manifest_path}: {exc}") from exc
         for role, entry in manifest.files.items():
             _verify_file(root, role, entry.path, entry.size, entry.sha256)
+        if WEIGHTS in manifest.files:
+            _verify_weights(root / manifest.files[WEIGHTS].path, manifest)
         return cls(root=root, manifest=manifest, bundle_hash=hashlib.sha256(raw).hexdigest())
 
     def path(self, role: str) -> Path:
@@ -62,6 +67,15 @@ class Bundle:
 
     def has(self, role: str) -> bool:
         return role in self.manifest.files
+
+
+def _verify_weights(path: Path, manifest: Manifest) -> None:
+    # Its hash only says the file is the one exported: an older fedkit may have written it in a
+    # codec format this one no longer reads.
+    try:
+        decode(path.read_bytes(), expected={t.name: t.shape for t in manifest.trainable})
+    except CodecError as exc:
+        raise BundleError(f"{path} (weights) does not fit this fedkit ({exc}); re-export the bundle with this version") from exc
 
 
 def _verify_file(root: Path, role: str, rel: str, size: int, sha256: str) -> None:

@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from device_runtime.bundle import MANIFEST, Bundle
+from device_runtime.codec import UpdateHeader, encode
 from device_runtime.errors import BundleError
 from device_runtime.manifest import SCHEMA_VERSION, DevicePlan, FileEntry, Manifest, TensorSpec
 from device_runtime.preprocess import InputSpec
@@ -22,8 +24,11 @@ CONTENTS = {
     "frozen.onnx": ("frozen.onnx", b"frozen part " * 100),
     "trainable.onnx": ("trainable.onnx", b"trainable part " * 50),
     "ort.checkpoint": ("ort/checkpoint", b"\x00\x01checkpoint" * 30),
-    "weights": ("weights.bin", b"weights" * 20),
-}
+    "weights": ("weights.bin", encode(
+        UpdateHeader("exporter", 0, 0, 0, kind="weights"),
+        {"classifier.weight": np.zeros((10, 32), np.float32), "classifier.bias": np.zeros(10, np.float32)}, "fp32",
+    )),
+}  # fmt: skip
 
 
 def write_bundle(root: Path) -> Manifest:
@@ -100,8 +105,9 @@ def test_bundle_hash_changes_with_any_file_hash(tmp_path):
     for root in (a, b):
         root.mkdir()
         write_bundle(root)
-    (b / "weights.bin").write_bytes(b"WEIGHTS" * 20)  # same size, other bytes
-    edit_manifest(b, lambda d: d["files"]["weights"].update(sha256=hashlib.sha256(b"WEIGHTS" * 20).hexdigest()))
+    other = CONTENTS["frozen.onnx"][1].upper()  # same size, other bytes
+    (b / "frozen.onnx").write_bytes(other)
+    edit_manifest(b, lambda d: d["files"]["frozen.onnx"].update(sha256=hashlib.sha256(other).hexdigest()))
 
     assert Bundle.load(a).bundle_hash != Bundle.load(b).bundle_hash
 
@@ -147,6 +153,31 @@ def test_an_altered_file_of_the_same_size_is_named(bundle_dir):
     path.write_bytes(bytes(data))
     message = refused(bundle_dir)
     assert "frozen.onnx (frozen.onnx) does not match its sha256" in message
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"classifier.weight": np.zeros((10, 32), np.float32)}, "missing ['classifier.bias']"),
+        ({"classifier.weight": np.zeros((10, 31), np.float32), "classifier.bias": np.zeros(10, np.float32)}, "has shape (10, 31)"),
+    ],
+)
+def test_initial_weights_that_do_not_fit_the_manifest_are_refused(bundle_dir, weights, message):
+    data = encode(UpdateHeader("exporter", 0, 0, 0, kind="weights"), weights, "fp32")
+    (bundle_dir / "weights.bin").write_bytes(data)
+    edit_manifest(bundle_dir, lambda d: d["files"]["weights"].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+    assert message in refused(bundle_dir) and "re-export" in refused(bundle_dir)
+
+
+def test_initial_weights_of_an_older_codec_format_say_to_re_export(bundle_dir):
+    # as an older fedkit wrote them: a valid file of its day, hashed in its manifest
+    data = bytearray((bundle_dir / "weights.bin").read_bytes())
+    data[4:6] = (1).to_bytes(2, "little")
+    (bundle_dir / "weights.bin").write_bytes(bytes(data))
+    edit_manifest(bundle_dir, lambda d: d["files"]["weights"].update(sha256=hashlib.sha256(data).hexdigest()))
+    message = refused(bundle_dir)
+    assert "weights.bin (weights) does not fit this fedkit" in message and "format version 1" in message
+    assert "re-export the bundle" in message
 
 
 def test_a_file_replaced_by_a_folder_is_missing(bundle_dir):
