@@ -48,8 +48,8 @@ from device_runtime.errors import BundleError, CodecError, InternalError, Protoc
 from device_runtime.optim import SGD
 from device_runtime.preprocess import prepare
 from device_runtime.trainer import (
-    CHECKPOINT, FEATURE_BATCH, EncodedUpdate, Task, batches, encode_checkpointed, load_shard, round_key, start_from,
-    weights_digest,
+    CHECKPOINT, FEATURE_BATCH, EncodedUpdate, Task, batches, encode_checkpointed, load_shard, open_fed_part, round_key,
+    start_from, through_fed, weights_digest,
 )  # fmt: skip
 
 LABELS = "labels"
@@ -131,7 +131,9 @@ class SplitTrainer:
         self.error_feedback = ErrorFeedback()
         if "error_feedback" in self.checkpoint.state:
             self.error_feedback.load_state_dict(self.checkpoint.state["error_feedback"])
-        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed tensors, features)
+        self.fed_part = open_fed_part(bundle)
+        self._frozen: np.ndarray | None = None  # the frozen part's outputs
+        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed values, those through the fed part)
         self._device_key = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "little")
 
     def run_round(self, task: Task, global_weights: dict[str, np.ndarray]) -> SplitRoundResult:
@@ -139,7 +141,7 @@ class SplitTrainer:
         the edge; ``global_weights`` may hold more tensors (the edge's blocks). Continues the
         round from the checkpoint when one of the same task and base is there; starts it over
         from batch 0 (at most MAX_RESTARTS times) when the edge says it lost the round."""
-        base, fed = start_from(self.bundle, self.engine, task, global_weights)
+        base, fed = start_from(self.bundle, self.fed_part, task, global_weights)
         key = round_key(task, {**base, **fed})
         phase = self.checkpoint.phase(key)
         if phase in ("trained", "encoded"):
@@ -193,14 +195,16 @@ class SplitTrainer:
         self.checkpoint.save(st["round_key"], "restart", {}, {}, {}, self.error_feedback.state_dict())
 
     def features(self, fed: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The frozen part's outputs for every image of the shard (the input itself when nothing
-        is frozen); ``fed``: the global values the frozen part was last fed (see start_from)."""
-        fed_digest = weights_digest(fed or {})
-        if self._features is None or self._features[0] != fed_digest:
+        """The trainable part's inputs for every image of the shard: the frozen part's outputs
+        (the input itself when nothing is frozen), through the fed part with the values ``fed``
+        (see start_from)."""
+        if self._frozen is None:
             spec = self.bundle.manifest.input_spec
             chunks = range(0, len(self.images), FEATURE_BATCH)  # bounds the frozen part's peak memory
-            h = np.concatenate([self.engine.features(prepare(self.images[i : i + FEATURE_BATCH], spec)) for i in chunks])
-            self._features = (fed_digest, h)
+            self._frozen = np.concatenate([self.engine.features(prepare(self.images[i : i + FEATURE_BATCH], spec)) for i in chunks])
+        fed_digest = weights_digest(fed or {})
+        if self._features is None or self._features[0] != fed_digest:
+            self._features = (fed_digest, through_fed(self.fed_part, self._frozen))
         return self._features[1]
 
     # -- training --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -41,7 +41,11 @@ from device_runtime.errors import BundleError, DataError, FedkitError, InternalE
 from device_runtime.optim import SGD
 from device_runtime.preprocess import prepare
 
+if TYPE_CHECKING:
+    from device_runtime.engines.ort import FedPart
+
 CHECKPOINT = "trainer.ckpt.npz"
+FED = "fed.onnx"  # the bundle role of the fed part (see exporters.bundle, fed_from)
 FEATURE_BATCH = 64  # images per frozen-part call: bounds the phone's peak memory
 
 
@@ -137,7 +141,9 @@ class LocalTrainer:
         self.error_feedback = ErrorFeedback()
         if "error_feedback" in self.checkpoint.state:
             self.error_feedback.load_state_dict(self.checkpoint.state["error_feedback"])
-        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed tensors, features)
+        self.fed_part = open_fed_part(bundle)
+        self._frozen: np.ndarray | None = None  # the frozen part's outputs
+        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed values, those through the fed part)
         self._device_key = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "little")
 
     # -- a round ---------------------------------------------------------------------------
@@ -145,7 +151,7 @@ class LocalTrainer:
         """Trains from the global model's tensors (``global_weights``: this bundle's trainable
         ones, and those its frozen part is fed) as ``task`` says and returns the update;
         continues the round from the checkpoint when one of the same task and base is there."""
-        base_weights, fed = start_from(self.bundle, self.engine, task, global_weights)
+        base_weights, fed = start_from(self.bundle, self.fed_part, task, global_weights)
         key = round_key(task, {**base_weights, **fed})
         st, phase = self.checkpoint.state, self.checkpoint.phase(key)
         same = phase is not None
@@ -204,13 +210,18 @@ class LocalTrainer:
 
     # -- features and evaluation -----------------------------------------------------------
     def features(self, fed: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The frozen part's outputs for every image of the shard, from the cache when it holds
-        them; ``fed``: the global values the frozen part was last fed (see start_from)."""
+        """The trainable part's inputs for every image of the shard: the frozen part's outputs
+        (cached on disk), through the fed part with the values ``fed`` (see start_from)."""
         fed_digest = weights_digest(fed or {})
-        if self._features is not None and self._features[0] == fed_digest:
-            return self._features[1]
+        if self._features is None or self._features[0] != fed_digest:
+            self._features = (fed_digest, through_fed(self.fed_part, self._frozen_features()))
+        return self._features[1]
+
+    def _frozen_features(self) -> np.ndarray:
+        if self._frozen is not None:
+            return self._frozen
         digest = sha256_file(self.shard_path)
-        path = self.workdir / f"features-{self.bundle.bundle_hash[:16]}-{digest[:16]}-{fed_digest[:16]}.npy"
+        path = self.workdir / f"features-{self.bundle.bundle_hash[:16]}-{digest[:16]}.npy"
         try:
             h = np.load(path, allow_pickle=False)
             if h.dtype != np.float32 or len(h) != len(self.labels):
@@ -223,7 +234,7 @@ class LocalTrainer:
             with open(tmp, "wb") as f:
                 np.save(f, h)
             os.replace(tmp, path)
-        self._features = (fed_digest, h)
+        self._frozen = h
         return h
 
     def _compute_features(self) -> np.ndarray:
@@ -286,19 +297,35 @@ def batches(
             yield order[b * bs : (b + 1) * bs], ((epoch, b + 1) if b + 1 < count else (epoch + 1, 0))
 
 
+def open_fed_part(bundle: Bundle) -> FedPart | None:
+    """The bundle's fed part (``fed.onnx``: frozen blocks other phones of the run train), or None."""
+    if not bundle.has(FED):
+        return None
+    from device_runtime.engines.ort import FedPart  # inference on ONNX Runtime, whichever engine trains
+
+    return FedPart(bundle.path(FED))
+
+
 def start_from(
-    bundle: Bundle, engine: Engine, task: Task, global_weights: dict[str, np.ndarray]
+    bundle: Bundle, fed_part: FedPart | None, task: Task, global_weights: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A round's base weights (the bundle's trainable tensors of the global model) and the global
-    values fed to the engine's frozen part (blocks other phones of the run train: without them
-    this phone would learn on features of weights the run has moved away from)."""
+    values fed to the fed part (without them the phone would learn on features of weights the
+    run has moved away from)."""
     missing = [t.name for t in bundle.manifest.trainable if t.name not in global_weights]
     if missing:
         raise ProtocolError(
             f"global model version {task.base_version} lacks {', '.join(missing[:3])}: the bundle does not fit this run"
         )
     base = {t.name: np.asarray(global_weights[t.name], np.float32) for t in bundle.manifest.trainable}
-    return base, engine.set_frozen_weights(global_weights)
+    return base, fed_part.feed(global_weights) if fed_part is not None else {}
+
+
+def through_fed(fed_part: FedPart | None, h: np.ndarray) -> np.ndarray:
+    """The frozen part's outputs through the fed part (as they are when there is none)."""
+    if fed_part is None:
+        return h
+    return np.concatenate([fed_part.run(h[i : i + FEATURE_BATCH]) for i in range(0, len(h), FEATURE_BATCH)])
 
 
 def round_key(task: Task, base_weights: dict[str, np.ndarray]) -> dict[str, Any]:

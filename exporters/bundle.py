@@ -1,7 +1,7 @@
 """A model and one phone's plan → a bundle folder: the phone's model files and manifest.json.
 
 The export is a straight chain of named steps, each writing files under their bundle roles:
-``frozen.onnx`` (blocks ``[0, train_from)``, only when some are frozen) → ``trainable.onnx``
+``frozen.onnx`` (blocks ``[0, train_from)``, only when some are frozen; see ``fed_from``) → ``trainable.onnx``
 (blocks ``[train_from, cut)``) → ONNX Runtime training artifacts → ExecuTorch programs →
 ``weights`` (the initial trainable weights) → ``manifest.json``. Everything is written into a
 hidden folder beside ``out_dir``, verified with the phone's own loader, and renamed into place
@@ -9,9 +9,11 @@ at the end: a failed or interrupted export leaves no half-written bundle. The sa
 plan give byte-identical files, so the same manifest and bundle hash.
 
 Phones of one run may train different depths. ``fed_from`` is the first block any phone of the
-run trains: the frozen part takes the parameters of its blocks from ``fed_from`` on as inputs, so
-the phone runs them with the global model's values (which deeper phones update) rather than the
-exported ones, and its features stay those of the global model.
+run trains: the frozen blocks from there on are a part of their own, ``fed.onnx``, whose
+parameters are inputs, so the phone runs them with the global model's values (which deeper
+phones update) rather than the exported ones. ``frozen.onnx`` keeps only blocks
+``[0, fed_from)``, which no phone trains: their outputs are computed once per shard, and only the
+few fed blocks run again when the global model moves.
 """
 
 from __future__ import annotations
@@ -63,11 +65,11 @@ def export_bundle(
     ``model`` is left in eval mode."""
     out_dir = Path(out_dir)
     engines = tuple(engines)
-    frozen, trainable = _check_request(model, plan, engines, label_names, out_dir)
-    fed = []  # the frozen part's tensors the phone takes from the global model
-    if fed_from is not None and fed_from < plan.train_from:
-        fed = [name for name, _ in model.part(fed_from, plan.train_from).named_parameters()]
-    steps = _steps(model, plan, engines, frozen, trainable, fed)
+    trainable = _check_request(model, plan, engines, label_names, out_dir)
+    split = fed_from if fed_from is not None and fed_from < plan.train_from else plan.train_from
+    frozen = model.part(0, split) if split > 0 else None
+    fed = model.part(split, plan.train_from) if split < plan.train_from else None
+    steps = _steps(model, plan, engines, frozen, fed, trainable)
     total = len(steps) + 1  # the manifest is the last step
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +110,8 @@ def export_bundle(
 
 def _check_request(
     model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], label_names: Sequence[str], out_dir: Path
-) -> tuple[nn.Module, nn.Module]:
-    """Everything that can be refused before any file is written; returns the frozen and the
-    trainable part."""
+) -> nn.Module:
+    """Everything that can be refused before any file is written; returns the trainable part."""
     model.check_cut(plan.cut)
     if not engines or any(e not in ENGINES for e in engines):
         raise ExportError(f"engines {engines!r} are not a choice of {', '.join(ENGINES)}")
@@ -123,7 +124,6 @@ def _check_request(
         raise ExportError(f"{len(label_names)} label names given for a model with {model.num_classes} classes")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir} already exists: remove it or choose another output folder")
-    frozen = model.part(0, plan.train_from)
     trainable = model.part(plan.train_from, plan.cut)
     if not any(True for _ in trainable.parameters()):
         raise ExportError(
@@ -140,7 +140,7 @@ def _check_request(
                 "it cannot back-propagate the edge's gradient; use --engine ort"
             )
         check_trainable_on_executorch(trainable)
-    return frozen, trainable
+    return trainable
 
 
 def _check_encoding(encoding: str) -> None:
@@ -162,24 +162,33 @@ def _at_least_one(text: str) -> bool:
 
 
 def _steps(
-    model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], frozen: nn.Module, trainable: nn.Module, fed: list[str]
+    model: SplittableModel,
+    plan: DevicePlan,
+    engines: tuple[str, ...],
+    frozen: nn.Module | None,
+    fed: nn.Module | None,
+    trainable: nn.Module,
 ) -> list[Step]:
     # Example inputs: zeros, so the trace is the same every time; the exporters make the batch dynamic.
     x = torch.zeros(plan.batch_size, *model.input_shape)
     with torch.no_grad():
-        h = frozen.eval()(x)
+        f = frozen.eval()(x) if frozen is not None else x
+        h = fed.eval()(f) if fed is not None else f
     mode = "splitfed" if plan.cut < len(model.block_names) else "classify"
 
     steps = []
-    if plan.train_from > 0:
-        steps.append(Step("frozen part → ONNX", lambda d: {"frozen.onnx": export_onnx(frozen, x, d / "frozen.onnx", fed=fed)}))
+    if frozen is not None:
+        steps.append(Step("frozen part → ONNX", lambda d: {"frozen.onnx": export_onnx(frozen, x, d / "frozen.onnx")}))
+    if fed is not None:
+        names = [name for name, _ in fed.named_parameters()]
+        steps.append(Step("fed part → ONNX", lambda d: {"fed.onnx": export_onnx(fed, f, d / "fed.onnx", fed=names)}))
     steps.append(Step("trainable part → ONNX", lambda d: {"trainable.onnx": export_onnx(trainable, h, d / "trainable.onnx")}))
     if "ort" in engines:
         steps.append(Step("ONNX Runtime training artifacts", lambda d: export_ort_training(trainable, h, d, mode=mode)))
     if "executorch" in engines:
         from exporters.executorch import export_executorch_inference, export_executorch_training
 
-        if plan.train_from > 0:
+        if frozen is not None:
             steps.append(
                 Step(
                     "frozen part → ExecuTorch",

@@ -8,7 +8,6 @@ the same way. Weights are keyed by the whole model's parameter names.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
@@ -22,11 +21,6 @@ class Engine(Protocol):
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """The frozen blocks on prepared inputs (float32 NCHW); identity when nothing is frozen."""
-
-    def set_frozen_weights(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Gives ``features`` the global model's values of the frozen tensors the bundle feeds
-        (those of blocks other phones of the run train; other names are ignored) and returns
-        the fed values now in use, which key the features cache."""
 
     def forward(self, h: np.ndarray) -> np.ndarray:
         """The trainable blocks on features, inference mode: logits, or activations at a SplitFed cut."""

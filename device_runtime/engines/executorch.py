@@ -1,8 +1,6 @@
 """The ``executorch`` engine: the bundle's ExecuTorch programs behind the Engine protocol.
 
-``features`` runs the XNNPACK inference program ``"executorch.frozen"``, whose weights are
-compiled in: once the bundle's fed tensors are given global values (``set_frozen_weights``) it
-runs ``frozen.onnx`` on ONNX Runtime instead, which takes them as inputs. ``forward`` and
+``features`` runs the XNNPACK inference program ``"executorch.frozen"``; ``forward`` and
 ``gradients`` run the forward-backward program ``"executorch.train"`` through ExecuTorch's
 ``TrainingModule``; the weights are that program's own parameter tensors, written in place.
 SplitFed is not possible here: the training program starts from a loss, not from a gradient
@@ -18,7 +16,6 @@ ExecuTorch's Android ``TrainingModule``, without Python.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -54,8 +51,6 @@ class ExecuTorchEngine:
     def __init__(self, bundle: Bundle):
         self._rt = _load_runtime()
         self._frozen = self._load(bundle, FROZEN, self._rt.load) if bundle.has(FROZEN) else None
-        self._bundle = bundle
-        self._onnx_frozen = None  # the ONNX Runtime frozen part, loaded when global values are given
         self._train = self._load(bundle, TRAIN, self._rt.load_for_training)
         self._frozen_shape = _input_shape(self._frozen) if self._frozen is not None else None
         self._train_shape = _input_shape(self._train.model)
@@ -81,8 +76,6 @@ class ExecuTorchEngine:
 
     # -- Engine protocol ---------------------------------------------------------------------
     def features(self, x: np.ndarray) -> np.ndarray:
-        if self._onnx_frozen is not None and self._onnx_frozen.fed:
-            return self._onnx_frozen.run(x)
         if self._frozen is None:
             return np.asarray(x, np.float32)
         x = _checked(x, self._frozen_shape, "features input")
@@ -92,15 +85,6 @@ class ExecuTorchEngine:
                 out = self._frozen.forward((self._rt.torch.from_numpy(x[part]),))
             chunks.append(out[0].numpy())
         return np.concatenate(chunks)
-
-    def set_frozen_weights(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._frozen is None:
-            return {}
-        if self._onnx_frozen is None:
-            from device_runtime.engines.ort import FrozenPart
-
-            self._onnx_frozen = FrozenPart(self._bundle.path("frozen.onnx"))
-        return self._onnx_frozen.feed(tensors)
 
     def forward(self, h: np.ndarray) -> np.ndarray:
         # The training program is the only copy of the trainable weights, so inference runs it

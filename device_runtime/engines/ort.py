@@ -1,6 +1,6 @@
 """The ``ort`` engine: ONNX Runtime runs the frozen part, ONNX Runtime training the trainable one.
 
-Files it reads from the bundle: ``frozen.onnx`` (absent when nothing is frozen; see FrozenPart), and the
+Files it reads from the bundle: ``frozen.onnx`` (absent when nothing is frozen), and the
 training artifacts ``ort.training_model``, ``ort.eval_model`` and ``ort.checkpoint`` written by
 ``exporters.ort_training``. The checkpoint state holds the trainable parameters and, after each
 training step, their gradients; the optimizer step is fedkit's numpy SGD, outside the engine.
@@ -87,33 +87,34 @@ _ORT_ERRORS = (
 )
 
 
-class FrozenPart:
-    """``frozen.onnx`` on ONNX Runtime. The tensors the exporter made inputs (``fed``: those of
-    blocks other phones of the run train) run with the values given to ``feed``, the exported
-    ones until then."""
+class FedPart:
+    """``fed.onnx`` on ONNX Runtime: the frozen blocks of a bundle that other phones of the run
+    train (see exporters.bundle, ``fed_from``). Its parameters are inputs of the model, run with
+    the values last given to ``feed`` (the exported ones until then). Inference only, whichever
+    engine trains."""
 
     def __init__(self, path: Path):
         options = _session_options()
-        options.log_severity_level = 3  # ORT warns once per fed tensor that it cannot fold it: by design
+        options.log_severity_level = 3  # ORT warns once per input tensor that it cannot fold it: by design
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except _ORT_ERRORS as exc:
             raise EngineError(f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version") from exc
-        self.fed = {arg.name: tuple(arg.shape) for arg in self._session.get_overridable_initializers()}
+        self.shapes = {arg.name: tuple(arg.shape) for arg in self._session.get_overridable_initializers()}
         self._values: dict[str, np.ndarray] = {}
 
     def feed(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Takes the values of the fed tensors from ``tensors`` (others are ignored) and returns
-        them; a fed tensor ``tensors`` lacks keeps its value."""
-        for name, shape in self.fed.items():
+        """Takes the values of its parameters from ``tensors`` (others are ignored) and returns
+        the values now in use; a parameter ``tensors`` lacks keeps its value."""
+        for name, shape in self.shapes.items():
             if name in tensors:
                 if tuple(np.shape(tensors[name])) != shape:
-                    raise EngineError(f"the frozen part's {name!r} is {shape}, the global model's {tuple(np.shape(tensors[name]))}")
+                    raise EngineError(f"the fed part's {name!r} is {shape}, the global model's {tuple(np.shape(tensors[name]))}")
                 self._values[name] = _float32(tensors[name])
         return dict(self._values)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return _run("the frozen part", lambda: self._session.run(None, {"input": _float32(x), **self._values})[0])
+    def run(self, f: np.ndarray) -> np.ndarray:
+        return _run("the fed part", lambda: self._session.run(None, {"input": _float32(f), **self._values})[0])
 
 
 class OrtEngine:
@@ -125,8 +126,14 @@ class OrtEngine:
         manifest = bundle.manifest
         self._splitfed = manifest.is_splitfed
         self._shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
-        self._frozen = FrozenPart(bundle.path("frozen.onnx")) if bundle.has("frozen.onnx") else None
         try:
+            self._frozen = (
+                onnxruntime.InferenceSession(
+                    str(bundle.path("frozen.onnx")), _session_options(), providers=["CPUExecutionProvider"]
+                )
+                if bundle.has("frozen.onnx")
+                else None
+            )
             self._state = training_api.CheckpointState.load_checkpoint(str(bundle.path("ort.checkpoint")))
             self._module = training_api.Module(
                 str(bundle.path("ort.training_model")),
@@ -146,10 +153,10 @@ class OrtEngine:
             )
 
     def features(self, x: np.ndarray) -> np.ndarray:
-        return _float32(x) if self._frozen is None else self._frozen.run(x)
-
-    def set_frozen_weights(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {} if self._frozen is None else self._frozen.feed(tensors)
+        x = _float32(x)
+        if self._frozen is None:
+            return x
+        return _run("the frozen part", lambda: self._frozen.run(None, {"input": x})[0])
 
     def forward(self, h: np.ndarray) -> np.ndarray:
         self._module.eval()

@@ -19,6 +19,7 @@ from device_runtime.codec import decode
 from device_runtime.engines import open_engine
 from device_runtime.manifest import DevicePlan
 from device_runtime.optim import SGD
+from device_runtime.trainer import open_fed_part, through_fed
 from exporters.bundle import export_bundle
 from toolkit import __version__
 from toolkit.cli import app
@@ -123,33 +124,38 @@ def test_nothing_frozen_means_no_frozen_file(tmp_path, model):
 
 
 @pytest.mark.parametrize("engine", ["ort", "executorch"])
-def test_a_frozen_part_fed_global_values_computes_the_global_models_features(tmp_path, model, engine):
+def test_frozen_blocks_others_train_are_a_fed_part_that_runs_with_the_global_values(tmp_path, model, engine):
     # Prepare: a head-only bundle of a run whose deepest phone trains from block 1
     export_bundle(model, plan_for(model, engine=engine), tmp_path / "b", (engine,), label_names=LABEL_NAMES, fed_from=1)
-    phone = open_engine(Bundle.load(tmp_path / "b"))
-    frozen = model.part(0, model.train_from(len(model.block_names), 1)).eval()
+    bundle = Bundle.load(tmp_path / "b")
+    phone, fed_part = open_engine(bundle), open_fed_part(bundle)
+    train_from = model.train_from(len(model.block_names), 1)
     x = torch.randn(5, *model.input_shape, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     global_model = {n: (p + 0.1 * torch.randn(p.shape, generator=g)).detach().numpy() for n, p in model.root.named_parameters()}
 
     # Execute
-    exported = phone.features(x.numpy())
-    fed = phone.set_frozen_weights(global_model)
-    refreshed = phone.features(x.numpy())
+    frozen = phone.features(x.numpy())
+    exported = through_fed(fed_part, frozen)
+    fed = fed_part.feed(global_model)
+    refreshed = through_fed(fed_part, frozen)
 
-    # Verify: blocks 1.. take the global values, block 0 and BatchNorm statistics stay exported
-    assert sorted(fed) == sorted(n for n, _ in model.part(1, model.train_from(len(model.block_names), 1)).named_parameters())
+    # Verify: block 0 is frozen.onnx; blocks 1.. take the global values (BatchNorm statistics stay exported)
+    assert {"frozen.onnx", "fed.onnx"} <= set(bundle.manifest.files)
+    assert sorted(fed) == sorted(n for n, _ in model.part(1, train_from).named_parameters())
     with torch.no_grad():
-        np.testing.assert_allclose(exported, frozen(x).numpy(), rtol=1e-4, atol=1e-5)
-        expected = torch.func.functional_call(frozen, {n: torch.from_numpy(v) for n, v in fed.items()}, (x,))
+        np.testing.assert_allclose(frozen, model.part(0, 1).eval()(x).numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(exported, model.part(0, train_from).eval()(x).numpy(), rtol=1e-4, atol=1e-5)
+        params = {n: torch.from_numpy(v) for n, v in fed.items()}
+        expected = torch.func.functional_call(model.part(0, train_from).eval(), params, (x,))
     np.testing.assert_allclose(refreshed, expected.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(refreshed - exported).max() > 1e-2
 
 
-def test_fed_from_past_the_trainable_blocks_feeds_nothing(tmp_path, model):
+def test_fed_from_past_the_trainable_blocks_makes_no_fed_part(tmp_path, model):
     export_bundle(model, plan_for(model), tmp_path / "b", label_names=LABEL_NAMES, fed_from=len(model.block_names) - 1)
-    phone = open_engine(Bundle.load(tmp_path / "b"))
-    assert phone.set_frozen_weights({n: p.detach().numpy() for n, p in model.root.named_parameters()}) == {}
+    bundle = Bundle.load(tmp_path / "b")
+    assert "fed.onnx" not in bundle.manifest.files and open_fed_part(bundle) is None
 
 
 def test_progress_reports_every_step_in_order_then_done(tmp_path, model):
