@@ -189,7 +189,7 @@ def bundle_name(model: "SplittableModel", plan: DevicePlan) -> str:
 def export_bundles(model: "SplittableModel", plans: list[DevicePlan], progress: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
     """One bundle per distinct plan, exported once into the host cache and reused after. Each
     frozen part is fed the global values of every block some plan trains (``fed_from``)."""
-    from exporters.bundle import export_bundle
+    from exporters.bundle import EXPORT_FORMAT, export_bundle
     from toolkit.central import cache_dir
     from toolkit.data import LABEL_NAMES
 
@@ -200,7 +200,7 @@ def export_bundles(model: "SplittableModel", plans: list[DevicePlan], progress: 
         if name in out:
             continue
         fed = f"-fed{fed_from}" if fed_from < plan.train_from else ""
-        path = cache_dir() / "bundles" / f"{name}{fed}-{model.content_hash()[:12]}"
+        path = cache_dir() / "bundles" / f"{name}{fed}-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
         try:
             Bundle.load(path)
         except FedkitError:
