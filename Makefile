@@ -3,7 +3,7 @@ STAMP := $(VENV)/.fedkit-setup
 
 .PHONY: setup demo test bench
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml setup.py device_runtime/_kernels.c scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 

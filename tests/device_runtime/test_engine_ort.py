@@ -137,7 +137,12 @@ def test_ten_sgd_steps_track_pytorch(request, bundles, name, train_from, cut):
     assert np.max(np.abs(ours - theirs) / np.abs(theirs)) < 1e-4, (ours, theirs)
     assert all(not np.array_equal(weights[key], before[key]) for key in before)  # every tensor trained
     for key in expected:
-        np.testing.assert_allclose(weights[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        # The two trajectories agree to within 1% of how far the weights moved: kernels that sum
+        # in another order differ by ~1e-4 of it after ten momentum steps (more on some CPUs
+        # than on others), a wrong gradient by all of it.
+        moved = np.abs(expected[key] - before[key]).max()
+        apart = np.abs(weights[key] - expected[key]).max()
+        assert apart <= 0.01 * moved, (key, apart, moved)
 
 
 @pytest.mark.parametrize("name, train_from, cut", [("mobilenet_v2", 14, 17), ("small_cnn", 1, 3)])
