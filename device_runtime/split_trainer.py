@@ -46,9 +46,8 @@ from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode,
 from device_runtime.engines import Engine, open_engine
 from device_runtime.errors import BundleError, CodecError, InternalError, ProtocolError, RestartRound
 from device_runtime.optim import SGD
-from device_runtime.preprocess import prepare
 from device_runtime.trainer import (
-    CHECKPOINT, FEATURE_BATCH, EncodedUpdate, Task, batches, encode_checkpointed, load_shard, open_fed_part, round_key,
+    CHECKPOINT, EncodedUpdate, Task, batches, encode_checkpointed, frozen_features, load_shard, open_fed_part, round_key,
     start_from, through_fed, weights_digest,
 )  # fmt: skip
 
@@ -199,9 +198,7 @@ class SplitTrainer:
         (the input itself when nothing is frozen), through the fed part with the values ``fed``
         (see start_from)."""
         if self._frozen is None:
-            spec = self.bundle.manifest.input_spec
-            chunks = range(0, len(self.images), FEATURE_BATCH)  # bounds the frozen part's peak memory
-            self._frozen = np.concatenate([self.engine.features(prepare(self.images[i : i + FEATURE_BATCH], spec)) for i in chunks])
+            self._frozen = frozen_features(self.engine, self.images, self.bundle.manifest.input_spec)
         fed_digest = weights_digest(fed or {})
         if self._features is None or self._features[0] != fed_digest:
             self._features = (fed_digest, through_fed(self.fed_part, self._frozen))
