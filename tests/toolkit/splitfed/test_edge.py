@@ -67,25 +67,41 @@ def test_gradients_through_every_small_cnn_cut_equal_the_unsplit_models(model, s
 
 
 @pytest.fixture(scope="module")
-def mobilenet(one_torch_thread):
-    return load_model("mobilenet_v2")
+def smooth_mobilenet(one_torch_thread):
+    """MobileNetV2, pretrained, with SiLU for ReLU6. ReLU6's kinks at 0 and 6 make "equal
+    gradients" ill-posed in float32: the two sides' activations differ by ~1e-6, and an input
+    with a pre-activation that close to a kink (about one in ten) sends them down different
+    branches, moving a gradient by up to 3e-3 of its scale. Through smooth activations they
+    agree to ~3e-6 at every cut; what is tested, the split and its artifacts, is the same."""
+    model = load_model("mobilenet_v2")
+    for module in list(model.root.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.ReLU6):
+                setattr(module, name, torch.nn.SiLU())
+    return model
+
+
+MOBILENET_SPLIT_CUTS = range(1, 21)  # a block or more on each side of the 21
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cut", [2, 7, 14, 19])
-def test_gradients_through_mobilenet_cuts_equal_the_unsplit_models(mobilenet, tmp_path, cut):
-    # Prepare: the phone trains the block before the cut, the ones before it are frozen
-    plan = DevicePlan(cut=cut, train_from=cut - 1, batch_size=BATCH)
-    export_bundle(mobilenet, plan, tmp_path / "bundle", label_names=LABEL_NAMES)
+@pytest.mark.parametrize("cut", MOBILENET_SPLIT_CUTS)
+def test_gradients_through_every_mobilenet_cut_equal_the_unsplit_models(smooth_mobilenet, tmp_path, cut):
+    # Prepare: the phone trains the last block with parameters before the cut, the ones before
+    # it are frozen
+    model = smooth_mobilenet
+    assert list(MOBILENET_SPLIT_CUTS) == model.cuts[1:-1]
+    train_from = model.train_from(cut, 1)
+    export_bundle(model, DevicePlan(cut=cut, train_from=train_from, batch_size=BATCH), tmp_path / "bundle", label_names=LABEL_NAMES)
     g = torch.Generator().manual_seed(cut)
-    x, y = torch.randn(BATCH, *mobilenet.input_shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    x, y = torch.randn(BATCH, *model.input_shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
     # Execute
-    loss, split_loss, whole, phone, edge = split_gradients(mobilenet, Bundle.load(tmp_path / "bundle"), x, y)
+    loss, split_loss, whole, phone, edge = split_gradients(model, Bundle.load(tmp_path / "bundle"), x, y)
 
     # Assert
     assert split_loss == pytest.approx(loss, rel=1e-5)
-    trained = [name for name, _ in mobilenet.part(cut - 1, len(mobilenet.block_names)).named_parameters()]
+    trained = [name for name, _ in model.part(train_from, len(model.block_names)).named_parameters()]
     assert_gradients_match(whole, phone, edge, trained)
 
 
