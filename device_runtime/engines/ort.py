@@ -94,7 +94,7 @@ class FedPart:
     engine trains."""
 
     def __init__(self, path: Path):
-        options = _session_options()
+        options = _inference_options()
         options.log_severity_level = 3  # ORT warns once per input tensor that it cannot fold it: by design
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -129,7 +129,7 @@ class OrtEngine:
         try:
             self._frozen = (
                 onnxruntime.InferenceSession(
-                    str(bundle.path("frozen.onnx")), _session_options(), providers=["CPUExecutionProvider"]
+                    str(bundle.path("frozen.onnx")), _inference_options(), providers=["CPUExecutionProvider"]
                 )
                 if bundle.has("frozen.onnx")
                 else None
@@ -212,6 +212,16 @@ def _session_options():
     # does numpy work (the optimizer step, the codec) on the same cores, so spinning only steals it.
     options = onnxruntime.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _inference_options():
+    # The frozen and fed parts run a few images at a time (trainer.FEATURE_BATCH): without ORT's
+    # arena and memory-pattern planning a MobileNetV2 phone peaks 11 MB lower (137 MB instead of
+    # 148 on a 4968-image shard), at the same speed.
+    options = _session_options()
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     return options
 
 
