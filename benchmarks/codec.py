@@ -13,8 +13,8 @@ encoding, plus per-layer bits from ``layered_encodings`` at 4 bits on average, a
   least 4x the last-level cache (max(256 MB, 4 x LLC), LLC read from sysfs), scaled to the
   update's bytes. Beside it, for reference only, the earlier yardstick: np.copyto of a buffer of
   the update's own bytes (9 MB for the whole model: inside this host's 32 MB L3, so it
-  measures cache bandwidth, ~3.5x the memory figure). The STREAM copy is timed right before
-  and after each encoding's runs, and the fraction taken against the best of those;
+  measures cache bandwidth, ~3.5x the memory figure). The STREAM copy is timed ten times
+  between each encoding's runs, and the fraction taken against the best of those;
 - the checksum floor: the CRC-32 of the encoded bytes (zlib-ng's, as the codec computes it),
   which both encode and decode must compute, so copy time / CRC time bounds the copy fraction
   any implementation of this format can reach.
@@ -56,7 +56,8 @@ LAYERED_BITS = 4.0
 TARGET_RATIO = {"int8": 3.9, "int4": 7.5, "sign1": 25.0}
 TARGET_COPY_FRACTION = 0.25
 # (timing runs, bias repeats) per update: more runs for the small head, where noise is larger
-RUNS = {"head": (50, 400), "whole": (30, 16)}
+RUNS = {"head": (100, 400), "whole": (60, 16)}
+INTERLEAVE = 10  # STREAM copies per encoding, between its timing runs
 MIN_STREAM_BYTES = 256 << 20
 
 
@@ -128,7 +129,7 @@ def copy_seconds(src: np.ndarray, runs: int) -> tuple[float, float]:
 
 class StreamCopy:
     """The STREAM copy of two buffers of ``size`` bytes, kept for the whole run, timed on demand:
-    each encoding's throughput is judged against copies taken right before and after it, since
+    each encoding's throughput is judged against copies taken in between its own runs, since
     this shared machine's speed drifts over seconds (by 1.5x between runs of this benchmark)."""
 
     def __init__(self, size: int):
@@ -137,7 +138,7 @@ class StreamCopy:
         np.copyto(self.dst, self.src)  # touch every page before any timing
         self.size = self.src.nbytes
 
-    def seconds(self, runs: int = 2) -> float:
+    def seconds(self, runs: int) -> float:
         return best_seconds(lambda: np.copyto(self.dst, self.src), runs)[0]
 
 
@@ -161,10 +162,17 @@ def measure(
     for _ in range(repeats):
         mean += flat(decode(encode(header, update, encoding, rng=rng)).tensors)
     rel_bias = float(np.linalg.norm(mean / repeats - x)) / norm
-    stream_before = stream.seconds()
-    encode_s, encode_wall = best_seconds(lambda: encode(header, update, encoding, rng=rng), runs)
-    decode_s, decode_wall = best_seconds(lambda: decode(data), runs)
-    stream_seconds = min(stream_before, stream.seconds()) * fp32_bytes / stream.size  # the update's bytes
+    # Interleaved: a STREAM copy, then a tenth of the encode and decode runs, ten times over;
+    # each figure is its best over the same few seconds, so a slow spell of this shared machine
+    # weighs on both sides of the ratio alike.
+    stream_s = encode_s = decode_s = encode_wall = decode_wall = float("inf")
+    for _ in range(INTERLEAVE):
+        stream_s = min(stream_s, stream.seconds(1))
+        cpu, wall = best_seconds(lambda: encode(header, update, encoding, rng=rng), runs // INTERLEAVE)
+        encode_s, encode_wall = min(encode_s, cpu), min(encode_wall, wall)
+        cpu, wall = best_seconds(lambda: decode(data), runs // INTERLEAVE)
+        decode_s, decode_wall = min(decode_s, cpu), min(decode_wall, wall)
+    stream_seconds = stream_s * fp32_bytes / stream.size  # the update's bytes at the copy rate
     crc_s, _ = best_seconds(lambda: crc32(data), runs)
     return {
         "bytes": len(data),
@@ -242,9 +250,9 @@ def main() -> None:
             "timing": "best thread CPU time of runs (wall beside)",
             "yardstick": (
                 "copy_fraction (the target's yardstick): memory copy bandwidth as STREAM defines it, np.copyto between two "
-                f"float32 buffers of {stream.size >> 20} MB each (max(256 MB, 4 x last-level cache)), the best of two copies "
-                "right before and two right after each encoding's timing (stream_copy_MBps), scaled to the update's "
-                "bytes; cache_copy_fraction (reference only, the earlier yardstick): np.copyto of a buffer of the update's "
+                f"float32 buffers of {stream.size >> 20} MB each (max(256 MB, 4 x last-level cache)), the best of "
+                f"{INTERLEAVE} copies interleaved with each encoding's timing runs (stream_copy_MBps), scaled to the "
+                "update's bytes; cache_copy_fraction (reference only, the earlier yardstick): np.copyto of a buffer of the update's "
                 "own bytes, which for the whole model sits in L3"
             ),
             "load_average_before_after": [load_before, os.getloadavg()],

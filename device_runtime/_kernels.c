@@ -293,57 +293,55 @@ DISPATCH static int encode_sign1(const float *x, size_t n, size_t channels, uint
     return OK;
 }
 
+/* a[0..n) reordered so that the values for which `first` holds come first; returns how many. */
+#define PARTITION(a, n, first)                                                                     \
+    ({                                                                                             \
+        size_t count_ = 0;                                                                         \
+        for (size_t i_ = 0; i_ < (n); i_++) { /* without a branch: random values mispredict */     \
+            float v = (a)[i_];                                                                     \
+            (a)[i_] = (a)[count_];                                                                 \
+            (a)[count_] = v;                                                                       \
+            count_ += (first);                                                                     \
+        }                                                                                          \
+        count_;                                                                                    \
+    })
+
 /* The k-th smallest (from 0) of a[0..n), which holds no NaN; a is reordered. Quickselect with
- * a median-of-three pivot and branch-free partitions (on random values a branch mispredicts
- * every other time), three ways, so that runs of equal values end it: [< pivot], then of the
- * rest [== pivot]; the pivot is one of the values, so every round removes at least one. */
+ * a median-of-three pivot: [< pivot] first, then on into one side; when nothing is below the
+ * pivot (the smallest value), [== pivot] splits off instead, so runs of equal values end it. */
 static float kth_smallest(float *a, size_t n, size_t k)
 {
     while (n > 1) {
         float first = a[0], middle = a[n / 2], last = a[n - 1];
         float pivot = fmaxf(fminf(first, middle), fminf(fmaxf(first, middle), last));
-        size_t less = 0;
-        for (size_t i = 0; i < n; i++) {
-            float v = a[i];
-            a[i] = a[less];
-            a[less] = v;
-            less += v < pivot;
-        }
+        size_t less = PARTITION(a, n, v < pivot);
         if (k < less) {
             n = less;
             continue;
         }
-        a += less, n -= less, k -= less;
-        size_t equal = 0;
-        for (size_t i = 0; i < n; i++) {
-            float v = a[i];
-            a[i] = a[equal];
-            a[equal] = v;
-            equal += v == pivot;
+        if (less == 0) {
+            less = PARTITION(a, n, v == pivot);
+            if (k < less)
+                return pivot;
         }
-        if (k < equal)
-            return pivot;
-        a += equal, n -= equal, k -= equal;
+        a += less, n -= less, k -= less;
     }
     return a[0];
 }
 
-/* Bit i of hits (64 per word) = |x[i]| >= threshold, in one pass: compared into bytes (a
- * vectorised loop), eight bytes packed into a byte by a multiply. Returns how many hit, or
- * SIZE_MAX if x holds NaN or Inf (which never compare as hits). hits has ceil(n / 64) words. */
+/* Bit i of hits (64 per word) = |x[i]| >= threshold, in one pass, as integers: the bits of
+ * floats >= 0 order as their values, and NaN and Inf, above every finite value, are hits (for
+ * the caller to refuse). Compared into bytes (a vectorised loop), eight bytes packed into a
+ * byte by a multiply. hits has ceil(n / 64) words; returns how many bits are set. */
 DISPATCH static size_t mark(const float *x, size_t n, float threshold, uint64_t *hits)
 {
+    const uint32_t t = bits_of(threshold);
     uint8_t hit[CHUNK];
     size_t count = 0;
-    uint32_t top = 0;
     for (size_t from = 0; from < n; from += CHUNK) { /* CHUNK is a multiple of 64 */
         const uint32_t len = (uint32_t)(n - from < CHUNK ? n - from : CHUNK);
-        for (uint32_t i = 0; i < len; i++) {
-            uint32_t b = bits_of(x[from + i]) & 0x7FFFFFFFu;
-            top = b > top ? b : top;
-            hit[i] = float_of(b) >= threshold;
-            count += hit[i];
-        }
+        for (uint32_t i = 0; i < len; i++)
+            hit[i] = (bits_of(x[from + i]) & 0x7FFFFFFFu) >= t;
         for (uint32_t i = len; i % 64; i++)
             hit[i] = 0;
         for (uint32_t w = 0; w < (len + 63) / 64; w++) {
@@ -354,9 +352,10 @@ DISPATCH static size_t mark(const float *x, size_t n, float threshold, uint64_t 
                 word |= ((eight * 0x0102040810204080ull) >> 56) << (8 * byte);
             }
             hits[from / 64 + w] = word;
+            count += (size_t)__builtin_popcountll(word);
         }
     }
-    return top >= INF_BITS ? SIZE_MAX : count;
+    return count;
 }
 
 /* The indices of the set bits of hits, in order. */
@@ -368,11 +367,12 @@ static void collect(const uint64_t *hits, size_t n, uint32_t *index)
             index[j++] = (uint32_t)(64 * w + (size_t)__builtin_ctzll(v));
 }
 
-/* topk: the k largest |x| (ties: the first ones), indices increasing, values in scaled fp16.
- * The candidates are the elements at or above a threshold, found among them alone: for a large
- * tensor the threshold is set on every 67th |x| so that about twice k (and at least 16 samples'
- * worth) pass; if fewer than k do, or the tensor is small, every element is a candidate. The
- * largest |x|, which sets the scale, is always one. */
+/* topk: the k largest |x| (ties: the first ones), indices increasing, values in scaled fp16,
+ * found among candidates alone: the elements at or above a threshold. A large tensor's is set on
+ * every 67th |x| so that about twice k (and at least 4 samples' worth) pass; a small tensor's
+ * is the least |x| above 0 (an update's zeros, often most of a tensor, are candidates only if k
+ * needs them); if fewer than k pass, every element is a candidate. The largest |x|, which sets
+ * the scale, always is one, and so are NaN and Inf, refused. */
 DISPATCH static int encode_topk(const float *x, size_t n, size_t k, uint8_t *out)
 {
     if (k == 0) { /* n == 0 */
@@ -380,7 +380,7 @@ DISPATCH static int encode_topk(const float *x, size_t n, size_t k, uint8_t *out
         return OK;
     }
     float threshold = 0.0f;
-    size_t samples = n / TOPK_STRIDE, above = 2 * ((k + TOPK_STRIDE - 1) / TOPK_STRIDE) + 16;
+    size_t samples = n / TOPK_STRIDE, above = 2 * ((k + TOPK_STRIDE - 1) / TOPK_STRIDE) + 4;
     if (k < n && above < samples) {
         float *sample = malloc(samples * sizeof(float));
         if (!sample)
@@ -398,14 +398,9 @@ DISPATCH static int encode_topk(const float *x, size_t n, size_t k, uint8_t *out
     uint64_t *hit = malloc((n + 63) / 64 * sizeof(uint64_t));
     if (!hit)
         return -1;
-    /* zeros, often most of a tensor's update, are candidates only if k needs them */
     size_t count = mark(x, n, threshold > 0.0f ? threshold : FLT_TRUE_MIN, hit);
-    if (count != SIZE_MAX && count < k) /* the sample misled, or k takes zeros */
+    if (count < k) /* the sample misled, or k takes zeros */
         count = mark(x, n, threshold = 0.0f, hit);
-    if (count == SIZE_MAX) {
-        free(hit);
-        return NON_FINITE;
-    }
     uint32_t *candidate = malloc(count * sizeof(uint32_t));
     float *magnitude = malloc(2 * count * sizeof(float)), *order = magnitude + count;
     if (!candidate || !magnitude) {
@@ -416,12 +411,14 @@ DISPATCH static int encode_topk(const float *x, size_t n, size_t k, uint8_t *out
     }
     collect(hit, n, candidate);
     free(hit);
-    float amax = 0.0f;
+    uint32_t top = 0; /* max |x| as bits: NaN and Inf, candidates if anywhere, sort above */
     for (size_t j = 0; j < count; j++) {
-        magnitude[j] = order[j] = fabsf(x[candidate[j]]);
-        amax = magnitude[j] > amax ? magnitude[j] : amax;
+        uint32_t b = bits_of(x[candidate[j]]) & 0x7FFFFFFFu;
+        top = b > top ? b : top;
+        magnitude[j] = order[j] = float_of(b);
     }
-    int status = amax <= FP16_LIMIT ? OK : OUT_OF_RANGE;
+    const float amax = float_of(top);
+    int status = top >= INF_BITS ? NON_FINITE : amax <= FP16_LIMIT ? OK : OUT_OF_RANGE;
     if (status == OK) {
         uint16_t stored = half_scale(amax);
         store16(out, stored);
@@ -567,22 +564,39 @@ static int decode_payload(int encoding, const uint8_t *payload, size_t size, siz
 }
 
 struct job {
-    const char *head;
-    size_t head_size, payload_size, scales, k;
+    const char *name;
+    size_t name_size, n, scales, k, payload_size;
     int encoding;
     uint32_t key;
 };
 
-/* pack(prefix, tensors, crc32) -> bytes, or (status, index) of the first tensor that cannot be
- * encoded. tensors: a list of (head, encoding, x, scales, key, k): the record's bytes before its
- * payload, and what its payload is made of (x a C-contiguous float32 buffer). The container is
- * the prefix, each head followed by its payload, and crc32 of all that (computed by the
- * callable, which is given a memoryview). One allocation, every payload written in place. */
+/* The record head before a payload, as the codec docstring lays it out: name length, name,
+ * encoding, number of dimensions, shape, payload length. Returns its size. */
+static size_t write_head(const struct job *job, const Py_buffer *x, uint8_t *out)
+{
+    uint8_t *p = out;
+    store16(p, (uint16_t)job->name_size);
+    memcpy(p + 2, job->name, job->name_size);
+    p += 2 + job->name_size;
+    *p++ = (uint8_t)job->encoding;
+    *p++ = (uint8_t)x->ndim;
+    for (int d = 0; d < x->ndim; d++, p += 4)
+        store32(p, (uint32_t)x->shape[d]);
+    store32(p, (uint32_t)job->payload_size);
+    return (size_t)(p + 4 - out);
+}
+
+/* pack(prefix, tensors, topk_fraction, crc32) -> bytes, or (status, index) of the first tensor
+ * that cannot be encoded. tensors: a list of (name, encoding, x, key), x a C-contiguous float32
+ * array of at most 8 dimensions under 2**32, name UTF-8 bytes (both checked by the caller).
+ * The container is the prefix, each tensor's record head and payload, and crc32 of all that
+ * (computed by the callable, given a memoryview): one allocation, every byte written in place. */
 static PyObject *py_pack(PyObject *self, PyObject *args)
 {
     Py_buffer prefix;
     PyObject *tensors, *crc32;
-    if (!PyArg_ParseTuple(args, "y*O!O", &prefix, &PyList_Type, &tensors, &crc32))
+    double fraction;
+    if (!PyArg_ParseTuple(args, "y*O!dO", &prefix, &PyList_Type, &tensors, &fraction, &crc32))
         return NULL;
     const Py_ssize_t count = PyList_GET_SIZE(tensors);
     Py_buffer *xs = PyMem_Calloc(count ? count : 1, sizeof(Py_buffer));
@@ -596,23 +610,30 @@ static PyObject *py_pack(PyObject *self, PyObject *args)
     }
     size_t total = (size_t)prefix.len + 4;
     for (; acquired < count; acquired++) {
-        PyObject *head;
-        Py_ssize_t scales, k;
+        PyObject *name, *x;
         struct job *job = &jobs[acquired];
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(tensors, acquired), "O!iy*nIn", &PyBytes_Type, &head, &job->encoding,
-                              &xs[acquired], &scales, &job->key, &k))
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(tensors, acquired), "O!iOI", &PyBytes_Type, &name, &job->encoding, &x, &job->key))
             goto done;
-        if (job->encoding < FP32 || job->encoding > TOPK) {
-            PyErr_Format(PyExc_ValueError, "unknown encoding code %d", job->encoding);
+        if (PyObject_GetBuffer(x, &xs[acquired], PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+            goto done;
+        const Py_buffer *b = &xs[acquired];
+        if (job->encoding < FP32 || job->encoding > TOPK || b->itemsize != 4 || strcmp(b->format, "f") || b->ndim > 8) {
+            PyErr_Format(PyExc_ValueError, "tensor %zd: encoding code %d of a %s buffer of %d dimensions", acquired,
+                         job->encoding, b->format, b->ndim);
             acquired++;
             goto done;
         }
-        job->head = PyBytes_AS_STRING(head);
-        job->head_size = (size_t)PyBytes_GET_SIZE(head);
-        job->scales = (size_t)scales;
-        job->k = (size_t)k;
-        job->payload_size = payload_size(job->encoding, (size_t)xs[acquired].len / 4, job->scales, job->k);
-        total += job->head_size + job->payload_size;
+        job->name = PyBytes_AS_STRING(name);
+        job->name_size = (size_t)PyBytes_GET_SIZE(name);
+        job->n = (size_t)b->len / 4;
+        int per_channel = job->encoding == INT8 || job->encoding == INT4 || job->encoding == SIGN1;
+        job->scales = job->encoding == FP32 ? 0 : per_channel && b->ndim >= 2 ? (size_t)b->shape[0] : 1;
+        if (job->encoding == TOPK) { /* as codec._topk_count: min(n, ceil(fraction * n)) */
+            double k = ceil(fraction * (double)job->n);
+            job->k = k < (double)job->n ? (size_t)k : job->n;
+        }
+        job->payload_size = payload_size(job->encoding, job->n, job->scales, job->k);
+        total += 2 + job->name_size + 2 + 4 * (size_t)b->ndim + 4 + job->payload_size;
     }
     data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
     if (!data)
@@ -623,9 +644,8 @@ static PyObject *py_pack(PyObject *self, PyObject *args)
     out += prefix.len;
     for (Py_ssize_t i = 0; i < count && status == OK; i++) {
         const struct job *job = &jobs[i];
-        memcpy(out, job->head, job->head_size);
-        out += job->head_size;
-        status = encode_payload(job->encoding, xs[i].buf, (size_t)xs[i].len / 4, job->scales, job->key, job->k, out);
+        out += write_head(job, &xs[i], out);
+        status = encode_payload(job->encoding, xs[i].buf, job->n, job->scales, job->key, job->k, out);
         out += job->payload_size;
         failed = i;
     }
@@ -710,7 +730,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"pack", py_pack, METH_VARARGS, "pack(prefix, [(head, encoding, x, scales, key, k), ...], crc32) -> bytes | (status, index)"},
+    {"pack", py_pack, METH_VARARGS, "pack(prefix, [(name, encoding, x, key), ...], topk_fraction, crc32) -> bytes | (status, index)"},
     {"unpack", py_unpack, METH_VARARGS, "unpack(data, [(encoding, offset, size, n, scales), ...], out) -> (status, index)"},
     {NULL, NULL, 0, NULL},
 };

@@ -98,6 +98,7 @@ __all__ = [
 MAGIC = b"FKUP"
 FORMAT_VERSION = 2
 ENCODINGS = ("fp32", "fp16", "int8", "int4", "sign1", "topk")
+_CODES = {encoding: code for code, encoding in enumerate(ENCODINGS)}  # the record's encoding byte
 KINDS = ("delta", "weights", "activation", "gradient")
 # The decoder allocates at most this many float32 elements per update (256 MiB), whatever a
 # payload claims; MobileNetV2 whole is 3.5 M. Passing ``expected`` bounds it exactly.
@@ -114,9 +115,7 @@ _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
 _COUNT = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 _U16 = struct.Struct("<H")
-# A tensor record after its name (encoding, ndim, shape, payload length), and the shape and
-# payload length alone, per number of dimensions.
-_RECORD_TAIL = [struct.Struct(f"<BB{ndim}II") for ndim in range(_MAX_NDIM + 1)]
+# A record's shape and payload length, per number of dimensions
 _SHAPE_AND_SIZE = [struct.Struct(f"<{ndim + 1}I") for ndim in range(_MAX_NDIM + 1)]
 _FIXED_SIZE = _PREFIX.size + _COUNT.size + _CRC.size
 _RECORD_FIXED = 2 + 1 + 1 + 4  # name length, encoding, ndim, payload length
@@ -171,28 +170,24 @@ def encode(
     _check_fraction(topk_fraction)
     rng = np.random.default_rng() if rng is None else rng
     header_json = _header_json(header)
-    arrays, total = [], 0
-    for name, value in tensors.items():
-        total += np.size(value)  # before a copy to float32 of a tensor too large to take
+    jobs, total = [], 0
+    keys = rng.integers(0, 2**32, size=len(tensors), dtype=np.uint32).tolist()  # one draw per tensor
+    for (name, value), key in zip(tensors.items(), keys):
+        x = np.asarray(value)
+        total += x.size  # before a copy to float32 of a tensor too large to take
         if total > MAX_ELEMENTS:
             raise CodecError(f"update has more than {MAX_ELEMENTS} elements, more than a decoder accepts: split it")
-        x = _as_float32(name, value)
-        if x.ndim > _MAX_NDIM or max(x.shape, default=0) > _U32_MAX:
+        x = _as_float32(name, x)
+        # under MAX_ELEMENTS in all, only an empty tensor can have a side of 2**32
+        if x.ndim > _MAX_NDIM or (not x.size and max(x.shape, default=0) > _U32_MAX):
             raise CodecError(f"tensor {name!r} has shape {x.shape}: the format holds at most {_MAX_NDIM} dimensions of < 2**32")
-        arrays.append((name, _name_bytes(name), x))  # a bad name is refused before any encoding work
-    keys = rng.integers(0, 2**32, size=len(arrays), dtype=np.uint32).tolist()  # one draw per tensor
-    jobs = []
-    for (name, raw_name, x), key in zip(arrays, keys):
-        enc = encodings[name]
-        k = _topk_count(x.size, topk_fraction) if enc == "topk" else 0
-        scales = _scale_count(enc, x.shape)
-        head = _record_head(raw_name, enc, x.shape, _payload_size(enc, x.size, scales, k))
-        jobs.append((head, ENCODINGS.index(enc), x, scales, key, k))
+        jobs.append((_name_bytes(name), _CODES[encodings[name]], x, key))  # a bad name: refused before any work
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_json)) + header_json + _COUNT.pack(len(jobs))
-    data = _kernels.pack(prefix, jobs, crc32)
+    data = _kernels.pack(prefix, jobs, topk_fraction, crc32)
     if isinstance(data, tuple):
         status, index = data
-        raise _unencodable(arrays[index][0], encodings[arrays[index][0]], status)
+        name = list(tensors)[index]
+        raise _unencodable(name, encodings[name], status)
     return data
 
 
@@ -371,11 +366,6 @@ def _header_json(header: UpdateHeader) -> bytes:
     return json.dumps(asdict(header), sort_keys=True, separators=(",", ":")).encode("ascii")
 
 
-def _record_head(name: bytes, encoding: str, shape: tuple[int, ...], payload_size: int) -> bytes:
-    tail = _RECORD_TAIL[len(shape)].pack(ENCODINGS.index(encoding), len(shape), *shape, payload_size)
-    return _U16.pack(len(name)) + name + tail
-
-
 def _scale_count(encoding: str, shape: tuple[int, ...]) -> int:
     """How many scales a tensor's payload starts with: its channels (the slices along its first
     axis, or one for a scalar or 1-D tensor) for int8, int4 and sign1."""
@@ -532,7 +522,7 @@ def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.n
     """Every tensor, as views of one float32 buffer."""
     sizes = [math.prod(r.shape) for r in records]
     values = np.empty(sum(sizes), np.float32)
-    jobs = [(ENCODINGS.index(r.encoding), r.offset, r.size, n, r.scales) for r, n in zip(records, sizes)]
+    jobs = [(_CODES[r.encoding], r.offset, r.size, n, r.scales) for r, n in zip(records, sizes)]
     status, index = _kernels.unpack(view, jobs, values)
     if status != _OK:
         r = records[index]

@@ -345,8 +345,13 @@ def test_kernels_refuse_buffers_that_do_not_fit_the_records():
     for record, values in [((2, offset, 24, 16, 3), out), ((2, len(data) - 8, 24, 16, 4), out), ((2, offset, 24, 16, 4), out[:8])]:
         with pytest.raises(ValueError):
             _kernels.unpack(data, [record], values)
-    with pytest.raises(ValueError, match="unknown encoding"):
-        _kernels.pack(b"", [(b"", 9, np.ones(2, np.float32), 1, 0, 0)], zlib.crc32)
+    packed = _kernels.pack(b"", [(b"x", 2, np.ones(2, np.float32), 0)], 0.01, zlib.crc32)
+    assert len(packed) == (2 + 1) + (1 + 1 + 4) + 4 + (2 + 2) + 4  # name, code and shape, length, payload, CRC
+    for tensor in [(b"x", 9, np.ones(2, np.float32), 0), (b"x", 2, np.ones(2), 0), (b"x", 2, np.ones((1,) * 9, np.float32), 0)]:
+        with pytest.raises(ValueError, match="tensor 0"):  # unknown encoding, float64, 9 dimensions
+            _kernels.pack(b"", [tensor], 0.01, zlib.crc32)
+    with pytest.raises((ValueError, BufferError)):  # not contiguous
+        _kernels.pack(b"", [(b"x", 2, np.ones((4, 4), np.float32)[:, 1], 0)], 0.01, zlib.crc32)
 
 
 @pytest.mark.parametrize(
