@@ -1,8 +1,8 @@
 /* The update codec's arithmetic (device_runtime.codec): each tensor's payload, encoded or
- * decoded, in a pass or two over its elements, and the container's assembly around them. The
- * layouts are the ones in the codec's docstring; the Python side checks the arguments and the
- * framing, builds the record heads, and turns the status codes below into CodecErrors that
- * name the tensor.
+ * decoded, in a pass or two over its elements, and on encoding the container around them (the
+ * record heads, the payloads and the CRC's slot). The layouts are the ones in the codec's
+ * docstring; the Python side checks the arguments, reads the framing on decoding, and turns the
+ * status codes below into CodecErrors that name the tensor.
  *
  * Why C: numpy needs five to eight passes over an update for one stochastically rounded
  * encoding (scale, multiply, dither, round, cast, pack), each through memory, and a dozen
@@ -202,7 +202,7 @@ static void fill_signs(void)
 
 /* --- encoders: x (n float32, `channels` channels) to the payload in out ---------------- */
 
-static int encode_fp32(const float *x, size_t n)
+static int check_finite(const float *x, size_t n)
 {
     return abs_max_bits(x, n) >= INF_BITS ? NON_FINITE : OK;
 }
@@ -449,7 +449,7 @@ DISPATCH static int encode_topk(const float *x, size_t n, size_t k, uint8_t *out
 static int decode_fp32(const uint8_t *payload, size_t n, float *out)
 {
     memcpy(out, payload, 4 * n);
-    return encode_fp32(out, n);
+    return check_finite(out, n);
 }
 
 DISPATCH static int decode_fp16(const uint8_t *payload, size_t n, float *out)
@@ -544,7 +544,7 @@ static size_t payload_size(int encoding, size_t n, size_t scales, size_t k)
 static int encode_payload(int encoding, const float *x, size_t n, size_t scales, uint32_t key, size_t k, uint8_t *out)
 {
     switch (encoding) {
-    case FP32: memcpy(out, x, 4 * n); return encode_fp32(x, n);
+    case FP32: memcpy(out, x, 4 * n); return check_finite(x, n);
     case FP16: return encode_fp16(x, n, out);
     case INT8: return encode_int(x, n, scales, 127, key, out);
     case INT4: return encode_int(x, n, scales, 7, key, out);

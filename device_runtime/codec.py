@@ -48,9 +48,9 @@ step s away from it. u comes from a hash of the element's position keyed by a 32
 tensor from the caller's generator, so the same generator state gives the same bytes; how u
 is drawn is the encoder's business: the format does not depend on it.
 
-The arithmetic of every payload, and the assembly of the container around the record heads
-built here, is in C (device_runtime/_kernels.c: one or two passes per tensor, one call per
-update, the GIL released); this module checks arguments and framing and says what is wrong.
+The arithmetic of every payload, and on encoding the assembly of the whole container, is in C
+(device_runtime/_kernels.c: one or two passes per tensor, one call per update, the GIL
+released); this module checks the arguments, reads the framing and says what is wrong.
 The CRC is zlib-ng's crc32: the same CRC-32 as zlib's, 8x faster.
 
 ``encoded_size`` gives the exact length of ``encode``'s output: everything but the header's
@@ -415,6 +415,7 @@ class _Record:
     shape: tuple[int, ...]
     offset: int  # of the payload in the data
     size: int
+    n: int  # elements
     scales: int  # how many scales the payload starts with
 
 
@@ -483,7 +484,7 @@ def _read_record(reader: _Reader) -> _Record:
             "its shape: the update is corrupt"
         )
     offset = reader.need(size, "the payload of", name)
-    return _Record(name, encoding, shape, offset, size, scales)
+    return _Record(name, encoding, shape, offset, size, n, scales)
 
 
 def _parse_header(raw: memoryview) -> UpdateHeader:
@@ -501,7 +502,7 @@ def _check_records(records: list[_Record], expected: Mapping[str, tuple[int, ...
     names = [r.name for r in records]
     if len(set(names)) != len(names):
         raise CodecError("update names a tensor twice: it is corrupt or was built wrong")
-    if sum(math.prod(r.shape) for r in records) > MAX_ELEMENTS:
+    if sum(r.n for r in records) > MAX_ELEMENTS:
         raise CodecError(f"update declares over {MAX_ELEMENTS} elements in all: refusing it")
     if expected is None:
         return
@@ -520,9 +521,8 @@ def _check_records(records: list[_Record], expected: Mapping[str, tuple[int, ...
 
 def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
     """Every tensor, as views of one float32 buffer."""
-    sizes = [math.prod(r.shape) for r in records]
-    values = np.empty(sum(sizes), np.float32)
-    jobs = [(_CODES[r.encoding], r.offset, r.size, n, r.scales) for r, n in zip(records, sizes)]
+    values = np.empty(sum(r.n for r in records), np.float32)
+    jobs = [(_CODES[r.encoding], r.offset, r.size, r.n, r.scales) for r in records]
     status, index = _kernels.unpack(view, jobs, values)
     if status != _OK:
         r = records[index]
@@ -532,7 +532,7 @@ def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.n
             raise CodecError(f"tensor {r.name!r} decodes to NaN or Inf: the sender is broken, refusing the update")
         raise CodecError(f"tensor {r.name!r} has top-k indices out of order or out of range: the update is corrupt")
     tensors, offset = {}, 0
-    for r, n in zip(records, sizes):
-        tensors[r.name] = values[offset : offset + n].reshape(r.shape)
-        offset += n
+    for r in records:
+        tensors[r.name] = values[offset : offset + r.n].reshape(r.shape)
+        offset += r.n
     return tensors
