@@ -9,6 +9,16 @@ Targets (``fedkit deploy --target``):
   every hash itself (``Bundle.load`` and the shard's sha256, run with the phone's Python), and
   the loop is started with ``nohup``.
 
+Everything is checked before anything is copied: every bundle verifies, the shard is an
+``.npz`` of images and labels the bundles' model can train on, the credential parses. A phone
+cannot run without all three, so all three are required. A local phone folder appears only
+whole (installed into a sibling, verified there, then renamed), and an existing phone folder
+is never overwritten: a failed deploy leaves nothing behind.
+
+``deploy_fleet`` deploys every phone of ``fedkit export --plan``'s ``phones.json`` to its own
+local folder, each with its shard (``fedkit shards``) and a credential made from the
+aggregator's URL and one enrolment token (``fedkit enrol-token``).
+
 The phone folder's layout is ``device_runtime.phone_loop``'s.
 """
 
@@ -16,24 +26,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
+from urllib.parse import urlsplit
 
 import device_runtime
 from device_runtime.bundle import Bundle, sha256_file
-from device_runtime.errors import FedkitError
+from device_runtime.errors import DeployError
 from device_runtime.phone_loop import BUNDLES, CREDENTIAL, SHARD, Credential
+from device_runtime.trainer import load_shard
 
 ADB_ROOT = "/data/local/tmp/fedkit"  # the phone's folder for everything fedkit pushes
-
-
-class DeployError(FedkitError):
-    """A deploy could not be done or did not verify on the target."""
+DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what the aggregator enrols
 
 
 @dataclass(frozen=True)
@@ -46,37 +57,58 @@ class Deployed:
 
 
 class Target(Protocol):
-    def install(self, bundles: Sequence[Path], shard: Path | None, credential: Path | None) -> Deployed: ...
+    def install(self, bundles: Sequence[Path], shard: Path, credential: Path) -> Deployed: ...
 
     def start(self) -> str: ...
+
+
+def check_phone(bundles: Sequence[Path], shard: Path, credential: Path) -> list[Bundle]:
+    """Everything a phone needs, checked on this host before anything is copied."""
+    if not bundles:
+        raise DeployError("no bundle given: deploy at least one (fedkit export)")
+    loaded = [Bundle.load(b) for b in bundles]  # refuse to copy a bundle that is already broken
+    names = [Path(b).name for b in bundles]
+    if len(set(names)) != len(names):
+        raise DeployError(f"bundle folder names repeat ({', '.join(names)}): a phone holds each under its own name")
+    classes = {len(b.manifest.label_names) for b in loaded}
+    if len(classes) != 1 or len({b.manifest.model_id for b in loaded}) != 1:
+        raise DeployError("the bundles are of different models: a phone trains one model")
+    load_shard(shard, classes.pop())  # a DataError names what is wrong with it
+    Credential.load(Path(credential))
+    return loaded
 
 
 class LocalTarget:
     def __init__(self, phone_dir: str | Path):
         self.root = Path(phone_dir)
 
-    def install(self, bundles: Sequence[Path], shard: Path | None, credential: Path | None) -> Deployed:
-        hashes = []
-        for src in bundles:
-            source = Bundle.load(src)  # refuse to copy a bundle that is already broken
-            dst = self.root / BUNDLES / Path(src).name
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.copytree(src, dst)
-            copy = Bundle.load(dst)
-            if copy.bundle_hash != source.bundle_hash:
-                raise DeployError(f"the copy of {src} in {dst} has another bundle hash: the copy is damaged, deploy again")
-            hashes.append(copy.bundle_hash)
-        digest = None
-        if shard is not None:
+    def install(self, bundles: Sequence[Path], shard: Path, credential: Path) -> Deployed:
+        sources = check_phone(bundles, shard, credential)
+        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+            raise DeployError(f"{self.root} already holds a phone: remove it, or deploy to a new folder")
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.", suffix=".partial", dir=self.root.parent))
+        try:
+            hashes = []
+            for src, source in zip(bundles, sources):
+                dst = staging / BUNDLES / Path(src).name
+                shutil.copytree(src, dst)
+                if Bundle.load(dst).bundle_hash != source.bundle_hash:
+                    raise DeployError(f"the copy of {src} has another bundle hash: the copy is damaged, deploy again")
+                hashes.append(source.bundle_hash)
             want = sha256_file(Path(shard))
-            _copy_atomic(Path(shard), self.root / SHARD)
-            digest = sha256_file(self.root / SHARD)
+            shutil.copyfile(shard, staging / SHARD)
+            digest = sha256_file(staging / SHARD)
             if digest != want:
-                raise DeployError(f"the shard copied to {self.root / SHARD} has another sha256 than {shard}: deploy again")
-        if credential is not None:
-            Credential.load(Path(credential))  # refuse a malformed one
-            _copy_atomic(Path(credential), self.root / CREDENTIAL)
+                raise DeployError(f"the copy of {shard} has another sha256: deploy again")
+            Credential.load(Path(credential)).save(staging / CREDENTIAL)
+            os.chmod(staging, 0o755)  # mkdtemp makes it private
+            if self.root.exists():
+                self.root.rmdir()  # empty, checked above
+            os.replace(staging, self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return Deployed(f"local:{self.root}", str(self.root), tuple(hashes), digest)
 
     def start(self) -> str:
@@ -112,23 +144,18 @@ class AdbTarget:
                 "connect it with USB debugging on, or pick a serial from `adb devices`"
             )
 
-    def install(self, bundles: Sequence[Path], shard: Path | None, credential: Path | None) -> Deployed:
+    def install(self, bundles: Sequence[Path], shard: Path, credential: Path) -> Deployed:
+        check_phone(bundles, shard, credential)
         self.check_device()
-        for src in bundles:
-            Bundle.load(src)
         self._adb("shell", f"mkdir -p {shlex.quote(self.remote)}/{BUNDLES}")
         self._adb("push", str(Path(device_runtime.__file__).parent), f"{self.remote}/")
         for src in bundles:
             self._adb("push", str(src), f"{self.remote}/{BUNDLES}/")
-        want = None
-        if shard is not None:
-            want = sha256_file(Path(shard))
-            self._adb("push", str(shard), f"{self.remote}/{SHARD}")
-        if credential is not None:
-            Credential.load(Path(credential))
-            self._adb("push", str(credential), f"{self.remote}/{CREDENTIAL}")
+        want = sha256_file(Path(shard))
+        self._adb("push", str(shard), f"{self.remote}/{SHARD}")
+        self._adb("push", str(credential), f"{self.remote}/{CREDENTIAL}")
         report = json.loads(self._adb("shell", self._on_phone(VERIFY_SCRIPT)).strip().splitlines()[-1])
-        if want is not None and report["shard"] != want:
+        if report["shard"] != want:
             raise DeployError(f"the shard on {self.serial} has sha256 {report['shard']}, expected {want}: deploy again")
         return Deployed(f"adb:{self.serial}", self.remote, tuple(report["bundles"]), report["shard"])
 
@@ -166,18 +193,45 @@ def target(spec: str) -> Target:
     raise DeployError(f"target {spec!r} is not local:DIR or adb:SERIAL")
 
 
-def deploy(
-    bundles: Sequence[Path], target_spec: str, shard: Path | None = None, credential: Path | None = None, start: bool = False
-) -> Deployed:
+def deploy(bundles: Sequence[Path], target_spec: str, shard: Path, credential: Path, start: bool = False) -> Deployed:
     t = target(target_spec)
-    done = t.install([Path(b) for b in bundles], shard, credential)
+    done = t.install([Path(b) for b in bundles], Path(shard), Path(credential))
     if start:
         done = Deployed(done.target, done.phone_dir, done.bundles, done.shard_sha256, t.start())
     return done
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def deploy_fleet(
+    index: dict[str, list[Path]],
+    shards: Path,
+    url: str,
+    enrol_tokens: Sequence[str],
+    root: Path,
+    start: bool = False,
+) -> list[Deployed]:
+    """Deploys every phone of ``index`` (phone → bundle folders, ``fedkit export --plan``'s
+    ``phones.json``) to ``root/<phone>``, with ``shards/<phone>.npz`` and a credential of
+    ``url``, the phone's name as device id and one of ``enrol_tokens`` (in the index's phone
+    order). Every phone is checked before the first is deployed; each appears whole or not at all."""
+    phones = sorted(index)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DeployError(f"aggregator URL {url!r} is not http(s)://HOST:PORT: pass the URL fedkit serve listens on")
+    bad = [p for p in phones if not DEVICE_ID.match(p)]
+    if bad:
+        raise DeployError(f"phone names {', '.join(bad)} cannot be device ids (letters, digits, '_.-', at most 64): rename the profiles")
+    if len(enrol_tokens) < len(phones):
+        raise DeployError(f"{len(phones)} phones need {len(phones)} enrolment tokens, got {len(enrol_tokens)}: "
+                          f"fedkit enrol-token --count {len(phones)}")
+    taken = [str(root / p) for p in phones if (root / p).exists()]
+    if taken:
+        raise DeployError(f"{', '.join(taken)} already exist: remove them, or deploy to another folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        credentials = {}
+        for phone, token in zip(phones, enrol_tokens):
+            credentials[phone] = Path(tmp) / f"{phone}.json"
+            Credential(url, phone, enrol_token=token).save(credentials[phone])
+        for phone in phones:
+            check_phone(index[phone], shards / f"{phone}.npz", credentials[phone])
+        return [deploy(index[phone], f"local:{root / phone}", shards / f"{phone}.npz", credentials[phone], start)
+                for phone in phones]

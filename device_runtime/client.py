@@ -25,10 +25,12 @@ from typing import Any, Callable
 import httpx
 
 from device_runtime.errors import ProtocolError, RestartRound
+from device_runtime.manifest import DevicePlan
 
 API = "/v1"
 BATCH_HEADER = "X-Fedkit-Batch"  # the edge's status of a SplitFed batch; "restart" on a 409: send batch 0
-TASK_FIELDS = ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")
+TASK_FIELDS = ("round", "base_version", "lr", "seed", "momentum")  # every task names these
+PLAN_FIELDS = ("local_epochs", "batch_size", "encoding")  # a task names these only to override the plan
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,15 @@ class Assignment:
             raise ProtocolError(f"task answer {data!r} lacks one of {', '.join(TASK_FIELDS)}")
         return assignment
 
-    def task_fields(self) -> dict[str, Any]:
-        """The fields of ``device_runtime.trainer.Task``: ``Task(**assignment.task_fields())``."""
-        return {k: getattr(self, k) for k in TASK_FIELDS}
+    def task_fields(self, plan: DevicePlan) -> dict[str, Any]:
+        """The fields of ``device_runtime.trainer.Task`` for a phone running ``plan`` (its
+        bundle's): ``Task(**assignment.task_fields(plan))``. What the task leaves out (its
+        stage does not name it) comes from the plan."""
+        own = {k: getattr(self, k) for k in PLAN_FIELDS}
+        return {
+            **{k: getattr(self, k) for k in TASK_FIELDS},
+            **{k: getattr(plan, k) if v is None else v for k, v in own.items()},
+        }
 
 
 @dataclass(frozen=True)

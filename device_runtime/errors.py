@@ -8,8 +8,9 @@
     ├── ProtocolError           the aggregator answered something the client cannot use
     │   └── RestartRound        the SplitFed edge lost the phone's round: train it again from batch 0
     ├── DataError               a dataset file or a phone's data shard is missing or corrupt
+    ├── DeployError             a phone cannot be deployed, or did not verify on the target
     └── (host side, in toolkit.errors) ModelError, ExportError, PlanError, ConfigError,
-        StoreError, DeployError
+        StoreError
 
 InternalError is different: a broken assumption inside fedkit, not a user mistake.
 """
@@ -46,6 +47,10 @@ class RestartRound(ProtocolError):
 
 class DataError(FedkitError):
     """A dataset file or a phone's data shard is missing, truncated or corrupt."""
+
+
+class DeployError(FedkitError):
+    """A phone cannot be deployed (bad bundle, shard or credential), or did not verify on the target."""
 
 
 class InternalError(Exception):

@@ -15,9 +15,11 @@ the same task again until it has the update, and a repeated push is answered "du
 A SplitFed push answered "restart" (the aggregator restarted after the phone's last batch and
 lost the edge's part) trains the same task again from batch 0 and pushes that.
 
-A task names a trainable depth (``trainable_blocks``); the phone trains the deepest of its
-bundles that is not deeper, or its shallowest one. Tensors of the global model that its
-bundle does not train are ignored by it. Standard library, numpy and device_runtime only.
+The plan is what runs: the phone trains with its bundle's plan (encoding, batch size, local
+epochs) unless the task names a value (its stage overrides it). A task that names a trainable
+depth (``trainable_blocks``) makes the phone train the deepest of its bundles that is not
+deeper, or its shallowest one; a task that names none, its deepest (its planned depth).
+Tensors of the global model that its bundle does not train are ignored by it. Standard library, numpy and device_runtime only.
 """
 
 from __future__ import annotations
@@ -153,8 +155,8 @@ class PhoneLoop:
         self.log.write("enrolled")
 
     def _round(self, a: Assignment) -> int:
-        task = Task(**a.task_fields())
         name = _pick(self.bundles, a.trainable_blocks)
+        task = Task(**a.task_fields(self.bundles[name].manifest.plan))
         global_weights = self._global_weights(task.base_version)
         trainer = self._trainer(name)
         self.log.write("round", round=task.round, stage=a.stage, bundle=name)

@@ -69,7 +69,7 @@ def export_bundle(
     ``model`` is left in eval mode."""
     out_dir = Path(out_dir)
     engines = tuple(engines)
-    trainable = _check_request(model, plan, engines, label_names, out_dir)
+    trainable = check_request(model, plan, engines, label_names, out_dir)
     split = fed_from if fed_from is not None and fed_from < plan.train_from else plan.train_from
     frozen = model.part(0, split) if split > 0 else None
     fed = model.part(split, plan.train_from) if split < plan.train_from else None
@@ -112,7 +112,7 @@ def export_bundle(
     return manifest
 
 
-def _check_request(
+def check_request(
     model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...], label_names: Sequence[str], out_dir: Path
 ) -> nn.Module:
     """Everything that can be refused before any file is written; returns the trainable part."""

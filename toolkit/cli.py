@@ -1,21 +1,78 @@
 """The `fedkit` command line. Each command parses its options, calls one library function and
-renders the result with Rich; a FedkitError becomes one line on stderr and exit code 1."""
+renders the result with Rich.
+
+Every failure, a FedkitError or a usage error (an unknown option, a missing one, a value of the
+wrong type or out of range), is one line on stderr starting with "error:" and exit code 1.
+Inputs and outputs are checked before any long work. A file output (``--out FILE``) must be in
+an existing folder and replaces an existing file whole (written beside it, then renamed); a
+folder output (``--out DIR``) must not exist, or be empty, and appears only when complete.
+Work over a few seconds shows progress on stderr."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from toolkit import __version__
 from toolkit.errors import FedkitError
 
+
+class _Commands(TyperGroup):
+    """Typer's command group with two changes, so every command behaves alike:
+
+    - a usage error ends like a FedkitError: one line on stderr and exit code 1, instead of
+      Typer's usage text and boxed panel (exit code 2);
+    - a flag shows no value in `--help`: Typer 0.29 prints `--local <bool>` there, as if it
+      took one (`--local true` is refused), where click prints none.
+    """
+
+    def get_params(self, ctx):
+        return _flags_show_no_value(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _flags_show_no_value(command.get_params(ctx))
+        return command
+
+    def parse_args(self, ctx, args):
+        if not args:  # no_args_is_help: the help, not an error
+            return super().parse_args(ctx, args)
+        with _usage_errors_in_one_line(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line(ctx):
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line(ctx):
+    try:
+        yield
+    except typer.TyperException as exc:  # Typer's click errors: UsageError, BadParameter, ...
+        command = " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+        _print_error(f"{exc.format_message().rstrip('.')}: see {command} --help")
+        raise typer.Exit(1) from exc
+
+
+def _flags_show_no_value(params: list) -> list:
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # the help's type column shows the metavar when there is one
+    return params
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="fedkit",
     help="Federated transfer learning and split learning for pretrained vision models on phones.",
     no_args_is_help=True,
@@ -34,10 +91,46 @@ def fails_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FedkitError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _print_error(str(exc))
             raise typer.Exit(1) from exc
 
     return wrapper
+
+
+def _print_error(message: str) -> None:
+    from rich.text import Text
+
+    # one line: soft_wrap keeps Rich from breaking it; Text keeps brackets in the message literal
+    err_console.print(Text.assemble(("error:", "red"), " ", message.replace("\n", " ")), highlight=False, soft_wrap=True)
+
+
+def _check_file_output(path: Path, option: str = "--out") -> None:
+    """A file output, checked before any long work: its folder must exist and be writable."""
+    folder = path.parent
+    if path.is_dir():
+        raise FedkitError(f"{option} {path} is a folder: give a file name in it")
+    if not folder.is_dir():
+        raise FedkitError(f"{option} {path}: folder {folder} does not exist: create it (mkdir -p {folder}) or choose another {option}")
+    if not os.access(folder, os.W_OK):
+        raise FedkitError(f"{option} {path}: folder {folder} is not writable: choose another {option}")
+
+
+def _check_folder_output(path: Path, option: str = "--out") -> None:
+    """A folder output, checked before any long work: it must not exist, or be empty."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FedkitError(f"{option} {path} already exists: remove it or choose another {option}")
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """Runs ``write`` on a hidden file beside ``path`` and renames it to ``path``: an existing
+    file is replaced whole, and a failure leaves nothing behind."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _version(value: bool) -> None:
@@ -65,11 +158,15 @@ def train_central(
     ] = False,
     max_train: Annotated[int | None, typer.Option(help="Train on the first N training images only.")] = None,
     max_test: Annotated[int | None, typer.Option(help="Evaluate on the first N test images only.")] = None,
-    out: Annotated[Path, typer.Option(help="Where to write the result JSON.")] = Path("benchmarks/results/central.json"),
+    out: Annotated[
+        Path, typer.Option(help="Where to write the result JSON (its folder must exist; an existing file is replaced).")
+    ] = Path("benchmarks/results/central.json"),
 ) -> None:
     """Train the head centrally on frozen-backbone features of Fashion-MNIST: the reference
     accuracy federated runs are measured against."""
     from rich.table import Table
+
+    _check_file_output(out)
 
     from toolkit import central  # imports torch: only when the command runs
 
@@ -101,7 +198,7 @@ def export(
         typer.Option(help="Blocks [0, CUT) run on the phone, the rest on the edge (SplitFed). Default: all on the phone."),
     ] = None,
     train_blocks: Annotated[
-        int, typer.Option(help="How many of the phone's last blocks with parameters train there; 1 = the classifier only.")
+        int, typer.Option(min=1, help="How many of the phone's last blocks with parameters train there; 1 = the classifier only.")
     ] = 1,
     engine: Annotated[
         Literal["ort", "executorch", "both"],
@@ -112,7 +209,7 @@ def export(
     encoding: Annotated[
         str, typer.Option(help="How the phone encodes its updates: fp32, fp16, int8, int4, sign1, topk or layered:BITS.")
     ] = "int8",
-    batch_size: Annotated[int, typer.Option(help="Samples per training step on the phone.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per training step on the phone.")] = 32,
     plan_file: Annotated[
         Path | None,
         typer.Option(
@@ -129,6 +226,7 @@ def export(
     from toolkit.data import LABEL_NAMES
     from toolkit.models import load_model
 
+    _check_folder_output(out)
     if plan_file is not None:
         _export_plan(plan_file, out)
         return
@@ -156,6 +254,24 @@ def _step_progress():
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("checking the plan", total=None)
         yield lambda step, done, total: bar.update(task, description=step, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _spinner(description: str):
+    """A transient spinner with the elapsed time on stderr, for work of unknown length."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        bar.add_task(description, total=None)
+        yield
+
+
+def _check_url(url: str, option: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise FedkitError(f"{option} {url!r} is not an http(s) URL: give the aggregator's, e.g. http://127.0.0.1:8080")
 
 
 def _export_plan(plan_file: Path, out: Path) -> None:
@@ -232,7 +348,7 @@ def serve(
     config: Annotated[Path, typer.Option(help="Run config (TOML): weights, mode, stages.")],
     db: Annotated[Path | None, typer.Option(help="SQLite database. Default: aggregator.sqlite in the run's directory.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM); with --keyfile, serves HTTPS.")] = None,
     keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
 ) -> None:
@@ -277,7 +393,7 @@ def status(db: Annotated[Path, typer.Option(help="The aggregator's SQLite databa
 @fails_cleanly
 def enrol_token(
     db: Annotated[Path, typer.Option(help="The aggregator's SQLite database (created if missing).")],
-    count: Annotated[int, typer.Option(help="How many tokens to issue.")] = 1,
+    count: Annotated[int, typer.Option(min=1, help="How many tokens to issue.")] = 1,
     admin: Annotated[bool, typer.Option("--admin", help="Issue admin tokens (status, evaluations) instead.")] = False,
 ) -> None:
     """Issue one-time enrolment tokens for phones (one line each); only their hashes are stored."""
@@ -296,17 +412,21 @@ def enrol_token(
 @fails_cleanly
 def export_global(
     db: Annotated[Path, typer.Option(help="The aggregator's SQLite database.")],
-    out: Annotated[Path, typer.Option(help="Where to write the PyTorch state dict (.pt).")],
+    out: Annotated[
+        Path, typer.Option(help="Where to write the PyTorch state dict (.pt; its folder must exist, an existing file is replaced).")
+    ],
     model: Annotated[str | None, typer.Option(help="Model zoo name. Default: the run config's 'model'.")] = None,
-    version: Annotated[int | None, typer.Option(help="Model version. Default: the latest.")] = None,
+    version: Annotated[int | None, typer.Option(min=0, help="Model version. Default: the latest.")] = None,
 ) -> None:
     """Write the global model of a run as a PyTorch state dict (the zoo model with the
     aggregated tensors merged in)."""
+    _check_file_output(out)
     import torch
 
     from toolkit.aggregator.admin import global_state_dict
 
-    torch.save(global_state_dict(db, model, version), out)
+    state = global_state_dict(db, model, version)
+    _write_whole(out, lambda path: torch.save(state, path))
     console.print(f"global model written to {out}")
 
 
@@ -318,10 +438,12 @@ def profile(
     model: Annotated[str | None, typer.Option(help="Also time each block of this model (mobilenet_v2 or small_cnn).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Time each kernel more often (slower, steadier).")] = False,
     aggregator: Annotated[str | None, typer.Option(help="Aggregator URL to measure RTT and bandwidth to.")] = None,
-    batch: Annotated[int, typer.Option(help="Batch size the model's blocks are timed at.")] = 32,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size the model's blocks are timed at.")] = 32,
     name: Annotated[str | None, typer.Option(help="Profile name. Default: the host name or the adb serial.")] = None,
     python: Annotated[str, typer.Option(help="Python interpreter on the phone (with --adb).")] = "python3",
-    out: Annotated[Path | None, typer.Option(help="Write the profile JSON here.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the profile JSON here (its folder must exist; an existing file is replaced).")
+    ] = None,
 ) -> None:
     """Measure a device: compute (GFLOP/s of ONNX Runtime kernels, per-block latency of a
     model), memory, engines, and the link to an aggregator."""
@@ -333,12 +455,17 @@ def profile(
 
     if local == (adb is not None):
         raise PlanError("choose one of --local or --adb SERIAL")
-    splittable = load_model(model) if model else None
-    if local:
-        p = measure_local(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
-    else:
-        p = probe_adb(adb, quick=not full, model=splittable, aggregator=aggregator, batch=batch, python=python)
-        p = p.model_copy(update={"name": name}) if name else p
+    if out is not None:
+        _check_file_output(out)
+    if aggregator is not None:
+        _check_url(aggregator, "--aggregator")
+    with _spinner(f"profiling {'this host' if local else adb}" + (f" and {model}'s blocks" if model else "")):
+        splittable = load_model(model) if model else None
+        if local:
+            p = measure_local(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
+        else:
+            p = probe_adb(adb, quick=not full, model=splittable, aggregator=aggregator, batch=batch, python=python)
+            p = p.model_copy(update={"name": name}) if name else p
     table = Table(show_header=False, title=f"profile {p.name} ({p.source})")
     table.add_column(style="bold")
     table.add_column()
@@ -354,34 +481,49 @@ def profile(
         table.add_row(f"{timing.model_id} forward", f"{total * 1000:.2f} ms per batch of {timing.batch} ({len(timing.seconds)} blocks)")
     console.print(table)
     if out:
-        p.save(out)
+        _write_whole(out, p.save)
         console.print(f"profile written to {out}")
 
 
 @app.command()
 @fails_cleanly
 def plan(
-    out: Annotated[Path, typer.Option(help="Where to write the fleet plan JSON.")],
+    out: Annotated[
+        Path, typer.Option(help="Where to write the fleet plan JSON (its folder must exist; an existing file is replaced).")
+    ],
     profiles: Annotated[Path | None, typer.Option(help="Folder of profile JSON files (from `fedkit profile`).")] = None,
     catalog: Annotated[bool, typer.Option("--catalog", help="Plan the catalogue's phone classes.")] = False,
     classes: Annotated[str | None, typer.Option(help="With --catalog: comma-separated class names. Default: all.")] = None,
     link: Annotated[str | None, typer.Option(help="Put every phone on this link: 3g, 4g, 5g or wifi.")] = None,
     model: Annotated[str, typer.Option(help="Model: mobilenet_v2 or small_cnn.")] = "mobilenet_v2",
     edge: Annotated[Path | None, typer.Option(help="The edge's profile JSON. Default: this host, profiled now.")] = None,
-    edge_load: Annotated[int, typer.Option(help="Phones training on the edge at once (they share it).")] = 1,
-    samples: Annotated[int, typer.Option(help="Training samples per phone per round.")] = 3000,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Reference batch size; smaller only to fit memory.")] = 32,
+    edge_load: Annotated[int, typer.Option(min=1, help="Phones training on the edge at once (they share it).")] = 1,
+    samples: Annotated[int, typer.Option(min=1, help="Training samples per phone per round.")] = 3000,
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Reference batch size; smaller only to fit memory.")] = 32,
     encodings: Annotated[str, typer.Option(help="Update encodings to choose from, most faithful preferred.")] = "fp32,fp16,int8,int4",
-    slack: Annotated[float, typer.Option(help="Accept rounds up to (1 + SLACK) x the fastest, for deeper training.")] = 0.10,
+    slack: Annotated[float, typer.Option(min=0, help="Accept rounds up to (1 + SLACK) x the fastest, for deeper training.")] = 0.10,
     budget_s: Annotated[float | None, typer.Option(help="Round-time budget in seconds (replaces --slack).")] = None,
     energy_budget_j: Annotated[float | None, typer.Option(help="Phone energy budget per round in joules.")] = None,
     allow_raw_upload: Annotated[
         bool, typer.Option("--allow-raw-upload", help="Consider cut 0: raw images leave the phone (a baseline, not private).")
     ] = False,
+    mode: Annotated[
+        Literal["auto", "federated", "splitfed"],
+        typer.Option(help="auto: any cut; federated: the whole model on every phone; splitfed: every phone cuts before the last block."),
+    ] = "auto",
+    max_train_blocks: Annotated[int | None, typer.Option(min=1, help="Train at most this many blocks (deeper can diverge).")] = None,
+    stage_depths: Annotated[
+        str | None,
+        typer.Option(help="Depths a stage may name, e.g. 1 (a head-only warm-up): whole-model phones also get these bundles."),
+    ] = None,
 ) -> None:
     """Choose per phone the cut, trainable depth, engine, update encoding and batch size, and
-    predict its round time: the deepest training within the slack (or budget) of the fastest."""
+    predict its round time: the deepest training within the slack (or budget) of the fastest.
+
+    A phone where nothing fits is listed as infeasible with the reason (a warning; the plan is
+    written and the exit code is 0). When no phone fits, nothing is written and the exit code is 1."""
+    from rich.markup import escape
     from rich.table import Table
 
     from toolkit.errors import PlanError
@@ -392,14 +534,24 @@ def plan(
         raise PlanError("choose one of --profiles DIR or --catalog")
     if classes and not catalog:
         raise PlanError("--classes selects catalogue classes: use it with --catalog")
+    _check_file_output(out)
+    for option, value, unit in (("--budget-s", budget_s, "seconds, e.g. 60"), ("--energy-budget-j", energy_budget_j, "joules, e.g. 50")):
+        if value is not None and not value > 0:
+            raise PlanError(f"{option} must be more than 0, got {value}: give the budget per round in {unit}")
     phones = catalog_profiles(classes.split(",") if classes else None) if catalog else load_profiles(profiles)
     config = PlanConfig(
         samples=samples, local_epochs=local_epochs, batch_size=batch_size, encodings=tuple(encodings.split(",")),
         slack=slack, budget_s=budget_s, energy_budget_j=energy_budget_j, edge_load=edge_load,
-        allow_raw_upload=allow_raw_upload,
+        allow_raw_upload=allow_raw_upload, mode=mode, max_train_blocks=max_train_blocks,
+        stage_depths=_integers(stage_depths, "--stage-depths") if stage_depths else (),
     )
-    fleet = plan_fleet(model, phones, DeviceProfile.load(edge) if edge else None, config, link)
-    fleet.save(out)
+    edge_profile = DeviceProfile.load(edge) if edge else None
+    with _spinner("planning" if edge_profile else "profiling this host as the edge, then planning"):
+        fleet = plan_fleet(model, phones, edge_profile, config, link)
+    if len(fleet.infeasible) == len(fleet.phones):
+        reasons = "; ".join(f"{p.profile}: {p.reason}" for p in fleet.infeasible)
+        raise PlanError(f"no phone can be planned, so no plan was written ({reasons})")
+    _write_whole(out, fleet.save)
     table = Table(title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; predicted seconds per round")
     for column in ("phone", "choice", "compute", "up", "down", "edge", "total", "MB"):
         table.add_column(column, justify="left" if column in ("phone", "choice") else "right")
@@ -414,8 +566,17 @@ def plan(
                       f"{p.memory_mb:.0f}")
     console.print(table)
     for p in fleet.infeasible:
-        console.print(f"[red]{p.profile} infeasible:[/red] {p.reason}")
+        err_console.print(f"[yellow]warning:[/yellow] {escape(p.profile)} infeasible: {escape(p.reason)}", highlight=False, soft_wrap=True)
     console.print(f"plan written to {out}" + (f"; [red]{len(fleet.infeasible)} phone(s) infeasible[/red]" if fleet.infeasible else ""))
+
+
+def _integers(text: str, option: str) -> tuple[int, ...]:
+    from toolkit.errors import PlanError
+
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise PlanError(f"{option} takes comma-separated whole numbers, got {text!r}") from exc
 
 
 def _run_simulation(config, out: Path) -> None:
@@ -460,7 +621,9 @@ def _run_simulation(config, out: Path) -> None:
 @fails_cleanly
 def simulate(
     config: Annotated[Path, typer.Option(help="Simulation config (TOML): phones, data split, stages, faults.")],
-    out: Annotated[Path | None, typer.Option(help="Run folder to create. Default: runs/<name>-<time>.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder to create (must not exist, or be empty). Default: runs/<name>-<time>.")
+    ] = None,
     netem: Annotated[
         bool, typer.Option("--netem", help="Shape links with network namespaces and tc (root only) instead of in-process.")
     ] = False,
@@ -471,6 +634,8 @@ def simulate(
 
     from toolkit.simulation import load_simulation
 
+    if out is not None:
+        _check_folder_output(out)
     sim = load_simulation(config)
     if netem:
         sim = sim.model_copy(update={"netem": True})
@@ -502,20 +667,124 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by
 @app.command()
 @fails_cleanly
 def deploy(
-    bundle: Annotated[list[Path], typer.Argument(help="Bundle folder(s) to install (one per trainable depth).")],
-    target: Annotated[str, typer.Option(help="local:DIR (a phone folder on this host) or adb:SERIAL (a phone over adb).")],
+    bundle: Annotated[
+        list[Path] | None, typer.Argument(help="Bundle folder(s) to install on one phone (one per trainable depth).")
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="local:DIR (a phone folder on this host) or adb:SERIAL (a phone over adb); "
+                     "with --fleet, local:DIR: each phone in DIR/PHONE."),
+    ] = None,
     shard: Annotated[Path | None, typer.Option(help="The phone's data shard (.npz with images and labels).")] = None,
     credential: Annotated[
         Path | None, typer.Option(help="JSON with url, device_id and token (or enrol_token) for the aggregator.")
     ] = None,
+    fleet: Annotated[
+        Path | None, typer.Option(help="phones.json of `fedkit export --plan`: deploy every phone of the plan.")
+    ] = None,
+    shards: Annotated[Path | None, typer.Option(help="With --fleet: the folder of `fedkit shards` (PHONE.npz).")] = None,
+    url: Annotated[str | None, typer.Option(help="With --fleet: the aggregator's URL (what `fedkit serve` listens on).")] = None,
+    enrol_tokens: Annotated[
+        Path | None, typer.Option(help="With --fleet: a file of enrolment tokens, one per line (`fedkit enrol-token`).")
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="Start the phone's sync loop after installing.")] = False,
 ) -> None:
     """Install bundles, a data shard and a credential on a phone, verify every hash there, and
-    optionally start the runtime."""
+    optionally start the runtime. With --fleet, every phone of a plan's export, each into its
+    own folder with its shard and a credential made from --url and one enrolment token.
+    Everything is checked first; a phone folder appears whole or not at all."""
     from android_harness.deploy import deploy as run_deploy
+    from android_harness.deploy import deploy_fleet
+    from toolkit.errors import DeployError
 
-    done = run_deploy(bundle, target, shard, credential, start)
-    console.print(f"deployed to {done.target} ({done.phone_dir}): {len(done.bundles)} bundle(s) verified there"
-                  + (f", shard sha256 {done.shard_sha256[:12]}…" if done.shard_sha256 else ""))
-    if done.started:
-        console.print(f"started: {done.started}")
+    if target is None:
+        raise DeployError("--target is missing: local:DIR or adb:SERIAL")
+    if fleet is None:
+        if not bundle or shard is None or credential is None:
+            raise DeployError("a phone needs its bundle(s), --shard and --credential (or deploy a whole plan with --fleet)")
+        done = [run_deploy(bundle, target, shard, credential, start)]
+    else:
+        from toolkit.planning.export import read_index
+
+        if bundle or shard or credential:
+            raise DeployError("--fleet takes the bundles, shards and credentials from the plan: drop BUNDLE, --shard and --credential")
+        if shards is None or url is None or enrol_tokens is None:
+            raise DeployError("--fleet needs --shards DIR, --url URL and --enrol-tokens FILE")
+        kind, _, root = target.partition(":")
+        if kind != "local" or not root:
+            raise DeployError(f"--fleet deploys to local:DIR, got {target!r}: deploy adb phones one at a time")
+        try:
+            tokens = [line.strip() for line in enrol_tokens.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise DeployError(f"cannot read the enrolment tokens {enrol_tokens} ({exc.strerror}): fedkit enrol-token --count N > FILE") from exc
+        done = deploy_fleet(read_index(fleet), shards, url, tokens, Path(root), start)
+    for d in done:
+        console.print(f"deployed to {d.target}: {len(d.bundles)} bundle(s) verified there, shard sha256 {d.shard_sha256[:12]}…"
+                      + (f"; started ({d.started})" if d.started else ""))
+
+
+@app.command("shards")
+@fails_cleanly
+def shards_command(
+    out: Annotated[Path, typer.Option(help="Folder to create: PHONE.npz per phone and shards.json.")],
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="Name the shards after the plan's feasible phones.")] = None,
+    phones: Annotated[int | None, typer.Option(min=1, help="Or this many phones, phone-1 … phone-N.")] = None,
+    partition: Annotated[Literal["iid", "dirichlet", "shards"], typer.Option(help="How labels spread over phones.")] = "dirichlet",
+    alpha: Annotated[float, typer.Option(min=0.001, help="Dirichlet concentration (smaller: more skew).")] = 0.5,
+    shards_per_phone: Annotated[int, typer.Option(min=1, help="With --partition shards: label-sorted shards per phone.")] = 2,
+    images: Annotated[int, typer.Option(min=1, max=60000, help="Split the first N Fashion-MNIST training images.")] = 60000,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+) -> None:
+    """Split Fashion-MNIST's training images into one data shard per phone. A shard is an .npz
+    with `images` (uint8, N×H×W) and `labels` (integers, N); bring your own images in that
+    format (toolkit.data.write_shard) to train on them."""
+    from rich.table import Table
+
+    from toolkit.data import write_shards
+    from toolkit.errors import ConfigError
+
+    if (plan_file is None) == (phones is None):
+        raise ConfigError("choose one of --plan PLAN.json or --phones N")
+    if plan_file is not None:
+        from toolkit.planning import load_plan
+
+        names = [p.profile for p in load_plan(plan_file).phones if p.plan is not None]
+    else:
+        names = [f"phone-{i}" for i in range(1, phones + 1)]
+    index = write_shards(out, names, partition, alpha=alpha, shards_per_phone=shards_per_phone, seed=seed, train_images=images)
+    table = Table(title=f"{len(index)} shards in {out} ({partition})")
+    table.add_column("phone")
+    table.add_column("images", justify="right")
+    table.add_column("images per label 0…9")
+    for phone, entry in index.items():
+        table.add_row(phone, f"{entry['images']:,}", " ".join(str(n) for n in entry["labels"]))
+    console.print(table)
+
+
+@app.command("run-config")
+@fails_cleanly
+def run_config_command(
+    plan_file: Annotated[Path, typer.Option("--plan", help="The fleet plan (`fedkit plan`).")],
+    out: Annotated[Path, typer.Option(help="Folder to create: run.toml and weights.bin (version 0).")],
+    name: Annotated[str, typer.Option(help="The run's name.")] = "fleet",
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of the run's one stage.")] = 10,
+    lr: Annotated[float, typer.Option(min=1e-9, help="Learning rate of the phones' SGD.")] = 0.01,
+    head_rounds: Annotated[
+        int, typer.Option(min=0, help="First, this many rounds training the classifier alone (needs --stage-depths 1 in the plan).")
+    ] = 0,
+    min_reports: Annotated[int, typer.Option(min=1, help="Updates a round waits for (until its deadline).")] = 1,
+    deadline_s: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for its reports.")] = 120.0,
+) -> None:
+    """Write a run's config (run.toml) and its version-0 weights for `fedkit serve`: every block
+    any phone of the plan trains, the SplitFed edge's too. Each phone trains its own plan
+    (encoding, batch, depth); edit run.toml's stages to override what a stage names."""
+    from toolkit.planning import load_plan
+    from toolkit.runs import run_config, write_run
+
+    fleet = load_plan(plan_file)
+    stages = ([{"name": "head", "rounds": head_rounds, "lr": lr, "trainable_blocks": 1}] if head_rounds else [])
+    stages.append({"name": "train", "rounds": rounds, "lr": lr})
+    config = run_config(fleet, name, stages, fedavg={"min_reports": min_reports, "deadline_s": deadline_s})
+    path = write_run(config, fleet, out)
+    console.print(f"run config written to {path} (version 0: {out / 'weights.bin'}"
+                  + ("; SplitFed edge on" if config.splitfed else "") + f"); serve it with: fedkit serve --config {path}")

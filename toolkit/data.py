@@ -31,6 +31,7 @@ __all__ = [
     "partition_shards",
     "transform",
     "write_shard",
+    "write_shards",
 ]
 
 # Where the Debian package `dataset-fashion-mnist` installs the IDX files.
@@ -211,3 +212,69 @@ def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: in
     """(clients × classes) sample counts: how skewed a split is."""
     labels = np.asarray(labels)
     return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts]).astype(np.int64)
+
+
+# -- shards for a fleet -----------------------------------------------------------------------
+
+SHARD_INDEX = "shards.json"  # phone → its shard file, image count and label histogram
+MIN_SHARD_IMAGES = 10  # a phone holds out a slice for its local evaluation: fewer is no round
+
+
+def write_shards(
+    out_dir: Path | str,
+    phones: list[str],
+    partition: str = "dirichlet",
+    *,
+    alpha: float = 0.5,
+    shards_per_phone: int = 2,
+    seed: int = 0,
+    train_images: int = 60000,
+) -> dict[str, dict]:
+    """Splits the first ``train_images`` Fashion-MNIST training images over ``phones``
+    (``partition``: iid, dirichlet with ``alpha``, or shards with ``shards_per_phone``) and
+    writes ``out_dir/<phone>.npz`` (``write_shard``'s format) and ``out_dir/shards.json``;
+    returns that index. ``out_dir`` must not exist, or be empty; it appears only whole."""
+    import json
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    if not phones or len(set(phones)) != len(phones):
+        raise ConfigError(f"shards need distinct phone names, got {phones}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir} already exists: remove it or choose another --out")
+    if not 1 <= train_images <= 60000:
+        raise ConfigError(f"train_images must be between 1 and 60000, got {train_images}")
+    train = load_fashion_mnist("train")
+    labels = train.labels[:train_images]
+    if partition == "iid":
+        parts = partition_iid(labels, len(phones), seed)
+    elif partition == "dirichlet":
+        parts = partition_dirichlet(labels, len(phones), alpha, seed)
+    elif partition == "shards":
+        parts = partition_shards(labels, len(phones), shards_per_phone, seed)
+    else:
+        raise ConfigError(f"partition {partition!r} is unknown: use iid, dirichlet or shards")
+    small = [phone for phone, part in zip(phones, parts) if len(part) < MIN_SHARD_IMAGES]
+    if small:
+        raise ConfigError(
+            f"{', '.join(small)} get fewer than {MIN_SHARD_IMAGES} images from the split: "
+            "raise alpha or the number of images, or use fewer phones"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        index = {}
+        for phone, part in zip(phones, parts):
+            write_shard(staging / f"{phone}.npz", train.images[part], labels[part])
+            index[phone] = {"file": f"{phone}.npz", "images": int(len(part)),
+                            "labels": np.bincount(labels[part], minlength=len(LABEL_NAMES)).tolist()}
+        (staging / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.chmod(staging, 0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return index

@@ -3,13 +3,12 @@ phone and the host share one hierarchy; they are re-exported here.
 
     FedkitError
     ├── BundleError, CodecError, EngineError, CheckpointError, ProtocolError,
-    │   DataError  (device_runtime)
+    │   DataError, DeployError  (device_runtime)
     ├── ModelError      an unknown model, missing or wrong pretrained weights, a bad cut
     ├── ExportError     a part of the model cannot be exported for the requested engine
     ├── PlanError       a plan or profile is invalid, or no choice fits a phone
     ├── ConfigError     a run configuration is invalid
-    ├── StoreError      the aggregator's database cannot be opened or is inconsistent
-    └── DeployError     a bundle cannot be deployed to the target
+    └── StoreError      the aggregator's database cannot be opened or is inconsistent
 """
 
 from device_runtime.errors import (
@@ -17,6 +16,7 @@ from device_runtime.errors import (
     CheckpointError,
     CodecError,
     DataError,
+    DeployError,
     EngineError,
     FedkitError,
     InternalError,
@@ -59,7 +59,3 @@ class ConfigError(FedkitError):
 
 class StoreError(FedkitError):
     """The aggregator's database cannot be opened or is inconsistent."""
-
-
-class DeployError(FedkitError):
-    """A bundle cannot be deployed to the target."""

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from android_harness.deploy import AdbTarget, DeployError, deploy, target
+from android_harness.deploy import AdbTarget, DeployError, deploy, deploy_fleet, target
 from device_runtime.bundle import Bundle
-from device_runtime.errors import BundleError, FedkitError
+from device_runtime.errors import BundleError, DataError, FedkitError
 
 
 @pytest.fixture
@@ -35,26 +35,84 @@ def test_local_deploy_installs_and_verifies_on_the_copy(small_cnn_bundle, shard,
     assert json.loads((phone / "credential.json").read_text())["device_id"] == "p1"
 
 
-def test_a_damaged_bundle_is_refused_before_anything_is_copied(small_cnn_bundle, tmp_path):
+def test_a_damaged_bundle_is_refused_before_anything_is_copied(small_cnn_bundle, shard, credential, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(small_cnn_bundle(), broken)
     victim = next(p for p in broken.iterdir() if p.suffix == ".onnx")
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
     with pytest.raises(BundleError):
-        deploy([broken], f"local:{tmp_path / 'phone'}")
-    assert not (tmp_path / "phone" / "bundles" / "broken").exists()
+        deploy([broken], f"local:{tmp_path / 'phone'}", shard, credential)
+    assert not (tmp_path / "phone").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
 
 
-def test_a_malformed_credential_is_refused(small_cnn_bundle, tmp_path):
+def test_a_malformed_credential_is_refused(small_cnn_bundle, shard, tmp_path):
     bad = tmp_path / "cred.json"
     bad.write_text("{}")
     with pytest.raises(FedkitError, match="not a credential"):
-        deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", credential=bad)
+        deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", shard, bad)
+    assert not (tmp_path / "phone").exists()
 
 
-def test_adb_without_a_device_is_a_clear_error(small_cnn_bundle):
+@pytest.mark.parametrize("content", [b"not a zip at all", None])
+def test_a_shard_that_is_not_an_npz_of_images_and_labels_is_refused_before_the_token_is_spent(
+    small_cnn_bundle, credential, tmp_path, content
+):
+    bad = tmp_path / "shard.csv"
+    if content is None:  # an .npz, but of something else
+        np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        bad = tmp_path / "other.npz"
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(DataError, match="shard"):
+        deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", bad, credential)
+    assert not (tmp_path / "phone").exists()
+
+
+def test_labels_the_model_cannot_train_on_are_refused(small_cnn_bundle, credential, tmp_path):
+    path = tmp_path / "shard.npz"
+    np.savez(path, images=np.zeros((4, 28, 28), np.uint8), labels=np.array([0, 1, 2, 10]))
+    with pytest.raises(DataError, match="labels outside 0..9"):
+        deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", path, credential)
+
+
+def test_an_existing_phone_is_never_overwritten(small_cnn_bundle, shard, credential, tmp_path):
+    deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", shard, credential)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "phone").rglob("*"))
+    with pytest.raises(DeployError, match="already holds a phone"):
+        deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", shard, credential)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "phone").rglob("*")) == before
+
+
+def test_a_fleet_is_checked_whole_before_any_phone_is_deployed(small_cnn_bundle, shard, tmp_path):
+    # Prepare: two phones, the second one's shard missing
+    bundle = small_cnn_bundle()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copyfile(shard, shards / "a.npz")
+    index = {"a": [bundle], "b": [bundle]}
+
+    # Execute / Assert: nothing deployed, not even phone a
+    with pytest.raises(DataError, match="b.npz does not exist"):
+        deploy_fleet(index, shards, "http://127.0.0.1:8080", ["t1", "t2"], tmp_path / "phones")
+    assert not (tmp_path / "phones" / "a").exists()
+    with pytest.raises(DeployError, match="2 enrolment tokens"):
+        deploy_fleet(index, shards, "http://127.0.0.1:8080", ["t1"], tmp_path / "phones")
+    with pytest.raises(DeployError, match="is not http"):
+        deploy_fleet(index, shards, "notaurl", ["t1", "t2"], tmp_path / "phones")
+
+    # and once b's shard is there, each phone gets its own folder, shard and one-time token
+    shutil.copyfile(shard, shards / "b.npz")
+    done = deploy_fleet(index, shards, "http://127.0.0.1:8080", ["t1", "t2"], tmp_path / "phones")
+    assert [d.phone_dir for d in done] == [str(tmp_path / "phones" / p) for p in ("a", "b")]
+    creds = [json.loads((tmp_path / "phones" / p / "credential.json").read_text()) for p in ("a", "b")]
+    assert creds == [{"url": "http://127.0.0.1:8080", "device_id": "a", "enrol_token": "t1"},
+                     {"url": "http://127.0.0.1:8080", "device_id": "b", "enrol_token": "t2"}]
+
+
+def test_adb_without_a_device_is_a_clear_error(small_cnn_bundle, shard, credential):
     with pytest.raises(DeployError, match="no phone 'fedkit-test-serial' attached|adb is not installed"):
-        AdbTarget("fedkit-test-serial").install([small_cnn_bundle()], None, None)
+        AdbTarget("fedkit-test-serial").install([small_cnn_bundle()], shard, credential)
 
 
 @pytest.mark.parametrize("spec", ["usb:x", "local:", "adb"])
@@ -63,13 +121,15 @@ def test_unknown_targets_are_refused(spec):
         target(spec)
 
 
-def test_cli_deploys_locally_and_fails_cleanly_on_adb(small_cnn_bundle, shard, tmp_path):
+def test_cli_deploys_locally_and_fails_cleanly_on_adb(small_cnn_bundle, shard, credential, tmp_path):
     from typer.testing import CliRunner
 
     from toolkit.cli import app
 
-    ok = CliRunner().invoke(app, ["deploy", str(small_cnn_bundle()), "--target", f"local:{tmp_path / 'p'}", "--shard", str(shard)])
+    ok = CliRunner().invoke(app, ["deploy", str(small_cnn_bundle()), "--target", f"local:{tmp_path / 'p'}", "--shard", str(shard),
+                                  "--credential", str(credential)])
     assert ok.exit_code == 0, ok.output
     assert "1 bundle(s) verified there" in " ".join(ok.output.split())
-    bad = CliRunner().invoke(app, ["deploy", str(small_cnn_bundle()), "--target", "adb:fedkit-test-serial"])
+    bad = CliRunner().invoke(app, ["deploy", str(small_cnn_bundle()), "--target", "adb:fedkit-test-serial", "--shard", str(shard),
+                                   "--credential", str(credential)])
     assert bad.exit_code == 1

@@ -8,6 +8,7 @@ import pytest
 
 from device_runtime.client import Assignment, PushResult, RetryPolicy, SyncClient
 from device_runtime.errors import ProtocolError
+from device_runtime.manifest import DevicePlan
 
 TASK = {"status": "task", "round": 3, "base_version": 2, "lr": 0.01, "local_epochs": 1, "batch_size": 32,
         "encoding": "int8", "seed": 7, "momentum": 0.9, "stage": "head", "stage_index": 0, "trainable_blocks": 1,
@@ -106,8 +107,24 @@ def test_task_answers_are_parsed_into_an_assignment_and_task_fields():
     transport, _ = scripted(httpx.Response(200, json=TASK))
     assignment = client(transport).task()
     assert assignment.stage == "head" and assignment.deadline == 123.0
-    assert assignment.task_fields() == {k: TASK[k] for k in
-                                        ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")}
+    plan = DevicePlan(cut=5, train_from=4, encoding="fp16", local_epochs=2, batch_size=16)
+    assert assignment.task_fields(plan) == {k: TASK[k] for k in
+                                            ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")}
+
+
+def test_what_a_task_leaves_out_comes_from_the_phones_plan():
+    # Prepare: a stage that names the learning rate but not the encoding, batch or epochs
+    task = {**TASK, "local_epochs": None, "batch_size": None, "encoding": None, "trainable_blocks": None}
+    plan = DevicePlan(cut=5, train_from=4, encoding="fp16", local_epochs=2, batch_size=16)
+
+    # Execute
+    fields = Assignment.from_json(task).task_fields(plan)
+
+    # Assert: the plan decides what the stage leaves out, the stage what it names
+    assert (fields["encoding"], fields["batch_size"], fields["local_epochs"]) == ("fp16", 16, 2)
+    assert fields["lr"] == TASK["lr"] and fields["round"] == TASK["round"]
+    named = Assignment.from_json({**task, "encoding": "int4"}).task_fields(plan)
+    assert named["encoding"] == "int4" and named["batch_size"] == 16
     assert Assignment.from_json({"status": "wait", "retry_after": 2.0}).retry_after == 2.0
     with pytest.raises(ProtocolError, match="lacks"):
         Assignment.from_json({"status": "task", "round": 1})

@@ -51,22 +51,30 @@ class _Strict(BaseModel):
 
 class Stage(_Strict):
     """One stage of the schedule. It ends after ``rounds`` rounds, or earlier when validation
-    accuracy has not improved by ``plateau_min_delta`` for ``plateau_patience`` rounds."""
+    accuracy has not improved by ``plateau_min_delta`` for ``plateau_patience`` rounds.
+
+    The plan decides, the stage overrides only what it names: ``local_epochs``, ``batch_size``,
+    ``encoding`` and ``trainable_blocks`` left out (None) mean each phone's own plan (its
+    bundle's manifest); named, they apply to every phone of the stage. A named
+    ``trainable_blocks`` makes each phone train the deepest of its bundles not deeper than it
+    (its shallowest when none is that shallow); left out, the phone trains its planned depth."""
 
     name: str
     rounds: int = Field(ge=1)
     lr: float = Field(gt=0)
-    local_epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    local_epochs: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     participation: float = Field(default=1.0, gt=0, le=1)  # fraction of the phones seen recently
-    encoding: str = "int8"
-    trainable_blocks: int = Field(default=1, ge=1)  # trainable depth: last k blocks incl. classifier
+    encoding: str | None = None
+    trainable_blocks: int | None = Field(default=None, ge=1)  # trainable depth: last k blocks incl. classifier
     plateau_patience: int = Field(default=0, ge=0)  # 0: no plateau check
     plateau_min_delta: float = Field(default=0.001, ge=0)
 
     @model_validator(mode="after")
     def _known_encoding(self):
+        if self.encoding is None:
+            return self
         base, _, bits = self.encoding.partition(":")
         if base == "layered":
             try:

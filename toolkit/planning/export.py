@@ -1,18 +1,39 @@
 """A fleet plan → bundles: one bundle per distinct per-phone choice, and an index of which
-phone gets which bundle (what `fedkit deploy` needs)."""
+phone gets which bundles (what `fedkit deploy --fleet` reads). `fedkit export --plan` and
+`fedkit simulate` both export through here: one naming scheme, one cache.
+
+Every phone gets the bundle of its plan; a whole-model phone also gets a shallower bundle for
+each of the plan's ``stage_depths`` (a stage naming that trainable depth, e.g. a head-only
+warm-up). Every frozen part is fed the global values of the blocks some phone of the fleet
+trains (``fed_from``: the fleet's shallowest ``train_from``).
+
+Bundles are exported once into the host cache (``$FEDKIT_CACHE_DIR/bundles``), keyed by the
+choice, ``fed_from``, the export format and the model's hash, and copied from there; a cache
+entry that fails verification is exported again.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from device_runtime.bundle import Bundle
+from device_runtime.errors import FedkitError
 from device_runtime.manifest import DevicePlan
-from toolkit.errors import PlanError
-from toolkit.planning.planner import FleetPlan, distinct_choices
+from toolkit.errors import ExportError, PlanError
+from toolkit.planning.planner import FleetPlan
 
-INDEX = "phones.json"
+if TYPE_CHECKING:
+    from toolkit.models import SplittableModel
+
+INDEX = "phones.json"  # phone → its bundle folders, the planned one first
+
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -26,33 +47,101 @@ def bundle_folder_name(plan: DevicePlan) -> str:
     return f"cut{plan.cut}-from{plan.train_from}-{plan.engine}-{plan.encoding}-b{plan.batch_size}"
 
 
-def export_plan_bundles(
-    fleet: FleetPlan,
-    out_dir: str | Path,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> list[PlannedBundle]:
-    """Exports every distinct choice of ``fleet`` into ``out_dir/<choice>/`` and writes
-    ``out_dir/phones.json`` (phone → bundle folder). Infeasible phones get no bundle."""
-    from exporters.bundle import export_bundle  # imports torch: only when exporting
+def phone_bundles(fleet: FleetPlan, model: "SplittableModel") -> dict[str, list[DevicePlan]]:
+    """Per feasible phone, the plans of its bundles: its own first (predictions dropped: a
+    bundle is shared by phones whose predictions differ), then one per shallower stage depth."""
+    n = len(model.block_names)
+    out = {}
+    for phone in fleet.phones:
+        if phone.plan is None:
+            continue
+        own = replace(phone.plan, predicted={})
+        plans = [own]
+        if own.cut == n:
+            for depth in sorted(set(fleet.config.stage_depths), reverse=True):
+                train_from = model.train_from(n, min(depth, len(model.parameterised_blocks(n))))
+                if train_from > own.train_from:
+                    plans.append(replace(own, train_from=train_from))
+        out[phone.profile] = plans
+    return out
+
+
+def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progress | None = None) -> list[PlannedBundle]:
+    """Exports every distinct bundle of ``fleet`` into ``out_dir/<choice>/`` and writes
+    ``out_dir/phones.json``. Infeasible phones get no bundle. Every bundle is checked before
+    any is exported, and ``out_dir`` (which must not exist, or be empty) appears only whole."""
+    from exporters.bundle import check_request  # imports torch: only when exporting
     from toolkit.data import LABEL_NAMES
     from toolkit.models import load_model
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} already exists: remove it or choose another --out")
     model = load_model(fleet.model_id)
     if list(model.block_names) != list(fleet.block_names):
-        raise PlanError(
-            f"the plan's blocks for {fleet.model_id} differ from this fedkit's model: re-run `fedkit plan`"
-        )
-    choices = distinct_choices(fleet)
-    if not choices:
+        raise PlanError(f"the plan's blocks for {fleet.model_id} differ from this fedkit's model: re-run `fedkit plan`")
+    per_phone = phone_bundles(fleet, model)
+    if not per_phone:
         raise PlanError("the plan has no feasible phone: nothing to export (see `fedkit plan` for the reasons)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    made = []
-    fed_from = min(plan.train_from for plan, _ in choices)  # phones training less take these blocks from the global model
-    for plan, phones in choices:
-        folder = out_dir / bundle_folder_name(plan)
-        export_bundle(model, plan, folder, (plan.engine,), label_names=LABEL_NAMES, progress=progress, fed_from=fed_from)
-        made.append(PlannedBundle(folder, plan, tuple(phones)))
-    index = {phone: b.folder.name for b in made for phone in b.phones}
-    (out_dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    distinct: dict[str, tuple[DevicePlan, list[str]]] = {}
+    for phone, plans in per_phone.items():
+        for plan in plans:
+            distinct.setdefault(bundle_folder_name(plan), (plan, []))[1].append(phone)
+    for name, (plan, phones) in distinct.items():
+        try:
+            check_request(model, plan, (plan.engine,), LABEL_NAMES, out_dir / name)
+        except FedkitError as exc:
+            raise PlanError(f"the plan's choice for {', '.join(phones)} cannot be exported ({exc}): re-run `fedkit plan`") from exc
+
+    fed_from = min(plan.train_from for plan, _ in distinct.values())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        made = []
+        for name, (plan, phones) in sorted(distinct.items()):
+            shutil.copytree(cached_bundle(model, plan, fed_from, progress), staging / name)
+            made.append(PlannedBundle(out_dir / name, plan, tuple(phones)))
+        index = {phone: [bundle_folder_name(p) for p in plans] for phone, plans in per_phone.items()}
+        (staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return made
+
+
+def cached_bundle(model: "SplittableModel", plan: DevicePlan, fed_from: int, progress: Progress | None = None) -> Path:
+    """The verified bundle of ``plan`` in the host cache, exported first when missing or damaged."""
+    from exporters.bundle import EXPORT_FORMAT, export_bundle
+    from toolkit.central import cache_dir
+    from toolkit.data import LABEL_NAMES
+
+    fed = f"-fed{fed_from}" if fed_from < plan.train_from else ""
+    path = cache_dir() / "bundles" / f"{model.model_id}-{bundle_folder_name(plan)}{fed}-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
+    try:
+        Bundle.load(path)
+        return path
+    except FedkitError:
+        shutil.rmtree(path, ignore_errors=True)
+    export_bundle(model, plan, path, (plan.engine,), label_names=LABEL_NAMES, progress=progress, fed_from=fed_from)
+    return path
+
+
+def read_index(out_dir: str | Path) -> dict[str, list[Path]]:
+    """``phones.json`` of an export: phone → its bundle folders (the planned one first)."""
+    path = Path(out_dir) / INDEX if Path(out_dir).is_dir() else Path(out_dir)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise PlanError(f"{path} does not exist: export the plan first (fedkit export --plan PLAN.json --out DIR)") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path} is not JSON ({exc}): export the plan again") from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and v and all(isinstance(f, str) and "/" not in f and f not in ("", ".", "..") for f in v)
+        for v in data.values()
+    ):
+        raise PlanError(f"{path} is not a phone index (phone → list of bundle folders): export the plan again")
+    return {phone: [path.parent / f for f in folders] for phone, folders in data.items()}

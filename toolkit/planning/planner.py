@@ -59,6 +59,13 @@ class PlanConfig(BaseModel):
     energy_budget_j: float | None = Field(None, gt=0)
     edge_load: PositiveInt = 1  # phones training on the edge at once
     allow_raw_upload: bool = False  # consider cut 0 (all on the edge: raw images leave the phone)
+    # The run's policy. auto: any cut; federated: the whole model on every phone (transfer
+    # learning, no edge training); splitfed: every phone cuts before the last block.
+    mode: Literal["auto", "federated", "splitfed"] = "auto"
+    max_train_blocks: PositiveInt | None = None  # caps the trainable depth (deeper training can diverge)
+    # Depths a stage may name (e.g. 1: a head-only warm-up stage): every whole-model phone also
+    # gets a bundle training that many blocks, when it is shallower than its planned depth.
+    stage_depths: tuple[PositiveInt, ...] = ()
 
     def model_post_init(self, _context) -> None:
         unknown = [e for e in self.encodings if e not in ENCODINGS]
@@ -138,6 +145,8 @@ class Planner:
         return sum(1 for i in self.parameterised if i >= train_from)
 
     def engines(self, phone: DeviceProfile, cut: int, train_from: int) -> list[str]:
+        """The engines that can train blocks ``train_from`` to ``cut`` on this phone: only those
+        its profile lists (what its runtime trains with, torch-free), so none when it lists none."""
         engines = [e for e in ("ort", "executorch") if e in phone.engines]
         trains_linear_only = all(c.linear_only for c in self.cost.costs[train_from:cut])
         needs_backward_from = cut < self.n and train_from < cut
@@ -159,18 +168,19 @@ class Planner:
                         for encoding in self.config.encodings:
                             yield Choice(cut, train_from, engine, encoding, batch)
 
-    def evaluate(self, choice: Choice, phone: DeviceProfile, phone_fwd=None) -> Evaluated:
+    def evaluate(self, choice: Choice, phone: DeviceProfile, phone_fwd=None, fed_from: int | None = None) -> Evaluated:
+        """``fed_from``: the fleet's shallowest train_from, which sets the download (None: alone)."""
         c = self.config
         predicted = self.cost.round_time(
             choice, phone, self.edge, c.samples, c.local_epochs, c.edge_load,
-            phone_fwd=phone_fwd, edge_fwd=self._edge_fwd.get(choice.batch),
+            phone_fwd=phone_fwd, edge_fwd=self._edge_fwd.get(choice.batch), fed_from=fed_from,
         )
         return Evaluated(choice, predicted, self.cost.memory_mb(choice), self.cost.energy_j(predicted, phone),
                          self.depth(choice.train_from))
 
-    def evaluate_all(self, phone: DeviceProfile, choices: Iterable[Choice]) -> list[Evaluated]:
+    def evaluate_all(self, phone: DeviceProfile, choices: Iterable[Choice], fed_from: int | None = None) -> list[Evaluated]:
         fwd = {b: self.cost.forward_seconds(phone, b) for b in self.config.batches}
-        return [self.evaluate(ch, phone, fwd.get(ch.batch)) for ch in choices]
+        return [self.evaluate(ch, phone, fwd.get(ch.batch), fed_from) for ch in choices]
 
     # -- the rule --------------------------------------------------------------------------
     def choose(self, phone: DeviceProfile, evaluated: list[Evaluated]) -> PhonePlan:
@@ -214,8 +224,24 @@ class Planner:
                           predicted=dict(e.predicted))
 
     # -- entry points ----------------------------------------------------------------------
-    def plan_phone(self, phone: DeviceProfile) -> PhonePlan:
-        return self.choose(phone, self.evaluate_all(phone, self.candidates(phone)))
+    def plan_phone(self, phone: DeviceProfile, cut: int | None = None, fed_from: int | None = None) -> PhonePlan:
+        """The rule over the choices the run's policy allows (``mode``, ``max_train_blocks``;
+        ``cut`` pins the phone's cut)."""
+        evaluated = self.evaluate_all(phone, self.candidates(phone), fed_from)
+        allowed = [e for e in evaluated if self._allowed(e.choice.cut, e.depth, cut)]
+        if evaluated and not allowed:
+            c = self.config
+            return PhonePlan(profile=phone.name, plan=None, reason=(
+                f"no choice fits the run's policy (mode {c.mode}, max_train_blocks {c.max_train_blocks}"
+                + (f", cut {cut}" if cut is not None else "") + f"): relax it, or pin a cut between 1 and {self.n - 1}"))
+        return self.choose(phone, allowed)
+
+    def _allowed(self, cut: int, depth: int, pinned: int | None) -> bool:
+        c = self.config
+        whole = cut == self.n
+        return ((c.mode == "auto" or (c.mode == "federated") == whole)
+                and (c.max_train_blocks is None or depth <= c.max_train_blocks)
+                and (pinned is None or cut == pinned))
 
     def oracle(self, phone: DeviceProfile) -> PhonePlan:
         """The same rule over the raw product of every field (any train_from, every engine the
@@ -229,13 +255,27 @@ class Planner:
         )
         return self.choose(phone, self.evaluate_all(phone, raw))
 
-    def plan(self, phones: list[DeviceProfile]) -> FleetPlan:
+    def plan(self, phones: list[DeviceProfile], cuts: dict[str, int] | None = None) -> FleetPlan:
+        """Plans every phone; ``cuts`` pins the cut of the phones it names (by profile name)."""
         names = [p.name for p in phones]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise PlanError(f"profile names must be unique, {', '.join(duplicates)} repeat: rename the profiles")
+        cuts = cuts or {}
+        # Every phone downloads the whole global blob: every block from the fleet's shallowest
+        # train_from on. Plan each phone alone, then re-price every choice with the fleet's
+        # download and choose again, until the shallowest train_from holds. It never moves up
+        # (a choice starting at it costs the same again, shallower ones no more, the rest more),
+        # so this ends within n passes.
+        fed_from = None
+        for _ in range(self.n + 1):
+            planned = [self.plan_phone(p, cuts.get(p.name), fed_from) for p in phones]
+            shallowest = min((pp.plan.train_from for pp in planned if pp.plan is not None), default=None)
+            if shallowest is None or shallowest == fed_from:
+                break
+            fed_from = shallowest
         return FleetPlan(model_id=self.model.model_id, block_names=self.model.block_names, edge=self.edge.name,
-                         config=self.config, phones=[self.plan_phone(p) for p in phones])
+                         config=self.config, phones=planned)
 
 
 def load_plan(path: Path) -> FleetPlan:

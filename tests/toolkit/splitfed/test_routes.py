@@ -47,7 +47,7 @@ def run_phone(url: str, token: str, device_id: str, bundle: Bundle, shard_path) 
             if assignment.status == "wait":
                 time.sleep(0.02)
                 continue
-            task = Task(**assignment.task_fields())
+            task = Task(**assignment.task_fields(bundle.manifest.plan))
             blob, _ = client.weights(task.base_version)
             result = trainer.run_round(task, decode(blob).tensors)
             encoded = trainer.encode_update(task, result)

@@ -1,0 +1,75 @@
+"""A new run on disk, from a fleet plan: the run config (``run.toml``) and the version-0 weights
+(``weights.bin``) that every phone's bundle and the SplitFed edge start from. What
+``fedkit run-config`` writes by hand and ``fedkit simulate`` writes for its aggregator.
+
+Version 0 holds every parameter from the fleet's shallowest trained block to the end of the
+model (``toolkit.splitfed.initial_weights``): what any phone trains, at any of its bundles'
+depths, and what the edge trains past any SplitFed cut. A fleet with a SplitFed phone gets a
+``[splitfed]`` section, so ``fedkit serve`` serves the edge too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from toolkit.aggregator.config import RunConfig, parse_config
+from toolkit.errors import ConfigError
+from toolkit.planning.export import phone_bundles
+from toolkit.planning.planner import FleetPlan
+
+RUN_CONFIG = "run.toml"
+WEIGHTS = "weights.bin"
+
+
+def has_splitfed(fleet: FleetPlan) -> bool:
+    return any(p.plan is not None and p.plan.cut < len(fleet.block_names) for p in fleet.phones)
+
+
+def run_config(fleet: FleetPlan, name: str, stages: list[dict[str, Any]], **sections: Any) -> RunConfig:
+    """The run config of ``fleet``: its model, ``weights.bin`` as version 0 and the aggregator
+    beside it (``run_dir = "."``), ``stages``, and ``sections`` (``fedavg``, ``robust``, ...)."""
+    data: dict[str, Any] = {"name": name, "model": fleet.model_id, "weights": WEIGHTS, "run_dir": ".",
+                            "stages": stages, **sections}
+    if has_splitfed(fleet):
+        data.setdefault("splitfed", {})
+    return parse_config(data)
+
+
+def write_run(config: RunConfig, fleet: FleetPlan, out_dir: str | Path) -> Path:
+    """Writes ``out_dir/run.toml`` and ``out_dir/weights.bin`` (``out_dir`` must not exist, or
+    be empty; it appears only whole); returns the config's path."""
+    from toolkit.models import load_model  # torch: only when writing weights
+    from toolkit.splitfed import initial_weights
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir} already exists: remove it or choose another --out")
+    model = load_model(fleet.model_id)
+    plans = [p for ps in phone_bundles(fleet, model).values() for p in ps]
+    if not plans:
+        raise ConfigError("the plan has no feasible phone: nothing would train (see `fedkit plan` for the reasons)")
+    weights = initial_weights(model, min(p.train_from for p in plans))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        (staging / WEIGHTS).write_bytes(weights)
+        (staging / RUN_CONFIG).write_text(config_toml(config))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir / RUN_CONFIG
+
+
+def config_toml(config: RunConfig) -> str:
+    """The run config as TOML, every field written (defaults too: the file says what runs)."""
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
