@@ -10,7 +10,15 @@ lists (compute kernels, optionally the blocks of a model), and the probe times t
 probe.json: ``{"items": [{"name", "group": "kernel"|"block", "file", "input_shape", "flops"}]}``;
 ``input_shape`` includes the batch, ``flops`` is per run (the whole batch).
 
-The network test talks to the aggregator's probe route: ``GET URL/probe/echo?size=N`` answers
+``engines`` in the result are the engines fedkit's Python phone runtime can train with here,
+without torch: ``ort`` when ONNX Runtime's training API imports with torch refused (checked in
+a fresh interpreter, loaded as ``device_runtime.engines.ort`` loads it), never ``executorch``
+(its Python bindings import torch; on a phone ExecuTorch is a native app's ``TrainingModule``,
+which a Python probe cannot see). The kernels are timed whenever ``onnxruntime`` imports, even
+an inference-only build.
+
+The network test talks to the aggregator's probe route (``toolkit/aggregator/probe.py``, no
+credential: a phone is profiled before it is enrolled): ``GET URL/probe/echo?size=N`` answers
 N bytes, ``POST URL/probe/echo`` reads the body and answers a few bytes.
 """
 
@@ -20,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -27,8 +36,26 @@ import urllib.request
 
 import numpy as np
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: engines are what trains without torch (1 listed any importable package)
 TRANSFER_BYTES = 1 << 20  # 1 MiB each way: long enough to see bandwidth past the RTT on 4G
+ENGINE_CHECK_TIMEOUT_S = 120  # importing ONNX Runtime under qemu or on a slow phone takes a while
+
+# Run in a fresh interpreter: imports ONNX Runtime's training API with torch refused, the way
+# device_runtime/engines/ort.py loads it (``onnxruntime.training``'s own __init__ imports torch,
+# so its ``api`` subpackage is reached through an empty stand-in package). Exit 0: it imports.
+_ORT_TRAINING_CHECK = """
+import importlib, importlib.machinery, importlib.util, os, sys
+class RefuseTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError("torch refused: a phone has none")
+sys.meta_path.insert(0, RefuseTorch())
+import onnxruntime
+spec = importlib.machinery.ModuleSpec("onnxruntime.training", None, is_package=True)
+spec.submodule_search_locations = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
+sys.modules["onnxruntime.training"] = importlib.util.module_from_spec(spec)
+importlib.import_module("onnxruntime.training.api")
+"""
 
 
 def memory_available_mb() -> float:
@@ -41,15 +68,25 @@ def memory_available_mb() -> float:
     raise RuntimeError("/proc/meminfo has no MemAvailable line")
 
 
+def ort_trains_without_torch() -> bool:
+    """Whether ONNX Runtime's training API imports here with torch refused. Checked in a fresh
+    interpreter: this process may hold torch already (`fedkit profile --local` on a host), and
+    the stand-in package the check registers must not stay in a process that exports."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    try:
+        done = subprocess.run([sys.executable, "-c", _ORT_TRAINING_CHECK], capture_output=True,
+                              timeout=ENGINE_CHECK_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
 def engines_present() -> list[str]:
-    """Engines whose runtime can be imported here; ExecuTorch on a phone is the Android AAR,
-    which a Python probe cannot see, so it is reported only where its Python runtime exists."""
-    found = []
-    if importlib.util.find_spec("onnxruntime") is not None:
-        found.append("ort")
-    if importlib.util.find_spec("executorch") is not None:
-        found.append("executorch")
-    return found
+    """Engines fedkit's Python phone runtime can train with here, torch-free: ``ort`` or none.
+    Never ``executorch``: its Python bindings import torch, and a phone's ExecuTorch (the
+    Android ``TrainingModule``) belongs to a native app, not to this runtime."""
+    return ["ort"] if ort_trains_without_torch() else []
 
 
 def _time(fn, repeats: int) -> float:
@@ -111,6 +148,8 @@ def network(url: str, repeats: int = 3) -> dict:
         down = min(request(f"{base}?size={TRANSFER_BYTES}") for _ in range(repeats))
         body = bytes(TRANSFER_BYTES)
         up = min(request(urllib.request.Request(base, data=body, method="POST")) for _ in range(repeats))
+    except urllib.error.HTTPError as exc:  # reached, but refused: say why and what to do
+        raise RuntimeError(f"the aggregator refused the probe at {base}: {_refusal(exc)}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise RuntimeError(f"cannot reach the aggregator probe route {base}: {exc}") from exc
     mbits = TRANSFER_BYTES * 8 / 1e6
@@ -121,14 +160,29 @@ def network(url: str, repeats: int = 3) -> dict:
     }
 
 
+def _refusal(exc: urllib.error.HTTPError) -> str:
+    """The aggregator's reason (its error bodies are {"status", "reason"}) and the next step."""
+    try:
+        reason = json.loads(exc.read())["reason"]
+    except (OSError, ValueError, KeyError, TypeError):
+        reason = exc.reason
+    if exc.code == 429:
+        after = exc.headers.get("Retry-After")
+        return f"{reason} (HTTP 429): wait {f'{after} s' if after else 'a minute'} and profile again"
+    if exc.code == 404:
+        return f"{reason} (HTTP 404): point --aggregator at a `fedkit serve` of this fedkit version (it serves /probe/echo)"
+    return f"{reason} (HTTP {exc.code})"
+
+
 def probe(payload_dir: str | None, repeats: int, aggregator: str | None = None) -> dict:
-    engines = engines_present()
+    has_onnxruntime = importlib.util.find_spec("onnxruntime") is not None
     result = {
         "probe_version": PROBE_VERSION,
         "cpu_cores": os.cpu_count() or 1,
         "memory_available_mb": memory_available_mb(),
-        "engines": engines,
-        "items": time_items(payload_dir, repeats) if payload_dir and "ort" in engines else [],
+        "engines": engines_present(),
+        # inference is enough to time kernels, so an inference-only onnxruntime still times them
+        "items": time_items(payload_dir, repeats) if payload_dir and has_onnxruntime else [],
         "numpy_matmul_gflops": numpy_matmul_gflops(repeats),
     }
     if aggregator:

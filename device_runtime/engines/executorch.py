@@ -11,6 +11,15 @@ torch and executorch.exir when loaded (about 6 s and 360 MB), and take and retur
 tensors. So they, and torch with them, are imported lazily when this engine opens a bundle,
 never when ``device_runtime`` is imported. A phone runs the same ``.pte`` files with
 ExecuTorch's Android ``TrainingModule``, without Python.
+
+Who runs what. fedkit's Python phone runtime (this package on a torch-free phone: Termux with
+a Debian userland) trains with the ``ort`` engine only: ``fedkit profile`` lists only ``ort``
+for it, every catalogue class assumes it (``catalog.json``, each class's ``runtime``), and the
+planner plans no engine a profile does not list. The ``.pte`` export stays in bundles exported
+with ``fedkit export --engine executorch`` (or ``both``): it is what a native Android app loads
+through ExecuTorch's ``TrainingModule``. This engine is the host-side reference for those
+files, on hosts with torch: the B5 engines benchmark and the tests train with it to check the
+``.pte`` programs against ``ort``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ The data is ``catalog.json`` beside this module. Every figure there is an object
 ``{"value", "kind", "source", ...}``: kind ``published`` (a spec page states it), ``derived``
 (computed by the rule in ``how``; ``derived_figures`` recomputes it) or ``estimate``; source is
 a key of the file's ``sources`` (name and URL).
+
+Each class also names the ``runtime`` it assumes, a figure whose ``engines`` are what that
+runtime trains with: fedkit's Python phone runtime (``device_runtime`` under Termux with a
+Debian userland) trains with ``ort`` only, since ExecuTorch's Python bindings import torch.
+A class assumed to run a native app with ExecuTorch's ``TrainingModule`` would list
+``executorch`` there; the planner plans no engine a class does not list.
 """
 
 from __future__ import annotations
@@ -71,10 +77,10 @@ def catalog_profiles(classes: list[str] | None = None, link_name: str | None = N
                 cpu_cores=sum(c["count"] for c in entry["cpu_clusters"]["value"]),
                 gflops=entry["gflops"]["value"],
                 memory_mb=entry["memory_mb"]["value"],
-                engines=("ort", "executorch"),
+                engines=tuple(entry["runtime"]["engines"]),
                 link=link(link_name or entry["cellular"]["value"]),
                 cpu_power_w=entry["cpu_power_w"]["value"],
-                notes=f"{entry['device']} ({entry['soc']['value']}, {entry['year']})",
+                notes=f"{entry['device']} ({entry['soc']['value']}, {entry['year']}); runtime {entry['runtime']['value']}",
             )
         )
     return profiles

@@ -47,7 +47,9 @@ def measure_local(
     name: str | None = None,
 ) -> DeviceProfile:
     """This host's profile. ``quick`` times each kernel a few times (about a second);
-    with ``model`` each of its blocks is also exported and timed at ``batch``."""
+    with ``model`` each of its blocks is also exported and timed at ``batch``; with
+    ``aggregator`` (the URL of a `fedkit serve`) the link to it is measured through its probe
+    route. Its engines are those fedkit's phone runtime trains with here without torch."""
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
         payload = write_payload(Path(tmp), model, batch)
         try:

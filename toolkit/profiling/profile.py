@@ -4,6 +4,12 @@ Every cost the planner predicts is scaled from these figures: ``gflops`` (effect
 dense-convolution throughput with ONNX Runtime, all cores) for compute, ``block_timings``
 when the model's own blocks were timed on the device, ``memory_mb`` for what fits, ``link``
 for transfers.
+
+``engines`` are the engines the phone's runtime can train with, without torch: the planner
+plans nothing else. fedkit's Python phone runtime (``device_runtime``) trains with ``ort``
+only, so a measured profile (``local`` or ``adb``: the probe runs that Python) never lists
+``executorch``, whose Python bindings import torch; a catalogue class lists what the runtime
+it assumes can run (``catalog.json``, each class's ``runtime``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    model_validator,
 )
 
 from toolkit.errors import PlanError
@@ -62,11 +69,22 @@ class DeviceProfile(BaseModel):
     gflops: PositiveFloat  # GFLOP/s, effective fp32 dense conv with ONNX Runtime
     kernel_gflops: dict[str, PositiveFloat] = {}  # measured per kernel: conv, pointwise, depthwise, matmul
     memory_mb: PositiveFloat  # MB fedkit may use: MEMORY_SHARE of what the device has available
-    engines: tuple[Literal["ort", "executorch"], ...] = ("ort",)
+    engines: tuple[Literal["ort", "executorch"], ...] = ("ort",)  # what the phone trains with, torch-free
     link: Link | None = None
     cpu_power_w: PositiveFloat | None = None  # W with all cores busy; for energy budgets
     block_timings: tuple[BlockTiming, ...] = ()
     notes: str = ""
+
+    @model_validator(mode="after")
+    def _measured_engines_run_without_torch(self) -> "DeviceProfile":
+        # probe v1 listed executorch wherever its Python package was installed; a Python phone
+        # cannot run it without torch, so such a profile would get plans the phone cannot run
+        if self.source in ("local", "adb") and "executorch" in self.engines:
+            raise ValueError(
+                "a measured profile cannot list executorch: fedkit's Python phone runtime trains with ort only "
+                "(ExecuTorch's Python bindings need torch); re-run `fedkit profile` with this fedkit"
+            )
+        return self
 
     def timing(self, model_id: str) -> BlockTiming | None:
         return next((t for t in self.block_timings if t.model_id == model_id), None)

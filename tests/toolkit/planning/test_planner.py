@@ -9,8 +9,8 @@ import pytest
 from device_runtime.manifest import DevicePlan
 from toolkit.errors import PlanError
 from toolkit.models import load_model
-from toolkit.planning import FleetPlan, PlanConfig, Planner, distinct_choices, load_plan
-from toolkit.profiling import DeviceProfile, catalog_profiles, links
+from toolkit.planning import FleetPlan, PlanConfig, Planner, distinct_choices, load_plan, plan_fleet
+from toolkit.profiling import DeviceProfile, Link, catalog_profiles, links, load_profiles
 
 MODEL = load_model("small_cnn")
 N = len(MODEL.block_names)
@@ -153,3 +153,80 @@ def test_plans_catalogue_phones_for_mobilenet_v2():
 
     assert isinstance(fleet, FleetPlan) and not fleet.infeasible
     assert all(p.plan.cut >= 1 and p.memory_mb <= phone.memory_mb for p, phone in zip(fleet.phones, phones))
+
+
+def test_catalogue_plan_picks_ort_for_every_class():
+    # Prepare: every class assumes fedkit's Python phone runtime, which trains with ort only
+    phones = catalog_profiles()
+
+    # Execute
+    fleet = Planner(load_model("mobilenet_v2"), EDGE, PlanConfig()).plan(phones)
+
+    # Assert
+    assert all(phone.engines == ("ort",) for phone in phones)
+    assert not fleet.infeasible
+    assert {p.plan.engine for p in fleet.phones} == {"ort"}
+
+
+def test_ort_only_profile_never_gets_executorch():
+    planner = _planner(slack=10.0)
+    phone = _phone(engines=("ort",))
+
+    assert {choice.engine for choice in planner.candidates(phone)} == {"ort"}
+    assert planner.plan_phone(phone).plan.engine == "ort"
+    assert planner.oracle(phone) == planner.plan_phone(phone)
+
+
+def test_executorch_only_profile_gets_linear_heads_or_nothing():
+    # Prepare: a phone whose runtime trains with executorch only (a native app), and an ort one
+    planner = _planner(slack=10.0)  # deepest anything: only the engine limits the depth
+    executorch_only = _phone(engines=("executorch",))
+
+    # Execute
+    choices = list(planner.candidates(executorch_only))
+    chosen = planner.plan_phone(executorch_only)
+    deeper = planner.plan_phone(_phone(engines=("ort",)))
+    least_mb = min(e.memory_mb for e in planner.evaluate_all(executorch_only, choices))
+    too_small = planner.plan_phone(_phone(engines=("executorch",), memory_mb=least_mb - 1))
+
+    # Assert: every choice trains a linear head at the end of the model (no backward_from)
+    assert choices and {c.engine for c in choices} == {"executorch"}
+    for choice in choices:
+        assert choice.cut == N and set(MODEL.block_names[choice.train_from:]) <= {"pool", "classifier"}
+    assert chosen.plan.engine == "executorch" and chosen.plan.cut == N
+    assert chosen == planner.oracle(executorch_only)
+    assert chosen.trainable_blocks < deeper.trainable_blocks  # ort could train deeper: never planned here
+    assert too_small.plan is None and "nothing fits memory" in too_small.reason
+
+
+def test_profile_without_engine_is_infeasible_with_the_reason():
+    planner = _planner()
+    phone = _phone("bare", engines=())
+
+    assert list(planner.candidates(phone)) == []
+    planned = planner.plan_phone(phone)
+    assert planned.plan is None and "no engine" in planned.reason and "none" in planned.reason
+    assert planner.oracle(phone) == planned
+
+
+def test_plan_uses_each_profiles_own_link_unless_one_is_named(tmp_path):
+    # Prepare: what `fedkit plan --profiles DIR [--link NAME]` does: profiles from a folder,
+    # identical but for their measured links
+    slow = Link(uplink_mbps=0.5, downlink_mbps=2.0, rtt_ms=300.0)
+    fast = Link(uplink_mbps=100.0, downlink_mbps=200.0, rtt_ms=5.0)
+    _phone("slow", engines=("ort",)).with_link(slow).save(tmp_path / "slow.json")
+    _phone("fast", engines=("ort",)).with_link(fast).save(tmp_path / "fast.json")
+    phones = load_profiles(tmp_path)
+
+    # Execute
+    own = {p.profile: p.plan for p in plan_fleet("small_cnn", phones, edge=EDGE).phones}
+    wifi = {p.profile: p.plan for p in plan_fleet("small_cnn", phones, edge=EDGE, link_name="wifi").phones}
+
+    # Assert
+    def transfer(plan: DevicePlan) -> float:
+        return plan.predicted["upload"] + plan.predicted["download"]
+
+    assert transfer(own["slow"]) > 10 * transfer(own["fast"])
+    assert own["fast"].predicted["upload"] >= fast.rtt_ms / 2000
+    assert wifi["slow"] == wifi["fast"]  # one link for both: the same phone
+    assert transfer(wifi["slow"]) != transfer(own["slow"])

@@ -78,3 +78,22 @@ def test_unknown_class_and_link_are_refused():
         catalog_profiles(["pocket-calculator"])
     with pytest.raises(PlanError, match="unknown link 'carrier-pigeon'"):
         catalog_profiles(["low-2019"], link_name="carrier-pigeon")
+
+
+def test_every_class_names_its_runtime_and_profiles_take_its_engines():
+    data = load_catalog()
+    profiles = {p.name: p for p in catalog_profiles()}
+
+    for entry in data["classes"]:
+        runtime = entry["runtime"]
+        assert runtime["kind"] in KINDS and runtime["source"] in data["sources"], entry["name"]
+        assert profiles[entry["name"]].engines == tuple(runtime["engines"]), entry["name"]
+        assert runtime["value"] in profiles[entry["name"]].notes
+
+
+def test_default_runtime_is_fedkits_python_phone_runtime_training_with_ort():
+    # ExecuTorch's Python bindings import torch: a Python phone cannot run that engine
+    runtimes = {(c["runtime"]["value"], tuple(c["runtime"]["engines"])) for c in load_catalog()["classes"]}
+
+    assert runtimes == {("fedkit-python (Termux + Debian userland)", ("ort",))}
+    assert all(p.engines == ("ort",) for p in catalog_profiles())

@@ -4,6 +4,7 @@ without a phone attached."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_local_quick_profile_is_sane(echo_url):
     assert all(0 < g < 1e5 for g in profile.kernel_gflops.values())
     assert profile.gflops == profile.kernel_gflops["conv"]
     assert 0 < profile.memory_mb < 1e7
-    assert "ort" in profile.engines
+    assert profile.engines == ("ort",)  # executorch is installed here, but needs torch: never listed
     timing = profile.timing("small_cnn")
     assert timing.batch == 4 and set(timing.seconds) == set(model.block_names)
     assert all(s > 0 for s in timing.seconds.values())
@@ -88,6 +89,42 @@ def test_probe_script_runs_without_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     profile = profile_from_probe(json.loads(done.stdout), "phone", "adb", None, 32)
     assert profile.gflops > 0 and profile.block_timings == ()
+    assert profile.engines == ("ort",)  # the training API loads without torch: the phone trains with ort
+
+
+def test_probe_engine_check_agrees_with_device_runtime():
+    """The probe's torch-free check says ort exactly when device_runtime's ort engine imports
+    with torch refused, in a fresh interpreter as on a phone."""
+    refuse_torch = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('no torch on a phone')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import device_runtime.engines.ort\n"
+    )
+
+    runtime = subprocess.run([sys.executable, "-c", refuse_torch], capture_output=True, text=True, timeout=120)
+
+    assert (runtime.returncode == 0) == probe.ort_trains_without_torch(), runtime.stderr
+    assert probe.engines_present() == (["ort"] if runtime.returncode == 0 else [])
+
+
+def test_inference_only_onnxruntime_lists_no_engine(tmp_path):
+    """An arm64 phone's onnxruntime wheel has no training API: the probe lists no engine (the
+    planner then reports the phone infeasible), and never executorch, installed or not."""
+    fake = tmp_path / "site" / "onnxruntime"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("# an inference-only build: no training/ folder\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+
+    done = subprocess.run([sys.executable, probe.__file__, "--repeats", "1"], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["engines"] == [] and result["probe_version"] == probe.PROBE_VERSION
+    assert profile_from_probe(result, "arm64-phone", "adb", None, 32).engines == ()
 
 
 def test_probe_errors_become_plan_errors(tmp_path):

@@ -72,3 +72,18 @@ def test_load_profiles_reads_a_folder_in_name_order(tmp_path):
     assert [p.name for p in load_profiles(tmp_path)] == ["a", "b"]
     with pytest.raises(PlanError, match="holds no"):
         load_profiles(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("source", ["local", "adb"])
+def test_measured_profile_listing_executorch_is_refused(tmp_path, source):
+    # probe v1 listed executorch wherever its package was installed; a Python phone cannot run it
+    data = {**json.loads(_profile(source=source).model_dump_json()), "engines": ["ort", "executorch"]}
+    (tmp_path / "old.json").write_text(json.dumps(data))
+
+    with pytest.raises(PlanError, match="cannot list executorch.*re-run `fedkit profile`"):
+        DeviceProfile.load(tmp_path / "old.json")
+
+
+def test_catalogue_profile_may_list_executorch():
+    # a class assumed to run a native app with ExecuTorch's TrainingModule
+    assert _profile(source="catalog", engines=("executorch",)).engines == ("executorch",)
