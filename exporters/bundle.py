@@ -42,7 +42,7 @@ from toolkit.models import SplittableModel
 # Called before each step and once at the end: (name of the step starting, steps done, steps in all).
 Progress = Callable[[str, int, int], None]
 # Bumped whenever the files exported for the same model and plan change, so caches of bundles
-# (``toolkit.simulation.fleet.export_bundles``) do not hand out one of an older layout.
+# (``toolkit.planning.export.cached_bundle``) do not hand out one of an older layout.
 # 2: codec format 2 weights; frozen blocks other phones train in fed.onnx.
 EXPORT_FORMAT = 2
 

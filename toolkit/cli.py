@@ -290,7 +290,7 @@ def _export_plan(plan_file: Path, out: Path) -> None:
         table.add_row(b.folder.name, str(p.cut), str(p.train_from), p.engine, p.encoding, str(p.batch_size), ", ".join(b.phones))
     console.print(table)
     for phone in fleet.infeasible:
-        err_console.print(f"[yellow]no bundle for {phone.profile}:[/yellow] {phone.reason}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] no bundle for {phone.profile}: {phone.reason}", highlight=False, soft_wrap=True)
 
 
 def _print_bundle(out: Path, manifest, stats) -> None:
@@ -361,12 +361,23 @@ def serve(
 
 @app.command()
 @fails_cleanly
-def status(db: Annotated[Path, typer.Option(help="The aggregator's SQLite database.")]) -> None:
-    """Show a run: stage, round, reports, accuracy, traffic, and the last rounds."""
+def status(
+    db: Annotated[Path, typer.Option(help="The aggregator's SQLite database.")],
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="The run's fleet plan: show each phone's predicted round beside the measured one.")
+    ] = None,
+) -> None:
+    """Show a run: stage, round, reports, accuracy, traffic, the last rounds, and per phone its
+    rounds, seconds and bytes (beside the plan's prediction with --plan)."""
     from rich.table import Table
 
-    from toolkit.aggregator.status import read_status
+    from toolkit.aggregator.status import against_plan, read_status
 
+    predicted = {}
+    if plan_file is not None:
+        from toolkit.planning import load_plan
+
+        predicted = {p.profile: p.plan.predicted for p in load_plan(plan_file).phones if p.plan is not None}
     s = read_status(db)
     summary = Table(show_header=False, title=f"run {s.name} ({s.mode})")
     summary.add_column(style="bold")
@@ -387,6 +398,19 @@ def status(db: Annotated[Path, typer.Option(help="The aggregator's SQLite databa
         rounds.add_row(str(r.round), r.stage, str(r.base_version), "open" if r.open else "closed",
                        str(r.assigned), str(r.reports), version, accuracy)
     console.print(rounds)
+    phones = Table(title="per phone and round: measured" + (" / the plan's prediction" if plan_file else ""))
+    for column in ("phone", "rounds", "seconds", "update up", "weights down"):
+        phones.add_column(column, justify="left" if column == "phone" else "right")
+
+    def pair(measured: float | None, guess: float | None, show: Callable[[float], str]) -> str:
+        text = "–" if measured is None else show(measured)
+        return text + (f" / {show(guess)}" if guess is not None else "")
+
+    for row in against_plan(s, predicted):
+        phones.add_row(row.device_id, str(row.rounds), pair(row.measured_s, row.predicted_s, lambda v: f"{v:.2f} s"),
+                       pair(row.measured_up, row.predicted_up, lambda v: _size(int(v))),
+                       pair(row.measured_down, row.predicted_down, lambda v: _size(int(v))))
+    console.print(phones)
 
 
 @app.command("enrol-token")
@@ -417,9 +441,12 @@ def export_global(
     ],
     model: Annotated[str | None, typer.Option(help="Model zoo name. Default: the run config's 'model'.")] = None,
     version: Annotated[int | None, typer.Option(min=0, help="Model version. Default: the latest.")] = None,
+    test_images: Annotated[
+        int, typer.Option(min=0, max=10000, help="Evaluate on the first N Fashion-MNIST test images (0: do not evaluate).")
+    ] = 10000,
 ) -> None:
     """Write the global model of a run as a PyTorch state dict (the zoo model with the
-    aggregated tensors merged in)."""
+    aggregated tensors merged in) and print its test accuracy."""
     _check_file_output(out)
     import torch
 
@@ -428,6 +455,11 @@ def export_global(
     state = global_state_dict(db, model, version)
     _write_whole(out, lambda path: torch.save(state, path))
     console.print(f"global model written to {out}")
+    if test_images:
+        from toolkit.aggregator.admin import evaluate_global
+
+        accuracy = evaluate_global(db, model, version, test_images)
+        console.print(f"test accuracy on {test_images:,} Fashion-MNIST test images: [bold]{accuracy:.2%}[/bold]")
 
 
 @app.command()
@@ -552,9 +584,9 @@ def plan(
         reasons = "; ".join(f"{p.profile}: {p.reason}" for p in fleet.infeasible)
         raise PlanError(f"no phone can be planned, so no plan was written ({reasons})")
     _write_whole(out, fleet.save)
-    table = Table(title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; predicted seconds per round")
+    table = Table(title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; predicted seconds per round, up and down also in MB")
     for column in ("phone", "choice", "compute", "up", "down", "edge", "total", "MB"):
-        table.add_column(column, justify="left" if column in ("phone", "choice") else "right")
+        table.add_column(column, justify="left" if column in ("phone", "choice") else "right", no_wrap=column == "phone")
     for p in fleet.phones:
         if p.plan is None:
             table.add_row(p.profile, "[red]infeasible[/red]")
@@ -562,8 +594,11 @@ def plan(
         d, t = p.plan, p.plan.predicted
         where = "all on phone" if d.cut == len(fleet.block_names) else f"cut {d.cut}"
         choice = f"{where}, trains {p.trainable_blocks}, {d.engine}, {d.encoding}, b{d.batch_size}"
-        table.add_row(p.profile, choice, *(f"{t[k]:.2f}" for k in ("compute", "upload", "download", "edge", "total")),
-                      f"{p.memory_mb:.0f}")
+        # every byte of the round: the update and SplitFed activations up, the weights and gradients down
+        mb_up = (t.get("up_bytes", 0) + t.get("activation_bytes", 0)) / 1e6
+        mb_down = (t.get("down_bytes", 0) + t.get("gradient_bytes", 0)) / 1e6
+        table.add_row(p.profile, choice, f"{t['compute']:.2f}", f"{t['upload']:.2f}\n{mb_up:.2f} MB",
+                      f"{t['download']:.2f}\n{mb_down:.2f} MB", *(f"{t[k]:.2f}" for k in ("edge", "total")), f"{p.memory_mb:.0f}")
     console.print(table)
     for p in fleet.infeasible:
         err_console.print(f"[yellow]warning:[/yellow] {escape(p.profile)} infeasible: {escape(p.reason)}", highlight=False, soft_wrap=True)
@@ -605,16 +640,16 @@ def _run_simulation(config, out: Path) -> None:
     with Live(view(), console=err_console, refresh_per_second=2, transient=False) as live:
         summary = simulate(config, out, on_tick=lambda t: live.update(view(t)), on_step=lambda s: live.update(view(step=s)))
         live.update(view(step="report written"))
-    accuracy = summary["final_accuracy"]
-    ref = summary.get("reference")
+    accuracy = summary.final_accuracy
+    ref = summary.reference
     console.print(
-        f"{summary['rounds']} rounds in {summary['wall_s']:.0f} s; final accuracy "
+        f"{summary.rounds} rounds in {summary.wall_s:.0f} s; final accuracy "
         f"[bold]{'–' if accuracy is None else f'{accuracy:.2%}'}[/bold]"
-        + (f" (centralized reference {ref['final_accuracy']:.2%})" if ref else "")
-        + f"; {summary['updates_accepted']} updates accepted, {summary['accepted_lost']} lost; "
-        f"{len(summary['faults'])} fault event(s)"
+        + (f" (centralized reference {ref.final_accuracy:.2%})" if ref else "")
+        + f"; {summary.updates_accepted} updates accepted, {summary.accepted_lost} lost; "
+        f"{len(summary.faults)} fault event(s)"
     )
-    console.print(f"report: {summary['report']}")
+    console.print(f"report: {summary.report}")
 
 
 @app.command()

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from toolkit.errors import FedkitError  # noqa: E402
+from toolkit.simulation.summary import RunSummary  # noqa: E402
 
 SPAN_COLOURS = {"train": "tab:blue", "upload": "tab:orange", "download": "tab:green", "wait": "lightgrey",
                 "offline": "black", "killed": "tab:red"}
@@ -34,10 +34,7 @@ def _jsonl(path: Path) -> list[dict]:
 
 def load_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except FileNotFoundError as exc:
-        raise FedkitError(f"{run_dir} holds no summary.json: it is not a finished fedkit simulate run folder") from exc
+    summary = RunSummary.load(run_dir).model_dump()
     events = {p.parent.name: _jsonl(p) for p in sorted((run_dir / "phones").glob("*/events.jsonl"))}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else None
     return {"summary": summary, "metrics": _jsonl(run_dir / "metrics.jsonl"), "events": events, "plan": plan,
@@ -77,7 +74,7 @@ def plot_accuracy(run: dict, path: Path) -> None:
 
 def bytes_by_round(run: dict) -> dict[str, dict[int, int]]:
     """Uplink payload bytes per phone class per round, every push counted (retries included)."""
-    cls = {p["device_id"]: p["class"] for p in run["summary"]["phones"]}
+    cls = {p["device_id"]: p["phone_class"] for p in run["summary"]["phones"]}
     out: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for phone, events in run["events"].items():
         for e in events:
@@ -165,6 +162,10 @@ def _kib(n) -> str:
     return "–" if n is None else f"{n / 1024:.0f}"
 
 
+def _pair(measured, predicted, show) -> str:
+    return f"{'–' if measured is None else show(measured)} / {'–' if predicted is None else show(predicted)}"
+
+
 def render_html(run: dict) -> str:
     s = run["summary"]
     ref = s.get("reference")
@@ -179,10 +180,15 @@ def render_html(run: dict) -> str:
         ["accepted updates lost", f"{s['accepted_lost']} of {s['accepted_told_phones']} the phones were told were accepted"],
         ["wall time", f"{s['wall_s']:.0f} s (setup {s['setup_s']:.0f} s, training {s['train_s']:.0f} s)"],
         ["compute", s["compute_note"]],
+        ["edge (as the planner priced it)", s["edge"]],
     ]
-    phones = [[p["device_id"], p["class"], f"× {p['compute_factor']:g}",
+    phones = [[p["device_id"], p["phone_class"], f"× {p['compute_factor']:g}",
                "none" if p["address_space_mb"] is None else f"{p['address_space_mb']} MB", p["link"], p["samples"],
                ", ".join(p["bundles"]), p["starts"], p["exit_code"], p.get("peak_rss_mb", "–")] for p in s["phones"]]
+    against = [[p["device_id"], p["phone_class"],
+                _pair(p["measured_round_s"], p["predicted"].get("total"), lambda v: f"{v:.2f}"),
+                _pair(p["measured_up_bytes"], p["predicted"].get("up_bytes"), _kib),
+                _pair(p["measured_down_bytes"], p["predicted"].get("down_bytes"), _kib)] for p in s["phones"]]
     faults = [[f"{f['elapsed_s']:.1f} s", f["kind"], f.get("phone", ""), f.get("detail", "")] for f in run["faults"]]
     rounds = [[m["version"], m.get("round") or "–", m.get("stage") or "–", _pct(m["accuracy"]), m["updates"],
                m.get("samples", ""), m.get("round_s") or "–", _slowest(m), m.get("edge_s") or "–",
@@ -207,6 +213,11 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}} img
 <h2>Per-phone timeline</h2><img src="timeline.png" alt="timeline">
 <h2>Phones</h2>
 {_table(["phone", "class", "compute", "RLIMIT_AS", "link", "images", "bundles", "starts", "exit", "peak RSS (MB)"], phones)}
+<h2>Plan against measurement</h2>
+<p>Per round, as the aggregator saw it (from a task's assignment to the phone's accepted update; bytes of
+updates up and weights down) beside the plan's prediction for the phone's class. The measured time
+includes the emulated slowdown, and SplitFed activations and gradients are not in these bytes.</p>
+{_table(["phone", "class", "round time (s): measured / planned", "update up (KiB)", "weights down (KiB)"], against)}
 <h2>Faults</h2>
 {_table(["at", "fault", "phone", "what happened"], faults) if faults else "<p>none injected</p>"}
 <h2>Plan</h2>

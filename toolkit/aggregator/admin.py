@@ -30,9 +30,34 @@ def global_state_dict(db: str | Path, model: str | None = None, version: int | N
     """A PyTorch state dict of the run's model at ``version`` (default: the latest): the
     model zoo's ``load_model(model).root.state_dict()`` with the version's tensors merged in.
     ``model`` defaults to the run config's ``model``."""
-    from toolkit.models import load_model  # torch: only here, not in the server
     import torch
 
+    from toolkit.models import load_model  # torch: only here, not in the server
+
+    model, tensors = global_tensors(db, model, version)
+    state = load_model(model).root.state_dict()
+    for name, t in tensors.items():
+        if name not in state or tuple(state[name].shape) != t.shape:
+            raise ModelError(f"global tensor {name!r} {t.shape} does not fit model {model!r}: pass the model the run trained")
+        state[name] = torch.from_numpy(t.copy())
+    return state
+
+
+def evaluate_global(db: str | Path, model: str | None = None, version: int | None = None, test_images: int = 10000) -> float:
+    """The test accuracy of the run's global model at ``version`` (default: the latest) on the
+    first ``test_images`` Fashion-MNIST test images."""
+    from toolkit.evaluation import Evaluator
+    from toolkit.models import load_model
+
+    model, tensors = global_tensors(db, model, version)
+    splittable = load_model(model)
+    trained = [i for i, block in enumerate(splittable.block_names) if any(n.startswith(block + ".") for n in tensors)]
+    stop = min(trained, default=len(splittable.block_names) - 1)  # blocks before it are as the zoo has them
+    return Evaluator(splittable, stop, test_images).accuracy(tensors)
+
+
+def global_tensors(db: str | Path, model: str | None = None, version: int | None = None) -> tuple[str, dict]:
+    """The run's model name (``model``, else the run config's) and the tensors of ``version``."""
     store = _open(db)
     try:
         if model is None:
@@ -45,12 +70,7 @@ def global_state_dict(db: str | Path, model: str | None = None, version: int | N
         tensors = decode(store.version_blob(row.version)).tensors
     finally:
         store.close()
-    state = load_model(model).root.state_dict()
-    for name, t in tensors.items():
-        if name not in state or tuple(state[name].shape) != t.shape:
-            raise ModelError(f"global tensor {name!r} {t.shape} does not fit model {model!r}: pass the model the run trained")
-        state[name] = torch.from_numpy(t.copy())
-    return state
+    return model, tensors
 
 
 def _open(db: str | Path) -> Store:

@@ -5,11 +5,12 @@
 | GET  /v1/health           | none   | 200 {"status": "ok"} |
 | POST /v1/enrol            | enrol  | 200 {"device_id", "token"}; 401 bad/used token; 409 device id taken |
 | GET  /v1/task             | device | 200 {"status": "task", round, base_version, lr, ...} / {"status": "wait", retry_after} / {"status": "done"} |
-| GET  /v1/weights/{v}      | device | 200 codec bytes + ETag; 304 if If-None-Match has that ETag; 404 unknown version |
+| GET  /v1/weights/{v}      | device or admin | 200 codec bytes + ETag (a device's download is counted); 304 if If-None-Match has that ETag; 404 unknown version |
 | POST /v1/updates          | device | 200 accepted / duplicate; 409 stale, or restart (SplitFed: the edge lost its part); 400, 403, 422 rejected; 413 too large |
 | POST /v1/evaluations      | admin  | 200 {"status": "recorded"}; 404 unknown version |
 | GET  /v1/status           | admin  | 200 the run's status |
 | /v1/splitfed/...          |        | with a SplitFed edge only: toolkit/splitfed/routes.py |
+| GET/POST /probe/echo      | none   | `fedkit profile --aggregator`'s link probe: toolkit/aggregator/probe.py (422/413 over 8 MiB, 429 per address) |
 
 Every error body is JSON ``{"status": ..., "reason": ...}``; 401 on a missing or wrong bearer
 token (nothing is stored), 429 with Retry-After when a device exceeds its request rate
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -164,11 +165,12 @@ weights = APIRouter(tags=["weights"])
 @weights.get("/v1/weights/{version}", responses={200: {"content": {"application/octet-stream": {}}}, 304: {}})
 async def get_weights(
     version: int,
-    _: Annotated[str, Depends(device)],
+    who: Annotated[Principal, Depends(principal)],
     coordinator: CoordinatorDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """The model version, codec-encoded; 304 when the device already has it (If-None-Match)."""
+    """The model version, codec-encoded; 304 when the caller already has it (If-None-Match).
+    Devices and admins (an evaluator) may read it; a device's downloads are counted."""
     found = coordinator.weights(version)
     if found is None:
         raise HTTPException(404, f"model version {version} does not exist; pull a task for the current one")
@@ -176,6 +178,8 @@ async def get_weights(
     etag = f'"{sha}"'
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
+    if who.role == "device":
+        coordinator.store.record_download(who.device_id, version, len(blob), coordinator.clock())
     return Response(blob, media_type="application/octet-stream", headers={"ETag": etag})
 
 
@@ -232,8 +236,12 @@ status = APIRouter(tags=["status"])
 
 
 @status.get("/v1/status")
-async def get_status(_: Annotated[Principal, Depends(admin)], coordinator: CoordinatorDep) -> dict:
-    return run_status(coordinator.store).model_dump(mode="json")
+async def get_status(
+    _: Annotated[Principal, Depends(admin)],
+    coordinator: CoordinatorDep,
+    last_rounds: Annotated[int, Query(ge=1, le=100_000, description="how many of the last rounds to list")] = 10,
+) -> dict:
+    return run_status(coordinator.store, last_rounds).model_dump(mode="json")
 
 
 def _error(status_code: int, reason: str, headers: dict | None = None) -> JSONResponse:
@@ -263,6 +271,9 @@ def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, 
     app.state.limiter = RateLimiter(limits.requests_per_s, limits.burst)
     for router in (health, enrolment, tasks, weights, updates, evaluations, status):
         app.include_router(router)
+    from toolkit.aggregator.probe import probe_router  # imported here: it reuses this module's RateLimiter
+
+    app.include_router(probe_router())
     if edge is not None:
         from toolkit.splitfed.routes import splitfed  # imported here: it uses this module's auth dependencies
 

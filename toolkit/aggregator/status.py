@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -20,6 +21,20 @@ class RoundStatus(BaseModel):
     reports: int
     version: int | None  # the version it produced
     accuracy: float | None  # the evaluator's for that version, else the phones' reported mean
+    samples: int  # of its accepted updates
+    opened: float  # unix time
+    closed: float | None
+
+
+class PhoneStatus(BaseModel):
+    """One device, measured at the aggregator: what it moved and how long its rounds took."""
+
+    device_id: str
+    rounds: list[int]  # rounds with an accepted update
+    bytes_up: int  # accepted updates
+    bytes_down: int  # weights downloaded
+    downloads: int
+    round_s: float | None  # median seconds from a round's assignment to the device's update
 
 
 class RunStatus(BaseModel):
@@ -37,6 +52,7 @@ class RunStatus(BaseModel):
     updates_accepted: int
     bytes_received: int
     rounds: list[RoundStatus]
+    phones: list[PhoneStatus]
 
 
 def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
@@ -49,6 +65,7 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
     for rnd in store.rounds()[-last_rounds:]:
         version = store.version_of_round(rnd.round)
         accuracy = store.evaluation(version) if version is not None else None
+        reports = store.updates(round_=rnd.round)
         rounds.append(
             RoundStatus(
                 round=rnd.round,
@@ -56,9 +73,12 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
                 base_version=rnd.base_version,
                 open=rnd.closed is None,
                 assigned=store.count_assigned(rnd.round),
-                reports=len(store.updates(round_=rnd.round)),
+                reports=len(reports),
                 version=version,
                 accuracy=accuracy if accuracy is not None else store.reported_accuracy(rnd.round),
+                samples=sum(u.num_samples for u in reports),
+                opened=rnd.opened,
+                closed=rnd.closed,
             )
         )
     current = rounds[-1] if rounds else None
@@ -79,6 +99,11 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
         updates_accepted=accepted,
         bytes_received=nbytes,
         rounds=rounds,
+        phones=[
+            PhoneStatus(device_id=t.device_id, rounds=list(t.rounds), bytes_up=t.bytes_up, bytes_down=t.bytes_down,
+                        downloads=t.downloads, round_s=statistics.median(t.round_seconds) if t.round_seconds else None)
+            for t in store.phone_traffic()
+        ],
     )
 
 
@@ -91,3 +116,32 @@ def read_status(db: str | Path) -> RunStatus:
         return run_status(store)
     finally:
         store.close()
+
+
+class PhoneVsPlan(BaseModel):
+    """A device's measured round beside its plan's prediction (per round: seconds, bytes)."""
+
+    device_id: str
+    rounds: int
+    measured_s: float | None
+    predicted_s: float | None
+    measured_up: float | None  # bytes of its accepted updates, per round
+    predicted_up: float | None
+    measured_down: float | None  # bytes of weights it downloaded, per round
+    predicted_down: float | None
+
+
+def against_plan(status: RunStatus, predicted: dict[str, dict[str, float]]) -> list[PhoneVsPlan]:
+    """Every device of ``status`` beside ``predicted`` (device → its plan's ``predicted``, e.g.
+    from a fleet plan whose phone names are the device ids). SplitFed activations and
+    gradients are not in the measured bytes: they travel to the edge, not through updates."""
+    rows = []
+    for phone in status.phones:
+        n = len(phone.rounds)
+        guess = predicted.get(phone.device_id, {})
+        rows.append(PhoneVsPlan(
+            device_id=phone.device_id, rounds=n, measured_s=phone.round_s, predicted_s=guess.get("total"),
+            measured_up=phone.bytes_up / n if n else None, predicted_up=guess.get("up_bytes"),
+            measured_down=phone.bytes_down / n if n else None, predicted_down=guess.get("down_bytes"),
+        ))
+    return rows

@@ -47,10 +47,24 @@ CREATE INDEX IF NOT EXISTS updates_pending ON updates (version, round);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, round INTEGER, stage INTEGER, created REAL NOT NULL,
     num_updates INTEGER NOT NULL, sha256 TEXT NOT NULL, blob BLOB NOT NULL);
+-- weights a device downloaded (200 answers only: a 304 moves no model bytes)
+CREATE TABLE IF NOT EXISTS downloads (
+    id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, version INTEGER NOT NULL, nbytes INTEGER NOT NULL,
+    at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY, version INTEGER NOT NULL, source TEXT NOT NULL,
     accuracy REAL NOT NULL, recorded REAL NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class PhoneTraffic:
+    device_id: str
+    rounds: tuple[int, ...]  # rounds with an accepted update
+    bytes_up: int
+    bytes_down: int
+    downloads: int
+    round_seconds: tuple[float, ...]  # assignment to accepted update, per round that has both
 
 
 def token_hash(token: str) -> str:
@@ -287,6 +301,29 @@ class Store:
         """(accepted updates, their bytes)."""
         n, b = self._q("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM updates")[0]
         return n, b
+
+    def record_download(self, device_id: str, version: int, nbytes: int, now: float) -> None:
+        self._q("INSERT INTO downloads(device_id, version, nbytes, at) VALUES(?, ?, ?, ?)", (device_id, version, nbytes, now))
+
+    def phone_traffic(self) -> list[PhoneTraffic]:
+        """Per device that pushed or downloaded: its accepted rounds, bytes up (accepted
+        updates) and down (weights), and the seconds from each round's assignment to its update."""
+        pushed = {d: (n, b) for d, n, b in self._q("SELECT device_id, COUNT(*), SUM(nbytes) FROM updates GROUP BY device_id")}
+        pulled = {d: (n, b) for d, n, b in self._q("SELECT device_id, COUNT(*), SUM(nbytes) FROM downloads GROUP BY device_id")}
+        rounds: dict[str, list[int]] = {}
+        seconds: dict[str, list[float]] = {}
+        for device, round_, took in self._q(
+            "SELECT u.device_id, u.round, u.received - a.assigned FROM updates u "
+            "LEFT JOIN assignments a ON a.round = u.round AND a.device_id = u.device_id ORDER BY u.round"
+        ):
+            rounds.setdefault(device, []).append(round_)
+            if took is not None:
+                seconds.setdefault(device, []).append(took)
+        return [
+            PhoneTraffic(device, tuple(rounds.get(device, ())), pushed.get(device, (0, 0))[1], pulled.get(device, (0, 0))[1],
+                         pulled.get(device, (0, 0))[0], tuple(seconds.get(device, ())))
+            for device in sorted(pushed.keys() | pulled.keys())
+        ]
 
     # model versions and evaluations
     def add_version(self, version: int, round_: int | None, stage: int | None, blob: bytes, num_updates: int, now: float) -> None:

@@ -63,6 +63,7 @@ class PlanConfig(BaseModel):
     # learning, no edge training); splitfed: every phone cuts before the last block.
     mode: Literal["auto", "federated", "splitfed"] = "auto"
     max_train_blocks: PositiveInt | None = None  # caps the trainable depth (deeper training can diverge)
+    train_blocks: PositiveInt | None = None  # trains exactly this many blocks; the planner picks the rest
     # Depths a stage may name (e.g. 1: a head-only warm-up stage): every whole-model phone also
     # gets a bundle training that many blocks, when it is shallower than its planned depth.
     stage_depths: tuple[PositiveInt, ...] = ()
@@ -232,7 +233,8 @@ class Planner:
         if evaluated and not allowed:
             c = self.config
             return PhonePlan(profile=phone.name, plan=None, reason=(
-                f"no choice fits the run's policy (mode {c.mode}, max_train_blocks {c.max_train_blocks}"
+                f"no choice fits the run's policy (mode {c.mode}, max_train_blocks {c.max_train_blocks}, "
+                f"train_blocks {c.train_blocks}"
                 + (f", cut {cut}" if cut is not None else "") + f"): relax it, or pin a cut between 1 and {self.n - 1}"))
         return self.choose(phone, allowed)
 
@@ -241,6 +243,7 @@ class Planner:
         whole = cut == self.n
         return ((c.mode == "auto" or (c.mode == "federated") == whole)
                 and (c.max_train_blocks is None or depth <= c.max_train_blocks)
+                and (c.train_blocks is None or depth == c.train_blocks)
                 and (pinned is None or cut == pinned))
 
     def oracle(self, phone: DeviceProfile) -> PhonePlan:

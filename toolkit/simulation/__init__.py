@@ -1,11 +1,18 @@
-"""``fedkit simulate`` and ``fedkit demo``: a federation of emulated phones on one host."""
+"""``fedkit simulate`` and ``fedkit demo``: a federation of emulated phones on one host.
+
+``run`` is the orchestrator (the by-hand fleet path, automated), ``phones`` the emulated
+phones, ``monitor`` follows the run over the aggregator's HTTP API, ``summary`` is what a run
+leaves for the CLI, the report and the benchmarks."""
 
 from toolkit.simulation.config import Fault, PhoneGroup, SimulationConfig, demo_config, load_simulation, parse_simulation
-from toolkit.simulation.fleet import SimulationError, Tick, simulate
+from toolkit.simulation.monitor import SimulationError
+from toolkit.simulation.run import simulate
+from toolkit.simulation.summary import RunSummary, Tick
 
 __all__ = [
     "Fault",
     "PhoneGroup",
+    "RunSummary",
     "SimulationConfig",
     "SimulationError",
     "Tick",

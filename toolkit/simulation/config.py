@@ -2,10 +2,12 @@
 
     name = "demo"
     model = "mobilenet_v2"         # or "small_cnn"
-    mode = "federated"             # or "splitfed": each phone's cut from the planner, the edge on the aggregator
+    mode = "federated"             # or "splitfed" (each phone's cut from the planner, the edge on the
+                                   # aggregator), or "auto" (the planner decides per phone)
+    # edge = "edge.json"           # the edge's profile; default: this host, profiled at the start
     depth = "plan"                 # "head": train_blocks only; "plan": then the planner's depth per phone
     train_blocks = 1               # blocks every phone's first bundle trains (1: the classifier)
-    encoding = "int8"              # how phones encode updates (every stage may override it)
+    encoding = "int8"              # the plan's update encoding (a stage may name another)
     train_images = 60000           # the first N Fashion-MNIST training images are split
     test_images = 10000            # the global model is evaluated on the first N test images
     partition = "dirichlet"        # or "iid"
@@ -14,7 +16,7 @@
     [[phones]]                     # a group of phones of one catalogue class (or a profile file)
     class = "flagship-2023"
     count = 2
-    engine = "ort"                 # or "executorch", or "plan" (the planner's choice)
+    engine = "plan"                # the profile's engines (catalogue: ort), or "ort" / "executorch" only
     # cut = 3                      # splitfed: pin this group's cut (else the planner's)
 
     [[stages]]                     # toolkit.aggregator.config.Stage
@@ -51,7 +53,8 @@ class PhoneGroup(_Strict):
     phone_class: str | None = Field(default=None, alias="class")  # a catalogue class
     profile: Path | None = None  # or a DeviceProfile JSON (from fedkit profile)
     count: int = Field(default=1, ge=1)
-    engine: Literal["ort", "executorch", "plan"] = "ort"
+    # plan: the engines the profile lists (a catalogue class: ort); else only this engine
+    engine: Literal["ort", "executorch", "plan"] = "plan"
     cut: int | None = Field(default=None, ge=1)  # splitfed: pin the group's cut (the planner picks the rest)
     churn_online_s: float | None = Field(default=None, gt=0)  # mean online period; None: always online
     churn_offline_s: float = Field(default=10.0, gt=0)  # mean offline period
@@ -97,15 +100,22 @@ class Fault(_Strict):
 class SimulationConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     model: Literal["mobilenet_v2", "small_cnn"] = "mobilenet_v2"
-    # federated: every phone holds the whole model (depth below); splitfed: every phone runs the
-    # planner's best SplitFed choice (a cut before the last block, depth capped at max_train_blocks)
-    mode: Literal["federated", "splitfed"] = "federated"
+    # The planning policy (toolkit.planning.PlanConfig.mode). federated: every phone holds the
+    # whole model (depth below); splitfed: every phone runs the planner's best SplitFed choice (a
+    # cut before the last block, depth capped at max_train_blocks); auto: the planner's choice
+    # per phone, SplitFed or not (a mixed fleet).
+    mode: Literal["federated", "splitfed", "auto"] = "federated"
+    # The edge the planner prices SplitFed against: a profile JSON (fedkit profile), or this
+    # host profiled at the start, as `fedkit plan` does.
+    edge: Path | None = None
     edge_workers: int = Field(default=2, ge=1)  # splitfed: the edge's training threads
+    # head: every phone trains train_blocks; plan: the planner's depth per phone (capped at
+    # max_train_blocks), and a bundle of train_blocks too for stages that name that depth
     depth: Literal["head", "plan"] = "head"
     train_blocks: int = Field(default=1, ge=1)  # blocks the first bundle trains, the classifier included
     planner_slack: float = Field(default=0.10, ge=0)  # the planner's rule: rounds within (1 + slack) x the fastest
     max_train_blocks: int | None = Field(default=None, ge=1)  # caps the planner's depth (deeper can diverge)
-    encoding: str = "int8"
+    encoding: Literal["fp32", "fp16", "int8", "int4", "sign1", "topk"] = "int8"  # the plan's (a stage may name another)
     batch_size: int = Field(default=32, ge=1)
     seed: int = 0
     train_images: int = Field(default=60000, ge=10, le=60000)
@@ -129,10 +139,10 @@ class SimulationConfig(_Strict):
 
     @model_validator(mode="after")
     def _splitfed_engines(self):
-        if self.mode == "splitfed" and any(g.engine == "executorch" for g in self.phones):
+        if self.mode != "federated" and any(g.engine == "executorch" for g in self.phones):
             raise ValueError("SplitFed phones back-propagate the edge's gradient, which only the ort engine does: "
                              "set engine = \"ort\" (or \"plan\") for every phone group")
-        if self.mode != "splitfed" and any(g.cut is not None for g in self.phones):
+        if self.mode == "federated" and any(g.cut is not None for g in self.phones):
             raise ValueError("a phone group's 'cut' is for SplitFed runs: set mode = \"splitfed\" or drop the cut")
         return self
 
@@ -154,7 +164,8 @@ def parse_simulation(data: dict, base_dir: Path | None = None) -> SimulationConf
     if base_dir is not None:
         groups = [g.model_copy(update={"profile": base_dir / g.profile}) if g.profile and not g.profile.is_absolute() else g
                   for g in config.phones]
-        config = config.model_copy(update={"phones": groups})
+        edge = base_dir / config.edge if config.edge and not config.edge.is_absolute() else config.edge
+        config = config.model_copy(update={"phones": groups, "edge": edge})
     return config
 
 

@@ -31,7 +31,7 @@ def run(tmp_path, **extra) -> dict:
     import torch
 
     torch.manual_seed(0)  # small_cnn's backbone comes from torch's global generator
-    return simulate(parse_simulation(small_config(**extra)), tmp_path / "run")
+    return simulate(parse_simulation(small_config(**extra)), tmp_path / "run").model_dump()
 
 
 def check_finished(summary: dict, run_dir) -> None:
@@ -53,7 +53,7 @@ def test_small_federation_completes_above_chance_with_a_report(tmp_path):
     assert summary["updates_accepted"] == 12  # every phone reports every round
     assert all(p["exit_code"] == 0 and p["starts"] == 1 for p in summary["phones"])
     assert {p["link"] for p in summary["phones"]} == {"in-process"}
-    factors = {p["class"]: p["compute_factor"] for p in summary["phones"]}
+    factors = {p["phone_class"]: p["compute_factor"] for p in summary["phones"]}
     assert factors["flagship-2023"] == 1.0 and factors["low-2022"] > 2.5  # 100.4 / 38.4 GFLOP/s
 
 
@@ -77,7 +77,7 @@ def test_phone_killed_mid_training_resumes_over_a_lossy_link_with_churn(tmp_path
     check_finished(summary, tmp_path / "run")
     phone = next(p for p in summary["phones"] if p["device_id"] == "phone-3")
     assert phone["starts"] == 2 and phone["exit_code"] == 0
-    assert all(p["offline_windows"] > 0 for p in summary["phones"] if p["class"] == "low-2022")
+    assert all(p["offline_windows"] > 0 for p in summary["phones"] if p["phone_class"] == "low-2022")
     assert any(e["kind"] == "kill_phone" for e in summary["faults"])
 
 

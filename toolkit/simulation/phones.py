@@ -1,0 +1,81 @@
+"""The simulation's phones: who they are (a config's phone groups, each a profile), how each is
+shaped (``android_harness.phone.PhoneSpec``: compute, memory, link, churn, faults) and its OS
+process (``python -m android_harness.phone``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from android_harness.availability import churn
+from android_harness.link import LinkShape, LinkWindow
+from android_harness.phone import PhoneSpec
+from toolkit.child import ChildProcess
+from toolkit.profiling import DeviceProfile, catalog_profiles
+from toolkit.simulation.config import SimulationConfig
+
+
+@dataclass(frozen=True)
+class Phone:
+    device_id: str
+    profile: DeviceProfile  # its name is what the fleet plan knows the phone as
+    churn: tuple[float, float] | None  # (mean online s, mean offline s)
+    cut: int | None = None  # SplitFed: the group's pinned cut instead of the planner's
+
+
+def fleet_phones(config: SimulationConfig) -> list[Phone]:
+    """phone-1 … phone-N from the config's groups. A group's profile keeps its class name, or
+    gets ``@cutN`` when the group pins a cut (so a class planned two ways is two profiles);
+    ``engine`` other than "plan" narrows what the profile may run to that engine."""
+    phones = []
+    for group in config.phones:
+        profile = catalog_profiles([group.phone_class])[0] if group.phone_class else DeviceProfile.load(group.profile)
+        if group.cut is not None:
+            profile = profile.model_copy(update={"name": f"{profile.name}@cut{group.cut}"})
+        if group.engine != "plan":
+            profile = profile.model_copy(update={"engines": (group.engine,)})
+        ch = (group.churn_online_s, group.churn_offline_s) if group.churn_online_s else None
+        for _ in range(group.count):
+            phones.append(Phone(f"phone-{len(phones) + 1}", profile, ch, group.cut))
+    return phones
+
+
+def phone_spec(config: SimulationConfig, phone: Phone, index: int, phone_dir: Path, fastest_gflops: float, t0: float,
+               shape: LinkShape) -> PhoneSpec:
+    """How ``phone`` is emulated: its compute slowed to its class's speed relative to the
+    fastest, its memory capped, its link shaped, its offline windows and faults."""
+    offline = churn(config.seed * 1000 + index, config.timeout_s, *phone.churn) if phone.churn else ()
+    return PhoneSpec(
+        phone_dir=str(phone_dir), device_id=phone.device_id, phone_class=phone.profile.name,
+        compute_factor=round(fastest_gflops / phone.profile.gflops, 3) if config.compute == "relative" else 1.0,
+        memory_mb=phone.profile.memory_mb if config.memory_cap else None, link=shape, offline=offline, t0=t0,
+        duplicate_posts=any(f.kind == "duplicate_pushes" and f.phone == phone.device_id for f in config.faults),
+    )
+
+
+def link_windows(config: SimulationConfig, device_id: str, t0: float) -> tuple[LinkWindow, ...]:
+    """The config's link faults that hit ``device_id`` (or every phone), in unix time."""
+    return tuple(
+        LinkWindow(t0 + f.after_s, t0 + f.after_s + f.duration_s, f.delay_ms, f.loss)
+        for f in config.faults if f.kind == "link" and f.phone in (None, device_id)
+    )
+
+
+class PhoneProcess(ChildProcess):
+    def __init__(self, spec_path: Path, phone_dir: Path, prefix: list[str]):
+        self.command = [*prefix, sys.executable, "-m", "android_harness.phone", str(spec_path)]
+        self.phone_dir = phone_dir
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.starts = 0
+
+    def start(self) -> None:
+        with open(self.phone_dir / "phone.log", "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=log, env=self.env, start_new_session=True)
+        self.starts += 1
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
