@@ -4,10 +4,13 @@ MobileNetV2 (32x32 input), the B1 round: 3,000 samples per phone, 1 local epoch,
 The edge is this host (profiled now, with MobileNetV2's own block timings), one phone on it
 at a time (edge_load 1, as Neurosurgeon measures a single client).
 
-1. Calibration. This host's per-block ONNX Runtime latencies at batch 1 and 32 are measured;
-   the per-op-kind cost model is fitted to them (in-sample and leave-one-block-out errors), and
-   the shipped calibration (``toolkit/planning/calibration.json``, fitted on an earlier run of
-   this script with ``--write-calibration``) is checked against today's measurements.
+1. Calibration. This host's per-block ONNX Runtime latencies at batch 1 and 32 are measured,
+   and fused parts (CALIBRATION_PARTS, each one ONNX model, as a bundle runs them) at both
+   batches; the per-op-kind cost model is fitted to them (in-sample and leave-one-block-out
+   errors; the parts fit the overhead of one run, which timing blocks alone counts once per
+   block), and the shipped calibration (``toolkit/planning/calibration.json``, fitted on an
+   earlier run of this script with ``--write-calibration``) is checked against today's
+   measurements.
 2. Cases: every catalogue class x 3 links (3g, 4g, wifi). Per case, all predicted:
    - the planner's choice (the documented rule: deepest training within 10% of the fastest);
    - the oracle: a brute force over the raw product of cut, train_from (any block), engine,
@@ -23,6 +26,11 @@ at a time (edge_load 1, as Neurosurgeon measures a single client).
    counted 3x (forward + backward, the documented rule: ORT's training step itself is B5's),
    the phone's time scaled by host GFLOP/s (the conv kernel, timed in the same rounds) / phone
    GFLOP/s, plus the predicted transfers: the measured round time beside the predicted one.
+   The transfers count every byte (``CostModel.transfer_bytes``), shown per case.
+4. Fleets: per link, the whole catalogue planned as one fleet (``Planner.plan``): every phone
+   downloads the global weights from the fleet's shallowest trained block on, so the plan is
+   re-priced with that download; per phone its choice and bytes, and whether it differs from
+   the phone planned alone.
 
 Prints one JSON line and writes it to benchmarks/results/planner.json.
 """
@@ -46,7 +54,7 @@ from toolkit import __version__
 from toolkit.models import load_model
 from toolkit.benchmarking import machine, write_result
 from toolkit.planning import PlanConfig, Planner, fit_calibration, shipped_calibration
-from toolkit.planning.cost import TRAIN_FACTOR, Choice, block_costs, predict_block
+from toolkit.planning.cost import TRAIN_FACTOR, Choice, PartTiming, block_costs, predict_block, predict_part
 from toolkit.profiling import catalog_profiles, link, measure_local
 from toolkit.profiling.kernels import export_part, kernels
 
@@ -56,6 +64,9 @@ CALIBRATION = ROOT.parent / "toolkit" / "planning" / "calibration.json"
 SEED = 0
 LINKS = ("3g", "4g", "wifi")
 MEASURE_REPEATS = 30
+# Fused parts timed for the calibration: the whole model and three thirds of it, so the fit
+# sees runs of many blocks at once (one run overhead) and of different feed sizes
+CALIBRATION_PARTS = ((0, 21), (0, 7), (7, 14), (14, 21))  # MobileNetV2 has 21 blocks
 
 
 def calibrate(model, write: bool):
@@ -63,7 +74,11 @@ def calibrate(model, write: bool):
     at1 = measure_local(quick=False, model=model, batch=1, name="edge (this host)")
     at32 = measure_local(quick=False, model=model, batch=32, name="edge (this host)")
     timings = [at1.timing(model.model_id), at32.timing(model.model_id)]
-    fresh = fit_calibration(model, [at1, at32])
+    with tempfile.TemporaryDirectory(prefix="fedkit-b4-cal-") as tmp:
+        spans = [(start, stop, b) for b in (1, 32) for start, stop in CALIBRATION_PARTS]
+        host_gflops, seconds = time_parts(model, spans, Path(tmp))
+    parts = [PartTiming(start, stop, b, seconds[(start, stop, b)], host_gflops) for start, stop, b in spans]
+    fresh = fit_calibration(model, [at1, at32], parts)
     if write:
         CALIBRATION.write_text(fresh.model_dump_json(indent=1) + "\n")
     shipped = shipped_calibration()
@@ -74,6 +89,9 @@ def calibrate(model, write: bool):
         total = sum(predict_block(c, shipped, profile.gflops, timing.batch) for c in costs) / sum(timing.seconds.values()) - 1
         shipped_error[f"block_mean_b{timing.batch}"] = float(np.mean(np.abs(rel)))
         shipped_error[f"model_b{timing.batch}"] = float(total)
+    for part in parts:
+        predicted = predict_part(costs[part.start:part.stop], shipped, part.gflops, part.batch)
+        shipped_error[f"part_{part.start}_{part.stop}_b{part.batch}"] = predicted / part.seconds - 1
     return at32, fresh, shipped, shipped_error
 
 
@@ -99,45 +117,79 @@ def fastest_where(planner, phone, cuts):
     return min(e.predicted["total"] for e in evaluated)
 
 
-def measure_choices(model, keys, folder: Path) -> tuple[float, dict[tuple, tuple[float, float, float]]]:
-    """The host's dense-conv GFLOP/s, and the host seconds per batch of each choice's parts,
-    ONNX Runtime forward at the planned batch: {(cut, train_from, batch): (phone frozen part,
-    phone trainable part, edge part)}.
-    Every part is timed round-robin with all the others, the fastest of MEASURE_REPEATS runs,
+def time_parts(model, spans, folder: Path) -> tuple[float, dict[tuple[int, int, int], float]]:
+    """The host's dense-conv GFLOP/s, and the seconds of one ONNX Runtime forward of each part
+    {(start, stop, batch): seconds}, each exported as one model. Every part is timed
+    round-robin with all the others and the conv kernel, the fastest of MEASURE_REPEATS runs,
     as the probe times blocks: load from other processes then spreads over all of them."""
-    n = len(model.block_names)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the probe
     runs = {}
-    for cut, train_from, batch in keys:
-        for start, stop in ((0, min(train_from, cut)), (min(train_from, cut), cut), (cut, n)):
-            if start == stop or (start, stop, batch) in runs:
-                continue
-            path = folder / f"part_{start}_{stop}_b{batch}.onnx"
-            shape = export_part(model, start, stop, batch, path)
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feed = {"input": np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)}
-            runs[(start, stop, batch)] = lambda session=session, feed=feed: session.run(None, feed)
-            runs[(start, stop, batch)]()
+    for start, stop, batch in spans:
+        path = folder / f"part_{start}_{stop}_b{batch}.onnx"
+        shape = export_part(model, start, stop, batch, path)
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {"input": np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)}
+        runs[(start, stop, batch)] = lambda session=session, feed=feed: session.run(None, feed)
     # the host's dense-conv GFLOP/s, timed in the same rounds: the emulation's scale factor
     proto, shape, conv_flops = kernels()["conv"]
     conv = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     conv_feed = {"input": np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)}
     runs["conv"] = lambda: conv.run(None, conv_feed)
+    for run in runs.values():
+        run()  # warm-up: the first run allocates and plans memory
     best = dict.fromkeys(runs, math.inf)
     for _ in range(MEASURE_REPEATS):
         for span, run in runs.items():
             start_t = time.perf_counter()
             run()
             best[span] = min(best[span], time.perf_counter() - start_t)
-    return conv_flops / best["conv"] / 1e9, {
-        (cut, train_from, batch): tuple(
-            best.get((start, stop, batch), 0.0)
-            for start, stop in ((0, min(train_from, cut)), (min(train_from, cut), cut), (cut, n))
-        )
+    return conv_flops / best.pop("conv") / 1e9, best
+
+
+def measure_choices(model, keys, folder: Path) -> tuple[float, dict[tuple, tuple[float, float, float]]]:
+    """The host's dense-conv GFLOP/s, and the host seconds per batch of each choice's parts,
+    ONNX Runtime forward at the planned batch: {(cut, train_from, batch): (phone frozen part,
+    phone trainable part, edge part)}."""
+    n = len(model.block_names)
+
+    def parts(cut, train_from):
+        return ((0, min(train_from, cut)), (min(train_from, cut), cut), (cut, n))
+
+    spans = sorted({(start, stop, batch) for cut, train_from, batch in keys for start, stop in parts(cut, train_from) if start < stop})
+    host_gflops, best = time_parts(model, spans, folder)
+    return host_gflops, {
+        (cut, train_from, batch): tuple(best.get((start, stop, batch), 0.0) for start, stop in parts(cut, train_from))
         for cut, train_from, batch in keys
     }
+
+
+def fleet_case(planner, link_name: str) -> dict:
+    """The catalogue on one link planned as one fleet: each phone's choice and bytes, priced
+    with the fleet's download, against the same phone planned alone."""
+    phones = catalog_profiles(link_name=link_name)
+    fleet = planner.plan(phones)
+    per_phone, changed = {}, 0
+    for phone, planned in zip(phones, fleet.phones):
+        alone = planner.plan_phone(phone)
+        if planned.plan is None:
+            per_phone[phone.name] = {"infeasible": planned.reason}
+            continue
+        d = planned.plan
+        same = alone.plan is not None and (alone.plan.cut, alone.plan.train_from, alone.plan.encoding, alone.plan.batch_size) == (
+            d.cut, d.train_from, d.encoding, d.batch_size)
+        changed += not same
+        per_phone[phone.name] = {
+            "cut": d.cut, "train_from": d.train_from, "encoding": d.encoding, "batch": d.batch_size,
+            "total_s": d.predicted["total"], "down_bytes": d.predicted["down_bytes"], "up_bytes": d.predicted["up_bytes"],
+            "alone": None if alone.plan is None else {"cut": alone.plan.cut, "train_from": alone.plan.train_from,
+                                                        "total_s": alone.plan.predicted["total"],
+                                                        "down_bytes": alone.plan.predicted["down_bytes"]},
+        }
+    trained = [p.plan.train_from for p in fleet.phones if p.plan is not None]
+    downs = [p["down_bytes"] for p in per_phone.values() if "down_bytes" in p]
+    return {"fed_from": min(trained, default=None), "down_mb": max(downs, default=0) / 1e6, "changed": changed, "phones": per_phone}
 
 
 def main() -> None:
@@ -201,6 +253,7 @@ def main() -> None:
                 },
                 "measured": {},  # filled in below, once every choice's parts are timed together
             })
+    fleets = {link_name: fleet_case(planner, link_name) for link_name in LINKS}
     feasible = [c for c in cases if "choice" in c]
     keys = sorted({(c["choice"]["cut"], c["choice"]["train_from"], c["choice"]["batch"]) for c in feasible})
     host_gflops, host_seconds = measure_choices(model, keys, folder)
@@ -239,6 +292,8 @@ def main() -> None:
             "median_abs_measured_vs_predicted": statistics.median(errors),
             "max_abs_measured_vs_predicted": max(errors),
             "max_time_cost_of_depth_rule": max(c["time_cost_of_depth_rule"] for c in feasible),
+            "fleet_download_mb": {name: f["down_mb"] for name, f in fleets.items()},
+            "fleet_choices_changed_by_fleet_download": {name: f["changed"] for name, f in fleets.items()},
         },
         "calibration": {
             "fresh_fit": fresh.model_dump(),
@@ -246,6 +301,7 @@ def main() -> None:
             "host_kernel_gflops": edge.kernel_gflops,
         },
         "cases": cases,
+        "fleets": fleets,
         "config": {
             "model": "mobilenet_v2",
             "plan": config.model_dump(),

@@ -2,8 +2,8 @@
 phone's cut, trainable depth, engine, update encoding and batch size."""
 
 from toolkit.planning.cost import Calibration, Choice, CostModel, fit_calibration, shipped_calibration
-from toolkit.planning.export import PlannedBundle, export_plan_bundles
-from toolkit.planning.planner import FleetPlan, PhonePlan, PlanConfig, Planner, distinct_choices, load_plan, plan_fleet
+from toolkit.planning.export import PlannedBundle, export_plan_bundles, phone_bundles, read_index
+from toolkit.planning.planner import FleetPlan, PhonePlan, Pin, PlanConfig, Planner, load_plan, plan_fleet
 
 __all__ = [
     "Calibration",
@@ -11,13 +11,15 @@ __all__ = [
     "CostModel",
     "FleetPlan",
     "PhonePlan",
+    "Pin",
     "PlannedBundle",
     "PlanConfig",
     "Planner",
-    "distinct_choices",
     "export_plan_bundles",
     "fit_calibration",
     "load_plan",
+    "phone_bundles",
     "plan_fleet",
+    "read_index",
     "shipped_calibration",
 ]

@@ -7,24 +7,45 @@ Compute. A block's forward time on a device of ``gflops`` (dense-conv GFLOP/s) a
 
 over op kinds k (dense conv, 1x1 conv, depthwise conv, linear, elementwise, and conv weight
 reads): ``cost_k`` is how many dense-conv FLOPs one FLOP (or element) of kind k costs.
+A part (consecutive blocks exported as one ONNX model, as a bundle's frozen, fed and
+trainable files are) is run once per batch, and each run costs
+
+    (run_overhead  +  B * (input + output bytes) * run_byte_cost) / (gflops * 1e9)
+
+on top of its blocks: the session call and copying its feed in and its result out. The probe
+times every block as its own run, so summing its block timings counts that overhead once per
+block where a bundle pays it once per part: on this host a fused MobileNetV2 forward took
+20-35 % less than the sum of its blocks timed alone.
 Depthwise convs cost several times a dense FLOP: they move as many bytes per FLOP as an
 elementwise op. Convs on tiny feature maps (MobileNetV2's late blocks at 32x32 input are 2x2
 and 1x1) are bound by reading their weights once per image, hence the weight-read term.
 ``op_overhead`` is the dispatch cost of one op in dense-conv FLOPs, so it too scales with the
 device. Both are fitted once on this host
 (non-negative least squares on relative error, over measured per-block latencies at batch 1
-and 32 and the probe's kernels) and shipped in ``calibration.json``; a profile with the
-model's own block timings rescales each block to its measurement.
+and 32, the probe's kernels, and fused parts timed as one run, which is what separates the
+run overhead from the blocks) and shipped in ``calibration.json``; a profile with the model's
+own block timings rescales each block to its measurement.
 
 Training. A trainable block costs 3x its forward (forward, then backward for the input and the
-weight gradients, each about one forward); a frozen block 1x. The edge trains every block
-behind the cut.
+weight gradients, each about one forward); a frozen block 1x, and it runs once per round
+whatever the local epochs (the trainer computes every sample's features once, then trains
+epochs over them; the frozen part's are even cached across rounds, see below). The edge
+trains every block behind the cut.
 
-Transfers. Per round: the task and the phone's trainable weights down (fp32), its update up
-(the plan's encoding), one RTT each. SplitFed adds per batch one request: activations up in
-the plan's encoding, activation gradients down (when the phone trains blocks), one RTT.
-Sizes are ``device_runtime.codec.encoded_size``: the exact bytes on the wire, HTTP headers
-aside.
+Transfers, every byte a round moves (``transfer_bytes``). Down: the global model's version
+blob, fp32, as the aggregator serves it; it holds every tensor any phone of the fleet trains,
+i.e. every block from the fleet's shallowest ``train_from`` on (``fed_from``: the phone's own
+train_from when planned alone), and the phone downloads all of it (``phone_loop``), also a
+head-only phone, whose fed part needs those values. Up: the update of its trainable tensors
+in the plan's encoding. SplitFed adds per batch one request: the activation at the cut and
+the labels up, the activation gradient and the loss down, the activation and its gradient in
+ACTIVATION_ENCODING (``SplitTrainer``'s default). One RTT per round each way, and per SplitFed
+batch. Sizes are ``device_runtime.codec.encoded_size``: the exact bytes on the wire, without
+the container's JSON header (under 100 bytes a message) and HTTP headers.
+
+What the round time is: the first round's. Later rounds skip the frozen part ``[0,
+fed_from)``, whose features the trainer caches per shard; ``predicted["features"]`` says how
+many of the compute seconds that is.
 
 Edge. The edge's blocks run at the edge profile's speed; ``edge_load`` phones training at
 once share it (processor sharing: each gets 1/load of it).
@@ -44,11 +65,14 @@ from scipy.optimize import nnls
 from torch import nn
 
 from device_runtime.codec import encoded_size
+from device_runtime.split_trainer import LABELS, LOSS
 from toolkit.errors import PlanError
 from toolkit.models import SplittableModel
 from toolkit.profiling.profile import DeviceProfile, Link
 
 KINDS = ("conv", "pointwise", "depthwise", "linear", "elementwise", "weight_reads")
+RUN_KINDS = ("run_overhead", "run_byte_cost")  # what one run of a part costs beyond its blocks
+ACTIVATION_ENCODING = "int8"  # SplitFed activations and gradients: SplitTrainer's default
 TRAIN_FACTOR = 3.0  # a trainable block: forward + backward ~ 2 forwards
 MB = 1e6
 # Resident memory of the runtime itself. ort: 66-83 MB measured here for a numpy +
@@ -136,6 +160,8 @@ class Calibration(BaseModel):
     host_gflops: float  # the host's dense-conv GFLOP/s the fit is relative to
     cost: dict[str, float]  # dense-conv FLOPs per FLOP of each kind (1 / efficiency)
     op_overhead: float  # dense-conv FLOPs one op dispatch costs
+    run_overhead: float = 0.0  # dense-conv FLOPs one run of a part costs (0: not fitted)
+    run_byte_cost: float = 0.0  # dense-conv FLOPs per byte a run copies in and out
     error: dict[str, float] = {}  # relative errors on the host, see fit_calibration
 
     @property
@@ -143,47 +169,92 @@ class Calibration(BaseModel):
         return {k: (1 / c if c > 0 else math.inf) for k, c in self.cost.items()}
 
 
+@dataclass(frozen=True)
+class PartTiming:
+    """Blocks [start, stop) timed as one run (one ONNX model) at ``batch``, with the dense-conv
+    GFLOP/s of the same host timed in the same rounds."""
+
+    start: int
+    stop: int
+    batch: int
+    seconds: float
+    gflops: float
+
+
 def _features(cost: BlockCost, batch: int) -> list[float]:
     return [batch * cost.flops[k] for k in KINDS] + [cost.ops]
 
 
+def _run_features(costs: list[BlockCost], batch: int) -> list[float]:
+    """One run of the part ``costs``: the call, and its feed and result copied (fp32)."""
+    out_bytes = 4 * math.prod(costs[-1].out_shape)
+    return [1.0, batch * (costs[0].in_bytes + out_bytes)]
+
+
+def _coef(calibration: Calibration) -> np.ndarray:
+    return np.array([calibration.cost[k] for k in KINDS] + [calibration.op_overhead])
+
+
+def _run_coef(calibration: Calibration) -> np.ndarray:
+    return np.array([calibration.run_overhead, calibration.run_byte_cost])
+
+
 def predict_block(cost: BlockCost, calibration: Calibration, gflops: float, batch: int) -> float:
-    coef = [calibration.cost[k] for k in KINDS] + [calibration.op_overhead]
-    return float(np.dot(_features(cost, batch), coef)) / (gflops * 1e9)
+    """Seconds of the block run on its own (as the probe times it): its work and one run."""
+    return predict_part([cost], calibration, gflops, batch)
 
 
-def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile]) -> Calibration:
+def predict_part(costs: list[BlockCost], calibration: Calibration, gflops: float, batch: int) -> float:
+    """Seconds of one run of consecutive blocks exported as one model (0 for no blocks)."""
+    if not costs:
+        return 0.0
+    work = sum(float(np.dot(_features(c, batch), _coef(calibration))) for c in costs)
+    return (work + float(np.dot(_run_features(costs, batch), _run_coef(calibration)))) / (gflops * 1e9)
+
+
+def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts: list[PartTiming] = ()) -> Calibration:
     """Fits the per-kind costs to one host's measured block latencies and kernels: one
     profile per timed batch (``measure_local(model=..., batch=b)``). Each profile's times are
     taken relative to its own dense-conv GFLOP/s, timed in the same probe run, so load on a
-    shared machine largely cancels out.
+    shared machine largely cancels out. ``parts``, runs of several blocks at once, fit the
+    run overhead (without them it stays 0 and the blocks' work absorbs it, as the probe sees it).
 
     ``error`` holds the mean and max relative error of the per-block predictions (in-sample,
-    and leave-one-block-out, where each block is predicted by a fit without it), and the
-    error of the whole model's forward, at each timed batch."""
+    and leave-one-block-out, where each block is predicted by a fit without it), the error of
+    the whole model's forward as the sum of its blocks, at each timed batch, and of each part."""
     costs = block_costs(model)
     kernel_kind = {"conv": "conv", "pointwise": "pointwise", "depthwise": "depthwise", "matmul": "linear"}
-    rows, ys, groups, timings = [], [], [], []
+    rows, ys, groups, weights, timings = [], [], [], [], []
     for profile in profiles:
         timing = profile.timing(model.model_id)
         if timing is None:
             raise PlanError(f"profile {profile.name!r} has no block timings of {model.model_id}: profile with --model {model.model_id}")
         timings.append(timing)
         for i, c in enumerate(costs):
-            rows.append(_features(c, timing.batch))
+            rows.append(_features(c, timing.batch) + _run_features([c], timing.batch))
             ys.append(timing.seconds[c.name] * profile.gflops * 1e9)
             groups.append(i)
+            weights.append(1.0)
         for name, gflops in profile.kernel_gflops.items():
             # a kernel of F FLOPs runs in F / gflops seconds: in dense-conv FLOPs, F * host / gflops
-            rows.append([1e9 * (k == kernel_kind[name]) for k in KINDS] + [1])
+            rows.append([1e9 * (k == kernel_kind[name]) for k in KINDS] + [1, 0, 0])
             ys.append(1e9 * profile.gflops / gflops)
             groups.append(-1)
-    a, y, groups = np.array(rows, float), np.array(ys, float), np.array(groups)
+            weights.append(1.0)
+    for part in parts:
+        blocks = costs[part.start:part.stop]
+        rows.append(list(np.sum([_features(c, part.batch) for c in blocks], axis=0)) + _run_features(blocks, part.batch))
+        ys.append(part.seconds * part.gflops * 1e9)
+        groups.append(-2)
+        weights.append(float(len(blocks)))  # a fused part weighs as much as its blocks timed alone
+    a, y, groups, w = np.array(rows, float), np.array(ys, float), np.array(groups), np.array(weights)
+    if not parts:
+        a[:, len(KINDS) + 1:] = 0  # the run overhead cannot be told from the blocks' own work
 
     def solve(mask):
         # divide each row by its target: least squares on relative error, so the small late
         # blocks count as much as the big early ones
-        coef, _ = nnls(a[mask] / y[mask, None], np.ones(mask.sum()))
+        coef, _ = nnls(a[mask] / y[mask, None] * w[mask, None], w[mask])
         return coef
 
     coef = solve(np.ones(len(y), bool))
@@ -198,11 +269,16 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile]) -> Ca
         error[f"block_max_b{b}"] = float(np.max(np.abs(in_sample[sl])))
         error[f"block_loo_mean_b{b}"] = float(np.mean(np.abs(loo[sl])))
         error[f"model_b{b}"] = float((a[sl] @ coef).sum() / y[sl].sum() - 1)
+    for part, j in zip(parts, np.flatnonzero(groups == -2)):
+        error[f"part_{part.start}_{part.stop}_b{part.batch}"] = float(in_sample[j])
+    k = len(KINDS)
     return Calibration(
         model_id=model.model_id,
         host_gflops=float(np.mean([p.gflops for p in profiles])),
-        cost=dict(zip(KINDS, (float(c) for c in coef[:-1]))),
-        op_overhead=float(coef[-1]),
+        cost=dict(zip(KINDS, (float(c) for c in coef[:k]))),
+        op_overhead=float(coef[k]),
+        run_overhead=float(coef[k + 1]),
+        run_byte_cost=float(coef[k + 2]),
         error=error,
     )
 
@@ -234,10 +310,15 @@ class CostModel:
         self.costs = block_costs(model)
         self.n = len(self.costs)
 
+    def _work_seconds(self, gflops: float, batch: int) -> np.ndarray:
+        coef = _coef(self.calibration)
+        return np.array([float(np.dot(_features(c, batch), coef)) for c in self.costs]) / (gflops * 1e9)
+
     def forward_seconds(self, profile: DeviceProfile, batch: int) -> np.ndarray:
-        """Forward seconds of each block at ``batch`` on the device; rescaled per block to the
-        profile's own measurement of this model when it has one."""
-        predicted = np.array([predict_block(c, self.calibration, profile.gflops, batch) for c in self.costs])
+        """Forward seconds of each block at ``batch`` on the device inside a part (its work, not
+        the part's run: ``run_seconds``); rescaled per block to the profile's own measurement
+        of this model when it has one (the measurement's own run taken out)."""
+        predicted = self._work_seconds(profile.gflops, batch)
         timing = profile.timing(self.model.model_id)
         if timing is None:
             return predicted
@@ -252,15 +333,45 @@ class CostModel:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(at_measured > 0, predicted * measured / at_measured, measured * batch / timing.batch)
 
-    @cache
-    def _update_bytes(self, start: int, stop: int, encoding: str) -> int:
-        """Encoded bytes of the weights of blocks [start, stop)."""
-        return encoded_size({name: shape for c in self.costs[start:stop] for name, shape in c.param_shapes.items()}, encoding)
+    def run_seconds(self, profile: DeviceProfile, start: int, stop: int, batch: int) -> float:
+        """Seconds one run of the part [start, stop) costs beyond its blocks (0 for no blocks)."""
+        if start >= stop:
+            return 0.0
+        features = _run_features(self.costs[start:stop], batch)
+        return float(np.dot(features, _run_coef(self.calibration))) / (profile.gflops * 1e9)
 
     @cache
-    def _activation_bytes(self, cut: int, batch: int, encoding: str) -> int:
-        """Encoded bytes of one batch of activations at the cut (and of their gradients)."""
-        return encoded_size({"activation": (batch, *self.activation_shape(cut))}, encoding)
+    def _update_bytes(self, start: int, stop: int, encoding: str) -> int:
+        """Encoded bytes of the weights of blocks [start, stop) (0 when they have none: nothing is sent)."""
+        shapes = {name: shape for c in self.costs[start:stop] for name, shape in c.param_shapes.items()}
+        return encoded_size(shapes, encoding) if shapes else 0
+
+    @cache
+    def _exchange_bytes(self, cut: int, batch: int) -> tuple[int, int]:
+        """Encoded bytes of one SplitFed batch of ``batch`` samples: (the activation at the cut
+        and the labels, up; the activation gradient and the loss, down), as SplitTrainer and
+        the edge write them."""
+        name = self.model.block_names[cut - 1] if cut > 0 else "input"
+        shape = (batch, *self.activation_shape(cut))
+        up = encoded_size({name: shape, LABELS: (batch,)}, {name: ACTIVATION_ENCODING, LABELS: "fp32"})
+        down = encoded_size({name: shape, LOSS: ()}, {name: ACTIVATION_ENCODING, LOSS: "fp32"})
+        return up, down
+
+    def transfer_bytes(self, choice: Choice, samples: int, local_epochs: int = 1, fed_from: int | None = None) -> dict[str, int]:
+        """Bytes one round moves: ``down_bytes`` (the global weights from the fleet's shallowest
+        trained block ``fed_from`` on, fp32, the whole version blob the phone pulls),
+        ``up_bytes`` (the update), and for SplitFed ``activation_bytes`` up and
+        ``gradient_bytes`` down over the round's batches."""
+        cut, train_from = choice.cut, min(choice.train_from, choice.cut)
+        first = train_from if fed_from is None else min(fed_from, train_from)
+        out = {"down_bytes": self._update_bytes(first, self.n, "fp32"), "up_bytes": self._update_bytes(train_from, cut, choice.encoding)}
+        if cut < self.n:
+            full, rest = divmod(samples, choice.batch)  # the last batch of an epoch holds the rest
+            per_batch = np.array(self._exchange_bytes(cut, choice.batch)) * full
+            if rest:
+                per_batch += self._exchange_bytes(cut, rest)
+            out["activation_bytes"], out["gradient_bytes"] = (int(b) * local_epochs for b in per_batch)
+        return out
 
     def activation_shape(self, cut: int) -> tuple[int, ...]:
         return tuple(self.model.input_shape) if cut == 0 else self.costs[cut - 1].out_shape
@@ -287,27 +398,36 @@ class CostModel:
         edge_load: int = 1,
         phone_fwd: np.ndarray | None = None,
         edge_fwd: np.ndarray | None = None,
+        fed_from: int | None = None,
     ) -> dict[str, float]:
-        """Seconds of one round: compute, upload, download, edge and total.
+        """One round: seconds of compute, upload, download, edge and total, of which
+        ``features`` the frozen part's (first round only), and the bytes of ``transfer_bytes``.
+        ``fed_from`` is the fleet's shallowest train_from (None: this phone's own).
         ``phone_fwd`` / ``edge_fwd`` pass precomputed forward_seconds at this batch."""
         link = _require_link(phone)
-        cut, train_from, batch = choice.cut, choice.train_from, choice.batch
+        cut, train_from, batch = choice.cut, min(choice.train_from, choice.cut), choice.batch
+        fed = train_from if fed_from is None else min(fed_from, train_from)
         phone_fwd = self.forward_seconds(phone, batch) if phone_fwd is None else phone_fwd
         edge_fwd = self.forward_seconds(edge, batch) if edge_fwd is None else edge_fwd
-        factor = np.where(np.arange(self.n) >= train_from, TRAIN_FACTOR, 1.0)
-        batches = local_epochs * math.ceil(samples / batch)
-        compute = batches * float((phone_fwd * factor)[:cut].sum())
-        edge_time = batches * float((edge_fwd * factor)[cut:].sum()) * edge_load
+        per_epoch = math.ceil(samples / batch)
+        batches = local_epochs * per_epoch
+        # the frozen part [0, fed) and the fed part [fed, train_from): one run each per batch of
+        # features, once a round; the trainable part one training run per batch, every epoch
+        features = per_epoch * (float(phone_fwd[:fed].sum()) + self.run_seconds(phone, 0, fed, batch))
+        fed_part = per_epoch * (float(phone_fwd[fed:train_from].sum()) + self.run_seconds(phone, fed, train_from, batch))
+        training = batches * TRAIN_FACTOR * (float(phone_fwd[train_from:cut].sum()) + self.run_seconds(phone, train_from, cut, batch))
+        compute = features + fed_part + training
+        edge_time = batches * TRAIN_FACTOR * (float(edge_fwd[cut:].sum()) + self.run_seconds(edge, cut, self.n, batch)) * edge_load
         rtt = link.rtt_ms / 1000
-        phone_trains = train_from < cut
-        upload = rtt / 2 + (_seconds(self._update_bytes(train_from, cut, choice.encoding), link.uplink_mbps) if phone_trains else 0)
-        download = rtt / 2 + (_seconds(self._update_bytes(train_from, cut, "fp32"), link.downlink_mbps) if phone_trains else 0)
-        if cut < self.n:
-            act = self._activation_bytes(cut, batch, choice.encoding)
-            upload += batches * (rtt / 2 + _seconds(act, link.uplink_mbps))
-            download += batches * (rtt / 2 + (_seconds(act, link.downlink_mbps) if phone_trains else 0))
+        sizes = self.transfer_bytes(choice, samples, local_epochs, fed_from)
+        upload = rtt / 2 + _seconds(sizes["up_bytes"], link.uplink_mbps)
+        download = rtt / 2 + _seconds(sizes["down_bytes"], link.downlink_mbps)
+        if cut < self.n:  # one request per batch: half its RTT each way
+            upload += batches * rtt / 2 + _seconds(sizes["activation_bytes"], link.uplink_mbps)
+            download += batches * rtt / 2 + _seconds(sizes["gradient_bytes"], link.downlink_mbps)
         total = compute + upload + download + edge_time
-        return {"compute": compute, "upload": upload, "download": download, "edge": edge_time, "total": total}
+        seconds = {"compute": compute, "upload": upload, "download": download, "edge": edge_time, "total": total, "features": features}
+        return {**seconds, **{k: float(v) for k, v in sizes.items()}}
 
     def energy_j(self, predicted: dict[str, float], phone: DeviceProfile) -> float | None:
         """Phone energy of a round: CPU power while computing, radio power while transferring;

@@ -114,6 +114,14 @@ class FleetPlan(BaseModel):
 
 
 @dataclass(frozen=True)
+class Pin:
+    """What the user fixes for one phone; the planner chooses the rest."""
+
+    cut: int | None = None  # blocks [0, cut) on the phone
+    depth: int | None = None  # trainable blocks (a SplitFed phone's count the edge's too)
+
+
+@dataclass(frozen=True)
 class Evaluated:
     choice: Choice
     predicted: dict[str, float]
@@ -225,26 +233,27 @@ class Planner:
                           predicted=dict(e.predicted))
 
     # -- entry points ----------------------------------------------------------------------
-    def plan_phone(self, phone: DeviceProfile, cut: int | None = None, fed_from: int | None = None) -> PhonePlan:
-        """The rule over the choices the run's policy allows (``mode``, ``max_train_blocks``;
-        ``cut`` pins the phone's cut)."""
+    def plan_phone(self, phone: DeviceProfile, pin: Pin = Pin(), fed_from: int | None = None) -> PhonePlan:
+        """The rule over the choices the run's policy (``mode``, ``max_train_blocks``,
+        ``train_blocks``) and the phone's ``pin`` allow."""
         evaluated = self.evaluate_all(phone, self.candidates(phone), fed_from)
-        allowed = [e for e in evaluated if self._allowed(e.choice.cut, e.depth, cut)]
+        allowed = [e for e in evaluated if self._allowed(e.choice.cut, e.depth, pin)]
         if evaluated and not allowed:
             c = self.config
+            pinned = "".join(f", {k} {v}" for k, v in (("cut", pin.cut), ("depth", pin.depth)) if v is not None)
             return PhonePlan(profile=phone.name, plan=None, reason=(
                 f"no choice fits the run's policy (mode {c.mode}, max_train_blocks {c.max_train_blocks}, "
-                f"train_blocks {c.train_blocks}"
-                + (f", cut {cut}" if cut is not None else "") + f"): relax it, or pin a cut between 1 and {self.n - 1}"))
+                f"train_blocks {c.train_blocks}{pinned}): relax it, or pin a cut between 1 and {self.n - 1}"))
         return self.choose(phone, allowed)
 
-    def _allowed(self, cut: int, depth: int, pinned: int | None) -> bool:
+    def _allowed(self, cut: int, depth: int, pin: Pin) -> bool:
         c = self.config
         whole = cut == self.n
         return ((c.mode == "auto" or (c.mode == "federated") == whole)
                 and (c.max_train_blocks is None or depth <= c.max_train_blocks)
                 and (c.train_blocks is None or depth == c.train_blocks)
-                and (pinned is None or cut == pinned))
+                and (pin.cut is None or cut == pin.cut)
+                and (pin.depth is None or depth == pin.depth))
 
     def oracle(self, phone: DeviceProfile) -> PhonePlan:
         """The same rule over the raw product of every field (any train_from, every engine the
@@ -258,13 +267,13 @@ class Planner:
         )
         return self.choose(phone, self.evaluate_all(phone, raw))
 
-    def plan(self, phones: list[DeviceProfile], cuts: dict[str, int] | None = None) -> FleetPlan:
-        """Plans every phone; ``cuts`` pins the cut of the phones it names (by profile name)."""
+    def plan(self, phones: list[DeviceProfile], pins: dict[str, Pin] | None = None) -> FleetPlan:
+        """Plans every phone; ``pins`` fixes what it names of the phones it names (by profile name)."""
         names = [p.name for p in phones]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise PlanError(f"profile names must be unique, {', '.join(duplicates)} repeat: rename the profiles")
-        cuts = cuts or {}
+        pins = pins or {}
         # Every phone downloads the whole global blob: every block from the fleet's shallowest
         # train_from on. Plan each phone alone, then re-price every choice with the fleet's
         # download and choose again, until the shallowest train_from holds. It never moves up
@@ -272,7 +281,7 @@ class Planner:
         # so this ends within n passes.
         fed_from = None
         for _ in range(self.n + 1):
-            planned = [self.plan_phone(p, cuts.get(p.name), fed_from) for p in phones]
+            planned = [self.plan_phone(p, pins.get(p.name, Pin()), fed_from) for p in phones]
             shallowest = min((pp.plan.train_from for pp in planned if pp.plan is not None), default=None)
             if shallowest is None or shallowest == fed_from:
                 break
@@ -292,29 +301,21 @@ def load_plan(path: Path) -> FleetPlan:
         raise PlanError(f"plan {path} is invalid ({exc}): re-run `fedkit plan`".replace("\n", " ")) from exc
 
 
-def distinct_choices(plan: FleetPlan) -> list[tuple[DevicePlan, list[str]]]:
-    """The distinct DevicePlans of a fleet (predictions dropped: they differ per phone), each
-    with the phones that use it: one bundle to export per entry. Infeasible phones have none."""
-    groups: dict[tuple, tuple[DevicePlan, list[str]]] = {}
-    for phone in plan.phones:
-        if phone.plan is None:
-            continue
-        bare = replace(phone.plan, predicted={})
-        key = tuple(sorted((k, v) for k, v in bare.to_dict().items() if k != "predicted"))
-        groups.setdefault(key, (bare, []))[1].append(phone.profile)
-    return [groups[k] for k in sorted(groups)]
-
-
 def plan_fleet(
     model: str,
     phones: list[DeviceProfile],
     edge: DeviceProfile | None = None,
     config: PlanConfig | None = None,
     link_name: str | None = None,
+    pins: dict[str, Pin] | None = None,
 ) -> FleetPlan:
     """Plans every phone for the named model. ``edge`` defaults to this host, profiled quickly;
-    ``link_name`` puts every phone on that catalogue link."""
+    ``link_name`` puts every phone on that catalogue link; ``pins`` fixes the cut or depth of
+    the phones it names."""
+    unknown = sorted(set(pins or {}) - {p.name for p in phones})
+    if unknown:
+        raise PlanError(f"pins name {', '.join(unknown)}, which no profile is: use the profiles' names")
     if link_name is not None:
         phones = [p.with_link(link(link_name)) for p in phones]
     edge = edge or measure_local(quick=True, name="edge (this host)")
-    return Planner(load_model(model), edge, config).plan(phones)
+    return Planner(load_model(model), edge, config).plan(phones, pins)

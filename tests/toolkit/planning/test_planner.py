@@ -9,7 +9,7 @@ import pytest
 from device_runtime.manifest import DevicePlan
 from toolkit.errors import PlanError
 from toolkit.models import load_model
-from toolkit.planning import FleetPlan, PlanConfig, Planner, distinct_choices, load_plan, plan_fleet
+from toolkit.planning import FleetPlan, Pin, PlanConfig, Planner, load_plan, plan_fleet
 from toolkit.profiling import DeviceProfile, Link, catalog_profiles, links, load_profiles
 
 MODEL = load_model("small_cnn")
@@ -113,17 +113,26 @@ def test_executorch_only_for_linear_heads_without_backward_from():
             assert choice.cut == N or choice.train_from == choice.cut
 
 
-def test_plan_file_round_trip_and_distinct_choices(tmp_path):
-    fleet = _planner().plan([_phone("a"), _phone("b"), _phone("c", gflops=0.5, link="wifi"), _phone("x", memory_mb=5)])
+def test_plan_file_round_trip(tmp_path):
+    fleet = _planner().plan([_phone("a"), _phone("b"), _phone("x", memory_mb=5)])
     fleet.save(tmp_path / "plan.json")
 
     loaded = load_plan(tmp_path / "plan.json")
-    groups = distinct_choices(loaded)
 
     assert loaded == fleet
-    assert sum(len(phones) for _, phones in groups) == 3  # the infeasible phone has no bundle
-    assert ["a", "b"] in [phones for _, phones in groups]
-    assert all(isinstance(plan, DevicePlan) and plan.predicted == {} for plan, _ in groups)
+    assert [p.profile for p in loaded.infeasible] == ["x"]
+    assert isinstance(loaded.phones[0].plan, DevicePlan) and loaded.phones[0].plan == fleet.phones[0].plan
+
+
+def test_pins_fix_a_phones_cut_or_depth_and_the_planner_picks_the_rest():
+    n = len(_planner().model.block_names)
+    fleet = _planner().plan([_phone("a"), _phone("b"), _phone("c")], {"a": Pin(cut=3), "b": Pin(depth=1)})
+    by = {p.profile: p for p in fleet.phones}
+    assert by["a"].plan.cut == 3  # SplitFed at the pinned cut
+    assert by["b"].plan.cut == n and by["b"].trainable_blocks == 1  # the classifier alone
+    assert by["c"].plan is not None
+    impossible = _planner().plan([_phone("a")], {"a": Pin(cut=n, depth=99)}).phones[0]
+    assert impossible.plan is None and "depth 99" in impossible.reason
 
 
 def test_bad_plan_files_are_refused(tmp_path):
