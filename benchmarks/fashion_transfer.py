@@ -71,8 +71,8 @@ def config(name: str, rounds: int, encoding: str, depth: str) -> dict:
         "min_reports": 20,
         "timeout_s": 5400,
         "phones": [{"class": c, "count": 5} for c in CLASSES],
-        "stages": [{"name": "b1", "rounds": rounds, "lr": LR[depth], "momentum": 0.9, "local_epochs": 1, "batch_size": 32,
-                    "encoding": encoding, "trainable_blocks": 1 if depth == "head" else 2}],
+        # the plan decides encoding, batch and depth (the config's encoding, batch 32, the capped depth)
+        "stages": [{"name": "b1", "rounds": rounds, "lr": LR[depth], "momentum": 0.9}],
     }
 
 
@@ -80,7 +80,8 @@ def run(name: str, rounds: int, encoding: str, depth: str, root: Path) -> dict:
     from toolkit.simulation import parse_simulation, simulate
 
     t = time.perf_counter()
-    s = simulate(parse_simulation({k: v for k, v in config(name, rounds, encoding, depth).items() if v is not None}), root / name)
+    s = simulate(parse_simulation({k: v for k, v in config(name, rounds, encoding, depth).items() if v is not None}),
+                 root / name).model_dump()
     metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
     out = {
         "final_accuracy": s["final_accuracy"],
@@ -104,7 +105,7 @@ def splitfed_figures(summary: dict, metrics: list[dict], run_dir: Path) -> dict:
     each class's phone compute per round (measured at host speed; round 1 also computes the
     frozen features, which later rounds reuse)."""
     plan = json.loads((run_dir / "plan.json").read_text())
-    class_of = {p["device_id"]: p["class"] for p in summary["phones"]}
+    class_of = {p["device_id"]: p["phone_class"] for p in summary["phones"]}
     rounds = [m for m in metrics if m["round"] is not None]
     per_class = {}
     for c in CLASSES:
@@ -146,10 +147,9 @@ def measured_alone(per_class: dict, root: Path) -> dict:
     from device_runtime.manifest import DevicePlan
     from device_runtime.split_trainer import SplitTrainer
     from device_runtime.trainer import LocalTrainer, Task
-    from toolkit.data import write_shard
+    from toolkit.data import write_shards
     from toolkit.models import load_model
-    from toolkit.simulation import parse_simulation
-    from toolkit.simulation.fleet import export_bundles, split_data
+    from toolkit.planning.export import cached_bundle
     from toolkit.splitfed import edge_step
 
     c = per_class[SLOWEST]
@@ -157,11 +157,10 @@ def measured_alone(per_class: dict, root: Path) -> dict:
     n = len(model.block_names)
     split_plan = DevicePlan(cut=c["cut"], train_from=c["train_from"], engine="ort", batch_size=c["batch"])
     alone_plan = DevicePlan(cut=n, train_from=c["train_from"], engine="ort", batch_size=c["batch"])
-    bundles = export_bundles(model, [split_plan, alone_plan])
-    split_bundle, alone_bundle = (Bundle.load(path) for path in bundles.values())
-    sim = parse_simulation({k: v for k, v in config("C-alone", 1, "int8", "splitfed").items() if v is not None})
-    index = CLASSES.index(SLOWEST) * 5  # phones are numbered class by class, five each
-    shard = write_shard(root / "shard.npz", *split_data(sim, 20)[index])
+    split_bundle, alone_bundle = (Bundle.load(cached_bundle(model, p, p.train_from)) for p in (split_plan, alone_plan))
+    phone = f"phone-{CLASSES.index(SLOWEST) * 5 + 1}"  # phones are numbered class by class, five each
+    write_shards(root / "shards", [f"phone-{i}" for i in range(1, 21)], "dirichlet", alpha=0.5, seed=0)  # B1's split
+    shard = root / "shards" / f"{phone}.npz"
     task = Task(round=1, base_version=0, lr=LR["splitfed"], local_epochs=1, batch_size=c["batch"], encoding="int8", seed=0)
 
     part = copy.deepcopy(model.edge_part(c["cut"])).eval()
@@ -177,9 +176,9 @@ def measured_alone(per_class: dict, root: Path) -> dict:
     def weights(bundle: Bundle) -> dict:
         return decode(bundle.path("weights").read_bytes()).tensors
 
-    split = SplitTrainer(split_bundle, shard, exchange, workdir=root / "split", device_id="phone-16")
+    split = SplitTrainer(split_bundle, shard, exchange, workdir=root / "split", device_id=phone)
     s = split.run_round(task, weights(split_bundle))
-    alone = LocalTrainer(alone_bundle, shard, root / "alone", device_id="phone-16", holdout_fraction=0.0)
+    alone = LocalTrainer(alone_bundle, shard, root / "alone", device_id=phone, holdout_fraction=0.0)
     a = alone.run_round(task, weights(alone_bundle))
     split_s = s.train_seconds - s.exchange_seconds
     return {"samples": s.num_samples, "splitfed_compute_s": round(split_s, 3), "alone_compute_s": round(a.train_seconds, 3),
@@ -212,7 +211,7 @@ def main() -> int:
     parser.add_argument("--runs", default="A-int8,A-fp32,B-int8")
     args = parser.parse_args()
     from toolkit import __version__
-    from toolkit.simulation.fleet import central_reference
+    from toolkit.simulation.summary import central_reference
 
     runs = {"A-int8": ("int8", "head"), "A-fp32": ("fp32", "head"), "B-int8": ("int8", "plan"), "C-int8": ("int8", "splitfed")}
     previous = json.loads(RESULT.read_text()) if RESULT.exists() else {}
@@ -226,7 +225,7 @@ def main() -> int:
             results[name] = {**run(name, args.rounds, encoding, depth, Path(tmp)), "rounds_asked": args.rounds}
     figures = {"runs": results}
     ref = central_reference("mobilenet_v2")
-    figures["central_final_accuracy"] = ref["final_accuracy"] if ref else None
+    figures["central_final_accuracy"] = ref.final_accuracy if ref else None
     if "A-int8" in results and "A-fp32" in results:
         a8, a32 = results["A-int8"], results["A-fp32"]
         figures["A_int8_minus_fp32_points"] = round(100 * (a8["final_accuracy"] - a32["final_accuracy"]), 2)

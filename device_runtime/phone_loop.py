@@ -79,17 +79,21 @@ class Hooks:
     before_task: Callable[[], None] = lambda: None  # e.g. wait out an offline window
     after_compute: Callable[[float], None] = lambda seconds: None  # e.g. slow compute down
     transport: httpx.BaseTransport | None = None  # e.g. a shaped link
+    on_event: Callable[[dict], None] = lambda event: None  # every event as logged, e.g. printed (main)
 
 
 class EventLog:
     """Appends one JSON line per event to ``events.jsonl``, flushed at once (a kill loses nothing)."""
 
-    def __init__(self, path: Path, device_id: str):
+    def __init__(self, path: Path, device_id: str, on_event: Callable[[dict], None] = lambda event: None):
         self.device_id = device_id
+        self.on_event = on_event
         self._file = open(path, "a", buffering=1)
 
     def write(self, event: str, **fields) -> None:
-        self._file.write(json.dumps({"t": round(time.time(), 3), "phone": self.device_id, "event": event, **fields}) + "\n")
+        record = {"t": round(time.time(), 3), "phone": self.device_id, "event": event, **fields}
+        self._file.write(json.dumps(record) + "\n")
+        self.on_event(record)
 
     def span(self, kind: str, start: float, **fields) -> None:
         self.write(kind, start=round(start, 3), end=round(time.time(), 3), **fields)
@@ -108,7 +112,7 @@ class PhoneLoop:
         self.bundles = _load_bundles(self.root / BUNDLES)
         self.work = self.root / "work"
         self.work.mkdir(parents=True, exist_ok=True)
-        self.log = EventLog(self.root / EVENTS, self.credential.device_id)
+        self.log = EventLog(self.root / EVENTS, self.credential.device_id, hooks.on_event)
         self.client = SyncClient(self.credential.url, self.credential.token, retry=retry, transport=hooks.transport)
         self._trainers: dict[str, LocalTrainer | SplitTrainer] = {}
         self._weights: tuple[int, dict] | None = None  # (version, tensors) last pulled
@@ -225,19 +229,61 @@ def _pick(bundles: dict[str, Bundle], depth: int | None) -> str:
     return fitting[-1] if fitting else by_depth[0]
 
 
+class RoundLines:
+    """Prints one line per round from the loop's events (``main`` without ``--json``)::
+
+        round 2 (head, bundle-a): 180 samples, loss 0.8123, local accuracy 71.0%, 3.2 s, 25.1 KB up, 98.4 KB down, push accepted
+    """
+
+    def __init__(self) -> None:
+        self._start: float | None = None  # the round's first download, or its "round" event
+        self._down = 0  # bytes downloaded for the round
+        self._round: dict = {}
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "download":  # before the round's "round" event: the weights it trains from
+            self._start = self._start or event["start"]
+            self._down += event["bytes"]
+        elif kind == "round":
+            self._start = self._start or event["t"]
+            self._round = dict(event)
+        elif kind == "train":
+            self._round.update(samples=event["samples"], loss=event["loss"], accuracy=event["accuracy"])
+        elif kind == "upload":
+            r = self._round
+            loss = "–" if r.get("loss") is None else f"{r['loss']:.4f}"
+            accuracy = "–" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
+            answer = event["status"] + (f" ({event['reason']})" if event.get("reason") else "")
+            print(f"round {r.get('round')} ({r.get('stage')}, {r.get('bundle')}): {r.get('samples')} samples, loss {loss}, "
+                  f"local accuracy {accuracy}, {event['end'] - (self._start or event['start']):.1f} s, "
+                  f"{_kb(event['bytes'])} up, {_kb(self._down)} down, push {answer}", flush=True)
+            self._start, self._down, self._round = None, 0, {}
+        elif kind == "error":
+            print(f"no answer from the aggregator ({event['failures']} of {MAX_FAILURES}): {event['reason']}", flush=True)
+        elif kind == "done":
+            print(f"done: the run is over, {event['pushed']} update(s) pushed", flush=True)
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:,.1f} KB"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m device_runtime.phone_loop", description=__doc__.splitlines()[0])
     parser.add_argument("phone_dir", help="the phone folder: bundles/, shard.npz, credential.json")
+    parser.add_argument("--json", action="store_true",
+                        help=f"print every event as one JSON line (as in {EVENTS}) instead of one line per round")
     args = parser.parse_args(argv)
+    on_event = (lambda event: print(json.dumps(event), flush=True)) if args.json else RoundLines()
     try:
-        pushed = PhoneLoop(args.phone_dir).run()
+        PhoneLoop(args.phone_dir, Hooks(on_event=on_event)).run()
     except FedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"pushed": pushed}))
     return 0
 
 

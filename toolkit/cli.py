@@ -467,6 +467,10 @@ def export_global(
 def profile(
     local: Annotated[bool, typer.Option("--local", help="Profile this host.")] = False,
     adb: Annotated[str | None, typer.Option("--adb", help="Profile the phone with this adb serial (see `adb devices`).")] = None,
+    catalog: Annotated[
+        str | None, typer.Option("--catalog", help="A phone of this catalogue class (its published figures, nothing measured).")
+    ] = None,
+    link: Annotated[str | None, typer.Option(help="With --catalog: put it on this link (3g, 4g, 5g, wifi) instead of its own.")] = None,
     model: Annotated[str | None, typer.Option(help="Also time each block of this model (mobilenet_v2 or small_cnn).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Time each kernel more often (slower, steadier).")] = False,
     aggregator: Annotated[str | None, typer.Option(help="Aggregator URL to measure RTT and bandwidth to.")] = None,
@@ -478,22 +482,30 @@ def profile(
     ] = None,
 ) -> None:
     """Measure a device: compute (GFLOP/s of ONNX Runtime kernels, per-block latency of a
-    model), memory, engines, and the link to an aggregator."""
+    model), memory, engines, and the link to an aggregator. Or, with --catalog, write the
+    profile of a catalogue phone class (its published figures and sources; nothing measured)."""
     from rich.table import Table
 
     from toolkit.errors import PlanError
     from toolkit.models import load_model
-    from toolkit.profiling import measure_local, probe_adb
+    from toolkit.profiling import catalog_profiles, measure_local, probe_adb
 
-    if local == (adb is not None):
-        raise PlanError("choose one of --local or --adb SERIAL")
+    if [local, adb is not None, catalog is not None].count(True) != 1:
+        raise PlanError("choose one of --local, --adb SERIAL or --catalog CLASS")
+    if link is not None and catalog is None:
+        raise PlanError("--link sets a catalogue phone's link: use it with --catalog (a measured link comes from --aggregator)")
+    if catalog is not None and (model or aggregator):
+        raise PlanError("--model and --aggregator measure a device: a catalogue profile (--catalog) measures nothing")
     if out is not None:
         _check_file_output(out)
     if aggregator is not None:
         _check_url(aggregator, "--aggregator")
-    with _spinner(f"profiling {'this host' if local else adb}" + (f" and {model}'s blocks" if model else "")):
+    with _spinner(f"profiling {'this host' if local else adb or catalog}" + (f" and {model}'s blocks" if model else "")):
         splittable = load_model(model) if model else None
-        if local:
+        if catalog is not None:
+            p = catalog_profiles([catalog], link)[0]
+            p = p.model_copy(update={"name": name}) if name else p
+        elif local:
             p = measure_local(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
         else:
             p = probe_adb(adb, quick=not full, model=splittable, aggregator=aggregator, batch=batch, python=python)
@@ -545,6 +557,15 @@ def plan(
         typer.Option(help="auto: any cut; federated: the whole model on every phone; splitfed: every phone cuts before the last block."),
     ] = "auto",
     max_train_blocks: Annotated[int | None, typer.Option(min=1, help="Train at most this many blocks (deeper can diverge).")] = None,
+    train_blocks: Annotated[
+        int | None, typer.Option(min=1, help="Train exactly this many blocks on every phone (the planner picks the rest).")
+    ] = None,
+    cut: Annotated[
+        list[str] | None, typer.Option(help="PHONE=N pins that phone's cut (blocks [0, N) on it); repeat for more phones.")
+    ] = None,
+    depth: Annotated[
+        list[str] | None, typer.Option(help="PHONE=K pins how many blocks that phone trains (1: the classifier); repeat.")
+    ] = None,
     stage_depths: Annotated[
         str | None,
         typer.Option(help="Depths a stage may name, e.g. 1 (a head-only warm-up): whole-model phones also get these bundles."),
@@ -559,7 +580,7 @@ def plan(
     from rich.table import Table
 
     from toolkit.errors import PlanError
-    from toolkit.planning import PlanConfig, plan_fleet
+    from toolkit.planning import Pin, PlanConfig, plan_fleet
     from toolkit.profiling import DeviceProfile, catalog_profiles, load_profiles
 
     if catalog == (profiles is not None):
@@ -574,12 +595,14 @@ def plan(
     config = PlanConfig(
         samples=samples, local_epochs=local_epochs, batch_size=batch_size, encodings=tuple(encodings.split(",")),
         slack=slack, budget_s=budget_s, energy_budget_j=energy_budget_j, edge_load=edge_load,
-        allow_raw_upload=allow_raw_upload, mode=mode, max_train_blocks=max_train_blocks,
+        allow_raw_upload=allow_raw_upload, mode=mode, max_train_blocks=max_train_blocks, train_blocks=train_blocks,
         stage_depths=_integers(stage_depths, "--stage-depths") if stage_depths else (),
     )
+    cuts, depths = _phone_numbers(cut, "--cut"), _phone_numbers(depth, "--depth")
+    pins = {phone: Pin(cut=cuts.get(phone), depth=depths.get(phone)) for phone in cuts.keys() | depths.keys()}
     edge_profile = DeviceProfile.load(edge) if edge else None
     with _spinner("planning" if edge_profile else "profiling this host as the edge, then planning"):
-        fleet = plan_fleet(model, phones, edge_profile, config, link)
+        fleet = plan_fleet(model, phones, edge_profile, config, link, pins)
     if len(fleet.infeasible) == len(fleet.phones):
         reasons = "; ".join(f"{p.profile}: {p.reason}" for p in fleet.infeasible)
         raise PlanError(f"no phone can be planned, so no plan was written ({reasons})")
@@ -603,6 +626,19 @@ def plan(
     for p in fleet.infeasible:
         err_console.print(f"[yellow]warning:[/yellow] {escape(p.profile)} infeasible: {escape(p.reason)}", highlight=False, soft_wrap=True)
     console.print(f"plan written to {out}" + (f"; [red]{len(fleet.infeasible)} phone(s) infeasible[/red]" if fleet.infeasible else ""))
+
+
+def _phone_numbers(pins: list[str] | None, option: str) -> dict[str, int]:
+    """``PHONE=N`` options as {phone: N}."""
+    from toolkit.errors import PlanError
+
+    out = {}
+    for pin in pins or []:
+        phone, _, n = pin.partition("=")
+        if not phone or not n.isdigit() or int(n) < 1:
+            raise PlanError(f"{option} takes PHONE=N with N of 1 or more (e.g. {option} weak=3), got {pin!r}")
+        out[phone] = int(n)
+    return out
 
 
 def _integers(text: str, option: str) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import uvicorn
 from android_harness.deploy import LocalTarget
 from device_runtime.bundle import Bundle
 from device_runtime.errors import FedkitError
-from device_runtime.phone_loop import PhoneLoop, _pick, bundle_depth
+from device_runtime.phone_loop import PhoneLoop, _pick, bundle_depth, main
 from toolkit.aggregator.admin import issue_tokens
 from toolkit.aggregator.app import create_app
 from toolkit.aggregator.config import parse_config
@@ -77,3 +78,42 @@ def test_the_deepest_bundle_not_deeper_than_the_task_is_trained(small_cnn_bundle
     assert _pick(bundles, 5) == "b"
     assert _pick(bundles, None) == "b"
     assert _pick({"b": deep}, 1) == "b"  # nothing shallow enough: the shallowest there is
+
+
+def _deployed_phone(server, small_cnn_bundle, fashion_train, tmp_path):
+    url, coordinator = server
+    (token,) = issue_tokens(coordinator.store, 1)
+    cred = tmp_path / "cred.json"
+    cred.write_text(json.dumps({"url": url, "device_id": "p1", "enrol_token": token}))
+    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:200], fashion_train.labels[:200])
+    phone = tmp_path / "phone"
+    LocalTarget(phone).install([small_cnn_bundle()], shard, cred)
+    return phone
+
+
+def test_main_prints_one_line_per_round(server, small_cnn_bundle, fashion_train, tmp_path, capsys):
+    # Prepare
+    phone = _deployed_phone(server, small_cnn_bundle, fashion_train, tmp_path)
+
+    # Execute
+    code = main([str(phone)])
+
+    # Assert
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 2, lines
+    line = r"round {} \(s, [\w.-]+\): \d+ samples, loss \d+\.\d{{4}}, local accuracy \d+\.\d%, \d+\.\d s, [\d,.]+ KB up, [\d,.]+ KB down, push accepted"
+    assert re.fullmatch(line.format(1), rounds[0]) and re.fullmatch(line.format(2), rounds[1]), rounds
+    assert lines[-1] == "done: the run is over, 2 update(s) pushed"
+
+
+def test_main_with_json_prints_every_event_as_logged(server, small_cnn_bundle, fashion_train, tmp_path, capsys):
+    phone = _deployed_phone(server, small_cnn_bundle, fashion_train, tmp_path)
+
+    code = main([str(phone), "--json"])
+
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    logged = [json.loads(line) for line in (phone / "events.jsonl").read_text().splitlines()]
+    assert code == 0
+    assert printed == logged and printed[-1]["event"] == "done"

@@ -11,20 +11,22 @@ from typer.testing import CliRunner
 from toolkit.cli import app
 from toolkit.errors import FedkitError
 from toolkit.report import build_report, bytes_by_round, load_run, spans
+from toolkit.simulation.summary import PhoneSummary, Reference, RunSummary
 
 
 @pytest.fixture
 def run_dir(tmp_path):
-    summary = {
-        "name": "t", "model": "small_cnn", "depth": "head", "test_images": 100, "rounds": 2, "final_accuracy": 0.4,
-        "reference": {"final_accuracy": 0.8, "test_accuracy": [0.8], "source": "central.json"},
-        "updates_accepted": 3, "bytes_accepted": 3000, "accepted_told_phones": 3, "accepted_lost": 0,
-        "wall_s": 10.0, "setup_s": 2.0, "train_s": 8.0, "compute_note": "host speed",
-        "phones": [{"device_id": f"phone-{i}", "class": c, "compute_factor": 1.0, "address_space_mb": None,
-                    "link": "in-process", "samples": 10, "bundles": ["b"], "starts": 1, "exit_code": 0, "peak_rss_mb": 80.0}
-                   for i, c in ((1, "fast"), (2, "slow"))],
-    }
-    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    RunSummary(
+        name="t", model="small_cnn", mode="federated", depth="head", test_images=100, edge="edge: 200 GFLOP/s, pinned",
+        rounds=2, final_accuracy=0.4, reference=Reference(final_accuracy=0.8, test_accuracy=[0.8], source="central.json"),
+        updates_accepted=3, bytes_accepted=3000, accepted_told_phones=3, accepted_lost=0, faults=[], crashed_phones={},
+        wall_s=10.0, setup_s=2.0, train_s=8.0, compute_note="host speed", netem=False,
+        phones=[PhoneSummary(device_id=f"phone-{i}", phone_class=c, compute_factor=1.0, address_space_mb=None, link="in-process",
+                             samples=10, bundles=["b"], starts=1, exit_code=0, offline_windows=0, peak_rss_mb=80.0,
+                             predicted={"total": 1.5, "up_bytes": 2048.0, "down_bytes": 4096.0}, measured_round_s=1.25,
+                             measured_up_bytes=1024.0, measured_down_bytes=4096.0)
+                for i, c in ((1, "fast"), (2, "slow"))],
+    ).save(tmp_path)
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
         {"version": 0, "round": None, "stage": None, "accuracy": 0.1, "updates": 0},
         {"version": 1, "round": 1, "stage": "s", "accuracy": 0.3, "updates": 2},
@@ -53,6 +55,14 @@ def test_report_has_every_plot_and_the_figures(run_dir):
         assert name in text
     assert "40.00 %" in text and "80.00 %" in text  # final accuracy and the reference
     assert "SIGKILL" in text
+    assert "1.25 / 1.50" in text and "1 / 2" in text and "4 / 4" in text  # measured beside planned: s, KiB up, KiB down
+
+
+def test_a_summary_of_another_schema_is_refused(run_dir):
+    data = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**data, "schema_version": 1}))
+    with pytest.raises(FedkitError, match="schema version 1"):
+        build_report(run_dir)
 
 
 def test_bytes_are_summed_per_class_and_round(run_dir):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,10 +44,24 @@ def configure_logging() -> None:
 
 def open_coordinator(config_path: str | Path, db: str | Path | None = None) -> Coordinator:
     """The started coordinator of a run: config loaded, database opened (default: under the
-    run's directory), initial weights checked, a round open."""
+    run's directory), initial weights checked, a round open. A new database that cannot be
+    started (e.g. the initial weights are missing) is removed again, with the folders made for it."""
     config = load_config(config_path)
-    coordinator = Coordinator(config, Store(db or config.default_db()))
-    coordinator.start()
+    path = Path(db or config.default_db())
+    created = [p for p in (path, *path.parents) if not p.exists()]  # the file first, then its new folders
+    store = Store(path)
+    try:
+        coordinator = Coordinator(config, store)
+        coordinator.start()
+    except BaseException:
+        store.close()
+        for made in created:
+            if made == path:
+                for suffix in ("", "-wal", "-shm"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+            elif made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
+        raise
     return coordinator
 
 
@@ -61,6 +76,22 @@ def open_edge(coordinator: Coordinator) -> "SplitFedEdge | None":
     return SplitFedEdge(coordinator, load_model(config.model), config.splitfed)
 
 
+def check_tls(certfile: str | Path, keyfile: str | Path) -> None:
+    """Loads the certificate and key as uvicorn will: a missing, unreadable or mismatched file
+    is a ConfigError now rather than a traceback at startup."""
+    for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{option} {path} does not exist: give the PEM file (e.g. from openssl req -x509 ...)")
+    try:
+        # an empty password: an encrypted key is refused here instead of prompting on the terminal
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(certfile), str(keyfile), password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--certfile {certfile} and --keyfile {keyfile} are not a PEM certificate and its private key ({exc}): "
+            "give the matching pair (an encrypted key is not supported)"
+        ) from exc
+
+
 def serve(
     config_path: str | Path,
     db: str | Path | None = None,
@@ -69,9 +100,14 @@ def serve(
     certfile: str | Path | None = None,
     keyfile: str | Path | None = None,
 ) -> None:
-    """Serves the run until interrupted."""
+    """Serves the run until interrupted. The port and the TLS files are checked before the run's
+    database is opened."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port} is not a TCP port: give --port between 1 and 65535 (default 8080)")
     if (certfile is None) != (keyfile is None):
         raise ConfigError("TLS needs both --certfile and --keyfile")
+    if certfile is not None:
+        check_tls(certfile, keyfile)
     configure_logging()
     coordinator = open_coordinator(config_path, db)
     edge = open_edge(coordinator)

@@ -131,5 +131,5 @@ def read_json(path: Path, what: str, command: str) -> object:
         return json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise PlanError(f"{what} {path} does not exist: run `{command}` to make one") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PlanError(f"{what} {path} is not readable JSON ({exc}): re-run `{command}`") from exc

@@ -38,7 +38,7 @@ from toolkit.aggregator.status import against_plan
 from toolkit.aggregator.store import Store
 from toolkit.data import write_shards
 from toolkit.errors import ConfigError
-from toolkit.planning import FleetPlan, PlanConfig, Planner, export_plan_bundles
+from toolkit.planning import FleetPlan, Pin, PlanConfig, Planner, export_plan_bundles
 from toolkit.planning.export import phone_bundles, read_index
 from toolkit.profiling import DeviceProfile, measure_local
 from toolkit.runs import has_splitfed, run_config, write_run
@@ -76,8 +76,8 @@ def plan_fleet(config: SimulationConfig, phones: list[Phone], on_step: Callable[
         on_step("profiling this host as the edge")
         edge, where = measure_local(quick=True, name="edge (this host)"), "this host, profiled at the start"
     profiles = list({p.profile.name: p.profile for p in phones}.values())
-    cuts = {p.profile.name: p.cut for p in phones if p.cut is not None}
-    fleet = Planner(load_model(config.model), edge, plan_config(config, len(phones))).plan(profiles, cuts)
+    pins = {p.profile.name: Pin(cut=p.cut) for p in phones if p.cut is not None}
+    fleet = Planner(load_model(config.model), edge, plan_config(config, len(phones))).plan(profiles, pins)
     for p in fleet.infeasible:
         raise ConfigError(f"the planner found nothing that fits {p.profile}: {p.reason}")
     return fleet, f"{edge.name}: {edge.gflops:.0f} GFLOP/s, {where}"

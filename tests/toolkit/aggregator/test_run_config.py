@@ -33,7 +33,7 @@ def test_a_good_config_loads_with_paths_from_its_folder(tmp_path):
     config = load_config(path)
     assert config.mode == "fedbuff" and config.fedbuff.buffer_size == 5
     assert [s.name for s in config.stages] == ["head", "deeper"]
-    assert config.stages[1].trainable_blocks == 3 and config.stages[0].local_epochs == 1
+    assert config.stages[1].trainable_blocks == 3 and config.stages[0].local_epochs is None  # None: the plan decides
     assert config.weights_path() == tmp_path / "weights.bin"
     assert config.default_db() == tmp_path / "runs" / "fashion" / "aggregator.sqlite"
 

@@ -12,7 +12,7 @@ def test_demo_is_eight_phones_of_four_classes_two_stages_and_a_crash():
     c = demo_config()
     assert c.num_phones == 8 and len({g.phone_class for g in c.phones}) == 4
     assert c.model == "mobilenet_v2" and c.depth == "plan" and c.encoding == "int8"
-    assert [s.trainable_blocks for s in c.stages] == [1, 3]
+    assert [s.trainable_blocks for s in c.stages] == [1, None] and c.max_train_blocks == 3  # then the planned depth
     assert [f.kind for f in c.faults] == ["kill_phone"]
 
 

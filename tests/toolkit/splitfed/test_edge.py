@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from splitfed_helpers import MIXED_DEPTHS, activation_message, enrol, make_run, one_step_from, shard
 
 from device_runtime.bundle import Bundle
+from device_runtime.client import Assignment
 from device_runtime.codec import UpdateHeader, decode, encode
 from device_runtime.engines.ort import OrtEngine
 from device_runtime.manifest import DevicePlan
@@ -228,8 +229,8 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
     copies = {}  # device → (samples, every tensor its round trained: the phone's as pushed, the edge's)
     for i, ((cut, train_blocks), n) in enumerate(zip(MIXED_DEPTHS, sizes)):
         device_id = f"p{cut}"
-        task = Task(**{k: v for k, v in started(coordinator, device_id).items() if k in Task.__dataclass_fields__})
         bundle = Bundle.load(small_cnn_bundle(cut, train_blocks))
+        task = Task(**Assignment.from_json(started(coordinator, device_id)).task_fields(bundle.manifest.plan))
         exchange = lambda batch, body, d=device_id: edge.train_batch(d, batch, body).body  # noqa: E731
         trainer = SplitTrainer(bundle, shard(tmp_path, fashion_train, 100 * i, n), exchange, workdir=tmp_path / device_id, device_id=device_id)
 
@@ -295,9 +296,10 @@ def test_an_edge_that_lost_the_phones_round_answers_restart_and_batch_0_starts_i
 def test_a_splitfed_push_whose_edge_part_was_lost_is_answered_restart(run, model, small_cnn_bundle, fashion_train, tmp_path):
     # Prepare: a phone trains its round, then the aggregator restarts before its push
     coordinator, edge = run
-    task = Task(**{k: v for k, v in started(coordinator, "a").items() if k in Task.__dataclass_fields__})
+    bundle = Bundle.load(small_cnn_bundle(3, 3))
+    task = Task(**Assignment.from_json(started(coordinator, "a")).task_fields(bundle.manifest.plan))
     v0 = decode(coordinator.weights(0)[0]).tensors
-    trainer = SplitTrainer(Bundle.load(small_cnn_bundle(3, 3)), shard(tmp_path, fashion_train, 0, 40),
+    trainer = SplitTrainer(bundle, shard(tmp_path, fashion_train, 0, 40),
                            lambda batch, body: edge.train_batch("a", batch, body).body, workdir=tmp_path / "a", device_id="a")
     encoded = trainer.encode_update(task, trainer.run_round(task, v0))
     restarted = SplitFedEdge(coordinator, model)
