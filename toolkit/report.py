@@ -216,7 +216,9 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}} img
 <h2>Plan against measurement</h2>
 <p>Per round, as the aggregator saw it (from a task's assignment to the phone's accepted update; bytes of
 updates up and weights down) beside the plan's prediction for the phone's class. The measured time
-includes the emulated slowdown, and SplitFed activations and gradients are not in these bytes.</p>
+includes the emulated slowdown and the first round's frozen features (later rounds reuse them), and
+every emulated phone shares this host's cores with the others and the aggregator, so it runs longer
+than one phone alone. SplitFed activations and gradients are not in these bytes.</p>
 {_table(["phone", "class", "round time (s): measured / planned", "update up (KiB)", "weights down (KiB)"], against)}
 <h2>Faults</h2>
 {_table(["at", "fault", "phone", "what happened"], faults) if faults else "<p>none injected</p>"}
