@@ -450,15 +450,14 @@ def export_global(
     _check_file_output(out)
     import torch
 
-    from toolkit.aggregator.admin import global_state_dict
+    from toolkit.aggregator.admin import evaluate_global, global_state_dict
 
     state = global_state_dict(db, model, version)
+    # evaluated before anything is written: missing test data fails the command with no file left
+    accuracy = evaluate_global(db, model, version, test_images) if test_images else None
     _write_whole(out, lambda path: torch.save(state, path))
     console.print(f"global model written to {out}")
-    if test_images:
-        from toolkit.aggregator.admin import evaluate_global
-
-        accuracy = evaluate_global(db, model, version, test_images)
+    if accuracy is not None:
         console.print(f"test accuracy on {test_images:,} Fashion-MNIST test images: [bold]{accuracy:.2%}[/bold]")
 
 
