@@ -25,7 +25,6 @@ The phone folder's layout is ``device_runtime.phone_loop``'s.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -40,6 +39,7 @@ from urllib.parse import urlsplit
 import device_runtime
 from device_runtime.bundle import Bundle, sha256_file
 from device_runtime.errors import DeployError
+from device_runtime.folders import is_free, new_folder
 from device_runtime.phone_loop import BUNDLES, CREDENTIAL, SHARD, Credential
 from device_runtime.trainer import load_shard
 
@@ -84,12 +84,10 @@ class LocalTarget:
 
     def install(self, bundles: Sequence[Path], shard: Path, credential: Path) -> Deployed:
         sources = check_phone(bundles, shard, credential)
-        if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+        if not is_free(self.root):
             raise DeployError(f"{self.root} already holds a phone: remove it, or deploy to a new folder")
-        self.root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.", suffix=".partial", dir=self.root.parent))
-        try:
-            hashes = []
+        hashes = []
+        with new_folder(self.root) as staging:
             for src, source in zip(bundles, sources):
                 dst = staging / BUNDLES / Path(src).name
                 shutil.copytree(src, dst)
@@ -102,13 +100,6 @@ class LocalTarget:
             if digest != want:
                 raise DeployError(f"the copy of {shard} has another sha256: deploy again")
             Credential.load(Path(credential)).save(staging / CREDENTIAL)
-            os.chmod(staging, 0o755)  # mkdtemp makes it private
-            if self.root.exists():
-                self.root.rmdir()  # empty, checked above
-            os.replace(staging, self.root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return Deployed(f"local:{self.root}", str(self.root), tuple(hashes), digest)
 
     def start(self) -> str:

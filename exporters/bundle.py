@@ -19,9 +19,6 @@ few fed blocks run again when the global model moves.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from torch import nn
 
 from device_runtime.bundle import MANIFEST, Bundle, sha256_file
 from device_runtime.codec import ENCODINGS, UpdateHeader, encode
+from device_runtime.folders import is_free, new_folder
 from device_runtime.manifest import ENGINES, DevicePlan, FileEntry, Manifest, TensorSpec
 from device_runtime.preprocess import InputSpec
 from exporters.onnx import export_onnx
@@ -76,9 +74,7 @@ def export_bundle(
     steps = _steps(model, plan, engines, frozen, fed, trainable)
     total = len(steps) + 1  # the manifest is the last step
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with new_folder(out_dir) as staging:
         files: dict[str, Path] = {}
         for done, step in enumerate(steps):
             if progress:
@@ -102,11 +98,6 @@ def export_bundle(
         )
         (staging / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
         Bundle.load(staging)  # the phone's verifier must accept what we wrote
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if progress:
         progress("done", total, total)
     return manifest
@@ -126,7 +117,7 @@ def check_request(
         raise ExportError(f"the plan's batch size is {plan.batch_size}: it must be 1 or more")
     if len(label_names) != model.num_classes:
         raise ExportError(f"{len(label_names)} label names given for a model with {model.num_classes} classes")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not is_free(out_dir):
         raise ExportError(f"{out_dir} already exists: remove it or choose another output folder")
     trainable = model.part(plan.train_from, plan.cut)
     if not any(True for _ in trainable.parameters()):
@@ -219,12 +210,3 @@ def _write_weights(trainable: nn.Module, path: Path) -> Path:
 
 def _file_entry(root: Path, path: Path) -> FileEntry:
     return FileEntry(path=path.relative_to(root).as_posix(), sha256=sha256_file(path), size=path.stat().st_size)
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.is_dir():
-        out_dir.rmdir()  # empty, checked before the export; rename cannot replace a folder
-    try:
-        staging.rename(out_dir)
-    except OSError as exc:
-        raise ExportError(f"cannot move the finished bundle to {out_dir} ({exc}); choose another output folder") from exc

@@ -8,6 +8,7 @@ every sample exactly once, and the same seed gives the same split.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 import zlib
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device_runtime.folders import is_free, new_folder
 from device_runtime.preprocess import InputSpec, prepare
 from toolkit.errors import ConfigError, DataError
 
@@ -234,14 +236,10 @@ def write_shards(
     (``partition``: iid, dirichlet with ``alpha``, or shards with ``shards_per_phone``) and
     writes ``out_dir/<phone>.npz`` (``write_shard``'s format) and ``out_dir/shards.json``;
     returns that index. ``out_dir`` must not exist, or be empty; it appears only whole."""
-    import json
-    import shutil
-    import tempfile
-
     out_dir = Path(out_dir)
     if not phones or len(set(phones)) != len(phones):
         raise ConfigError(f"shards need distinct phone names, got {phones}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not is_free(out_dir):
         raise ConfigError(f"{out_dir} already exists: remove it or choose another --out")
     if not 1 <= train_images <= 60000:
         raise ConfigError(f"train_images must be between 1 and 60000, got {train_images}")
@@ -261,20 +259,11 @@ def write_shards(
             f"{', '.join(small)} get fewer than {MIN_SHARD_IMAGES} images from the split: "
             "raise alpha or the number of images, or use fewer phones"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        index = {}
+    index = {}
+    with new_folder(out_dir) as staging:
         for phone, part in zip(phones, parts):
             write_shard(staging / f"{phone}.npz", train.images[part], labels[part])
             index[phone] = {"file": f"{phone}.npz", "images": int(len(part)),
                             "labels": np.bincount(labels[part], minlength=len(LABEL_NAMES)).tolist()}
         (staging / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.chmod(staging, 0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return index

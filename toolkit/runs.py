@@ -10,14 +10,12 @@ depths, and what the edge trains past any SplitFed cut. A fleet with a SplitFed 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from device_runtime.folders import is_free, new_folder
 from toolkit.aggregator.config import RunConfig, parse_config
 from toolkit.errors import ConfigError
 from toolkit.planning.export import phone_bundles
@@ -48,25 +46,16 @@ def write_run(config: RunConfig, fleet: FleetPlan, out_dir: str | Path) -> Path:
     from toolkit.splitfed import initial_weights
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not is_free(out_dir):
         raise ConfigError(f"{out_dir} already exists: remove it or choose another --out")
     model = load_model(fleet.model_id)
     plans = [p for ps in phone_bundles(fleet, model).values() for p in ps]
     if not plans:
         raise ConfigError("the plan has no feasible phone: nothing would train (see `fedkit plan` for the reasons)")
     weights = initial_weights(model, min(p.train_from for p in plans))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with new_folder(out_dir) as staging:
         (staging / WEIGHTS).write_bytes(weights)
         (staging / RUN_CONFIG).write_text(config_toml(config))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir / RUN_CONFIG
 
 

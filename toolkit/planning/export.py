@@ -15,15 +15,14 @@ entry that fails verification is exported again.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from device_runtime.bundle import Bundle
 from device_runtime.errors import FedkitError
+from device_runtime.folders import is_free, new_folder
 from device_runtime.manifest import DevicePlan
 from toolkit.errors import ExportError, PlanError
 from toolkit.planning.planner import FleetPlan
@@ -75,7 +74,7 @@ def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progres
     from toolkit.models import load_model
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if not is_free(out_dir):
         raise ExportError(f"{out_dir} already exists: remove it or choose another --out")
     model = load_model(fleet.model_id)
     if list(model.block_names) != list(fleet.block_names):
@@ -94,22 +93,13 @@ def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progres
             raise PlanError(f"the plan's choice for {', '.join(phones)} cannot be exported ({exc}): re-run `fedkit plan`") from exc
 
     fed_from = min(plan.train_from for plan, _ in distinct.values())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        made = []
+    made = []
+    with new_folder(out_dir) as staging:
         for name, (plan, phones) in sorted(distinct.items()):
             shutil.copytree(cached_bundle(model, plan, fed_from, progress), staging / name)
             made.append(PlannedBundle(out_dir / name, plan, tuple(phones)))
         index = {phone: [bundle_folder_name(p) for p in plans] for phone, plans in per_phone.items()}
         (staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return made
 
 

@@ -26,7 +26,7 @@ the phone or on the edge: in SplitFed the edge trains every block behind the cut
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
