@@ -113,6 +113,7 @@ class PhoneLoop:
         self.work = self.root / "work"
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = EventLog(self.root / EVENTS, self.credential.device_id, hooks.on_event)
+        self.retry = retry
         self.client = SyncClient(self.credential.url, self.credential.token, retry=retry, transport=hooks.transport)
         self._trainers: dict[str, LocalTrainer | SplitTrainer] = {}
         self._weights: tuple[int, dict] | None = None  # (version, tensors) last pulled
@@ -143,6 +144,8 @@ class PhoneLoop:
                     self.log.write("error", reason=str(exc), failures=failures)
                     if failures >= MAX_FAILURES:
                         raise
+                    # not at once: what failed (the aggregator, or a run the bundle does not fit) needs time to change
+                    time.sleep(min(self.retry.base_s * 2 ** failures, self.retry.cap_s))
         finally:
             self.client.close()
             self.log.close()

@@ -117,3 +117,27 @@ def test_main_with_json_prints_every_event_as_logged(server, small_cnn_bundle, f
     logged = [json.loads(line) for line in (phone / "events.jsonl").read_text().splitlines()]
     assert code == 0
     assert printed == logged and printed[-1]["event"] == "done"
+
+
+def test_a_bundle_the_run_does_not_fit_fails_with_the_reason_after_backing_off(server, small_cnn_bundle, fashion_train, tmp_path):
+    # Prepare: the run's version 0 holds the classifier only; the phone's bundle trains two blocks
+    from device_runtime.client import RetryPolicy
+    from device_runtime.errors import ProtocolError
+
+    url, coordinator = server
+    (token,) = issue_tokens(coordinator.store, 1)
+    cred = tmp_path / "cred.json"
+    cred.write_text(json.dumps({"url": url, "device_id": "p1", "enrol_token": token}))
+    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:100], fashion_train.labels[:100])
+    phone = tmp_path / "phone"
+    LocalTarget(phone).install([small_cnn_bundle(train_blocks=2)], shard, cred)
+
+    # Execute
+    with pytest.raises(ProtocolError, match="lacks"):
+        PhoneLoop(phone, retry=RetryPolicy(base_s=0.05)).run()
+
+    # Assert: five tries, each after a longer wait than the one before, not five at once
+    errors = [json.loads(line) for line in (phone / "events.jsonl").read_text().splitlines() if '"error"' in line]
+    assert [e["failures"] for e in errors] == [1, 2, 3, 4, 5]
+    gaps = [b["t"] - a["t"] for a, b in zip(errors, errors[1:])]
+    assert all(g >= 0.05 * 2 ** (i + 1) * 0.9 for i, g in enumerate(gaps)), gaps
