@@ -36,20 +36,27 @@ import urllib.request
 
 import numpy as np
 
-PROBE_VERSION = 2  # 2: engines are what trains without torch (1 listed any importable package)
+PROBE_VERSION = 3  # 3: numpy where onnxruntime imports; 2: engines are what trains without torch
 TRANSFER_BYTES = 1 << 20  # 1 MiB each way: long enough to see bandwidth past the RTT on 4G
 ENGINE_CHECK_TIMEOUT_S = 120  # importing ONNX Runtime under qemu or on a slow phone takes a while
 
 # Run in a fresh interpreter: imports ONNX Runtime's training API with torch refused, the way
 # device_runtime/engines/ort.py loads it (``onnxruntime.training``'s own __init__ imports torch,
 # so its ``api`` subpackage is reached through an empty stand-in package). Exit 0: it imports.
-_ORT_TRAINING_CHECK = """
-import importlib, importlib.machinery, importlib.util, os, sys
+_REFUSE_TORCH = """
+import sys
 class RefuseTorch:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "torch":
             raise ImportError("torch refused: a phone has none")
 sys.meta_path.insert(0, RefuseTorch())
+"""
+_ORT_INFERENCE_CHECK = """
+import onnxruntime
+onnxruntime.InferenceSession
+"""
+_ORT_TRAINING_CHECK = """
+import importlib, importlib.machinery, importlib.util, os
 import onnxruntime
 spec = importlib.machinery.ModuleSpec("onnxruntime.training", None, is_package=True)
 spec.submodule_search_locations = [os.path.join(os.path.dirname(onnxruntime.__file__), "training")]
@@ -69,24 +76,30 @@ def memory_available_mb() -> float:
 
 
 def ort_trains_without_torch() -> bool:
-    """Whether ONNX Runtime's training API imports here with torch refused. Checked in a fresh
-    interpreter: this process may hold torch already (`fedkit profile --local` on a host), and
-    the stand-in package the check registers must not stay in a process that exports."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return False
+    """Whether ONNX Runtime's training API imports here with torch refused."""
+    return importlib.util.find_spec("onnxruntime") is not None and _runs_without_torch(_ORT_TRAINING_CHECK)
+
+
+def _runs_without_torch(check: str) -> bool:
+    """Whether ``check`` runs with torch refused. In a fresh interpreter: this process may hold
+    torch already (`fedkit profile --local` on a host), and the stand-in package the training
+    check registers must not stay in a process that exports."""
     try:
-        done = subprocess.run([sys.executable, "-c", _ORT_TRAINING_CHECK], capture_output=True,
-                              timeout=ENGINE_CHECK_TIMEOUT_S)
+        done = subprocess.run([sys.executable, "-c", _REFUSE_TORCH + check], capture_output=True, timeout=ENGINE_CHECK_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
 
 
 def engines_present() -> list[str]:
-    """Engines fedkit's Python phone runtime can train with here, torch-free: ``ort`` or none.
-    Never ``executorch``: its Python bindings import torch, and a phone's ExecuTorch (the
-    Android ``TrainingModule``) belongs to a native app, not to this runtime."""
-    return ["ort"] if ort_trains_without_torch() else []
+    """Engines fedkit's Python phone runtime can train with here, torch-free: ``ort`` where ONNX
+    Runtime's training API imports (its training build, x86-64), ``numpy`` (a linear head, the
+    frozen part on ONNX Runtime inference) wherever ``onnxruntime`` imports at all (arm64
+    included). Never ``executorch``: its Python bindings import torch, and a phone's ExecuTorch
+    (the Android ``TrainingModule``) belongs to a native app, not to this runtime."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return []
+    return (["ort"] if ort_trains_without_torch() else []) + (["numpy"] if _runs_without_torch(_ORT_INFERENCE_CHECK) else [])
 
 
 def _time(fn, repeats: int) -> float:

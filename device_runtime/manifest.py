@@ -6,6 +6,7 @@ BundleError naming the field, so a bad manifest never surfaces as a KeyError.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +14,9 @@ from device_runtime.errors import BundleError
 from device_runtime.preprocess import InputSpec
 
 SCHEMA_VERSION = 1
-ENGINES = ("ort", "executorch")
+# ort: ONNX Runtime training (x86-64); executorch: the .pte programs (a native app; on a host with
+# torch); numpy: a linear head in numpy, the frozen part on ONNX Runtime inference (any platform)
+ENGINES = ("ort", "executorch", "numpy")
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,10 @@ class Manifest:
 
     @property
     def engines(self) -> tuple[str, ...]:
-        return tuple(e for e in ENGINES if any(role.startswith(e + ".") for role in self.files))
+        """The engines with files in the bundle, and numpy when what it trains is one linear layer
+        (it needs no files of its own)."""
+        with_files = tuple(e for e in ENGINES if any(role.startswith(e + ".") for role in self.files))
+        return with_files + (("numpy",) if linear_layer(self.trainable, self.is_splitfed) else ())
 
     @property
     def is_splitfed(self) -> bool:
@@ -128,6 +134,21 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"manifest.json is malformed ({type(exc).__name__}: {exc}): re-export the bundle") from exc
+
+
+def linear_layer(trainable: Iterable[TensorSpec], splitfed: bool) -> str | None:
+    """The name of the one linear layer a part trains (``X`` of ``X.weight`` (out, in) and
+    ``X.bias`` (out,)), or None when it trains anything else or is SplitFed: what the numpy
+    engine can train."""
+    shapes = {t.name: tuple(t.shape) for t in trainable}
+    layers = {name.rsplit(".", 1)[0] for name in shapes}
+    if splitfed or len(layers) != 1:
+        return None
+    (layer,) = layers
+    weight, bias = shapes.get(f"{layer}.weight"), shapes.get(f"{layer}.bias")
+    if set(shapes) != {f"{layer}.weight", f"{layer}.bias"} or len(weight) != 2 or bias != (weight[0],):
+        return None
+    return layer
 
 
 def _build(cls, d: Any, what: str):

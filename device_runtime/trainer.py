@@ -42,7 +42,7 @@ from device_runtime.optim import SGD
 from device_runtime.preprocess import InputSpec, prepare
 
 if TYPE_CHECKING:
-    from device_runtime.engines.ort import FedPart
+    from device_runtime.engines.inference import FedPart
 
 CHECKPOINT = "trainer.ckpt.npz"
 FED = "fed.onnx"  # the bundle role of the fed part (see exporters.bundle, fed_from)
@@ -308,7 +308,7 @@ def open_fed_part(bundle: Bundle) -> FedPart | None:
     """The bundle's fed part (``fed.onnx``: frozen blocks other phones of the run train), or None."""
     if not bundle.has(FED):
         return None
-    from device_runtime.engines.ort import FedPart  # inference on ONNX Runtime, whichever engine trains
+    from device_runtime.engines.inference import FedPart  # inference on ONNX Runtime, whichever engine trains
 
     return FedPart(bundle.path(FED))
 

@@ -29,7 +29,7 @@ from torch import nn
 from device_runtime.bundle import MANIFEST, Bundle, sha256_file
 from device_runtime.codec import ENCODINGS, UpdateHeader, encode
 from device_runtime.folders import is_free, new_folder
-from device_runtime.manifest import ENGINES, DevicePlan, FileEntry, Manifest, TensorSpec
+from device_runtime.manifest import ENGINES, DevicePlan, FileEntry, Manifest, TensorSpec, linear_layer
 from device_runtime.preprocess import InputSpec
 from exporters.onnx import export_onnx
 from exporters.ort_training import export_ort_training
@@ -124,6 +124,13 @@ def check_request(
         raise ExportError(
             f"the plan trains blocks [{plan.train_from}, {plan.cut}) of {model.model_id} on the phone, which hold no "
             "parameters, so nothing would train there: train at least one block (--train-blocks 1 or more)"
+        )
+    if "numpy" in engines and linear_layer(
+        [TensorSpec(n, tuple(p.shape)) for n, p in trainable.named_parameters()], plan.cut < len(model.block_names)
+    ) is None:
+        raise ExportError(
+            "the numpy engine trains one linear layer at the end of the model (the classifier): "
+            "export the whole model (no --cut) with --train-blocks 1, or use --engine ort"
         )
     if "executorch" in engines:
         # Imported only when asked for: executorch takes seconds to import and logs on the way.

@@ -18,11 +18,25 @@ def _name(requirement: str) -> str:
     return re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0].lower()
 
 
+def _base_on(machine: str) -> set[str]:
+    """The base install's package names on a machine (environment markers evaluated)."""
+    from packaging.requirements import Requirement
+
+    env = {"platform_machine": machine, "sys_platform": "linux", "python_version": "3.11"}
+    return {_name(r) for r in PYPROJECT["project"]["dependencies"]
+            if Requirement(r).marker is None or Requirement(r).marker.evaluate(env)}
+
+
 def test_base_dependencies_leave_out_torch_and_executorch():
-    base = {_name(r) for r in PYPROJECT["project"]["dependencies"]}
-    assert not base & {"torch", "executorch", "torchvision", "torchao"}
-    assert "numpy" in base and "onnxruntime-training-cpu" in base
-    assert "onnxruntime" not in base  # it would overwrite onnxruntime-training-cpu's files
+    for machine in ("x86_64", "aarch64"):
+        assert not _base_on(machine) & {"torch", "executorch", "torchvision", "torchao"}
+
+
+def test_one_onnx_runtime_per_platform_never_both():
+    # both would write the same onnxruntime/ folder: the last one installed wins, silently
+    assert _base_on("x86_64") & {"onnxruntime", "onnxruntime-training-cpu"} == {"onnxruntime-training-cpu"}
+    assert _base_on("aarch64") & {"onnxruntime", "onnxruntime-training-cpu"} == {"onnxruntime"}  # no training wheel there
+    assert {"numpy", "httpx", "zlib-ng"} <= _base_on("aarch64")
 
 
 def test_host_extra_pins_torch():

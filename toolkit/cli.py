@@ -201,9 +201,10 @@ def export(
         int, typer.Option(min=1, help="How many of the phone's last blocks with parameters train there; 1 = the classifier only.")
     ] = 1,
     engine: Annotated[
-        Literal["ort", "executorch", "both"],
+        Literal["ort", "executorch", "numpy", "both"],
         typer.Option(
-            help="Engine to export for; with both, the phone runs ort and the bundle also holds the ExecuTorch programs.",
+            help="Engine to export for (numpy: a linear head, on phones with ONNX Runtime's inference build only, "
+            "e.g. arm64); with both, the phone runs ort and the bundle also holds the ExecuTorch programs.",
         ),
     ] = "ort",
     encoding: Annotated[

@@ -54,4 +54,8 @@ def open_engine(bundle: Bundle, name: str | None = None) -> Engine:
         from device_runtime.engines.executorch import ExecuTorchEngine
 
         return ExecuTorchEngine(bundle)
-    raise EngineError(f"unknown engine {name!r}: use ort or executorch")
+    if name == "numpy":
+        from device_runtime.engines.linear import NumpyEngine
+
+        return NumpyEngine(bundle)
+    raise EngineError(f"unknown engine {name!r}: use ort, executorch or numpy")

@@ -55,7 +55,7 @@ def test_head_only_bundle_for_both_engines_holds_every_role_and_a_complete_manif
     head = model.part(4, 5)
 
     assert set(manifest.files) == {"frozen.onnx", "trainable.onnx", "weights", "executorch.frozen", "executorch.train"} | ORT_ROLES
-    assert manifest.engines == ("ort", "executorch")
+    assert manifest.engines == ("ort", "executorch", "numpy")  # numpy trains a linear head from these files
     assert manifest.model_id == "small_cnn" and manifest.model_hash == model.content_hash()
     assert manifest.plan == DevicePlan(cut=5, train_from=4)
     assert manifest.label_names == LABEL_NAMES

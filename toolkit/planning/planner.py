@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from device_runtime.codec import ENCODINGS
 from device_runtime.errors import BundleError
-from device_runtime.manifest import DevicePlan
+from device_runtime.manifest import ENGINES, DevicePlan
 from toolkit.errors import PlanError
 from toolkit.models import SplittableModel, load_model
 from toolkit.planning.cost import Calibration, Choice, CostModel
@@ -156,11 +156,15 @@ class Planner:
     def engines(self, phone: DeviceProfile, cut: int, train_from: int) -> list[str]:
         """The engines that can train blocks ``train_from`` to ``cut`` on this phone: only those
         its profile lists (what its runtime trains with, torch-free), so none when it lists none."""
-        engines = [e for e in ("ort", "executorch") if e in phone.engines]
+        engines = [e for e in ENGINES if e in phone.engines]
         trains_linear_only = all(c.linear_only for c in self.cost.costs[train_from:cut])
         needs_backward_from = cut < self.n and train_from < cut
         if "executorch" in engines and not (trains_linear_only and not needs_backward_from):
             engines.remove("executorch")
+        # numpy trains one linear layer at the end of the model: the classifier alone
+        one_linear_head = cut == self.n and trains_linear_only and self.depth(train_from) == 1
+        if "numpy" in engines and not one_linear_head:
+            engines.remove("numpy")
         return engines
 
     def candidates(self, phone: DeviceProfile) -> Iterable[Choice]:
@@ -262,7 +266,7 @@ class Planner:
         raw = (
             Choice(cut, train_from, engine, encoding, batch)
             for cut, train_from, engine, encoding, batch in itertools.product(
-                range(first_cut, self.n + 1), range(self.n + 1), ("ort", "executorch"), self.config.encodings, self.config.batches)
+                range(first_cut, self.n + 1), range(self.n + 1), ENGINES, self.config.encodings, self.config.batches)
             if (cut == 0 or any(i >= train_from for i in self.model.parameterised_blocks(cut))) and engine in self.engines(phone, cut, train_from)
         )
         return self.choose(phone, self.evaluate_all(phone, raw))

@@ -69,7 +69,7 @@ class DeviceProfile(BaseModel):
     gflops: PositiveFloat  # GFLOP/s, effective fp32 dense conv with ONNX Runtime
     kernel_gflops: dict[str, PositiveFloat] = {}  # measured per kernel: conv, pointwise, depthwise, matmul
     memory_mb: PositiveFloat  # MB fedkit may use: MEMORY_SHARE of what the device has available
-    engines: tuple[Literal["ort", "executorch"], ...] = ("ort",)  # what the phone trains with, torch-free
+    engines: tuple[Literal["ort", "executorch", "numpy"], ...] = ("ort",)  # what the phone trains with, torch-free
     link: Link | None = None
     cpu_power_w: PositiveFloat | None = None  # W with all cores busy; for energy budgets
     block_timings: tuple[BlockTiming, ...] = ()

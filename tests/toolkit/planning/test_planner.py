@@ -239,3 +239,14 @@ def test_plan_uses_each_profiles_own_link_unless_one_is_named(tmp_path):
     assert own["fast"].predicted["upload"] >= fast.rtt_ms / 2000
     assert wifi["slow"] == wifi["fast"]  # one link for both: the same phone
     assert transfer(wifi["slow"]) != transfer(own["slow"])
+
+
+def test_a_phone_that_only_runs_the_numpy_engine_trains_its_head_and_nothing_deeper():
+    # an arm64 phone: ONNX Runtime's inference build only, so a linear head trained in numpy
+    phone = _phone(engines=("numpy",))
+    planned = _planner(slack=10.0).plan_phone(phone)
+    assert planned.plan.engine == "numpy" and planned.plan.cut == len(MODEL.block_names) and planned.trainable_blocks == 1
+    assert _planner(slack=10.0).oracle(phone) == planned
+    deeper = _planner(train_blocks=2).plan_phone(phone)
+    assert deeper.plan is None
+    assert _planner(mode="splitfed").plan_phone(phone).plan is None

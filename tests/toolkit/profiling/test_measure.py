@@ -63,7 +63,7 @@ def test_local_quick_profile_is_sane(echo_url):
     assert all(0 < g < 1e5 for g in profile.kernel_gflops.values())
     assert profile.gflops == profile.kernel_gflops["conv"]
     assert 0 < profile.memory_mb < 1e7
-    assert profile.engines == ("ort",)  # executorch is installed here, but needs torch: never listed
+    assert profile.engines == ("ort", "numpy")  # executorch is installed here, but needs torch: never listed
     timing = profile.timing("small_cnn")
     assert timing.batch == 4 and set(timing.seconds) == set(model.block_names)
     assert all(s > 0 for s in timing.seconds.values())
@@ -89,7 +89,7 @@ def test_probe_script_runs_without_torch(tmp_path):
     assert done.returncode == 0, done.stderr
     profile = profile_from_probe(json.loads(done.stdout), "phone", "adb", None, 32)
     assert profile.gflops > 0 and profile.block_timings == ()
-    assert profile.engines == ("ort",)  # the training API loads without torch: the phone trains with ort
+    assert profile.engines == ("ort", "numpy")  # the training API loads without torch: the phone trains with ort
 
 
 def test_probe_engine_check_agrees_with_device_runtime():
@@ -107,15 +107,20 @@ def test_probe_engine_check_agrees_with_device_runtime():
     runtime = subprocess.run([sys.executable, "-c", refuse_torch], capture_output=True, text=True, timeout=120)
 
     assert (runtime.returncode == 0) == probe.ort_trains_without_torch(), runtime.stderr
-    assert probe.engines_present() == (["ort"] if runtime.returncode == 0 else [])
+    assert probe.engines_present() == (["ort"] if runtime.returncode == 0 else []) + ["numpy"]
 
 
-def test_inference_only_onnxruntime_lists_no_engine(tmp_path):
-    """An arm64 phone's onnxruntime wheel has no training API: the probe lists no engine (the
-    planner then reports the phone infeasible), and never executorch, installed or not."""
+@pytest.mark.parametrize(("init", "engines"), [
+    ("class InferenceSession:\n    pass\n", ["numpy"]),  # an inference build (arm64's wheel): the numpy head engine
+    ("# not even an inference session\n", []),  # nothing that runs a model: no engine
+])
+def test_an_onnxruntime_without_its_training_api_lists_only_numpy(tmp_path, init, engines):
+    """An arm64 phone's onnxruntime wheel has no training API: the probe lists numpy (a linear
+    head trained in numpy, the frozen part on ONNX Runtime inference), never ort, and never
+    executorch, installed or not."""
     fake = tmp_path / "site" / "onnxruntime"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("# an inference-only build: no training/ folder\n")
+    (fake / "__init__.py").write_text(init)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
 
     done = subprocess.run([sys.executable, probe.__file__, "--repeats", "1"], capture_output=True, text=True,
@@ -123,8 +128,8 @@ def test_inference_only_onnxruntime_lists_no_engine(tmp_path):
 
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
-    assert result["engines"] == [] and result["probe_version"] == probe.PROBE_VERSION
-    assert profile_from_probe(result, "arm64-phone", "adb", None, 32).engines == ()
+    assert result["engines"] == engines and result["probe_version"] == probe.PROBE_VERSION
+    assert profile_from_probe(result, "arm64-phone", "adb", None, 32).engines == tuple(engines)
 
 
 def test_probe_errors_become_plan_errors(tmp_path):
