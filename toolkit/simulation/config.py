@@ -74,7 +74,7 @@ class Fault(_Strict):
     - kill_aggregator: SIGKILL the aggregator ``after_s`` after ``round`` has its first
       accepted update; restart it on the same database ``down_s`` later.
 
-    Times are lower bounds: the simulation notices events at its next poll (every 0.5 s, later
+    Times are lower bounds: the simulation notices events at its next poll (every 0.25 s, later
     when the host is saturated).
     - link: ``after_s`` after the phones start, for ``duration_s``, ``phone``'s link (every
       phone's when no phone is named) adds ``delay_ms`` and loses ``loss`` of its requests.
