@@ -16,6 +16,7 @@ import numpy as np
 
 from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
+from device_runtime.engines import check_weights
 from device_runtime.engines.inference import FrozenPart, float32
 from device_runtime.errors import EngineError
 from device_runtime.manifest import linear_layer
@@ -70,11 +71,6 @@ class NumpyEngine:
         return {self._weight: self._w.copy(), self._bias: self._b.copy()}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        if set(weights) != set(self._shapes):
-            missing, extra = sorted(set(self._shapes) - set(weights)), sorted(set(weights) - set(self._shapes))
-            raise EngineError(f"set_weights needs exactly the bundle's trainable tensors: missing {missing[:5]}, unknown {extra[:5]}")
-        for name, value in weights.items():
-            if tuple(np.shape(value)) != self._shapes[name]:
-                raise EngineError(f"weight {name!r} has shape {tuple(np.shape(value))}, the bundle says {self._shapes[name]}")
+        check_weights(weights, self._shapes)
         self._w, self._b = float32(weights[self._weight]).copy(), float32(weights[self._bias]).copy()
 

@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from device_runtime.bundle import Bundle
+from device_runtime.engines import check_weights
 from device_runtime.engines.inference import ORT_ERRORS, FrozenPart, float32, onnxruntime, run, session_options
 from device_runtime.errors import EngineError
 
@@ -103,12 +104,7 @@ class OrtEngine:
         return {name: self._state.parameters[name].data.copy() for name in self._shapes}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        if set(weights) != set(self._shapes):
-            missing, extra = sorted(set(self._shapes) - set(weights)), sorted(set(weights) - set(self._shapes))
-            raise EngineError(f"set_weights needs exactly the bundle's trainable tensors: missing {missing[:5]}, unknown {extra[:5]}")
-        for name, value in weights.items():
-            if tuple(np.shape(value)) != self._shapes[name]:
-                raise EngineError(f"weight {name!r} has shape {tuple(np.shape(value))}, the bundle says {self._shapes[name]}")
+        check_weights(weights, self._shapes)
         for name, value in weights.items():
             self._state.parameters[name].data = float32(value)
 

@@ -43,13 +43,8 @@ def server(tmp_path, small_cnn_bundle):
 
 
 def test_phone_enrols_trains_every_round_and_stops_when_done(server, small_cnn_bundle, fashion_train, tmp_path):
-    url, coordinator = server
-    (token,) = issue_tokens(coordinator.store, 1)
-    cred = tmp_path / "cred.json"
-    cred.write_text(json.dumps({"url": url, "device_id": "p1", "enrol_token": token}))
-    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:200], fashion_train.labels[:200])
-    phone = tmp_path / "phone"
-    LocalTarget(phone).install([small_cnn_bundle()], shard, cred)
+    _, coordinator = server
+    phone = _deployed_phone(server, small_cnn_bundle(), fashion_train, tmp_path)
 
     assert PhoneLoop(phone, max_wait_s=0.2).run() == 2
 
@@ -80,20 +75,21 @@ def test_the_deepest_bundle_not_deeper_than_the_task_is_trained(small_cnn_bundle
     assert _pick({"b": deep}, 1) == "b"  # nothing shallow enough: the shallowest there is
 
 
-def _deployed_phone(server, small_cnn_bundle, fashion_train, tmp_path):
+def _deployed_phone(server, bundle, fashion_train, tmp_path, images: int = 200):
+    """A phone folder with ``bundle``, a shard of ``images`` images and an enrolment credential."""
     url, coordinator = server
     (token,) = issue_tokens(coordinator.store, 1)
     cred = tmp_path / "cred.json"
     cred.write_text(json.dumps({"url": url, "device_id": "p1", "enrol_token": token}))
-    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:200], fashion_train.labels[:200])
+    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:images], fashion_train.labels[:images])
     phone = tmp_path / "phone"
-    LocalTarget(phone).install([small_cnn_bundle()], shard, cred)
+    LocalTarget(phone).install([bundle], shard, cred)
     return phone
 
 
 def test_main_prints_one_line_per_round(server, small_cnn_bundle, fashion_train, tmp_path, capsys):
     # Prepare
-    phone = _deployed_phone(server, small_cnn_bundle, fashion_train, tmp_path)
+    phone = _deployed_phone(server, small_cnn_bundle(), fashion_train, tmp_path)
 
     # Execute
     code = main([str(phone)])
@@ -109,7 +105,7 @@ def test_main_prints_one_line_per_round(server, small_cnn_bundle, fashion_train,
 
 
 def test_main_with_json_prints_every_event_as_logged(server, small_cnn_bundle, fashion_train, tmp_path, capsys):
-    phone = _deployed_phone(server, small_cnn_bundle, fashion_train, tmp_path)
+    phone = _deployed_phone(server, small_cnn_bundle(), fashion_train, tmp_path)
 
     code = main([str(phone), "--json"])
 
@@ -124,13 +120,7 @@ def test_a_bundle_the_run_does_not_fit_fails_with_the_reason_after_backing_off(s
     from device_runtime.client import RetryPolicy
     from device_runtime.errors import ProtocolError
 
-    url, coordinator = server
-    (token,) = issue_tokens(coordinator.store, 1)
-    cred = tmp_path / "cred.json"
-    cred.write_text(json.dumps({"url": url, "device_id": "p1", "enrol_token": token}))
-    shard = write_shard(tmp_path / "s.npz", fashion_train.images[:100], fashion_train.labels[:100])
-    phone = tmp_path / "phone"
-    LocalTarget(phone).install([small_cnn_bundle(train_blocks=2)], shard, cred)
+    phone = _deployed_phone(server, small_cnn_bundle(train_blocks=2), fashion_train, tmp_path, images=100)
 
     # Execute
     with pytest.raises(ProtocolError, match="lacks"):
