@@ -19,6 +19,7 @@ from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
 from device_runtime.engines import open_engine
 from device_runtime.errors import FedkitError
+from device_runtime.manifest import ENGINES
 from device_runtime.trainer import LocalTrainer, Task
 
 
@@ -105,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="folder for the feature cache and the checkpoint")
     p.add_argument("--out", help="file to write the encoded update to")
     p.add_argument("--base", help="encoded base weights (default: the bundle's initial weights)")
-    p.add_argument("--engine", choices=("ort", "executorch"), help="default: the plan's engine")
+    p.add_argument("--engine", choices=ENGINES, help="default: the plan's engine")
     p.add_argument("--device-id", default="phone", help="names the device in the update; seeds its shuffling")
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--base-version", type=int, default=0)

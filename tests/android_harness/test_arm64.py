@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from android_harness import arm64
+from arm64_helpers import unavailable
 from device_runtime.codec import UpdateHeader, decode, encode
 from device_runtime.errors import DeployError, FedkitError
 
@@ -33,21 +34,9 @@ ENCODINGS = ("fp32", "fp16", "int8", "int4", "sign1", "topk")
 HEADER = UpdateHeader("arm64-phone", round=2, base_version=1, num_samples=64)
 
 
-def unavailable(reason: str) -> None:
-    """Skip, saying why and how to enable it; under CI=true, fail: CI must run the arm64 phone."""
-    message = reason if "arm64 phone" in reason else f"the emulated arm64 phone cannot run here: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true: CI must run the arm64 phone, so this fails instead of skipping)")
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
-def phone() -> arm64.Arm64Phone:
-    cache_dir = arm64.default_cache_dir()
-    problem = arm64.host_problem(need_debootstrap=arm64.cached_rootfs(cache_dir) is None)
-    if problem is not None:
-        unavailable(problem)
-    return arm64.ensure_phone(cache_dir, with_test_tools=True, log=print)
+def phone(arm64_phone) -> arm64.Arm64Phone:
+    return arm64_phone
 
 
 @pytest.fixture
