@@ -18,6 +18,7 @@
     count = 2
     engine = "plan"                # the profile's engines (catalogue: ort), or "ort" / "executorch" only
     # cut = 3                      # splitfed: pin this group's cut (else the planner's)
+    # arch = "arm64"               # run in the emulated arm64 phone (qemu; root): the numpy engine
 
     [[stages]]                     # toolkit.aggregator.config.Stage
     name = "head"
@@ -54,10 +55,21 @@ class PhoneGroup(_Strict):
     profile: Path | None = None  # or a DeviceProfile JSON (from fedkit profile)
     count: int = Field(default=1, ge=1)
     # plan: the engines the profile lists (a catalogue class: ort); else only this engine
-    engine: Literal["ort", "executorch", "plan"] = "plan"
+    engine: Literal["ort", "executorch", "numpy", "plan"] = "plan"
     cut: int | None = Field(default=None, ge=1)  # splitfed: pin the group's cut (the planner picks the rest)
     churn_online_s: float | None = Field(default=None, gt=0)  # mean online period; None: always online
     churn_offline_s: float = Field(default=10.0, gt=0)  # mean offline period
+    # arm64: each phone runs device_runtime's loop inside the emulated arm64 phone (qemu user
+    # mode, android_harness.arm64) with its real emulated compute: no slowdown, no link shaping,
+    # no memory cap; it trains with what its runtime has, the numpy engine (a linear head)
+    arch: Literal["x86_64", "arm64"] = "x86_64"
+
+    @model_validator(mode="after")
+    def _arm64_phones_run_what_they_have(self):
+        if self.arch == "arm64" and (self.engine not in ("plan", "numpy") or self.cut is not None or self.churn_online_s):
+            raise ValueError("an arm64 group trains its head with the numpy engine, whole model on the phone, always online: "
+                             "drop its engine, cut and churn")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self):

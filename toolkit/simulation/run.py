@@ -23,10 +23,12 @@ its ``events.jsonl`` and log) and ``report/``.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable
 
 from android_harness.deploy import deploy
@@ -44,10 +46,11 @@ from toolkit.profiling import DeviceProfile, measure_local
 from toolkit.runs import has_splitfed, run_config, write_run
 from toolkit.simulation.config import SimulationConfig
 from toolkit.simulation.monitor import Monitor
-from toolkit.simulation.phones import Phone, PhoneProcess, fleet_phones, link_windows, phone_spec
+from toolkit.simulation.phones import Arm64PhoneProcess, Phone, PhoneProcess, fleet_phones, link_windows, phone_spec
 from toolkit.simulation.summary import PhoneSummary, RunSummary, Tick, central_reference
 
 if TYPE_CHECKING:
+    from android_harness.arm64 import Arm64Phone
     from android_harness.netns import NamespaceNetwork
 
 
@@ -143,14 +146,19 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
     on_step("starting the aggregator")
     aggregator.start()
 
-    fastest = max(p.profile.gflops for p in phones)
+    fastest = max((p.profile.gflops for p in phones if not p.arm64), default=1.0)
     t0 = time.time()
     procs: dict[str, PhoneProcess] = {}
     specs, link_modes = {}, {}
+    inside = {}  # arm64 phones: their folder in the emulated phone, moved into the run folder at the end
     try:
+        arm64_phone = _arm64_phone(phones, network, on_step)
         on_step("deploying the phones")
         for i, phone in enumerate(phones):
             phone_dir = run_dir / "phones" / phone.device_id
+            if phone.arm64:
+                phone_path = PurePosixPath("/opt/fedkit/sim") / f"{config.name}-{int(t0)}-{os.getpid()}" / phone.device_id
+                phone_dir = inside[phone.device_id] = arm64_phone.host_path(phone_path)
             url, prefix, shape, link_modes[phone.device_id] = _link(config, phone, aggregator, network, t0)
             credential = run_dir / "credentials" / f"{phone.device_id}.json"
             credential.parent.mkdir(exist_ok=True)
@@ -158,7 +166,8 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
             deploy(bundles[phone.profile.name], f"local:{phone_dir}", run_dir / "shards" / f"{phone.device_id}.npz", credential)
             specs[phone.device_id] = phone_spec(config, phone, i, phone_dir, fastest, t0, shape)
             specs[phone.device_id].save(phone_dir / "spec.json")
-            procs[phone.device_id] = PhoneProcess(phone_dir / "spec.json", phone_dir, prefix)
+            procs[phone.device_id] = (Arm64PhoneProcess(arm64_phone, phone_path, phone_dir) if phone.arm64
+                                      else PhoneProcess(phone_dir / "spec.json", phone_dir, prefix))
         setup_s = time.time() - t_setup
         on_step("training")
         t_train = time.time()
@@ -173,6 +182,8 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
             for proc in procs.values():
                 proc.kill()
             aggregator.stop()
+            for device, folder in inside.items():  # the run folder holds every phone's folder
+                shutil.move(folder, run_dir / "phones" / device)
 
     predicted = {p.profile: p.plan.predicted for p in fleet.phones if p.plan is not None}
     by_device = {p.device_id: p for p in phones}
@@ -211,6 +222,8 @@ def _link(config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess,
           t0: float) -> tuple[str, list[str], LinkShape, str]:
     """The phone's aggregator URL, its command prefix (a network namespace), its in-process link
     shape, and how its link is shaped, in words."""
+    if phone.arm64:  # the phone shares this host's network namespace: loopback reaches the aggregator
+        return aggregator.url, [], LinkShape(), "none: an arm64 phone under qemu, unshaped"
     link = phone.profile.link
     windows = link_windows(config, phone.device_id, t0)
     if not config.shape_links or link is None:
@@ -221,6 +234,18 @@ def _link(config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess,
     shape = LinkShape(rtt_ms=0.0 if network.netem else link.rtt_ms, windows=windows)
     mode = "netns + tc tbf" + (" + netem" if network.netem else ", RTT in-process (no netem in this kernel)")
     return f"http://{net.host_ip}:{aggregator.port}", net.command_prefix(), shape, mode
+
+
+def _arm64_phone(phones: list[Phone], network: "NamespaceNetwork | None", on_step) -> "Arm64Phone | None":
+    """The emulated arm64 phone the arm64 groups run in (built or reused), or None without them."""
+    if not any(p.arm64 for p in phones):
+        return None
+    if network is not None:
+        raise ConfigError("arm64 phones run in this host's network namespace: drop --netem, or the arm64 groups")
+    from android_harness.arm64 import ensure_phone
+
+    on_step("the emulated arm64 phone (built once: minutes)")
+    return ensure_phone()
 
 
 @contextlib.contextmanager
