@@ -8,6 +8,14 @@ Targets (``fedkit deploy --target``):
   Termux): the ``device_runtime`` package is pushed beside the phone folder, the phone checks
   every hash itself (``Bundle.load`` and the shard's sha256, run with the phone's Python), and
   the loop is started with ``nohup``.
+- ``arm64:NAME`` — the emulated arm64 phone (``android_harness.arm64``: a Debian arm64 rootfs
+  under qemu user mode, built or reused by ``ensure_phone()``): the phone folder is
+  ``/opt/fedkit/phones/NAME`` inside its rootfs, installed as a local folder is (through its host
+  path), then every hash is checked again inside the phone by the phone's own Python (the same
+  script the adb target runs); started as ``python3 -m device_runtime.phone_loop`` in the phone,
+  detached. The phone shares this host's network namespace, so a credential's
+  ``http://127.0.0.1:PORT`` reaches an aggregator on this host (its rootfs has no /etc/hosts:
+  use an address, not ``localhost``).
 
 Everything is checked before anything is copied: every bundle verifies, the shard is an
 ``.npz`` of images and labels the bundles' model can train on, the credential parses. A phone
@@ -24,6 +32,7 @@ The phone folder's layout is ``device_runtime.phone_loop``'s.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -32,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol, Sequence
 from urllib.parse import urlsplit
 
@@ -45,6 +54,8 @@ from device_runtime.trainer import load_shard
 
 ADB_ROOT = "/data/local/tmp/fedkit"  # the phone's folder for everything fedkit pushes
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what the aggregator enrols
+ARM64_PHONES = PurePosixPath("/opt/fedkit/phones")  # the emulated arm64 phone's phone folders
+ARM64_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -174,14 +185,88 @@ print(json.dumps({"bundles": bundles, "shard": sha256_file(shard) if os.path.exi
 """
 
 
+class Arm64Target:
+    """The emulated arm64 phone's folder ``/opt/fedkit/phones/NAME`` (a phone path)."""
+
+    def __init__(self, name: str, cache_dir: Path | None = None):
+        if not ARM64_NAME.match(name) or name in (".", ".."):
+            raise DeployError(f"arm64 phone name {name!r} is not 1-64 of letters, digits and '_.-': e.g. arm64:phone1")
+        self.name = name
+        self.cache_dir = cache_dir
+        self.phone_dir = ARM64_PHONES / name
+        self._phone = None
+
+    def phone(self):
+        """The emulated phone (built or reused, ``ensure_phone``), once per target."""
+        if self._phone is None:
+            from android_harness import arm64  # here: only this target needs it
+
+            self._phone = arm64.ensure_phone(self.cache_dir)
+        return self._phone
+
+    def install(self, bundles: Sequence[Path], shard: Path, credential: Path) -> Deployed:
+        check_phone(bundles, shard, credential)  # before the phone is built or started
+        phone = self.phone()
+        host_dir = phone.host_path(self.phone_dir)
+        local = LocalTarget(host_dir).install(bundles, shard, credential)
+        try:
+            url = Credential.load(Path(credential)).url
+            self._check_reachable(phone, url)
+            done = phone.run(["python3", "-c", VERIFY_SCRIPT, str(self.phone_dir)], timeout=600)
+            if done.returncode != 0:
+                said = (done.stderr or done.stdout).strip().splitlines()
+                raise DeployError(f"the arm64 phone refused {self.phone_dir}: {said[-1] if said else f'exit {done.returncode}'}")
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            # the phone lists its bundles in name order: back to the order they were given in
+            by_name = dict(zip(sorted(Path(b).name for b in bundles), report["bundles"]))
+            hashes = tuple(by_name[Path(b).name] for b in bundles)
+            if hashes != local.bundles:
+                raise DeployError(f"the arm64 phone computed other bundle hashes than this host for {self.phone_dir}: deploy again")
+            if report["shard"] != local.shard_sha256:
+                raise DeployError(f"the shard in the arm64 phone has sha256 {report['shard']}, expected {local.shard_sha256}: deploy again")
+        except BaseException:
+            shutil.rmtree(host_dir, ignore_errors=True)  # a failed deploy leaves nothing behind
+            raise
+        return Deployed(f"arm64:{self.name}", str(self.phone_dir), hashes, report["shard"])
+
+    @staticmethod
+    def _check_reachable(phone, url: str) -> None:
+        """The phone resolves the credential's host (its rootfs has no /etc/hosts, so not even
+        ``localhost``); an address needs no look-up."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            ipaddress.ip_address(host)
+            return
+        except ValueError:
+            pass
+        done = phone.python(f"import socket; socket.getaddrinfo({host!r}, None)", timeout=120)
+        if done.returncode != 0:
+            raise DeployError(
+                f"the arm64 phone cannot resolve {host!r} (the credential's URL {url}): it shares this host's network "
+                f"but has no /etc/hosts of its own; put an address in the URL, e.g. http://127.0.0.1:{parts.port or 8000} "
+                "for an aggregator on this host"
+            )
+
+    def start(self) -> str:
+        phone = self.phone()
+        host_dir = phone.host_path(self.phone_dir)
+        with open(host_dir / "phone.log", "ab") as log:
+            proc = phone.start(["python3", "-m", "device_runtime.phone_loop", str(self.phone_dir)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return f"pid {proc.pid} (arm64, emulated)"
+
+
 def target(spec: str) -> Target:
-    """``local:DIR`` or ``adb:SERIAL``."""
+    """``local:DIR``, ``adb:SERIAL`` or ``arm64:NAME``."""
     kind, _, where = spec.partition(":")
     if kind == "local" and where:
         return LocalTarget(where)
     if kind == "adb" and where:
         return AdbTarget(where)
-    raise DeployError(f"target {spec!r} is not local:DIR or adb:SERIAL")
+    if kind == "arm64" and where:
+        return Arm64Target(where)
+    raise DeployError(f"target {spec!r} is not local:DIR, adb:SERIAL or arm64:NAME")
 
 
 def deploy(bundles: Sequence[Path], target_spec: str, shard: Path, credential: Path, start: bool = False) -> Deployed:

@@ -3,6 +3,9 @@ the user's ~/.cache/fedkit."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from toolkit.data import FashionMNIST, load_fashion_mnist
@@ -103,3 +106,21 @@ def wait_for_checkpoint():
             time.sleep(0.003)
 
     return wait
+
+
+# The emulated arm64 phone for every test that needs one (built once: minutes; cached across
+# sessions in arm64.default_cache_dir(), not in the session's FEDKIT_CACHE_DIR). Where it cannot
+# run, those tests skip saying why and how to enable it -- except under CI=true, where they fail.
+sys.path.insert(0, str(Path(__file__).parent))
+from arm64_helpers import unavailable  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def arm64_phone():
+    from android_harness import arm64
+
+    cache_dir = arm64.default_cache_dir()
+    problem = arm64.host_problem(need_debootstrap=arm64.cached_rootfs(cache_dir) is None)
+    if problem is not None:
+        unavailable(problem)
+    return arm64.ensure_phone(cache_dir, with_test_tools=True, log=print)

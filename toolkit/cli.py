@@ -467,6 +467,9 @@ def export_global(
 def profile(
     local: Annotated[bool, typer.Option("--local", help="Profile this host.")] = False,
     adb: Annotated[str | None, typer.Option("--adb", help="Profile the phone with this adb serial (see `adb devices`).")] = None,
+    arm64: Annotated[
+        bool, typer.Option("--arm64", help="Profile the emulated arm64 phone (qemu user mode): emulated timings, its engines.")
+    ] = False,
     catalog: Annotated[
         str | None, typer.Option("--catalog", help="A phone of this catalogue class (its published figures, nothing measured).")
     ] = None,
@@ -475,7 +478,9 @@ def profile(
     full: Annotated[bool, typer.Option("--full", help="Time each kernel more often (slower, steadier).")] = False,
     aggregator: Annotated[str | None, typer.Option(help="Aggregator URL to measure RTT and bandwidth to.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Batch size the model's blocks are timed at.")] = 32,
-    name: Annotated[str | None, typer.Option(help="Profile name. Default: the host name or the adb serial.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Profile name. Default: the host name, the adb serial or arm64-emulated.")
+    ] = None,
     python: Annotated[str, typer.Option(help="Python interpreter on the phone (with --adb).")] = "python3",
     out: Annotated[
         Path | None, typer.Option(help="Write the profile JSON here (its folder must exist; an existing file is replaced).")
@@ -488,10 +493,10 @@ def profile(
 
     from toolkit.errors import PlanError
     from toolkit.models import load_model
-    from toolkit.profiling import catalog_profiles, measure_local, probe_adb
+    from toolkit.profiling import catalog_profiles, measure_local, probe_adb, probe_arm64
 
-    if [local, adb is not None, catalog is not None].count(True) != 1:
-        raise PlanError("choose one of --local, --adb SERIAL or --catalog CLASS")
+    if [local, adb is not None, arm64, catalog is not None].count(True) != 1:
+        raise PlanError("choose one of --local, --adb SERIAL, --arm64 or --catalog CLASS")
     if link is not None and catalog is None:
         raise PlanError("--link sets a catalogue phone's link: use it with --catalog (a measured link comes from --aggregator)")
     if catalog is not None and (model or aggregator):
@@ -500,13 +505,16 @@ def profile(
         _check_file_output(out)
     if aggregator is not None:
         _check_url(aggregator, "--aggregator")
-    with _spinner(f"profiling {'this host' if local else adb or catalog}" + (f" and {model}'s blocks" if model else "")):
+    device = "this host" if local else "the emulated arm64 phone" if arm64 else adb or catalog
+    with _spinner(f"profiling {device}" + (f" and {model}'s blocks" if model else "")):
         splittable = load_model(model) if model else None
         if catalog is not None:
             p = catalog_profiles([catalog], link)[0]
             p = p.model_copy(update={"name": name}) if name else p
         elif local:
             p = measure_local(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
+        elif arm64:
+            p = probe_arm64(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
         else:
             p = probe_adb(adb, quick=not full, model=splittable, aggregator=aggregator, batch=batch, python=python)
             p = p.model_copy(update={"name": name}) if name else p
@@ -743,8 +751,8 @@ def deploy(
     ] = None,
     target: Annotated[
         str | None,
-        typer.Option(help="local:DIR (a phone folder on this host) or adb:SERIAL (a phone over adb); "
-                     "with --fleet, local:DIR: each phone in DIR/PHONE."),
+        typer.Option(help="local:DIR (a phone folder on this host), adb:SERIAL (a phone over adb) or arm64:NAME "
+                     "(the emulated arm64 phone's folder /opt/fedkit/phones/NAME); with --fleet, local:DIR: each phone in DIR/PHONE."),
     ] = None,
     shard: Annotated[Path | None, typer.Option(help="The phone's data shard (.npz with images and labels).")] = None,
     credential: Annotated[
@@ -769,7 +777,7 @@ def deploy(
     from toolkit.errors import DeployError
 
     if target is None:
-        raise DeployError("--target is missing: local:DIR or adb:SERIAL")
+        raise DeployError("--target is missing: local:DIR, adb:SERIAL or arm64:NAME")
     if fleet is None:
         if not bundle or shard is None or credential is None:
             raise DeployError("a phone needs its bundle(s), --shard and --credential (or deploy a whole plan with --fleet)")

@@ -117,7 +117,7 @@ def test_adb_without_a_device_is_a_clear_error(small_cnn_bundle, shard, credenti
 
 @pytest.mark.parametrize("spec", ["usb:x", "local:", "adb"])
 def test_unknown_targets_are_refused(spec):
-    with pytest.raises(DeployError, match="local:DIR or adb:SERIAL"):
+    with pytest.raises(DeployError, match="local:DIR, adb:SERIAL or arm64:NAME"):
         target(spec)
 
 

@@ -40,6 +40,16 @@ def _adb(serial: str, *args: str, timeout: float = 60) -> str:
     return done.stdout
 
 
+def stage_probe(folder: Path, model: SplittableModel | None = None, batch: int = 32) -> Path:
+    """What a device runs to be profiled, into ``folder`` (created): ``probe.py`` and its payload
+    (``payload/``: probe.json and the ONNX kernels, and ``model``'s blocks at ``batch``), built on
+    this host. Run as ``python3 folder/probe.py folder/payload --repeats N``."""
+    folder = Path(folder)
+    write_payload(folder / "payload", model, batch)
+    shutil.copy(probe.__file__, folder / "probe.py")
+    return folder
+
+
 def probe_adb(
     serial: str,
     quick: bool = True,
@@ -51,8 +61,7 @@ def probe_adb(
     """The profile of the phone ``serial``, measured on the phone."""
     _adb(serial, "get-state", timeout=15)  # fails fast, with adb's own words, when it is not attached
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
-        write_payload(Path(tmp) / "payload", model, batch)
-        shutil.copy(probe.__file__, Path(tmp) / "probe.py")
+        stage_probe(Path(tmp), model, batch)
         _adb(serial, "shell", "rm", "-rf", REMOTE_DIR)
         _adb(serial, "push", f"{tmp}/.", REMOTE_DIR, timeout=TIMEOUT_S)
     command = [python, f"{REMOTE_DIR}/probe.py", f"{REMOTE_DIR}/payload", "--repeats", str(QUICK_REPEATS if quick else FULL_REPEATS)]

@@ -64,7 +64,7 @@ class DeviceProfile(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(min_length=1)
-    source: Literal["local", "adb", "catalog"]
+    source: Literal["local", "adb", "arm64-emulated", "catalog"]
     cpu_cores: PositiveInt
     gflops: PositiveFloat  # GFLOP/s, effective fp32 dense conv with ONNX Runtime
     kernel_gflops: dict[str, PositiveFloat] = {}  # measured per kernel: conv, pointwise, depthwise, matmul

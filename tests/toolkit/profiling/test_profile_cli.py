@@ -35,4 +35,4 @@ def test_profile_needs_exactly_one_source():
     neither = runner.invoke(app, ["profile"])
 
     assert both.exit_code == neither.exit_code == 1
-    assert "choose one of --local, --adb SERIAL or --catalog CLASS" in both.output
+    assert "choose one of --local, --adb SERIAL, --arm64 or --catalog CLASS" in both.output
