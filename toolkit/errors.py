@@ -11,6 +11,8 @@ phone and the host share one hierarchy; they are re-exported here.
     └── StoreError      the aggregator's database cannot be opened or is inconsistent
 """
 
+from typing import TYPE_CHECKING
+
 from device_runtime.errors import (
     BundleError,
     CheckpointError,
@@ -22,6 +24,9 @@ from device_runtime.errors import (
     InternalError,
     ProtocolError,
 )
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "BundleError",
@@ -38,6 +43,7 @@ __all__ = [
     "PlanError",
     "ProtocolError",
     "StoreError",
+    "describe",
 ]
 
 
@@ -59,3 +65,8 @@ class ConfigError(FedkitError):
 
 class StoreError(FedkitError):
     """The aggregator's database cannot be opened or is inconsistent."""
+
+
+def describe(exc: "ValidationError") -> str:
+    """A pydantic validation error in one line: each field that is wrong and why, ``a.b: msg; ...``."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())

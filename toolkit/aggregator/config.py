@@ -37,7 +37,7 @@ from typing import Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, describe
 
 T = TypeVar("T")
 
@@ -177,7 +177,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> RunConfig:
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from exc
+        raise ConfigError(f"{describe(exc)} (fix these fields in the run config)") from exc
     if base_dir is None:
         return config
     fixes = {
@@ -212,11 +212,3 @@ def load_config(path: str | Path) -> RunConfig:
 
 def config_json(config: RunConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"{field}: {err['msg']}")
-    return "; ".join(parts) + " (fix these fields in the run config)"

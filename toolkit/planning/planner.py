@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from device_runtime.codec import ENCODINGS
 from device_runtime.errors import BundleError
 from device_runtime.manifest import ENGINES, DevicePlan
-from toolkit.errors import PlanError
+from toolkit.errors import PlanError, describe
 from toolkit.models import SplittableModel, load_model
 from toolkit.planning.cost import Calibration, Choice, CostModel
 from toolkit.profiling.catalog import link
@@ -301,8 +301,10 @@ def load_plan(path: Path) -> FleetPlan:
         raise PlanError(f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: re-run `fedkit plan`")
     try:
         return FleetPlan.model_validate(data)
-    except (ValidationError, BundleError) as exc:
-        raise PlanError(f"plan {path} is invalid ({exc}): re-run `fedkit plan`".replace("\n", " ")) from exc
+    except ValidationError as exc:
+        raise PlanError(f"plan {path} is invalid ({describe(exc)}): re-run `fedkit plan`") from exc
+    except BundleError as exc:
+        raise PlanError(f"plan {path} is invalid ({exc}): re-run `fedkit plan`") from exc
 
 
 def plan_fleet(

@@ -43,7 +43,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from toolkit.aggregator.config import Stage, load_toml
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, describe
 
 
 class _Strict(BaseModel):
@@ -171,8 +171,7 @@ def parse_simulation(data: dict, base_dir: Path | None = None) -> SimulationConf
     try:
         config = SimulationConfig.model_validate(data)
     except ValidationError as exc:
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where} (fix these fields in the simulation config)") from exc
+        raise ConfigError(f"{describe(exc)} (fix these fields in the simulation config)") from exc
     if base_dir is not None:
         groups = [g.model_copy(update={"profile": base_dir / g.profile}) if g.profile and not g.profile.is_absolute() else g
                   for g in config.phones]
