@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -109,30 +107,9 @@ def test_a_host_name_the_phone_cannot_resolve_is_refused_and_nothing_stays(phone
 
 
 @pytest.fixture
-def server(tmp_path, bundle):
-    """An aggregator on loopback (uvicorn in a thread), one round whose version 0 is ``bundle``."""
-    import uvicorn
-
-    from toolkit.aggregator.app import create_app
-    from toolkit.aggregator.config import parse_config
-    from toolkit.aggregator.coordinator import Coordinator
-    from toolkit.aggregator.store import Store
-
-    config = parse_config({"name": "arm64", "bundle": str(bundle), "fedavg": {"min_reports": 1},
-                           "stages": [{"name": "s", "rounds": 1, "lr": 0.05}]}, tmp_path)
-    coordinator = Coordinator(config, Store(tmp_path / "agg.sqlite"))
-    coordinator.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(coordinator, tick_seconds=0.2), port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", coordinator
-    srv.should_exit = True
-    thread.join(10)
+def server(serve_run, bundle):
+    """The host's aggregator on loopback, one round of small_cnn's head."""
+    return serve_run(bundle, rounds=1)
 
 
 def test_cli_deploy_start_runs_the_phone_loop_in_the_phone_until_the_run_is_done(phone, name, bundle, shard, server, tmp_path):

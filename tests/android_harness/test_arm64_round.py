@@ -16,25 +16,18 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import PurePosixPath
 
 import numpy as np
 import pytest
-import uvicorn
 
 from android_harness.deploy import LocalTarget
 from device_runtime.codec import decode
 from toolkit.aggregator.admin import issue_tokens
-from toolkit.aggregator.app import create_app
-from toolkit.aggregator.config import parse_config
-from toolkit.aggregator.coordinator import Coordinator
-from toolkit.aggregator.store import Store
 from toolkit.data import write_shard
 
 pytestmark = pytest.mark.timeout(2400)  # a cold cache builds the rootfs first (minutes)
@@ -82,25 +75,9 @@ def test_the_same_round_on_arm64_and_x86_64_gives_the_same_update(arm64_phone, i
 
 
 @pytest.fixture
-def aggregator(tmp_path, small_cnn_bundle):
-    """The host's aggregator on loopback (two rounds, small_cnn's head), in a thread."""
-    config = parse_config({"name": "arm64", "bundle": str(small_cnn_bundle(engines=("numpy",))), "fedavg": {"min_reports": 1},
-                           "stages": [{"name": "s", "rounds": 2, "lr": 0.05}]}, tmp_path)
-    coordinator = Coordinator(config, Store(tmp_path / "agg.sqlite"))
-    coordinator.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(coordinator, tick_seconds=0.2), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the aggregator did not start"
-    yield f"http://127.0.0.1:{port}", coordinator
-    server.should_exit = True
-    thread.join(10)
+def aggregator(serve_run, small_cnn_bundle):
+    """The host's aggregator on loopback (two rounds, small_cnn's head)."""
+    return serve_run(small_cnn_bundle(engines=("numpy",)))
 
 
 def test_an_arm64_phone_syncs_with_the_host_and_resumes_after_sigkill(arm64_phone, inside, aggregator, small_cnn_bundle,

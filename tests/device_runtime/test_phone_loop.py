@@ -4,42 +4,20 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
-import time
 
 import pytest
-import uvicorn
 
 from android_harness.deploy import LocalTarget
 from device_runtime.bundle import Bundle
 from device_runtime.errors import FedkitError
 from device_runtime.phone_loop import PhoneLoop, _pick, bundle_depth, main
 from toolkit.aggregator.admin import issue_tokens
-from toolkit.aggregator.app import create_app
-from toolkit.aggregator.config import parse_config
-from toolkit.aggregator.coordinator import Coordinator
-from toolkit.aggregator.store import Store
 from toolkit.data import write_shard
 
 
 @pytest.fixture
-def server(tmp_path, small_cnn_bundle):
-    config = parse_config({"name": "t", "bundle": str(small_cnn_bundle()), "fedavg": {"min_reports": 1},
-                           "stages": [{"name": "s", "rounds": 2, "lr": 0.05}]}, tmp_path)
-    coordinator = Coordinator(config, Store(tmp_path / "agg.sqlite"))
-    coordinator.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(coordinator, tick_seconds=0.2), port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", coordinator
-    srv.should_exit = True
-    thread.join(10)
+def server(serve_run, small_cnn_bundle):
+    return serve_run(small_cnn_bundle())
 
 
 def test_phone_enrols_trains_every_round_and_stops_when_done(server, small_cnn_bundle, fashion_train, tmp_path):

@@ -7,8 +7,6 @@ tests/android_harness/test_arm64.py.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -27,30 +25,10 @@ def phone(arm64_phone) -> arm64.Arm64Phone:
 
 
 @pytest.fixture
-def aggregator(tmp_path, small_cnn_bundle):
-    """A `fedkit serve` app on loopback (uvicorn in a thread): its /probe/echo route."""
-    import uvicorn
-
-    from toolkit.aggregator.app import create_app
-    from toolkit.aggregator.config import parse_config
-    from toolkit.aggregator.coordinator import Coordinator
-    from toolkit.aggregator.store import Store
-
-    config = parse_config({"name": "p", "bundle": str(small_cnn_bundle(engines=("numpy",))),
-                           "stages": [{"name": "s", "rounds": 1, "lr": 0.05}]}, tmp_path)
-    coordinator = Coordinator(config, Store(tmp_path / "agg.sqlite"))
-    coordinator.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(coordinator, tick_seconds=0.2), port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+def aggregator(serve_run, small_cnn_bundle):
+    """A `fedkit serve` app on loopback: its /probe/echo route."""
+    url, _ = serve_run(small_cnn_bundle(engines=("numpy",)), rounds=1)
+    return url
 
 
 def test_profile_arm64_says_it_is_emulated_and_trains_with_numpy(phone, aggregator, tmp_path):
