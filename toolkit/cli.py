@@ -684,6 +684,8 @@ def _run_simulation(config, out: Path) -> None:
     with Live(view(), console=err_console, refresh_per_second=2, transient=False) as live:
         summary = simulate(config, out, on_tick=lambda t: live.update(view(t)), on_step=lambda s: live.update(view(step=s)))
         live.update(view(step="report written"))
+    if not err_console.is_terminal:
+        err_console.print()  # Live leaves its last frame's line open where it is not a terminal (a log)
     accuracy = summary.final_accuracy
     ref = summary.reference
     console.print(
