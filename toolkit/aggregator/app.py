@@ -15,14 +15,13 @@
 Every error body is JSON ``{"status": ..., "reason": ...}``; 401 on a missing or wrong bearer
 token (nothing is stored), 429 with Retry-After when a device exceeds its request rate
 (``[limits]``; SplitFed batches count in a separate bucket per device, ``[splitfed]``).
+Authentication, principals, rate limits and body reading: ``toolkit.aggregator.auth``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
@@ -32,7 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from toolkit import __version__
+from toolkit.aggregator.auth import (
+    CoordinatorDep,
+    Principal,
+    RateLimiter,
+    admin,
+    bearer,
+    device,
+    principal,
+    read_body,
+)
 from toolkit.aggregator.coordinator import DEVICE_ID, Coordinator
+from toolkit.aggregator.probe import probe_router
 from toolkit.aggregator.status import run_status
 
 if TYPE_CHECKING:
@@ -43,84 +53,6 @@ TICK_SECONDS = 1.0  # how often round deadlines are checked
 _STATUS_OF_CODE = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "rejected", 429: "rate_limited", 503: "busy"}
 
 
-@dataclass(frozen=True)
-class Principal:
-    role: str  # "device" or "admin"
-    device_id: str | None
-
-
-@dataclass
-class RateLimiter:
-    """Token bucket per device, in memory (a restart forgets it, harmlessly)."""
-
-    rate: float  # requests per second
-    burst: int
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def retry_after(self, key: str, now: float) -> float:
-        """0 if the request may go ahead (and counts it), else seconds to wait."""
-        tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            return (1 - tokens) / self.rate
-        self._buckets[key] = (tokens - 1, now)
-        return 0.0
-
-
-async def get_coordinator(request: Request) -> Coordinator:
-    return request.app.state.coordinator
-
-
-def _bearer(authorization: str | None) -> str:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
-    return token.strip()
-
-
-def _authenticated(coordinator: Coordinator, authorization: str | None, limiter: RateLimiter) -> Principal:
-    found = coordinator.authenticate(_bearer(authorization))
-    if found is None:
-        raise HTTPException(401, "unknown or revoked token: enrol again for a new one", {"WWW-Authenticate": "Bearer"})
-    who = Principal(*found)
-    wait = limiter.retry_after(who.device_id or "admin", time.monotonic())
-    if wait:
-        raise HTTPException(429, f"too many requests: retry after {wait:.1f} s", {"Retry-After": str(max(1, round(wait)))})
-    return who
-
-
-async def principal(
-    request: Request,
-    coordinator: Annotated[Coordinator, Depends(get_coordinator)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> Principal:
-    return _authenticated(coordinator, authorization, request.app.state.limiter)
-
-
-async def device(who: Annotated[Principal, Depends(principal)]) -> str:
-    if who.role != "device":
-        raise HTTPException(403, "this route is for enrolled devices; use a device credential")
-    return who.device_id
-
-
-async def batch_device(
-    request: Request,
-    coordinator: Annotated[Coordinator, Depends(get_coordinator)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> str:
-    """A device sending SplitFed batches: counted in its own, larger bucket (``[splitfed]``)."""
-    who = _authenticated(coordinator, authorization, request.app.state.batch_limiter)
-    return await device(who)
-
-
-async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
-    if who.role != "admin":
-        raise HTTPException(403, "this route needs an admin token (fedkit enrol-token --admin)")
-    return who
-
-
-CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 
 health = APIRouter(tags=["health"])
 
@@ -142,7 +74,7 @@ class EnrolRequest(BaseModel):
 async def post_enrol(req: EnrolRequest, coordinator: CoordinatorDep, authorization: Annotated[str | None, Header()] = None) -> dict:
     """Trades a one-time enrolment token (as the bearer token) for a device credential.
     Repeating it with the same token and device id issues a fresh credential."""
-    outcome = coordinator.enrol(_bearer(authorization), req.device_id)
+    outcome = coordinator.enrol(bearer(authorization), req.device_id)
     if outcome.status == "invalid_token":
         raise HTTPException(401, "enrolment token unknown, or already used by another device: ask for a new one")
     if outcome.status == "id_taken":
@@ -186,19 +118,6 @@ async def get_weights(
 updates = APIRouter(tags=["updates"])
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise HTTPException(413, f"update is {length} bytes, the limit is {limit}: use a smaller encoding")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"update exceeds the limit of {limit} bytes: use a smaller encoding")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @updates.post("/v1/updates", responses={409: {}, 400: {}, 403: {}, 413: {}, 422: {}})
 async def post_update(
     request: Request,
@@ -209,7 +128,7 @@ async def post_update(
 ) -> JSONResponse:
     """Pushes a codec-encoded delta. The body's status is accepted, duplicate, stale, restart
     (SplitFed: train the round again, the edge lost its part) or rejected."""
-    body = await _read_body(request, coordinator.config.limits.max_update_bytes)
+    body = await read_body(request, coordinator.config.limits.max_update_bytes)
     outcome = coordinator.push(device_id, idempotency_key, body, x_fedkit_accuracy)
     return JSONResponse(outcome.body(), status_code=outcome.code)
 
@@ -271,11 +190,9 @@ def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, 
     app.state.limiter = RateLimiter(limits.requests_per_s, limits.burst)
     for router in (health, enrolment, tasks, weights, updates, evaluations, status):
         app.include_router(router)
-    from toolkit.aggregator.probe import probe_router  # imported here: it reuses this module's RateLimiter
-
     app.include_router(probe_router())
     if edge is not None:
-        from toolkit.splitfed.routes import splitfed  # imported here: it uses this module's auth dependencies
+        from toolkit.splitfed.routes import splitfed  # imported here: only a SplitFed aggregator loads the edge (torch)
 
         app.state.edge = edge
         app.state.batch_limiter = RateLimiter(edge.config.batches_per_s, edge.config.batch_burst)

@@ -22,7 +22,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.exceptions import HTTPException
 
-from toolkit.aggregator.app import RateLimiter
+from toolkit.aggregator.auth import RateLimiter
 
 MAX_DOWN_BYTES = 8 << 20  # 8 MiB: 8× the probe's 1 MiB transfers, room for longer ones on fast links
 MAX_UP_BYTES = 8 << 20

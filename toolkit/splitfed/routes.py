@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from starlette.exceptions import HTTPException
 
 from device_runtime.client import BATCH_HEADER
-from toolkit.aggregator.app import Principal, _read_body, admin, batch_device
+from toolkit.aggregator.auth import Principal, admin, batch_device, read_body
 from toolkit.splitfed.edge import SplitFedEdge
 
 splitfed = APIRouter(tags=["splitfed"])
@@ -48,7 +48,7 @@ async def put_batch(
     edge: EdgeDep,
 ) -> Response:
     """Trains the edge's copy on one batch of activations and answers the gradient at the cut."""
-    body = await _read_body(request, edge.coordinator.config.limits.max_update_bytes)
+    body = await read_body(request, edge.coordinator.config.limits.max_update_bytes)
     reply = await edge.submit(device_id, batch, body)
     headers = {BATCH_HEADER: reply.status}
     if reply.code != 200:
