@@ -9,8 +9,12 @@
     │   └── RestartRound        the SplitFed edge lost the phone's round: train it again from batch 0
     ├── DataError               a dataset file or a phone's data shard is missing or corrupt
     ├── DeployError             a phone cannot be deployed, or did not verify on the target
+    │   └── EmulationError      (android_harness.arm64) the emulated arm64 phone cannot be built or run
+    ├── NetnsError              (android_harness.netns) network namespaces or tc cannot be set up
     └── (host side, in toolkit.errors) ModelError, ExportError, PlanError, ConfigError,
-        StoreError
+        StoreError, SimulationError
+
+This docstring is the whole tree: every fedkit error is one of these.
 
 InternalError is different: a broken assumption inside fedkit, not a user mistake.
 """

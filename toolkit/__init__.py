@@ -1,3 +1,5 @@
 """fedkit's host side: CLI, model zoo, data, profiling, planning, aggregator, simulation."""
 
-__version__ = "0.1.0"
+from device_runtime import __version__  # the one version source (pyproject reads it too)
+
+__all__ = ["__version__"]

@@ -8,7 +8,10 @@ phone and the host share one hierarchy; they are re-exported here.
     ├── ExportError     a part of the model cannot be exported for the requested engine
     ├── PlanError       a plan or profile is invalid, or no choice fits a phone
     ├── ConfigError     a run configuration is invalid
-    └── StoreError      the aggregator's database cannot be opened or is inconsistent
+    ├── StoreError      the aggregator's database cannot be opened or is inconsistent
+    └── SimulationError a simulated run could not be set up or did not finish
+
+The whole tree, the phone's and the harness's errors included, is drawn in device_runtime.errors.
 """
 
 from typing import TYPE_CHECKING
@@ -42,6 +45,7 @@ __all__ = [
     "ModelError",
     "PlanError",
     "ProtocolError",
+    "SimulationError",
     "StoreError",
     "describe",
 ]
@@ -65,6 +69,10 @@ class ConfigError(FedkitError):
 
 class StoreError(FedkitError):
     """The aggregator's database cannot be opened or is inconsistent."""
+
+
+class SimulationError(FedkitError):
+    """A simulated run could not be set up or did not finish."""
 
 
 def describe(exc: "ValidationError") -> str:

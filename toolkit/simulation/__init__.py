@@ -5,7 +5,7 @@ phones, ``monitor`` follows the run over the aggregator's HTTP API, ``summary`` 
 leaves for the CLI, the report and the benchmarks."""
 
 from toolkit.simulation.config import Fault, PhoneGroup, SimulationConfig, demo_config, load_simulation, parse_simulation
-from toolkit.simulation.monitor import SimulationError
+from toolkit.errors import SimulationError
 from toolkit.simulation.run import simulate
 from toolkit.simulation.summary import RunSummary, Tick
 

@@ -17,7 +17,7 @@ import httpx
 from device_runtime.codec import decode
 from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.status import RunStatus
-from toolkit.errors import FedkitError
+from toolkit.errors import SimulationError
 from toolkit.evaluation import Evaluator
 from toolkit.simulation.config import SimulationConfig
 from toolkit.simulation.phones import PhoneProcess
@@ -26,10 +26,6 @@ from toolkit.simulation.summary import Tick
 POLL_S = 0.25  # a kill fault lands within a quarter second of what it waits for
 PHONE_EXIT_GRACE_S = 30.0
 ALL_ROUNDS = 100_000
-
-
-class SimulationError(FedkitError):
-    """The simulated run could not be set up or did not finish."""
 
 
 class AdminClient:
