@@ -128,39 +128,27 @@ def arm64_phone():
 
 @pytest.fixture
 def serve_run(tmp_path):
-    """Serves a run on loopback, the real app under uvicorn in a thread on a port of its own (port
-    0: no race for a free one): ``serve_run(bundle, rounds=2)`` starts a FedAvg run whose version 0
-    is that bundle's weights and returns ``(url, coordinator)``; stopped after the test."""
-    import threading
-    import time
+    """Serves a run on loopback (the real app, ``serving``): ``serve_run(bundle, rounds=2)``
+    starts a FedAvg run whose version 0 is that bundle's weights and returns ``(url,
+    coordinator)``; stopped after the test."""
+    import contextlib
+    import itertools
 
-    import uvicorn
-
+    from serving import serving
     from toolkit.aggregator.app import create_app
     from toolkit.aggregator.config import parse_config
     from toolkit.aggregator.coordinator import Coordinator
     from toolkit.aggregator.store import Store
 
-    servers = []
+    runs = itertools.count()
+    with contextlib.ExitStack() as servers:
 
-    def start(bundle, rounds: int = 2):
-        config = parse_config({"name": f"t{len(servers)}", "bundle": str(bundle), "fedavg": {"min_reports": 1},
-                               "stages": [{"name": "s", "rounds": rounds, "lr": 0.05}]}, tmp_path)
-        coordinator = Coordinator(config, Store(tmp_path / f"agg{len(servers)}.sqlite"))
-        coordinator.start()
-        server = uvicorn.Server(uvicorn.Config(create_app(coordinator, tick_seconds=0.2), host="127.0.0.1", port=0,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the aggregator did not start within 30 s"
-            time.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}", coordinator
+        def start(bundle, rounds: int = 2):
+            n = next(runs)
+            config = parse_config({"name": f"t{n}", "bundle": str(bundle), "fedavg": {"min_reports": 1},
+                                   "stages": [{"name": "s", "rounds": rounds, "lr": 0.05}]}, tmp_path)
+            coordinator = Coordinator(config, Store(tmp_path / f"agg{n}.sqlite"))
+            coordinator.start()
+            return servers.enter_context(serving(create_app(coordinator, tick_seconds=0.2))), coordinator
 
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+        yield start

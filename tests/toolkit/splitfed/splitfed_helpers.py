@@ -3,17 +3,12 @@ Fashion-MNIST, activation messages, and a reference copy of the edge's part."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import socket
-import threading
-import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+from serving import serving  # noqa: F401  (the SplitFed tests import it from here)
 import torch
-import uvicorn
 
 from device_runtime.codec import UpdateHeader, decode, encode
 from toolkit.aggregator.admin import issue_tokens
@@ -102,23 +97,3 @@ def one_step_from(model: SplittableModel, weights: dict[str, np.ndarray], cut: i
     activation = tensors[model.block_names[cut - 1]]
     edge_step(part, torch.optim.SGD(part.parameters(), lr=lr, momentum=momentum), activation, tensors["labels"].astype(np.int64))
     return {name: p.detach().numpy() for name, p in part.named_parameters()}
-
-
-@contextlib.contextmanager
-def serving(app) -> Iterator[str]:
-    """The app served by uvicorn on a loopback port, in a thread of this process; yields its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
