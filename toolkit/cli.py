@@ -451,11 +451,14 @@ def export_global(
     _check_file_output(out)
     import torch
 
-    from toolkit.aggregator.admin import evaluate_global, global_state_dict
+    from toolkit.aggregator.admin import global_tensors, merged_state_dict, model_accuracy
+    from toolkit.models import load_model
 
-    state = global_state_dict(db, model, version)
+    name, tensors = global_tensors(db, model, version)  # read and decoded once, the model loaded once
+    splittable = load_model(name)
+    state = merged_state_dict(splittable, tensors)
     # evaluated before anything is written: missing test data fails the command with no file left
-    accuracy = evaluate_global(db, model, version, test_images) if test_images else None
+    accuracy = model_accuracy(splittable, tensors, test_images) if test_images else None
     _write_whole(out, lambda path: torch.save(state, path))
     console.print(f"global model written to {out}")
     if accuracy is not None:

@@ -6,10 +6,14 @@ import json
 import secrets
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device_runtime.codec import decode
 from toolkit.aggregator.store import Store
 from toolkit.errors import ModelError, StoreError
+
+if TYPE_CHECKING:
+    from toolkit.models import SplittableModel
 
 ROLES = ("enrol", "admin")
 
@@ -30,27 +34,30 @@ def global_state_dict(db: str | Path, model: str | None = None, version: int | N
     """A PyTorch state dict of the run's model at ``version`` (default: the latest): the
     model zoo's ``load_model(model).root.state_dict()`` with the version's tensors merged in.
     ``model`` defaults to the run config's ``model``."""
-    import torch
-
     from toolkit.models import load_model  # torch: only here, not in the server
 
     model, tensors = global_tensors(db, model, version)
-    state = load_model(model).root.state_dict()
+    return merged_state_dict(load_model(model), tensors)
+
+
+def merged_state_dict(splittable: "SplittableModel", tensors: dict) -> dict:
+    """The zoo model's state dict with ``tensors`` (a version's) merged in."""
+    import torch
+
+    state = splittable.root.state_dict()
     for name, t in tensors.items():
         if name not in state or tuple(state[name].shape) != t.shape:
-            raise ModelError(f"global tensor {name!r} {t.shape} does not fit model {model!r}: pass the model the run trained")
+            raise ModelError(f"global tensor {name!r} {t.shape} does not fit model {splittable.model_id!r}: "
+                             "pass the model the run trained")
         state[name] = torch.from_numpy(t.copy())
     return state
 
 
-def evaluate_global(db: str | Path, model: str | None = None, version: int | None = None, test_images: int = 10000) -> float:
-    """The test accuracy of the run's global model at ``version`` (default: the latest) on the
-    first ``test_images`` Fashion-MNIST test images."""
+def model_accuracy(splittable: "SplittableModel", tensors: dict, test_images: int = 10000) -> float:
+    """The accuracy of the zoo model with ``tensors`` merged in on the first ``test_images``
+    Fashion-MNIST test images."""
     from toolkit.evaluation import Evaluator
-    from toolkit.models import load_model
 
-    model, tensors = global_tensors(db, model, version)
-    splittable = load_model(model)
     trained = [i for i, block in enumerate(splittable.block_names) if any(n.startswith(block + ".") for n in tensors)]
     stop = min(trained, default=len(splittable.block_names) - 1)  # blocks before it are as the zoo has them
     return Evaluator(splittable, stop, test_images).accuracy(tensors)
