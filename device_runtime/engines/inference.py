@@ -71,10 +71,7 @@ class FedPart:
     def __init__(self, path: Path):
         options = inference_options()
         options.log_severity_level = 3  # ORT warns once per input tensor that it cannot fold it: by design
-        try:
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except ORT_ERRORS as exc:
-            raise EngineError(f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version") from exc
+        self._session = load_session(path, options)
         self.shapes = {arg.name: tuple(arg.shape) for arg in self._session.get_overridable_initializers()}
         self._values: dict[str, np.ndarray] = {}
 
@@ -96,13 +93,18 @@ class FrozenPart:
     """``frozen.onnx`` on ONNX Runtime: the blocks no phone of the run trains."""
 
     def __init__(self, path: Path):
-        try:
-            self._session = onnxruntime.InferenceSession(str(path), inference_options(), providers=["CPUExecutionProvider"])
-        except ORT_ERRORS as exc:
-            raise EngineError(f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version") from exc
+        self._session = load_session(path, inference_options())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return run("the frozen part", lambda: self._session.run(None, {"input": float32(x)})[0])
+
+
+def load_session(path: Path, options):
+    """An inference session of a bundle's ONNX file; a file ONNX Runtime refuses is an EngineError."""
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as exc:
+        raise EngineError(f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version") from exc
 
 
 def run(what: str, call):
