@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from aggregator_helpers import delta, initial_weights, payload, run_config
@@ -49,11 +50,34 @@ def server(tmp_path):
         s.stop()
 
 
+def raw_push(url: str, credential: str, body: bytes, key: str, send: int | None = None) -> socket.socket:
+    """Sends a push on a bare socket and never reads the answer: a phone that dies (or loses its
+    link) right after sending. ``send`` bytes of the body only: the push is still in flight."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    head = (f"POST /v1/updates HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {credential}\r\n"
+            f"Idempotency-Key: {key}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n")
+    sock.sendall(head.encode() + body[: len(body) if send is None else send])
+    return sock
+
+
+def round_status(url: str, admin_token: str, round_: int) -> tuple[bool, list[str]]:
+    """(open, devices with an accepted update) of a round, from the server's GET /v1/status."""
+    r = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {admin_token}"}, timeout=5)
+    r.raise_for_status()
+    status = r.json()
+    (row,) = [x for x in status["rounds"] if x["round"] == round_]
+    accepted = sorted(p["device_id"] for p in status["phones"] if round_ in p["rounds"])
+    assert row["reports"] == len(accepted)
+    return row["open"], accepted
+
+
 def test_sigkill_mid_round_loses_no_accepted_update(server, tmp_path):
     # Prepare: 8 phones, the round wants all 8; fp32 updates so the aggregate is exact
     n = 8
     srv = server(fedavg={"min_reports": n, "deadline_s": 600}, stages=[{"name": "head", "rounds": 2, "lr": 0.1}])
     tokens = srv.issue_tokens(n)
+    (admin,) = srv.issue_tokens(1, role="admin")
     srv.start()
     phones = []
     for i, token in enumerate(tokens):
@@ -69,29 +93,39 @@ def test_sigkill_mid_round_loses_no_accepted_update(server, tmp_path):
         c, body, key = phones[i]
         answers[i].append(c.push(body, key).status)
 
-    # Execute: half push, then the rest push while the server is killed and restarted
-    for i in range(n // 2):
+    # Execute, in a fixed order so that the kill is mid-round whatever the timing:
+    # phones 0-3 push and see "accepted"
+    for i in range(4):
         push(i)
-    threads = [threading.Thread(target=push, args=(i,)) for i in range(n // 2, n)]
-    for t in threads:
-        t.start()
-    time.sleep(0.05)
+    assert [answers[i] for i in range(4)] == [["accepted"]] * 4
+    # phone 4's push reaches the server, which accepts it, but the phone never reads the answer
+    lost = raw_push(srv.url, phones[4][0].token, phones[4][1], phones[4][2])
+    deadline = time.monotonic() + 30
+    while round_status(srv.url, admin, 1)[1] != [f"phone-{i}" for i in range(5)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # phone 5's push is half sent when the server dies
+    half = raw_push(srv.url, phones[5][0].token, phones[5][1], phones[5][2], send=len(phones[5][1]) // 2)
+    # the server says: round 1 open, 5 of 8 accepted (phones 0-4): the kill is mid-round
+    assert round_status(srv.url, admin, 1) == (True, [f"phone-{i}" for i in range(5)])
     srv.kill()
+    lost.close()
+    half.close()
     srv.start()
-    for t in threads:
-        t.join(120)
-    # a phone killed before it saw its answer pushes the same bytes and key again
+
+    # Assert: nothing accepted before the kill is lost, and the half-sent push was not taken
+    assert round_status(srv.url, admin, 1) == (True, [f"phone-{i}" for i in range(5)])
+    # the phones retry or push after the restart: phone 4 resends the same bytes and key
+    for i in range(4, n):
+        push(i)
+    assert [answers[i] for i in range(4, n)] == [["duplicate"], ["accepted"], ["accepted"], ["accepted"]]
+    # a phone that lost any answer pushes again: every one is counted exactly once
     for i in range(n):
         push(i)
-
-    # Assert: every phone counted exactly once, the first answer definite, the repeat a duplicate
-    assert all(a[0] in ("accepted", "duplicate") and a[-1] == "duplicate" for a in answers.values()), answers
-    deadline = time.monotonic() + 30
+    assert all(a[-1] == "duplicate" for a in answers.values()), answers
+    # the round closed with all 8 updates, and the aggregate is their exact weighted mean
+    assert round_status(srv.url, admin, 1) == (False, [f"phone-{i}" for i in range(n)])
     store = Store(srv.db)
-    while store.latest_version().version < 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    aggregated = store.updates(version=1)
-    assert sorted(u.device_id for u in aggregated) == [f"phone-{i}" for i in range(n)]
+    assert sorted(u.device_id for u in store.updates(version=1)) == [f"phone-{i}" for i in range(n)]
     samples = np.array([10 + i for i in range(n)], float)
     expected_step = float((samples * 0.1 * np.arange(1, n + 1)).sum() / samples.sum())
     new = decode(store.version_blob(1)).tensors
