@@ -11,10 +11,14 @@
     ├── DeployError             a phone cannot be deployed, or did not verify on the target
     │   └── EmulationError      (android_harness.arm64) the emulated arm64 phone cannot be built or run
     ├── NetnsError              (android_harness.netns) network namespaces or tc cannot be set up
-    └── (host side, in toolkit.errors) ModelError, ExportError, PlanError, ConfigError,
-        StoreError, SimulationError
+    ├── ExportError             (exporters.errors) a part of the model cannot be exported for an engine
+    ├── ModelError              (toolkit.errors) an unknown model, missing or wrong weights, a bad cut
+    ├── PlanError               (toolkit.errors) a plan or profile is invalid, or no choice fits a phone
+    ├── ConfigError             (toolkit.errors) a run configuration is invalid
+    ├── StoreError              (toolkit.errors) the aggregator's database cannot be opened or is inconsistent
+    └── SimulationError         (toolkit.errors) a simulated run could not be set up or did not finish
 
-This docstring is the whole tree: every fedkit error is one of these.
+This docstring is the whole tree: every fedkit error is one of these (tests/test_layers.py checks it).
 
 InternalError is different: a broken assumption inside fedkit, not a user mistake.
 """

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,11 +32,10 @@ from device_runtime.codec import ENCODINGS, UpdateHeader, encode
 from device_runtime.folders import is_free, new_folder
 from device_runtime.manifest import ENGINES, DevicePlan, FileEntry, Manifest, TensorSpec, linear_layer
 from device_runtime.preprocess import InputSpec
+from device_runtime import __version__
+from exporters.errors import ExportError
 from exporters.onnx import export_onnx
 from exporters.ort_training import export_ort_training
-from toolkit import __version__
-from toolkit.errors import ExportError
-from toolkit.models import SplittableModel
 
 # Called before each step and once at the end: (name of the step starting, steps done, steps in all).
 Progress = Callable[[str, int, int], None]
@@ -43,6 +43,20 @@ Progress = Callable[[str, int, int], None]
 # (``toolkit.planning.export.cached_bundle``) do not hand out one of an older layout.
 # 2: codec format 2 weights; frozen blocks other phones train in fed.onnx.
 EXPORT_FORMAT = 2
+
+
+class SplittableModel(Protocol):
+    """What the exporter needs of a model: ``toolkit.models.SplittableModel`` is the one there is.
+    Named here, not imported, because the exporters sit below the toolkit."""
+
+    model_id: str
+    block_names: list[str]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+    def check_cut(self, cut: int) -> None: ...
+    def part(self, start: int, stop: int) -> nn.Module: ...
+    def content_hash(self) -> str: ...
 
 
 @dataclass(frozen=True)

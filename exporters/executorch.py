@@ -31,7 +31,7 @@ from torch import nn
 from torch.export import Dim
 from torch.export.experimental import _export_forward_backward
 
-from toolkit.errors import ExportError
+from exporters.errors import ExportError
 
 MAX_BATCH = 64  # samples: the largest batch one program call takes
 

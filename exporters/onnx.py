@@ -36,7 +36,7 @@ import onnx
 import torch
 from torch import nn
 
-from toolkit.errors import ExportError
+from exporters.errors import ExportError
 
 OPSET = 17
 MAX_IR_VERSION = 10  # the newest ONNX IR version ONNX Runtime 1.19 loads

@@ -39,7 +39,7 @@ from onnxruntime.training.onnxblock import _graph_utils
 from torch import nn
 
 from exporters.onnx import MAX_IR_VERSION, OUTPUT_NAME, export_model
-from toolkit.errors import ExportError
+from exporters.errors import ExportError
 
 MODES = ("classify", "splitfed")
 GRAD_OUTPUT_NAME = "grad_output"

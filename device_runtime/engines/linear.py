@@ -16,7 +16,7 @@ import numpy as np
 
 from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
-from device_runtime.engines import check_weights
+from device_runtime.engines.contract import check_weights
 from device_runtime.engines.inference import FrozenPart, float32
 from device_runtime.errors import EngineError
 from device_runtime.manifest import linear_layer

@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from device_runtime.bundle import Bundle
-from device_runtime.engines import check_weights
+from device_runtime.engines.contract import check_weights
 from device_runtime.engines.inference import ORT_ERRORS, FrozenPart, float32, onnxruntime, run, session_options
 from device_runtime.errors import EngineError
 
