@@ -163,7 +163,11 @@ class AdbTarget:
 
     def start(self) -> str:
         self.check_device()
-        command = f"nohup {self._python_in_remote()} -m device_runtime.phone_loop {shlex.quote(self.remote)} > {shlex.quote(self.remote)}/phone.log 2>&1 &"
+        # nohup on the python command itself: ``nohup cd DIR && ...`` would try to run ``cd`` as a
+        # program and never start the loop
+        remote = shlex.quote(self.remote)
+        command = (f"cd {remote} && PYTHONPATH={remote} nohup {shlex.quote(self.python)} -m device_runtime.phone_loop {remote}"
+                   f" > {remote}/phone.log 2>&1 < /dev/null &")
         self._adb("shell", command)
         return command
 

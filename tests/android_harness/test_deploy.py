@@ -1,12 +1,27 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shlex
 import shutil
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from android_harness.deploy import AdbTarget, DeployError, deploy, deploy_fleet, target
+import device_runtime
+from android_harness.deploy import (
+    ADB_ROOT,
+    VERIFY_SCRIPT,
+    AdbTarget,
+    DeployError,
+    deploy,
+    deploy_fleet,
+    target,
+)
 from device_runtime.bundle import Bundle
 from device_runtime.errors import BundleError, DataError, FedkitError
 
@@ -110,9 +125,147 @@ def test_a_fleet_is_checked_whole_before_any_phone_is_deployed(small_cnn_bundle,
                      {"url": "http://127.0.0.1:8080", "device_id": "b", "enrol_token": "t2"}]
 
 
-def test_adb_without_a_device_is_a_clear_error(small_cnn_bundle, shard, credential):
-    with pytest.raises(DeployError, match="no phone 'fedkit-test-serial' attached|adb is not installed"):
-        AdbTarget("fedkit-test-serial").install([small_cnn_bundle()], shard, credential)
+# A named stand-in for a physical phone over adb: a fake `adb` executable on PATH that logs its
+# argv, answers get-state for one serial, copies `push`es into a folder standing for the phone's
+# storage and runs `shell` commands there with sh, with this host's Python as the phone's
+# python3. That python3 does not run the sync loop: asked for `-m device_runtime.phone_loop`, it
+# writes where and how it was started to STORAGE/started and exits.
+FAKE_ADB = """#!{python}
+import json, os, shutil, subprocess, sys
+storage, remote_root = os.environ["FAKE_PHONE_STORAGE"], {remote_root!r}
+with open(os.environ["FAKE_ADB_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+args = sys.argv[1:]
+if args[:2] != ["-s", os.environ["FAKE_ADB_SERIAL"]]:
+    sys.exit("error: device '%s' not found" % args[1])  # what adb says, exit code 1
+command, rest = args[2], args[3:]
+if command == "get-state":
+    print("device")
+elif command == "push":
+    src, dst = rest[0], storage + rest[1]
+    if os.path.isdir(src):  # adb push DIR DEST/ puts it at DEST/DIR
+        shutil.copytree(src, os.path.join(dst, os.path.basename(src)))
+    else:
+        dst = os.path.join(dst, os.path.basename(src)) if dst.endswith("/") else dst
+        shutil.copyfile(src, dst)
+        if os.path.basename(dst) == os.environ.get("FAKE_ADB_DAMAGE"):  # a bad USB link
+            with open(dst, "r+b") as f:
+                f.seek(-1, 2)
+                last = f.read(1)
+                f.seek(-1, 2)
+                f.write(bytes([last[0] ^ 1]))
+    print("%s: 1 file pushed." % src)
+elif command == "shell":
+    sys.exit(subprocess.run(["sh", "-c", rest[0].replace(remote_root, storage + remote_root)]).returncode)
+else:
+    sys.exit("fake adb: %s is not a command this stand-in answers" % command)
+"""
+
+
+@pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    """The fake phone on PATH as `adb` (serial "fake-phone"); returns (its argv log, its storage)."""
+    bin_dir, storage, log = tmp_path / "bin", tmp_path / "phone-storage", tmp_path / "adb.log"
+    bin_dir.mkdir()
+    storage.mkdir()
+    (bin_dir / "adb").write_text(FAKE_ADB.format(python=sys.executable, remote_root=ADB_ROOT))
+    (bin_dir / "python3").write_text(  # the phone's python3
+        '#!/bin/sh\n'
+        'if [ "$1 $2" = "-m device_runtime.phone_loop" ]; then\n'
+        '  echo "$PWD $PYTHONPATH $3" > "$FAKE_PHONE_STORAGE/started"; exit 0\n'
+        'fi\n'
+        f'exec "{sys.executable}" "$@"\n')
+    for tool in ("adb", "python3"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_PHONE_STORAGE", str(storage))
+    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
+    monkeypatch.setenv("FAKE_ADB_SERIAL", "fake-phone")
+
+    def calls() -> list[list[str]]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return calls, storage
+
+
+def adb_install_calls(bundle, shard, credential) -> list[list[str]]:
+    """What an adb install must send, in order: the phone is there, its folder, the runtime, the
+    bundle, shard and credential, then the phone's own Python checks every hash."""
+    remote = f"{ADB_ROOT}/fake-phone"
+    verify = f"cd {remote} && PYTHONPATH={remote} python3 -c {shlex.quote(VERIFY_SCRIPT)} {remote}"
+    return [
+        ["-s", "fake-phone", "get-state"],
+        ["-s", "fake-phone", "shell", f"mkdir -p {remote}/bundles"],
+        ["-s", "fake-phone", "push", str(Path(device_runtime.__file__).parent), f"{remote}/"],
+        ["-s", "fake-phone", "push", str(bundle), f"{remote}/bundles/"],
+        ["-s", "fake-phone", "push", str(shard), f"{remote}/shard.npz"],
+        ["-s", "fake-phone", "push", str(credential), f"{remote}/credential.json"],
+        ["-s", "fake-phone", "shell", verify],
+    ]
+
+
+def test_adb_install_pushes_everything_and_the_phone_checks_every_hash(fake_adb, small_cnn_bundle, shard, credential):
+    calls, storage = fake_adb
+    bundle = small_cnn_bundle()
+
+    done = deploy([bundle], "adb:fake-phone", shard, credential)
+
+    assert calls() == adb_install_calls(bundle, shard, credential)
+    # the hashes come from the phone's check of its own copies, and match this host's
+    assert done.bundles == (Bundle.load(bundle).bundle_hash,)
+    assert done.shard_sha256 == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert (done.target, done.phone_dir, done.started) == ("adb:fake-phone", "/data/local/tmp/fedkit/fake-phone", None)
+    phone = storage / "data/local/tmp/fedkit/fake-phone"
+    assert (phone / "device_runtime" / "phone_loop.py").is_file()  # the runtime, beside the phone folder
+    assert json.loads((phone / "credential.json").read_text())["device_id"] == "p1"
+
+
+def test_adb_deploy_start_launches_the_sync_loop_detached(fake_adb, small_cnn_bundle, shard, credential):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    calls, storage = fake_adb
+    bundle = small_cnn_bundle()
+
+    done = CliRunner().invoke(app, ["deploy", str(bundle), "--target", "adb:fake-phone", "--shard", str(shard),
+                                    "--credential", str(credential), "--start"])
+
+    assert done.exit_code == 0, done.output
+    remote = "/data/local/tmp/fedkit/fake-phone"
+    start = (f"cd {remote} && PYTHONPATH={remote} nohup python3 -m device_runtime.phone_loop {remote}"
+             f" > {remote}/phone.log 2>&1 < /dev/null &")
+    # install first, then: the phone is still there, and the loop is started in the background
+    assert calls() == adb_install_calls(bundle, shard, credential) + [
+        ["-s", "fake-phone", "get-state"], ["-s", "fake-phone", "shell", start]]
+    assert "started" in done.output
+    # the phone's shell really runs the loop: in the phone folder, with the pushed runtime on its path
+    started = storage / "started"
+    deadline = time.monotonic() + 10  # it runs in the background: wait for it, not for a fixed time
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    phone = f"{storage}{remote}"
+    assert started.read_text().split() == [phone, phone, phone]
+
+
+def test_a_shard_damaged_on_its_way_to_the_phone_is_caught_by_the_phones_check(
+        fake_adb, small_cnn_bundle, shard, credential, monkeypatch):
+    monkeypatch.setenv("FAKE_ADB_DAMAGE", "shard.npz")
+    with pytest.raises(DeployError, match="the shard on fake-phone has sha256 .*, expected "):
+        deploy([small_cnn_bundle()], "adb:fake-phone", shard, credential)
+
+
+def test_adb_without_the_phone_attached_is_a_clear_error(fake_adb, small_cnn_bundle, shard, credential):
+    calls, _ = fake_adb
+    with pytest.raises(DeployError, match="no phone 'other-serial' attached"):
+        AdbTarget("other-serial").install([small_cnn_bundle()], shard, credential)
+    assert calls() == [["-s", "other-serial", "get-state"]]  # nothing pushed
+
+
+def test_adb_not_installed_is_a_clear_error(small_cnn_bundle, shard, credential, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(DeployError, match="adb is not installed"):
+        AdbTarget("fake-phone").install([small_cnn_bundle()], shard, credential)
 
 
 @pytest.mark.parametrize("spec", ["usb:x", "local:", "adb"])
