@@ -9,7 +9,8 @@ trains (``fed_from``: the fleet's shallowest ``train_from``).
 
 Bundles are exported once into the host cache (``$FEDKIT_CACHE_DIR/bundles``), keyed by the
 choice, ``fed_from``, the export format and the model's hash, and copied from there; a cache
-entry that fails verification is exported again.
+entry that fails verification (a file, or the manifest itself, altered or missing) or holds
+another plan is exported again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from device_runtime.bundle import Bundle
+from device_runtime.bundle import MANIFEST, Bundle, sha256_file
 from device_runtime.errors import FedkitError
 from device_runtime.folders import is_free, new_folder
 from device_runtime.manifest import DevicePlan
@@ -104,19 +105,29 @@ def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progres
 
 
 def cached_bundle(model: "SplittableModel", plan: DevicePlan, fed_from: int, progress: Progress | None = None) -> Path:
-    """The verified bundle of ``plan`` in the host cache, exported first when missing or damaged."""
+    """The verified bundle of ``plan`` in the host cache, exported first when missing, damaged or
+    of another plan. ``Bundle.load`` checks every file against the manifest; the manifest is
+    checked against its sha256 kept beside the entry when it was exported (nothing else would
+    notice an edited manifest that still parses)."""
     from exporters.bundle import EXPORT_FORMAT, export_bundle
     from toolkit.central import cache_dir
     from toolkit.data import LABEL_NAMES
 
     fed = f"-fed{fed_from}" if fed_from < plan.train_from else ""
-    path = cache_dir() / "bundles" / f"{model.model_id}-{bundle_folder_name(plan)}{fed}-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
+    # local_epochs is not in the folder name of an export, but a phone's bundle carries it
+    name = f"{model.model_id}-{bundle_folder_name(plan)}-e{plan.local_epochs}{fed}-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
+    path = cache_dir() / "bundles" / name
+    stamp = path.with_name(name + ".sha256")  # the manifest's sha256 as exported
     try:
-        Bundle.load(path)
-        return path
-    except FedkitError:
-        shutil.rmtree(path, ignore_errors=True)
+        bundle = Bundle.load(path)
+        if stamp.read_text() == bundle.bundle_hash and bundle.manifest.plan == plan:
+            return path
+    except (FedkitError, OSError):
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+    stamp.unlink(missing_ok=True)
     export_bundle(model, plan, path, (plan.engine,), label_names=LABEL_NAMES, progress=progress, fed_from=fed_from)
+    stamp.write_text(sha256_file(path / MANIFEST))
     return path
 
 

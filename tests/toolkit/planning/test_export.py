@@ -6,13 +6,14 @@ import json
 from dataclasses import replace
 
 import pytest
-
 from typer.testing import CliRunner
 
 from device_runtime.bundle import Bundle
+from device_runtime.manifest import DevicePlan
 from toolkit.cli import app
-from toolkit.models import load_model
+from toolkit.data import LABEL_NAMES
 from toolkit.errors import ExportError, PlanError
+from toolkit.models import load_model
 from toolkit.planning import PlanConfig, Planner
 from toolkit.planning.export import cached_bundle, export_plan_bundles, read_index
 from toolkit.profiling import DeviceProfile, links
@@ -91,3 +92,111 @@ def test_export_from_a_missing_plan_fails_in_one_line(tmp_path):
     assert result.exit_code == 1
     assert "fedkit plan" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# The bundle cache (cached_bundle): each test gets a cache of its own and counts the exports
+# behind it, so "reused" means "not exported again", not merely "the same bytes came out".
+@pytest.fixture
+def exports(tmp_path, monkeypatch) -> list[DevicePlan]:
+    import exporters.bundle
+
+    monkeypatch.setenv("FEDKIT_CACHE_DIR", str(tmp_path / "cache"))
+    made = []
+    real = exporters.bundle.export_bundle
+
+    def counting(model, plan, out_dir, *args, **kwargs):
+        made.append(plan)
+        return real(model, plan, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(exporters.bundle, "export_bundle", counting)
+    return made
+
+
+def head_plan(model, **changes) -> DevicePlan:
+    n = len(model.block_names)
+    return replace(DevicePlan(cut=n, train_from=model.train_from(n, 1)), **changes)
+
+
+def files_and_mtimes(folder):
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def test_the_cache_hands_out_its_bundle_again_without_exporting(exports, one_torch_thread):
+    model = load_model("small_cnn")
+    plan = head_plan(model)
+    first = cached_bundle(model, plan, plan.train_from)
+    before = files_and_mtimes(first)
+
+    # a fresh load of the same model (same weights, same hash), the same plan
+    again = cached_bundle(load_model("small_cnn"), plan, plan.train_from)
+
+    assert again == first
+    assert exports == [plan]  # exported once, for the first call
+    assert files_and_mtimes(again) == before  # not rewritten either
+
+
+def test_a_fleet_exported_twice_is_exported_from_the_model_once(exports, one_torch_thread, tmp_path):
+    fleet = Planner(load_model("small_cnn"), EDGE, PlanConfig(slack=0.0)).plan([_phone("a"), _phone("b")])
+    one = export_plan_bundles(fleet, tmp_path / "one")
+    two = export_plan_bundles(fleet, tmp_path / "two")
+    assert len(exports) == len(one) == len(two) == 1  # the two phones share a bundle
+    assert Bundle.load(two[0].folder).bundle_hash == Bundle.load(one[0].folder).bundle_hash
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _relabel(path):  # still a valid manifest, every file still matching it: only its hash tells
+    manifest = json.loads(path.read_text())
+    manifest["label_names"][0] = "not a t-shirt"
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda entry: _flip_last_byte(next(entry.glob("*.onnx"))), id="model file altered"),
+    pytest.param(lambda entry: next(entry.glob("*.onnx")).unlink(), id="model file missing"),
+    pytest.param(lambda entry: _relabel(entry / "manifest.json"), id="manifest edited"),
+    pytest.param(lambda entry: (entry / "manifest.json").write_text("{"), id="manifest truncated"),
+])
+def test_a_damaged_cache_entry_is_exported_again(exports, one_torch_thread, damage):
+    model = load_model("small_cnn")
+    plan = head_plan(model)
+    entry = cached_bundle(model, plan, plan.train_from)
+    good = Bundle.load(entry).bundle_hash
+    damage(entry)
+
+    again = cached_bundle(model, plan, plan.train_from)
+
+    assert exports == [plan, plan]  # noticed, and exported again
+    assert Bundle.load(again).bundle_hash == good  # the entry is whole again, as first exported
+    assert Bundle.load(again).manifest.label_names == LABEL_NAMES
+
+
+def test_an_entry_of_another_export_format_is_not_reused(exports, one_torch_thread, monkeypatch):
+    import exporters.bundle
+
+    model = load_model("small_cnn")
+    plan = head_plan(model)
+    old = cached_bundle(model, plan, plan.train_from)
+
+    # the exporter's files change, and with them EXPORT_FORMAT
+    monkeypatch.setattr(exporters.bundle, "EXPORT_FORMAT", exporters.bundle.EXPORT_FORMAT + 1)
+    new = cached_bundle(model, plan, plan.train_from)
+
+    assert new != old and exports == [plan, plan]
+    Bundle.load(new)
+
+
+def test_a_plan_that_differs_only_in_local_epochs_gets_its_own_bundle(exports, one_torch_thread):
+    # the phone falls back on its bundle's local_epochs when a stage does not name them
+    model = load_model("small_cnn")
+    one, three = head_plan(model), head_plan(model, local_epochs=3)
+    cached_bundle(model, one, one.train_from)
+
+    entry = cached_bundle(model, three, three.train_from)
+
+    assert exports == [one, three]
+    assert Bundle.load(entry).manifest.plan.local_epochs == 3
