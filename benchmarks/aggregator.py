@@ -34,9 +34,8 @@ from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import UpdateHeader, encode
 from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.store import Store
-from toolkit.benchmarking import machine, write_result
+from toolkit.benchmarking import write_result
 
-RESULT = Path(__file__).resolve().parent / "results" / "aggregator.json"
 SEED = 0
 HEAD = {"classifier.weight": (10, 1280), "classifier.bias": (10,)}
 PATIENT = RetryPolicy(attempts=80, base_s=0.05, cap_s=1.0)
@@ -231,16 +230,9 @@ def main() -> None:
         runs = {str(n): throughput(Path(tmp) / f"tp{n}", n) for n in VERSIONS}
         rec = recovery(Path(tmp) / "recovery")
     rss = {n: r["server_peak_rss_mb"] for n, r in runs.items()}
-    record = {
-        "benchmark": "aggregator",
-        "figures": {
-            "throughput": runs,
-            "peak_rss_mb_by_phones": rss,
-            "rss_growth_10_to_200_phones": round(rss["200"] / rss["10"], 3),
-            "recovery": rec,
-            "accepted_updates_lost": rec["accepted_updates_lost"],
-        },
-        "config": {
+    write_result(
+        "aggregator",
+        config={
             "update": {"tensors": {k: list(v) for k, v in HEAD.items()}, "encoding": "int8",
                        "model_fp32_kb": round(4 * sum(int(np.prod(s)) for s in HEAD.values()) / 1024, 1)},
             "throughput_mode": "fedbuff, buffer = phones (each phone pushes once per version)",
@@ -249,11 +241,16 @@ def main() -> None:
             "seed": SEED,
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "fastapi": fastapi.__version__,
                          "uvicorn": uvicorn.__version__, "httpx": httpx.__version__},
-            "machine": machine(),
             "transport": "HTTP on loopback, phones as threads of one process",
         },
-    }
-    write_result(record, RESULT)
+        figures={
+            "throughput": runs,
+            "peak_rss_mb_by_phones": rss,
+            "rss_growth_10_to_200_phones": round(rss["200"] / rss["10"], 3),
+            "recovery": rec,
+            "accepted_updates_lost": rec["accepted_updates_lost"],
+        },
+    )
 
 
 if __name__ == "__main__":

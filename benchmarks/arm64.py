@@ -25,9 +25,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from toolkit.benchmarking import machine, write_result
+from toolkit.benchmarking import write_result
 
-RESULT = Path(__file__).parent / "results" / "arm64.json"
 IMAGES = 200
 ROUND = ["--round", "1", "--lr", "0.01", "--epochs", "1", "--batch-size", "32", "--encoding", "fp32", "--seed", "0",
          "--device-id", "phone-1", "--holdout", "0"]
@@ -90,17 +89,16 @@ def main() -> None:
     diff = max(float(np.abs(on_arm.tensors[k] - t).max()) for k, t in on_x86.tensors.items())
     import onnxruntime
 
-    record = {
-        "name": "arm64",
-        "config": {
+    write_result(
+        "arm64",
+        config={
             "model": "mobilenet_v2 head (ImageNet weights, fresh Linear(1280, 10))", "engine": "numpy", "images": IMAGES,
             "shard": "B1 phone-1, Dirichlet(0.5) over 20 phones, seed 0, first images", "round": ROUND,
             "phone": {"cpu": PHONE_CPU, "emulation": "qemu user mode (qemu-aarch64-static via binfmt_misc), Debian bookworm arm64",
                       "runtime_key": phone.runtime.key},
             "host_onnxruntime": onnxruntime.__version__,
-            "machine": machine(),
         },
-        "figures": {
+        figures={
             "native_s": round(native_s, 2),
             "emulated_s": round(emulated_s, 2),
             "emulated_over_native": round(emulated_s / native_s, 1),
@@ -111,8 +109,7 @@ def main() -> None:
             "same_samples": on_arm.header.num_samples == on_x86.header.num_samples,
             "install_mb": {"arm64": round(phone.runtime.size_mb, 1), "x86_64": round(x86_mb, 1), "target": 150},
         },
-    }
-    write_result(record, RESULT)
+    )
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ benchmarks/results/central.json.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
 from toolkit.benchmarking import write_result
 from toolkit.central import train_central
-
-RESULT = Path(__file__).resolve().parent / "results" / "central.json"
 
 
 def matmul_seconds(repeats: int = 20) -> float:
@@ -39,11 +36,11 @@ def main() -> None:
     baseline_before = matmul_seconds()
     result = train_central("mobilenet_v2", epochs=30, batch_size=32, lr=0.01, momentum=0.9, seed=0, use_cache=False)
     baseline = (baseline_before + matmul_seconds()) / 2
-    record = result.to_dict()
-    record["figures"]["matmul_1024_seconds"] = baseline
-    record["figures"]["extraction_vs_matmul"] = result.extraction_seconds / baseline
-    record["figures"]["train_vs_matmul"] = result.train_seconds / baseline
-    write_result(record, RESULT)
+    figures = result.figures()
+    figures["matmul_1024_seconds"] = baseline
+    figures["extraction_vs_matmul"] = result.extraction_seconds / baseline
+    figures["train_vs_matmul"] = result.train_seconds / baseline
+    write_result("central", config=result.config, figures=figures)
 
 
 if __name__ == "__main__":

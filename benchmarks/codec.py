@@ -47,9 +47,8 @@ from device_runtime.codec import (
     encoded_size,
     layered_encodings,
 )
-from toolkit.benchmarking import machine, write_result
+from toolkit.benchmarking import write_result
 
-RESULT = Path(__file__).resolve().parent / "results" / "codec.json"
 SEED = 0
 PHONES, ALPHA = 20, 0.5  # B1's federation
 LAYERED_BITS = 4.0
@@ -223,25 +222,27 @@ def main() -> None:
         results[size]["_tensors"] = len(update)
         results[size]["_elements"] = int(src.size)
     whole = results["whole"]
-    report = {
-        "benchmark": "codec",
-        "results": results,
-        "copy_bandwidth": copy,
-        "targets": {
-            **{f"{e}_ratio>={t}": all(results[s][e]["ratio_vs_fp32"] >= t for s in results) for e, t in TARGET_RATIO.items()},
-            **{
-                f"{e}_{way}_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_copy_fraction"] >= TARGET_COPY_FRACTION
-                for e in [*ENCODINGS, f"layered:{LAYERED_BITS:g}"]
-                for way in ("encode", "decode")
-            },
-            "not the target, for reference (same-size in-cache copy)": {
-                f"{e}_{way}_cache_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_cache_copy_fraction"]
-                >= TARGET_COPY_FRACTION
-                for e in [*ENCODINGS, f"layered:{LAYERED_BITS:g}"]
-                for way in ("encode", "decode")
+    write_result(
+        "codec",
+        figures={
+            **results,
+            "copy_bandwidth": copy,
+            "targets": {
+                **{f"{e}_ratio>={t}": all(results[s][e]["ratio_vs_fp32"] >= t for s in results) for e, t in TARGET_RATIO.items()},
+                **{
+                    f"{e}_{way}_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_copy_fraction"] >= TARGET_COPY_FRACTION
+                    for e in [*ENCODINGS, f"layered:{LAYERED_BITS:g}"]
+                    for way in ("encode", "decode")
+                },
+                "not the target, for reference (same-size in-cache copy)": {
+                    f"{e}_{way}_cache_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_cache_copy_fraction"]
+                    >= TARGET_COPY_FRACTION
+                    for e in [*ENCODINGS, f"layered:{LAYERED_BITS:g}"]
+                    for way in ("encode", "decode")
+                },
             },
         },
-        "config": {
+        config={
             "seed": SEED,
             "update": "real: B1 phone 0's Dirichlet(0.5) shard, one local epoch, batch 32, SGD momentum 0.9, frozen BatchNorm statistics",
             "head": "classifier.weight (10, 1280) + classifier.bias (10,), the classifier alone trained at lr 0.01 (B1-A)",
@@ -264,11 +265,9 @@ def main() -> None:
                 "torch": torch.__version__,
                 "fedkit": device_runtime.__version__,
             },
-            "machine": machine(),
             "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")},
         },
-    }
-    write_result(report, RESULT)
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.benchmarking import machine, write_result  # torch-free: fine in the child too
+from toolkit.benchmarking import write_result  # torch-free: fine in the child too
 
 SEED = 0
 BATCHES = (1, 32)
@@ -41,7 +41,6 @@ WARMUP = 3
 CHILD_STEPS = 20  # batch-32 train steps in each peak-RSS child
 LR = 0.01
 CONFIGS = {"head_only": 1, "last_3_blocks": 4}  # name → --train-blocks, cut at the end
-RESULT = Path(__file__).resolve().parent / "results" / "engines.json"
 
 
 class _BlockTorch(importlib.abc.MetaPathFinder):
@@ -61,8 +60,8 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    result = run(args.repeats)
-    write_result(result, RESULT)
+    figures = run(args.repeats)
+    write_result("engines", config=configuration(args.repeats), figures=figures)
 
 
 # -- the parent: export, time, spawn the children -----------------------------------------------
@@ -81,7 +80,7 @@ def run(repeats: int) -> dict:
     torch.manual_seed(SEED)
     model = load_model("mobilenet_v2")
     cut = len(model.block_names)
-    result: dict = {"benchmark": "engines", "bundles": {}, "latency": {}, "peak_rss": {}, "executorch_refused": {}}
+    result: dict = {"bundles": {}, "latency": {}, "peak_rss": {}, "executorch_refused": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, train_blocks in CONFIGS.items():
             plan = DevicePlan(cut=cut, train_from=model.train_from(cut, train_blocks))
@@ -95,7 +94,6 @@ def run(repeats: int) -> dict:
             result["bundles"][name] = describe(bundle)
             result["latency"][name] = time_engines(bundle, repeats)
             result["peak_rss"][name] = {engine: peak_rss(engine, out) for engine in ("eager", *bundle.manifest.engines)}
-    result["config"] = configuration(repeats)
     return result
 
 
@@ -240,7 +238,6 @@ def configuration(repeats: int) -> dict:
         },
         "torch_threads": 1,  # see EagerEngine
         "peak_rss": "VmHWM of a fresh child process per engine after the batch-32 train steps",
-        "machine": machine(),
     }
 
 

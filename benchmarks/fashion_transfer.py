@@ -41,9 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolkit.benchmarking import machine, write_result
+from toolkit.benchmarking import RESULTS, write_result
 
-RESULT = Path(__file__).parent / "results" / "fashion_transfer.json"
+RESULT = RESULTS / "fashion_transfer.json"  # read back: runs not asked for keep their figures
 CLASSES = ("flagship-2023", "upper-mid-2023", "mid-2022", "low-2022")
 
 
@@ -243,9 +243,9 @@ def main() -> int:
     import numpy
     import onnxruntime
 
-    out = {
-        "name": "fashion_transfer",
-        "config": {
+    write_result(
+        "fashion_transfer",
+        config={
             "rounds": {name: r.get("rounds_asked", r["rounds"]) for name, r in results.items() if "rounds" in r}, "full_b1_rounds": 30, "phones": 20, "classes": list(CLASSES), "alpha": 0.5, "seed": 0,
             "lr": LR, "momentum": 0.9, "batch_size": 32, "local_epochs": 1, "planner_slack_B": 0.5, "max_depth_B": 2,
             "compute": "host speed (no slowdown)", "links": "in-process, each class's cellular link",
@@ -258,11 +258,9 @@ def main() -> int:
                                   "the run, 20 phone processes and the edge sharing the host"},
             "versions": {"fedkit": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
                          "onnxruntime": onnxruntime.__version__},
-            "machine": machine(),
         },
-        "figures": figures,
-    }
-    write_result(out, RESULT)
+        figures=figures,
+    )
     return 0
 
 

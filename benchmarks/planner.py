@@ -52,14 +52,13 @@ import torch
 
 from toolkit import __version__
 from toolkit.models import load_model
-from toolkit.benchmarking import machine, write_result
+from toolkit.benchmarking import write_result
 from toolkit.planning import PlanConfig, Planner, fit_calibration, shipped_calibration
 from toolkit.planning.cost import TRAIN_FACTOR, Choice, PartTiming, block_costs, predict_block, predict_part
 from toolkit.profiling import catalog_profiles, link, measure_local
 from toolkit.profiling.kernels import export_part, kernels
 
 ROOT = Path(__file__).resolve().parent
-RESULT = ROOT / "results" / "planner.json"
 CALIBRATION = ROOT.parent / "toolkit" / "planning" / "calibration.json"
 SEED = 0
 LINKS = ("3g", "4g", "wifi")
@@ -274,8 +273,7 @@ def main() -> None:
     speedups = [c["speedup_vs_better_baseline"] for c in feasible if c["speedup_vs_better_baseline"]]
     latency = [c["latency_only"] for c in feasible]
     errors = [abs(c["measured_vs_predicted"]) for c in feasible]
-    result = {
-        "benchmark": "planner",
+    figures = {
         "summary": {
             "cases": len(cases),
             "infeasible": len(cases) - len(feasible),
@@ -302,7 +300,11 @@ def main() -> None:
         },
         "cases": cases,
         "fleets": fleets,
-        "config": {
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    write_result(
+        "planner",
+        config={
             "model": "mobilenet_v2",
             "plan": config.model_dump(),
             "links": {name: link(name).model_dump() for name in LINKS},
@@ -315,11 +317,9 @@ def main() -> None:
             "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__,
             "python": sys.version.split()[0],
-            "machine": machine(),
-            "wall_s": round(time.perf_counter() - started, 1),
         },
-    }
-    write_result(result, RESULT)
+        figures=figures,
+    )
 
 
 if __name__ == "__main__":

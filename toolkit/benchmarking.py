@@ -1,13 +1,65 @@
-"""What every benchmark records about the machine it ran on, and how it reports: one JSON line
-on stdout and the same line in ``benchmarks/results/NAME.json`` (committed with the change
-that moved it)."""
+"""The one record every benchmark writes, and how it reports: one JSON line on stdout and the
+same line in ``benchmarks/results/NAME.json`` (committed with the change that moved it).
+
+A record says which benchmark it is, which schema it follows, the commit and the machine it
+ran on, its config (the workload parameters) and its figures (what it measured)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# 1 was the unversioned layouts before this one ("benchmark"/"results" beside "name"/"figures"),
+# so a record without the field is of schema 1.
+SCHEMA_VERSION = 2
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+UNKNOWN = "unknown"
+
+
+class Machine(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    cpu: str
+    cores: int | None  # os.cpu_count() cannot always tell
+    arch: str  # "unknown" in a record from before the machine carried it
+    python: str
+    load_average_1m: float  # these machines are shared, so timings are noisy
+
+
+class BenchmarkRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    name: str  # the script's name, and its results file's
+    schema_version: Literal[SCHEMA_VERSION]
+    commit: str = Field(pattern=r"^([0-9a-f]{40}|unknown)$")  # HEAD when it ran
+    dirty: bool  # tracked files differed from that commit: the code that ran is in no commit
+    machine: Machine
+    config: dict[str, Any]
+    figures: dict[str, Any]
+
+    def to_json(self) -> str:
+        # json.dumps, not model_dump_json: floats keep Python's repr, as the figures always had
+        return json.dumps(self.model_dump())
+
+    def write(self, path: Path | str) -> Path:
+        """Writes ``to_json()`` (one line) to ``path`` whole: a crash leaves the old file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, path: Path | str) -> BenchmarkRecord:
+        return cls.model_validate_json(Path(path).read_text())
 
 
 def cpu_name() -> str:
@@ -21,7 +73,7 @@ def cpu_name() -> str:
 
 
 def machine() -> dict:
-    """The machine, and how busy it was: these machines are shared, so timings are noisy."""
+    """The machine, and how busy it was."""
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
@@ -31,8 +83,28 @@ def machine() -> dict:
     }
 
 
-def write_result(record: dict, path: Path) -> None:
-    line = json.dumps(record)
-    print(line)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(line + "\n")
+def commit(repo: Path = REPO) -> tuple[str, bool]:
+    """The checkout's HEAD and whether its tracked files have uncommitted changes; ("unknown",
+    False) outside a git checkout, or without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return UNKNOWN, False
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def benchmark_record(name: str, config: dict, figures: dict) -> BenchmarkRecord:
+    """The record of a run that just ended, on this commit and this machine."""
+    head, dirty = commit()
+    return BenchmarkRecord(name=name, schema_version=SCHEMA_VERSION, commit=head, dirty=dirty,
+                           machine=Machine(**machine()), config=config, figures=figures)
+
+
+def write_result(name: str, config: dict, figures: dict, folder: Path = RESULTS) -> BenchmarkRecord:
+    """How every benchmark reports: its record as one JSON line on stdout and in ``folder/NAME.json``."""
+    record = benchmark_record(name, config, figures)
+    print(record.to_json())
+    record.write(folder / f"{name}.json")
+    return record

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +23,6 @@ from rich.console import Console
 from rich.progress import track
 
 from device_runtime.preprocess import InputSpec
-from toolkit.benchmarking import cpu_name
 from toolkit.data import load_fashion_mnist, transform
 from toolkit.errors import ConfigError, DataError
 from toolkit.models import SplittableModel, load_model
@@ -126,7 +124,7 @@ def _save_atomically(path: Path, array: np.ndarray) -> None:
 class CentralResult:
     """One centralised training run of the head on frozen backbone features."""
 
-    config: dict  # the settings, the versions and the machine
+    config: dict  # the settings and the versions
     test_accuracy: tuple[float, ...]  # after each epoch, on the test images
     train_loss: tuple[float, ...]  # mean cross-entropy of each epoch
     extracted_images: int  # train + test images put through the backbone
@@ -138,25 +136,14 @@ class CentralResult:
     def final_accuracy(self) -> float:
         return self.test_accuracy[-1]
 
-    def to_dict(self) -> dict:
+    def figures(self) -> dict:
+        """The figures of its benchmark record (``toolkit.benchmarking``)."""
         figures = {k: v for k, v in asdict(self).items() if k != "config"}
         figures["test_accuracy"] = list(self.test_accuracy)
         figures["train_loss"] = list(self.train_loss)
         figures["final_accuracy"] = self.final_accuracy
         figures["extraction_images_per_second"] = self.extracted_images / self.extraction_seconds
-        return {"name": "central", "config": self.config, "figures": figures}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    def write(self, path: Path | str) -> Path:
-        """Writes ``to_json()`` (one line) to ``path``, creating its folder."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)
-        return path
+        return figures
 
 
 def train_central(
@@ -237,7 +224,10 @@ def train_central(
         "test_images": len(test_images),
         "input": InputSpec().to_dict(),
         "use_cache": use_cache,
-        **_machine(),
+        # the versions; the machine is the record's (toolkit.benchmarking)
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return CentralResult(
         config=config,
@@ -248,15 +238,3 @@ def train_central(
         cache_hit=cache_hit,
         train_seconds=train_seconds,
     )
-
-
-def _machine() -> dict:
-    return {
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0],  # the machine is shared: how busy it was
-    }

@@ -169,6 +169,7 @@ def train_central(
     _check_file_output(out)
 
     from toolkit import central  # imports torch: only when the command runs
+    from toolkit.benchmarking import benchmark_record
 
     result = central.train_central(
         model, epochs=epochs, max_train=max_train, max_test=max_test, use_cache=not no_cache
@@ -185,7 +186,8 @@ def train_central(
         f"final accuracy [bold]{result.final_accuracy:.2%}[/bold]; features of {result.extracted_images:,} images "
         f"{source} in {result.extraction_seconds:.1f} s; training {result.train_seconds:.1f} s"
     )
-    console.print(f"result written to {result.write(out)}")
+    record = benchmark_record("central", result.config, result.figures())  # as benchmarks/central.py writes it
+    console.print(f"result written to {record.write(out)}")
 
 
 @app.command()

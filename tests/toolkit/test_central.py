@@ -1,11 +1,10 @@
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
+from toolkit.benchmarking import BenchmarkRecord, benchmark_record
 from toolkit.central import feature_cache_path, features, train_central
 from toolkit.data import transform
 from toolkit.errors import ConfigError, DataError
@@ -95,15 +94,15 @@ def test_train_central_learns_and_repeats_from_the_cache(cache):
     assert not first.cache_hit and second.cache_hit
     assert second.test_accuracy == first.test_accuracy  # seeded: the same run again
     assert first.extracted_images == 1300
-    record = json.loads(first.to_json())
-    assert record["config"]["seed"] == 0 and record["config"]["torch"] == torch.__version__
-    assert record["figures"]["final_accuracy"] == first.final_accuracy
+    assert first.config["seed"] == 0 and first.config["torch"] == torch.__version__
+    assert first.figures()["final_accuracy"] == first.final_accuracy
 
 
 def test_result_file_round_trip(cache, tmp_path):
     result = train_central("small_cnn", epochs=1, max_train=200, max_test=100)
-    path = result.write(tmp_path / "results" / "central.json")
-    assert json.loads(path.read_text()) == result.to_dict()
+    record = benchmark_record("central", result.config, result.figures())
+    path = record.write(tmp_path / "results" / "central.json")
+    assert BenchmarkRecord.read(path).to_json() == record.to_json()
 
 
 @pytest.mark.parametrize(
