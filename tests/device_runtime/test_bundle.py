@@ -1,23 +1,23 @@
 """The bundle loader verifies everything before anything runs: every broken bundle is refused
-with a BundleError that names the file. These bundles are written by hand (torch-free); the
-round trip through the real exporter is in tests/exporters/test_bundle.py."""
+with a BundleError that names the file. These bundles are written by hand (torch-free, through
+tests/bundle_helpers.py), of bytes that can be broken one file at a time; the round trip
+through the real exporter is in tests/exporters/test_bundle.py."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_helpers import edit_manifest, hand_made_bundle, set_file, write_manifest
 
 from device_runtime.bundle import MANIFEST, Bundle
 from device_runtime.codec import UpdateHeader, encode
 from device_runtime.errors import BundleError
-from device_runtime.manifest import SCHEMA_VERSION, DevicePlan, FileEntry, Manifest, TensorSpec
-from device_runtime.preprocess import InputSpec
+from device_runtime.manifest import SCHEMA_VERSION, DevicePlan, Manifest, TensorSpec
 
 BLOCKS = ("features.0", "features.1", "features.2", "pool", "classifier")
 CONTENTS = {
@@ -32,34 +32,8 @@ CONTENTS = {
 
 
 def write_bundle(root: Path) -> Manifest:
-    files = {}
-    for role, (rel, data) in CONTENTS.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-        files[role] = FileEntry(path=rel, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    manifest = Manifest(
-        model_id="small_cnn",
-        model_hash="ab" * 32,
-        block_names=BLOCKS,
-        plan=DevicePlan(cut=5, train_from=4),
-        input_spec=InputSpec(),
-        label_names=tuple(str(i) for i in range(10)),
-        trainable=(TensorSpec("classifier.weight", (10, 32)), TensorSpec("classifier.bias", (10,))),
-        files=files,
-        fedkit_version="0.1.0",
-    )
-    write_manifest(root, manifest.to_dict())
-    return manifest
-
-
-def write_manifest(root: Path, data) -> None:
-    (root / MANIFEST).write_text(json.dumps(data, indent=2))
-
-
-def edit_manifest(root: Path, edit) -> None:
-    data = json.loads((root / MANIFEST).read_text())
-    edit(data)
-    write_manifest(root, data)
+    trainable = (TensorSpec("classifier.weight", (10, 32)), TensorSpec("classifier.bias", (10,)))
+    return hand_made_bundle(root, CONTENTS, block_names=BLOCKS, plan=DevicePlan(cut=5, train_from=4), trainable=trainable)
 
 
 @pytest.fixture
@@ -105,9 +79,7 @@ def test_bundle_hash_changes_with_any_file_hash(tmp_path):
     for root in (a, b):
         root.mkdir()
         write_bundle(root)
-    other = CONTENTS["frozen.onnx"][1].upper()  # same size, other bytes
-    (b / "frozen.onnx").write_bytes(other)
-    edit_manifest(b, lambda d: d["files"]["frozen.onnx"].update(sha256=hashlib.sha256(other).hexdigest()))
+    set_file(b, "frozen.onnx", CONTENTS["frozen.onnx"][1].upper())  # same size, other bytes
 
     assert Bundle.load(a).bundle_hash != Bundle.load(b).bundle_hash
 
@@ -163,9 +135,7 @@ def test_an_altered_file_of_the_same_size_is_named(bundle_dir):
     ],
 )
 def test_initial_weights_that_do_not_fit_the_manifest_are_refused(bundle_dir, weights, message):
-    data = encode(UpdateHeader("exporter", 0, 0, 0, kind="weights"), weights, "fp32")
-    (bundle_dir / "weights.bin").write_bytes(data)
-    edit_manifest(bundle_dir, lambda d: d["files"]["weights"].update(sha256=hashlib.sha256(data).hexdigest(), size=len(data)))
+    set_file(bundle_dir, "weights", encode(UpdateHeader("exporter", 0, 0, 0, kind="weights"), weights, "fp32"))
     assert message in refused(bundle_dir) and "re-export" in refused(bundle_dir)
 
 
@@ -173,8 +143,7 @@ def test_initial_weights_of_an_older_codec_format_say_to_re_export(bundle_dir):
     # as an older fedkit wrote them: a valid file of its day, hashed in its manifest
     data = bytearray((bundle_dir / "weights.bin").read_bytes())
     data[4:6] = (1).to_bytes(2, "little")
-    (bundle_dir / "weights.bin").write_bytes(bytes(data))
-    edit_manifest(bundle_dir, lambda d: d["files"]["weights"].update(sha256=hashlib.sha256(data).hexdigest()))
+    set_file(bundle_dir, "weights", bytes(data))
     message = refused(bundle_dir)
     assert "weights.bin (weights) does not fit this fedkit" in message and "format version 1" in message
     assert "re-export the bundle" in message
