@@ -5,8 +5,6 @@ SplitFed, no runtime installed, the runtime's own torch import) fail with Engine
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,56 +14,34 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bundle_helpers import edited_copy, set_file
 
-from device_runtime.bundle import MANIFEST, Bundle, sha256_file
+from device_runtime.bundle import Bundle
 from device_runtime.engines import open_engine
 from device_runtime.engines.executorch import ExecuTorchEngine
 from device_runtime.errors import EngineError
-from device_runtime.manifest import DevicePlan, FileEntry, Manifest, TensorSpec
+from device_runtime.manifest import DevicePlan
 from device_runtime.optim import SGD
-from device_runtime.preprocess import InputSpec
-from exporters.executorch import export_executorch_inference, export_executorch_training
-from toolkit.models import SplittableModel, load_model
+from exporters.bundle import export_bundle
+from exporters.executorch import MAX_BATCH, export_executorch_training
+from toolkit.data import LABEL_NAMES
+from toolkit.models import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_bundle(root: Path, model: SplittableModel, train_from: int, *, frozen_max_batch: int | None = 64) -> Bundle:
-    """A federated-transfer bundle with only the executorch files, exported for real; without
-    the frozen program when ``frozen_max_batch`` is None."""
-    root.mkdir(parents=True, exist_ok=True)
-    frozen, trainable = model.part(0, train_from), model.part(train_from, len(model.block_names))
-    x = torch.zeros(1, *model.input_shape)
-    paths = {}
-    if frozen_max_batch is not None:
-        paths["executorch.frozen"] = export_executorch_inference(frozen, x, root / "frozen.pte", max_batch=frozen_max_batch)
-    with torch.no_grad():
-        h = frozen.eval()(x)
-    paths["executorch.train"] = export_executorch_training(trainable, h, root / "train.pte")
-    manifest = Manifest(
-        model_id=model.model_id,
-        model_hash=model.content_hash(),
-        block_names=tuple(model.block_names),
-        plan=DevicePlan(cut=len(model.block_names), train_from=train_from, engine="executorch"),
-        input_spec=InputSpec(),
-        label_names=tuple(str(i) for i in range(model.num_classes)),
-        trainable=tuple(TensorSpec(n, tuple(p.shape)) for n, p in trainable.named_parameters()),
-        files={role: FileEntry(p.name, sha256_file(p), p.stat().st_size) for role, p in paths.items()},
-        fedkit_version="0.1.0",
-    )
-    (root / MANIFEST).write_text(json.dumps(manifest.to_dict()))
-    return Bundle.load(root)
-
-
 @pytest.fixture(scope="module")
-def cnn_bundle(small_cnn, tmp_path_factory):
-    # a small max batch, so that a batch of 40 runs in three chunks
-    return write_bundle(tmp_path_factory.mktemp("cnn"), small_cnn, train_from=4, frozen_max_batch=16)
+def cnn_bundle(small_cnn_bundle):
+    """small_cnn's head as the exporter writes it (blocks 0-3 frozen), for every engine: the
+    bundle test_engine_contract.py takes too, so a session exports it once."""
+    bundle = Bundle.load(small_cnn_bundle(engines=("ort", "executorch", "numpy")))
+    assert bundle.manifest.plan.train_from == 4 and bundle.has("executorch.frozen")
+    return bundle
 
 
 @pytest.fixture(scope="module")
 def cnn_engine(cnn_bundle):
-    return open_engine(cnn_bundle)
+    return open_engine(cnn_bundle, "executorch")
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
@@ -77,7 +53,7 @@ def _eager(module, x: np.ndarray) -> np.ndarray:
         return module.eval()(torch.from_numpy(x)).numpy()
 
 
-@pytest.mark.parametrize("batch", [1, 7, 40])
+@pytest.mark.parametrize("batch", [1, 7, 2 * MAX_BATCH + 7])  # the last one in three program calls
 def test_features_match_eager_in_chunks(small_cnn, cnn_engine, batch):
     x = _images(batch, seed=batch)
     np.testing.assert_allclose(cnn_engine.features(x), _eager(small_cnn.part(0, 4), x), rtol=1e-5, atol=1e-5)
@@ -117,9 +93,17 @@ def test_set_weights_changes_what_the_program_computes(cnn_engine):
 
 @pytest.mark.slow
 def test_mobilenet_head_trains_like_eager_with_shared_sgd(tmp_path):
-    # Prepare: the real head on 1280-d features, ten steps of SGD(lr 0.01, momentum 0.9)
+    # Prepare: the real head on 1280-d features, ten steps of SGD(lr 0.01, momentum 0.9). The
+    # exporter's ort bundle of the head, plus the head's ExecuTorch training program: the whole
+    # executorch export would lower the 20-block backbone too (~30 s), which this test never runs.
     model = load_model("mobilenet_v2")
-    bundle = write_bundle(tmp_path, model, train_from=20, frozen_max_batch=None)
+    root = tmp_path / "bundle"
+    export_bundle(model, DevicePlan(cut=21, train_from=20), root, ("ort",), label_names=LABEL_NAMES)
+    with torch.no_grad():
+        h = model.part(0, 20).eval()(torch.zeros(1, *model.input_shape))
+    export_executorch_training(model.part(20, 21), h, root / "executorch" / "train.pte")
+    set_file(root, "executorch.train", rel="executorch/train.pte")
+    bundle = Bundle.load(root)
     engine = ExecuTorchEngine(bundle)
     head = copy.deepcopy(model.part(20, 21)).eval()
     rng = np.random.default_rng(0)
@@ -146,16 +130,8 @@ def test_mobilenet_head_trains_like_eager_with_shared_sgd(tmp_path):
         np.testing.assert_allclose(engine.get_weights()[name], p.detach().numpy(), atol=1e-5)
 
 
-def _edited_copy(bundle: Bundle, root: Path, edit) -> Bundle:
-    shutil.copytree(bundle.root, root)
-    data = json.loads((root / MANIFEST).read_text())
-    edit(data)
-    (root / MANIFEST).write_text(json.dumps(data))
-    return Bundle.load(root)
-
-
 def test_no_frozen_file_means_identity_features(cnn_bundle, tmp_path):
-    engine = ExecuTorchEngine(_edited_copy(cnn_bundle, tmp_path / "b", lambda d: d["files"].pop("executorch.frozen")))
+    engine = ExecuTorchEngine(edited_copy(cnn_bundle.root, tmp_path / "b", edit=lambda d: d["files"].pop("executorch.frozen")))
     h = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
     np.testing.assert_array_equal(engine.features(h), h)
 
@@ -184,9 +160,10 @@ def test_bad_inputs_are_engine_errors(cnn_engine, call, match):
 def test_manifest_disagreeing_with_program_is_refused(cnn_bundle, tmp_path):
     def drop_bias(data):
         data["trainable"] = [t for t in data["trainable"] if t["name"] != "classifier.bias"]
+        data["files"].pop("weights")  # else the loader refuses it first: the weights carry the bias
 
     with pytest.raises(EngineError, match="re-export the bundle"):
-        ExecuTorchEngine(_edited_copy(cnn_bundle, tmp_path / "b", drop_bias))
+        ExecuTorchEngine(edited_copy(cnn_bundle.root, tmp_path / "b", edit=drop_bias))
 
 
 def _run_blocked(blocked: str, code: str) -> subprocess.CompletedProcess:

@@ -3,26 +3,24 @@ with running statistics, pooling), and SplitFed from the edge's gradient; withou
 small process."""
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from bundle_helpers import edited_copy
 from torch.func import functional_call
 
-from device_runtime.bundle import MANIFEST, Bundle, sha256_file
+from device_runtime.bundle import Bundle
 from device_runtime.engines import open_engine
 from device_runtime.engines.ort import OrtEngine
 from device_runtime.errors import EngineError
-from device_runtime.manifest import DevicePlan, FileEntry, Manifest, TensorSpec
+from device_runtime.manifest import DevicePlan
 from device_runtime.optim import SGD
-from device_runtime.preprocess import InputSpec
-from exporters.onnx import export_onnx
-from exporters.ort_training import export_ort_training
+from exporters.bundle import export_bundle
+from toolkit.data import LABEL_NAMES
 from toolkit.models import SplittableModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,45 +28,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BATCH = 16
 
 
-def make_bundle(model: SplittableModel, train_from: int, cut: int, out: Path) -> Bundle:
-    """A bundle of the ort engine's files for blocks [0, cut) training [train_from, cut), written
-    with the exporters directly (not the bundle writer), so these tests need only this engine's
-    own exporters."""
-    out.mkdir(parents=True)
-    x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
-    files = {}
-    if train_from > 0:
-        files["frozen.onnx"] = export_onnx(model.part(0, train_from), x, out / "frozen.onnx")
-    with torch.no_grad():
-        h = model.part(0, train_from)(x)
-    trainable = model.part(train_from, cut)
-    mode = "classify" if cut == len(model.block_names) else "splitfed"
-    files.update(export_ort_training(trainable, h, out, mode=mode))
-    manifest = Manifest(
-        model_id=model.model_id,
-        model_hash=model.content_hash(),
-        block_names=tuple(model.block_names),
-        plan=DevicePlan(cut=cut, train_from=train_from, engine="ort"),
-        input_spec=InputSpec(),
-        label_names=tuple(f"class {i}" for i in range(model.num_classes)),
-        trainable=tuple(TensorSpec(name, tuple(p.shape)) for name, p in trainable.named_parameters()),
-        files={role: FileEntry(p.name, sha256_file(p), p.stat().st_size) for role, p in files.items()},
-        fedkit_version="test",
-    )
-    (out / MANIFEST).write_text(json.dumps(manifest.to_dict()))
-    return Bundle.load(out)
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, mobilenet, small_cnn):
-    """Bundles made on first use, by (model name, train_from, cut)."""
+    """ort bundles of blocks [0, cut) training [train_from, cut), exported on first use from the
+    very models the tests compare with, by (model name, train_from, cut)."""
     made = {}
     models = {"mobilenet_v2": mobilenet, "small_cnn": small_cnn}
 
     def get(name: str, train_from: int, cut: int) -> Bundle:
         if (name, train_from, cut) not in made:
             out = tmp_path_factory.mktemp("bundle") / f"{name}-{train_from}-{cut}"
-            made[name, train_from, cut] = make_bundle(models[name], train_from, cut, out)
+            plan = DevicePlan(cut=cut, train_from=train_from, engine="ort")
+            export_bundle(models[name], plan, out, ("ort",), label_names=LABEL_NAMES)
+            made[name, train_from, cut] = Bundle.load(out)
         return made[name, train_from, cut]
 
     return get
@@ -240,19 +212,8 @@ def test_inputs_of_the_wrong_shape_are_refused(bundles):
         engine.gradients(np.zeros((2, 3, 16, 16), np.float32), np.zeros(2, np.int64))
 
 
-def rewrite_file(bundle: Bundle, role: str, data: bytes, out: Path) -> Bundle:
-    """A copy of ``bundle`` whose ``role`` file holds ``data``, with a manifest that matches it."""
-    shutil.copytree(bundle.root, out)
-    path = out / bundle.manifest.files[role].path
-    path.write_bytes(data)
-    manifest = bundle.manifest.to_dict()
-    manifest["files"][role] = {"path": path.name, "sha256": sha256_file(path), "size": path.stat().st_size}
-    (out / MANIFEST).write_text(json.dumps(manifest))
-    return Bundle.load(out)
-
-
 def test_a_training_model_ort_cannot_read_is_refused(tmp_path, bundles):
-    broken = rewrite_file(bundles("small_cnn", 1, 5), "ort.training_model", b"not an onnx model", tmp_path / "b")
+    broken = edited_copy(bundles("small_cnn", 1, 5).root, tmp_path / "b", files={"ort.training_model": b"not an onnx model"})
 
     with pytest.raises(EngineError, match="(?s)ONNX Runtime cannot load bundle.*re-export"):
         OrtEngine(broken)
@@ -261,7 +222,7 @@ def test_a_training_model_ort_cannot_read_is_refused(tmp_path, bundles):
 def test_a_checkpoint_of_another_part_is_refused(tmp_path, bundles):
     # ORT itself loads it and would fail only at the first step
     data = bundles("small_cnn", 4, 5).path("ort.checkpoint").read_bytes()
-    bundle = rewrite_file(bundles("small_cnn", 1, 5), "ort.checkpoint", data, tmp_path / "b")
+    bundle = edited_copy(bundles("small_cnn", 1, 5).root, tmp_path / "b", files={"ort.checkpoint": data})
 
     with pytest.raises(EngineError, match="lacks trainable tensors \\['features.1.0.weight'"):
         OrtEngine(bundle)
