@@ -32,12 +32,15 @@ def test_delay_is_rtt_plus_bytes_over_each_direction():
 
 
 def test_lost_requests_are_retried_by_the_client_until_one_gets_through():
-    seen = []
-    t = ShapedTransport(LinkShape(loss=0.6), echo_server(seen), rng=random.Random(3), sleep=lambda s: None)
-    client = SyncClient("http://agg", "tok", transport=t, sleep=lambda s: None, retry=RetryPolicy(attempts=20))
+    seen, retries = [], []
+    # seed 8: this link loses two answers and one request before a request gets through
+    t = ShapedTransport(LinkShape(loss=0.6), echo_server(seen), rng=random.Random(8), sleep=lambda s: None)
+    client = SyncClient("http://agg", "tok", transport=t, sleep=retries.append, retry=RetryPolicy(attempts=20))
     assert client.task().status == "wait"
-    # some requests were lost on the way back: the server saw them, the client retried
-    assert len(seen) >= 1
+    attempts = len(retries) + 1  # the client sleeps once before each retry
+    # both losses happened and were retried: a request that never reached the server (fewer
+    # seen than sent), and answers lost after the server had seen their request (seen more than once)
+    assert attempts > len(seen) > 1
 
 
 def test_a_link_that_loses_everything_ends_in_a_protocol_error():

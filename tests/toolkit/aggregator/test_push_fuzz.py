@@ -3,6 +3,7 @@ never anything stored. Phone "a" holds round 1's task, so only validation stands
 payload and the store."""
 
 import asyncio
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -14,14 +15,17 @@ from hypothesis import strategies as st
 from device_runtime.codec import UpdateHeader, encode
 from toolkit.aggregator.app import create_app
 
+ENCODINGS = ["fp32", "fp16", "int8", "int4", "sign1", "topk"]  # of the mutated payloads
+
 def fuzz(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    co = make_coordinator(tmp_path_factory.mktemp("fuzz"), limits={"requests_per_s": 1e6, "burst": 10**6, "max_update_bytes": 4096})
+@contextmanager
+def fuzz_target(folder):
+    """The app on a new run in ``folder``, phone "a" enrolled and holding round 1's task."""
+    co = make_coordinator(folder, limits={"requests_per_s": 1e6, "burst": 10**6, "max_update_bytes": 4096})
     headers = {"Authorization": f"Bearer {enrol(co, 'a')}"}
     assert co.task_for("a")["round"] == 1
     # The ASGI app called in this thread's event loop: TestClient's thread hop per request
@@ -31,7 +35,23 @@ def target(tmp_path_factory):
     yield loop, client, headers, co
     loop.run_until_complete(client.aclose())
     loop.close()
-    assert co.store.updates() == []
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    with fuzz_target(tmp_path_factory.mktemp("fuzz")) as fuzzed:
+        yield fuzzed
+        assert fuzzed[3].store.updates() == []
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_control_a_target_like_the_fuzzed_one_accepts_the_unmutated_payload(tmp_path, encoding):
+    # Without this, the tests below would pass on a target that refuses every push
+    with fuzz_target(tmp_path) as (loop, client, headers, co):
+        body = payload("a", 1, 0, delta(0.01), encoding=encoding)
+        r = loop.run_until_complete(client.post("/v1/updates", content=body, headers={**headers, "Idempotency-Key": "k"}))
+        assert r.json()["status"] == "accepted", r.json()
+        assert [u.device_id for u in co.store.updates()] == ["a"]
 
 
 def push(target, body, key="k", accuracy=None):
@@ -57,7 +77,7 @@ def test_random_bytes_and_keys(target, body, key):
 @given(
     data=st.data(),
     op=st.sampled_from(["flip", "truncate", "insert", "splice"]),
-    encoding=st.sampled_from(["fp32", "fp16", "int8", "int4", "sign1", "topk"]),
+    encoding=st.sampled_from(ENCODINGS),
 )
 def test_mutated_valid_payloads(target, data, op, encoding):
     valid = payload("a", 1, 0, delta(0.01), encoding=encoding)
