@@ -271,8 +271,8 @@ def test_an_existing_folder_with_files_is_never_overwritten(tmp_path, model):
 
 def test_an_empty_existing_folder_receives_the_bundle(tmp_path, model):
     (tmp_path / "b").mkdir()
-    export_bundle(model, plan_for(model), tmp_path / "b", label_names=LABEL_NAMES)
-    Bundle.load(tmp_path / "b")
+    manifest = export_bundle(model, plan_for(model), tmp_path / "b", label_names=LABEL_NAMES)
+    assert Bundle.load(tmp_path / "b").manifest == manifest  # verified, and the one just exported
 
 
 def test_an_export_interrupted_midway_leaves_no_half_written_bundle(tmp_path, model):
