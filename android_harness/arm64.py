@@ -10,8 +10,9 @@ Three steps, each cached, each usable on its own:
   into place only when complete, with a marker naming the recipe it was built by, so an
   interrupted or out-of-date build is never reused.
 - ``ensure_runtime(rootfs)`` installs the phone runtime into it, under ``/opt/fedkit``: the
-  aarch64 cp311 manylinux wheels of the phone's dependencies (``PHONE_WHEELS``, downloaded on
-  this host with ``pip download --platform``, no arm64 code run to get them) and fedkit's own
+  aarch64 cp311 manylinux wheels of the phone's lock (``android_harness.install``: the aarch64
+  lines of ``phone-requirements.txt``, downloaded on this host with ``pip download --platform``,
+  no arm64 code run to get them) and fedkit's own
   ``device_runtime``, whose C kernels are compiled inside the phone by the rootfs's own gcc
   with the repo's ``setup.py`` (on arm64 its portable path: the AVX2 clones exist on x86-64
   only). The install is keyed by a hash of the sources and the wheel list, so a rerun with
@@ -51,7 +52,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import device_runtime
+from android_harness.install import pinned, source_root
 from device_runtime.errors import DeployError
 
 # What the rootfs is built from. Bump RECIPE_VERSION whenever the build changes: a rootfs with
@@ -64,26 +65,11 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 ROOTFS_NAME = f"rootfs-{SUITE}-{ARCH}"
 MARKER = ".fedkit-rootfs.json"  # inside a rootfs: the recipe it was built by
 
-# The phone runtime: exactly what device_runtime imports on a phone, pinned (these are also the
-# host's versions, so both ends run the same numpy). onnxruntime's declared dependencies
-# (flatbuffers, packaging, protobuf; sympy in older releases) are imported only by its tools,
-# never by an inference session, so they stay off the phone. httpx's closure on Python 3.11:
-# httpcore, h11, anyio (+ typing_extensions), idna, certifi; sniffio for older anyio releases.
+# The phone runtime: the phone's lock (android_harness.install) as pip evaluates it on an arm64
+# phone, whose platform.machine() is aarch64.
+MACHINE = "aarch64"
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 WHEEL_PYTHON = "3.11"
-PHONE_WHEELS = (
-    "numpy==2.4.6",
-    "onnxruntime==1.32.0",
-    "zlib-ng==1.1.0",
-    "httpx==0.29.0",
-    "httpcore==1.0.9",
-    "h11==0.16.0",
-    "anyio==4.16.0",
-    "typing_extensions==4.16.0",
-    "sniffio==1.3.1",
-    "idna==3.20",
-    "certifi==2026.10.19.post1",
-)
 # pytest and hypothesis, to run device_runtime's own tests on the phone; installed in a folder of
 # their own, so they never count in (or leak into) the phone runtime.
 TEST_WHEELS = (
@@ -590,11 +576,6 @@ class PhoneRuntime:
         return self.size_bytes / 1e6
 
 
-def source_root() -> Path:
-    """The fedkit checkout whose device_runtime is installed into phones (setup.py beside it)."""
-    return Path(device_runtime.__file__).resolve().parent.parent
-
-
 def _runtime_sources(root: Path) -> list[Path]:
     """setup.py and device_runtime's Python and C sources (no build products), relative."""
     package = root / "device_runtime"
@@ -618,9 +599,11 @@ def _digest(parts: Sequence[str | bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def runtime_key(root: Path | None = None, wheels: Sequence[str] = PHONE_WHEELS) -> str:
-    """The install's cache key: the recipe, the wheel list and every source file's content."""
+def runtime_key(root: Path | None = None, wheels: Sequence[str] | None = None) -> str:
+    """The install's cache key: the recipe, the wheel list (default: the lock's aarch64 lines)
+    and every source file's content."""
     root = source_root() if root is None else Path(root)
+    wheels = pinned(MACHINE, root) if wheels is None else wheels
     parts: list[str | bytes] = [f"runtime {RECIPE_VERSION} {WHEEL_PLATFORM} {WHEEL_PYTHON}", *wheels]
     for rel in _runtime_sources(root):
         parts += [rel.as_posix(), (root / rel).read_bytes()]
@@ -698,7 +681,7 @@ def ensure_runtime(
 ) -> PhoneRuntime:
     """The phone runtime installed in ``rootfs`` at ``/opt/fedkit/runtime-<key>/site``, installed
     first if there is none for this key (``runtime_key``: the sources and the wheel list):
-    PHONE_WHEELS unpacked from the aarch64 wheels, then device_runtime copied from ``root`` (this
+    the lock's aarch64 wheels unpacked, then device_runtime copied from ``root`` (this
     checkout) and its C kernels built inside the phone with the rootfs's gcc and ``setup.py``,
     then ``import device_runtime.codec`` checked there. ``/opt/fedkit/current`` points at it.
     Wheels are downloaded into ``cache_dir`` (default: beside the rootfs)."""
@@ -706,14 +689,15 @@ def ensure_runtime(
     _require_host(need_debootstrap=False)
     root = source_root() if root is None else Path(root)
     cache_dir = rootfs.parent if cache_dir is None else Path(cache_dir)
-    key = runtime_key(root)
+    specs = pinned(MACHINE, root)
+    key = runtime_key(root, specs)
     phone_dir = PHONE_ROOT / f"runtime-{key}"
     host_dir = host_path(rootfs, phone_dir)
     host_root = host_path(rootfs, PHONE_ROOT)
     with _locked(host_root):
         if _read_marker(host_dir, ".complete.json") is None:
             started = time.monotonic()
-            wheels = download_wheels(PHONE_WHEELS, cache_dir)
+            wheels = download_wheels(specs, cache_dir)
             for stale in host_root.glob(".runtime-*.partial-*"):
                 _remove_tree(stale)
             partial = Path(tempfile.mkdtemp(prefix=f".runtime-{key}.partial-", dir=host_root))
@@ -861,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = phone.python("import device_runtime.codec")
         import_seconds = time.monotonic() - started
         machine = phone.python("import platform; print(platform.machine())").stdout.strip()
-    except EmulationError as exc:
+    except DeployError as exc:  # EmulationError, or an unreadable lock
         print(f"error: {exc}", file=sys.stderr)
         return 1
     marker = _read_marker(phone.rootfs, MARKER) or {}

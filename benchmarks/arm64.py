@@ -9,8 +9,9 @@ epoch, batch 32, lr 0.01, fp32 update, seed 0. Figures: each side's wall time an
 trainer's own feature and training seconds, peak RSS of each side's process, the largest
 difference between the two decoded updates relative to the update's scale, and the phone
 install's size on arm64 (its site-packages: the wheels and device_runtime) and on x86-64 (the
-base install's wheels with their declared dependencies, unpacked). Prints one JSON line and
-writes it to benchmarks/results/arm64.json.
+same: phone-requirements.txt's x86-64 wheels, --no-deps, and device_runtime), with the round's
+loss on that x86-64 install run alone, with the ort engine (which fails if it lacks anything the
+phone imports). Prints one JSON line and writes it to benchmarks/results/arm64.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -30,8 +32,6 @@ from toolkit.benchmarking import write_result
 IMAGES = 200
 ROUND = ["--round", "1", "--lr", "0.01", "--epochs", "1", "--batch-size", "32", "--encoding", "fp32", "--seed", "0",
          "--device-id", "phone-1", "--holdout", "0"]
-# The x86-64 phone install: the base dependencies of pyproject.toml on x86-64, with what they declare.
-X86_PHONE = ("numpy", "onnxruntime-training-cpu==1.19.2", "httpx", "zlib-ng")
 
 
 def train(argv_prefix: list[str], bundle: str, shard: str, work: str, out: str, run) -> tuple[float, dict]:
@@ -44,15 +44,23 @@ def train(argv_prefix: list[str], bundle: str, shard: str, work: str, out: str, 
     return seconds, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def x86_install_mb(folder: Path) -> float:
-    """The x86-64 phone install unpacked, wheels only (pip install --target)."""
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary=:all:",
-                    "--target", str(folder), *X86_PHONE], check=True, capture_output=True)
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+def x86_install(folder: Path, bundle: str, shard: str) -> tuple[float, dict]:
+    """The x86-64 phone install unpacked into ``folder``: its size in MB, and the stats of the
+    round run on it by an interpreter that sees nothing else (``bundle``: an ort bundle)."""
+    from android_harness.arm64 import tree_size
+    from android_harness.install import install_here, isolated_python
+
+    install_here(folder / "site")
+    argv, env = isolated_python(folder / "site")
+    _, stats = train(argv, bundle, shard, str(folder / "work"), str(folder / "update.bin"),
+                     lambda argv: subprocess.run(argv, env=env, cwd=folder, check=False, capture_output=True, text=True,
+                                                 timeout=600))
+    return tree_size(folder / "site") / 1e6, stats
 
 
 def main() -> None:
     from android_harness.arm64 import PHONE_CPU, ensure_phone
+    from android_harness.install import INSTALL_TARGET_MB
     from device_runtime.codec import decode
     from device_runtime.manifest import DevicePlan
     from toolkit.data import load_fashion_mnist, partition_dirichlet, write_shard
@@ -64,6 +72,7 @@ def main() -> None:
     n = len(model.block_names)
     plan = DevicePlan(cut=n, train_from=model.train_from(n, 1), engine="numpy", encoding="fp32", batch_size=32)
     bundle = cached_bundle(model, plan, plan.train_from)
+    ort_bundle = cached_bundle(model, replace(plan, engine="ort"), plan.train_from)  # what an x86-64 phone trains
     train_set = load_fashion_mnist("train")
     part = partition_dirichlet(train_set.labels, 20, 0.5, seed=0)[0][:IMAGES]  # B1's phone-1
 
@@ -83,7 +92,7 @@ def main() -> None:
             on_x86, on_arm = decode((tmp / "update.bin").read_bytes()), decode((host_dir / "update.bin").read_bytes())
         finally:
             shutil.rmtree(host_dir, ignore_errors=True)
-        x86_mb = x86_install_mb(tmp / "x86-site")
+        x86_mb, on_install = x86_install(tmp / "x86-install", str(ort_bundle), str(shard))
 
     scale = max(float(np.abs(t).max()) for t in on_x86.tensors.values())
     diff = max(float(np.abs(on_arm.tensors[k] - t).max()) for k, t in on_x86.tensors.items())
@@ -107,7 +116,9 @@ def main() -> None:
             "peak_rss_mb": {"native": native["peak_rss_mb"], "emulated": emulated["peak_rss_mb"]},
             "update_max_abs_diff_over_scale": diff / scale,
             "same_samples": on_arm.header.num_samples == on_x86.header.num_samples,
-            "install_mb": {"arm64": round(phone.runtime.size_mb, 1), "x86_64": round(x86_mb, 1), "target": 150},
+            "install_mb": {"arm64": round(phone.runtime.size_mb, 1), "x86_64": round(x86_mb, 1),
+                           "target": INSTALL_TARGET_MB},
+            "x86_64_install_ort_train_loss": on_install["train_loss"],
         },
     )
 

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 
-from android_harness import arm64
+from android_harness import arm64, install
 from arm64_helpers import unavailable
 from device_runtime.codec import UpdateHeader, decode, encode
 from device_runtime.errors import DeployError, FedkitError
@@ -235,14 +235,17 @@ def test_the_mirror_comes_from_the_apt_sources(monkeypatch, tmp_path):
 def test_the_runtime_key_follows_the_sources(tmp_path):
     root = arm64.source_root()
     copy = tmp_path / "fedkit"
-    for rel in arm64._runtime_sources(root):
+    for rel in [*arm64._runtime_sources(root), Path(install.LOCK_NAME)]:
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / rel, copy / rel)
     assert arm64.runtime_key(copy) == arm64.runtime_key(root)
     with open(copy / "device_runtime" / "codec.py", "a") as f:
         f.write("\n# changed\n")
     assert arm64.runtime_key(copy) != arm64.runtime_key(root)
-    assert arm64.runtime_key(root, arm64.PHONE_WHEELS[:-1]) != arm64.runtime_key(root)
+    shutil.copy(root / "device_runtime" / "codec.py", copy / "device_runtime" / "codec.py")
+    with open(copy / install.LOCK_NAME, "a") as f:
+        f.write("sniffio==1.3.1\n")  # one more wheel in the phone
+    assert arm64.runtime_key(copy) != arm64.runtime_key(root)
 
 
 def test_the_cpuinfo_a_phone_sees_is_an_arm64_kernels():
