@@ -69,7 +69,8 @@ def test_energy_budget_is_respected():
     capped = _planner(slack=10.0, energy_budget_j=free.energy_j / 2).plan_phone(phone)
 
     assert free.energy_j > 0
-    assert capped.plan is None or capped.energy_j <= free.energy_j / 2
+    # half the energy still buys a plan for this phone, within that budget
+    assert capped.plan is not None and capped.energy_j <= free.energy_j / 2
     assert _planner(energy_budget_j=1e-6).plan_phone(phone).reason.startswith("no choice within the energy budget")
 
 
@@ -106,11 +107,12 @@ def test_cut_zero_only_when_raw_upload_is_allowed():
 def test_executorch_only_for_linear_heads_without_backward_from():
     planner = _planner()
     phone = _phone()
-    for choice in planner.candidates(phone):
-        if choice.engine == "executorch":
-            trained = MODEL.block_names[choice.train_from:choice.cut]
-            assert set(trained) <= {"pool", "classifier"}
-            assert choice.cut == N or choice.train_from == choice.cut
+    on_executorch = [choice for choice in planner.candidates(phone) if choice.engine == "executorch"]
+    assert on_executorch  # the phone has the engine: some choices use it
+    for choice in on_executorch:
+        trained = MODEL.block_names[choice.train_from:choice.cut]
+        assert set(trained) <= {"pool", "classifier"}
+        assert choice.cut == N or choice.train_from == choice.cut
 
 
 def test_plan_file_round_trip(tmp_path):
