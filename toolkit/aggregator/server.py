@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -92,6 +94,35 @@ def check_tls(certfile: str | Path, keyfile: str | Path) -> None:
         ) from exc
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: a free port the kernel picks), not yet
+    listening: uvicorn listens on it once the app has started."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart after a crash binds at once
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another server on that port?") from exc
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which writes its port to ``port_file`` once it accepts connections:
+    whoever waits for it knows the server is up, and on which port."""
+
+    def __init__(self, config: uvicorn.Config, port_file: str | Path | None):
+        super().__init__(config)
+        self.port_file = port_file
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.port_file is not None:  # whole or absent: never half a number
+            staging = Path(f"{self.port_file}.tmp")
+            staging.write_text(f"{self.config.port}\n")
+            os.replace(staging, self.port_file)
+
+
 def serve(
     config_path: str | Path,
     db: str | Path | None = None,
@@ -99,23 +130,27 @@ def serve(
     port: int = 8080,
     certfile: str | Path | None = None,
     keyfile: str | Path | None = None,
+    port_file: str | Path | None = None,
 ) -> None:
     """Serves the run until interrupted. The port and the TLS files are checked before the run's
-    database is opened."""
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port {port} is not a TCP port: give --port between 1 and 65535 (default 8080)")
+    database is opened. Port 0 takes a free port: the port bound is in the ``serve`` log line
+    and, with ``port_file``, written there once the server accepts connections."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port {port} is not a TCP port: give --port between 1 and 65535 (default 8080), or 0 for a free one")
     if (certfile is None) != (keyfile is None):
         raise ConfigError("TLS needs both --certfile and --keyfile")
     if certfile is not None:
         check_tls(certfile, keyfile)
     configure_logging()
+    sock = bind(host, port)
+    port = sock.getsockname()[1]
     coordinator = open_coordinator(config_path, db)
     edge = open_edge(coordinator)
     logging.getLogger("fedkit.aggregator").info(
         "serve", extra={"fields": {"db": str(coordinator.store.path), "host": host, "port": port, "tls": certfile is not None,
                                    "splitfed": edge is not None}}
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(coordinator, edge=edge),
         host=host,
         port=port,
@@ -124,6 +159,7 @@ def serve(
         log_config=None,
         access_log=False,
     )
+    _Server(config, port_file).run(sockets=[sock])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--db")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, default=8080, help="0: a free port, reported in the serve log line")
+    parser.add_argument("--port-file", help="write the port here (a file) once the server accepts connections")
     parser.add_argument("--certfile")
     parser.add_argument("--keyfile")
     args = parser.parse_args(argv)
     try:
-        serve(args.config, args.db, args.host, args.port, args.certfile, args.keyfile)
+        serve(args.config, args.db, args.host, args.port, args.certfile, args.keyfile, args.port_file)
     except FedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from device_runtime.codec import decode
 from device_runtime.errors import ProtocolError
 from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.store import Store
+from toolkit.errors import ConfigError
 
 PATIENT = RetryPolicy(attempts=40, base_s=0.1, cap_s=1.0)
 
@@ -184,6 +185,9 @@ def test_the_server_logs_one_json_line_per_event(server, tmp_path):
         assert expected in names, names
     push = next(e for e in events if e["event"] == "push")
     assert (push["device"], push["status"], push["round"]) == ("phone-a", "accepted", task.round)
+    # the server bound port 0 and said which port it got: the one the phone reached
+    serve = next(e for e in events if e["event"] == "serve")
+    assert serve["port"] == srv.port > 0 and srv.url.endswith(f":{srv.port}")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
@@ -201,3 +205,16 @@ def test_tls_with_a_certificate_and_key(server, tmp_path):
     with SyncClient(srv.url, retry=RetryPolicy(attempts=1)) as plain:  # plain HTTP gets no answer
         with pytest.raises(ProtocolError):
             plain.enrol(token, "phone-a")
+
+
+def test_a_port_another_server_holds_is_refused_in_one_line(tmp_path):
+    write_toml(tmp_path / "run.toml", run_config(tmp_path, stages=[{"name": "head", "rounds": 1, "lr": 0.1}]))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = AggregatorProcess(tmp_path / "run.toml", tmp_path / "agg.sqlite", tmp_path / "server.log", port=port)
+        with pytest.raises(ConfigError, match="exited with code 1 at start"):
+            srv.start()
+    assert f"error: cannot listen on 127.0.0.1:{port}" in (tmp_path / "server.log").read_text()
+    assert not (tmp_path / "agg.sqlite").exists()  # refused before the run's database was made
