@@ -49,8 +49,8 @@ import device_runtime
 from device_runtime.bundle import Bundle, sha256_file
 from device_runtime.errors import DeployError
 from device_runtime.folders import is_free, new_folder
+from device_runtime.local_round import load_shard
 from device_runtime.phone_loop import BUNDLES, CREDENTIAL, SHARD, Credential
-from device_runtime.trainer import load_shard
 
 ADB_ROOT = "/data/local/tmp/fedkit"  # the phone's folder for everything fedkit pushes
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # what the aggregator enrols

@@ -19,8 +19,9 @@ from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
 from device_runtime.engines import open_engine
 from device_runtime.errors import FedkitError
+from device_runtime.local_round import Task
 from device_runtime.manifest import ENGINES
-from device_runtime.trainer import LocalTrainer, Task
+from device_runtime.trainer import LocalTrainer
 
 
 def main(argv: list[str] | None = None) -> int:

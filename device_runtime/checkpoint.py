@@ -9,11 +9,11 @@ file and one ``os.replace`` publishes it: there is no moment where two files dis
 Writing: a temporary file in the same folder, fsync, ``os.replace``, fsync of the folder. A
 kill at any point leaves either the old checkpoint or the new one, never a torn file; a
 checkpoint that still fails to read (damaged storage, altered by hand) raises
-CheckpointError, and the trainer refuses to resume from it (see ``device_runtime.trainer``).
+CheckpointError, and the trainer refuses to resume from it.
 
-``RoundCheckpoint`` is the layout both trainers keep their round in: which round (a key of the
-task and the base weights), its phase ("training" → "trained" → "encoded"), the weights,
-optimizer and position after the last saved step, and the error-feedback residuals.
+What both trainers keep in it is ``device_runtime.local_round.RoundRecord``; its layout is that of
+``FORMAT_VERSION``: a runtime that changes it bumps the version, and a file of another version is
+refused, saying to delete it.
 """
 
 from __future__ import annotations
@@ -31,35 +31,6 @@ from device_runtime.errors import CheckpointError
 
 FORMAT_VERSION = 1
 _META = "__meta__"
-
-
-class RoundCheckpoint:
-    """A trainer's round, as last saved to (or read from) its checkpoint file at ``path``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.state: dict[str, Any] = load_checkpoint(self.path) or {}
-
-    def phase(self, round_key: dict[str, Any]) -> str | None:
-        """The saved phase of the round ``round_key``; None when the file holds another round or none."""
-        return self.state.get("phase") if self.state.get("round_key") == round_key else None
-
-    def save(
-        self, round_key, phase: str, weights, optimizer: dict, position: dict, error_feedback: dict, *, durable: bool = True, **extra
-    ) -> None:
-        """Saves the round atomically; ``optimizer`` and ``error_feedback`` are their state dicts
-        (``durable``: see save_checkpoint)."""
-        state = {
-            "round_key": round_key,
-            "phase": phase,
-            "weights": weights,
-            "optimizer": optimizer,
-            "position": position,
-            "error_feedback": error_feedback,
-            **extra,
-        }
-        save_checkpoint(self.path, state, durable=durable)
-        self.state = state
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], *, durable: bool = True) -> None:

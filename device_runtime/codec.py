@@ -289,7 +289,7 @@ class ErrorFeedback:
     compensated - decoded) is added to the next, so compression error does not pile up over
     rounds. Its state is checkpointed with the trainer."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._residuals: dict[str, np.ndarray] = {}
 
     def compensate(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -38,8 +38,9 @@ from device_runtime.bundle import Bundle
 from device_runtime.client import Assignment, RetryPolicy, SyncClient
 from device_runtime.codec import decode
 from device_runtime.errors import FedkitError, ProtocolError
+from device_runtime.local_round import Task
 from device_runtime.split_trainer import SplitRoundResult, SplitTrainer, edge_exchange
-from device_runtime.trainer import LocalTrainer, Task
+from device_runtime.trainer import LocalTrainer
 
 CREDENTIAL = "credential.json"
 SHARD = "shard.npz"

@@ -15,7 +15,7 @@ phone cannot classify alone).
 
 Crashes, on either side:
 
-- the phone checkpoints (``device_runtime.checkpoint.RoundCheckpoint``, as LocalTrainer does)
+- the phone checkpoints (``device_runtime.local_round.RoundCheckpoint``, as LocalTrainer does)
   after every batch, at the end of the round and with the encoded update before it is pushed.
   Every batch, because the edge keeps only its last batch: a phone resumed at batch s finds
   the edge's last batch at s (the cached answer, no second training) or s − 1 (it trains s),
@@ -31,25 +31,23 @@ Standard library, numpy and device_runtime only.
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from device_runtime.bundle import Bundle
-from device_runtime.checkpoint import RoundCheckpoint
 from device_runtime.client import SyncClient
-from device_runtime.codec import ENCODINGS, ErrorFeedback, UpdateHeader, decode, encode
-from device_runtime.engines import Engine, open_engine
+from device_runtime.codec import ENCODINGS, UpdateHeader, decode, encode
+from device_runtime.engines import Engine
 from device_runtime.errors import BundleError, CodecError, InternalError, ProtocolError, RestartRound
-from device_runtime.optim import SGD
-from device_runtime.trainer import (
-    CHECKPOINT, EncodedUpdate, Task, batches, encode_checkpointed, frozen_features, load_shard, open_fed_part, round_key,
-    start_from, through_fed, weights_digest,
+from device_runtime.local_round import (
+    ACTIVATIONS, SHUFFLE, EncodedUpdate, Metrics, Position, RoundKey, RoundRecord, RoundTrainer, Task, Tensors, batches,
+    update_of,
 )  # fmt: skip
+from device_runtime.optim import SGD
 
 LABELS = "labels"
 LOSS = "loss"
@@ -81,15 +79,13 @@ class SplitRoundResult:
         return self.feature_seconds + self.train_seconds - self.exchange_seconds
 
 
-SPENT = ("activation_bytes", "gradient_bytes", "train_seconds", "exchange_seconds")
-
-
-def _start(stopped: dict | None = None) -> dict:
-    """The position at batch 0 of a round; restarted after ``stopped``, the bytes and time it
+def _restarted(stopped: Position) -> Position:
+    """The position at batch 0 of a round restarted after ``stopped``: the bytes and time it
     spent stay counted (they were spent) and the restart is counted."""
-    if stopped is None:
-        return {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "seen": 0, **dict.fromkeys(SPENT, 0), "restarts": 0}
-    return {**_start(), **{k: stopped[k] for k in SPENT}, "restarts": stopped["restarts"] + 1}
+    return Position(
+        train_seconds=stopped.train_seconds, activation_bytes=stopped.activation_bytes, gradient_bytes=stopped.gradient_bytes,
+        exchange_seconds=stopped.exchange_seconds, restarts=stopped.restarts + 1,
+    )  # fmt: skip
 
 
 def edge_exchange(client: SyncClient) -> Exchange:
@@ -98,7 +94,7 @@ def edge_exchange(client: SyncClient) -> Exchange:
     return client.splitfed_batch
 
 
-class SplitTrainer:
+class SplitTrainer(RoundTrainer):
     """Trains one phone's shard on a SplitFed bundle (``ort`` engine), with the edge reached
     through ``exchange``, checkpointing into ``workdir`` (which belongs to this trainer alone)."""
 
@@ -112,51 +108,27 @@ class SplitTrainer:
         device_id: str = "phone",
         engine: Engine | None = None,
         encoding: str = "int8",  # of the activations (the edge answers in the same)
-    ):
+    ) -> None:
         manifest = bundle.manifest
         if not manifest.is_splitfed:
             raise BundleError(f"bundle {bundle.root} holds the whole model (no cut before the last block): train it with LocalTrainer")
         if encoding not in ENCODINGS:
             raise CodecError(f"activation encoding {encoding!r} is unknown: use one of {', '.join(ENCODINGS)}")
-        self.bundle = bundle
-        self.engine = engine or open_engine(bundle)
+        super().__init__(bundle, shard_path, workdir, engine, device_id, keep_features=False)
         self.exchange = exchange
-        self.device_id = device_id
         self.encoding = encoding
         self.cut_name = manifest.block_names[manifest.plan.cut - 1]  # the activation's name on the wire
-        self.images, self.labels = load_shard(shard_path, len(manifest.label_names))
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        self.checkpoint = RoundCheckpoint(Path(workdir) / CHECKPOINT)
-        self.error_feedback = ErrorFeedback()
-        if "error_feedback" in self.checkpoint.state:
-            self.error_feedback.load_state_dict(self.checkpoint.state["error_feedback"])
-        self.fed_part = open_fed_part(bundle)
-        self._frozen: np.ndarray | None = None  # the frozen part's outputs
-        self._features: tuple[str, np.ndarray] | None = None  # (digest of the fed values, those through the fed part)
-        self._device_key = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:4], "little")
 
     def run_round(self, task: Task, global_weights: dict[str, np.ndarray]) -> SplitRoundResult:
         """Trains from the global model's tensors of this phone's blocks, batch by batch with
         the edge; ``global_weights`` may hold more tensors (the edge's blocks). Continues the
         round from the checkpoint when one of the same task and base is there; starts it over
         from batch 0 (at most MAX_RESTARTS times) when the edge says it lost the round."""
-        base, fed = start_from(self.bundle, self.fed_part, task, global_weights)
-        key = round_key(task, {**base, **fed})
-        phase = self.checkpoint.phase(key)
-        if phase in ("trained", "encoded"):
-            return self._result(base, resumed=True)
-        t0 = time.perf_counter()
-        h = self.features(fed)
-        feature_seconds = time.perf_counter() - t0
-
-        opt = SGD(task.lr, momentum=task.momentum)
-        if phase == "training":  # continue at the saved batch
-            st = self.checkpoint.state
-            weights = {k: np.array(v, dtype=np.float32) for k, v in st["weights"].items()}
-            opt.load_state_dict(st["optimizer"])
-            pos = st["position"]
-        else:
-            weights, pos = dict(base), _start()
+        key, base, fed, record = self.start(task, global_weights)
+        if record is not None and record.metrics is not None:  # trained, or encoded too
+            return self._result(record, record.metrics, base, resumed=True)
+        h, feature_seconds, weights, opt, pos = self.resume(task, record, base, fed)
+        resumed = record is not None and record.phase == "training"
         restarts = 0
         while True:
             try:
@@ -169,96 +141,78 @@ class SplitTrainer:
                         f"the edge lost this phone's round {task.round} {restarts} times in a row ({exc}): the aggregator keeps "
                         "restarting; check its log, then run the phone again"
                     ) from exc
-                stopped = self.checkpoint.state["position"]  # saved after the last batch trained (batch 0 never restarts)
-                weights, opt, pos = dict(base), SGD(task.lr, momentum=task.momentum), _start(stopped)
-        metrics = {"num_samples": len(self.labels), "train_loss": pos["loss_sum"] / pos["seen"], "feature_seconds": feature_seconds}
-        self.checkpoint.save(key, "trained", weights, {}, pos, self.error_feedback.state_dict(), metrics=metrics)
-        return self._result(base, resumed=phase == "training")
+                stopped = self.checkpoint.of(key)  # saved after the last batch trained (batch 0 never restarts)
+                if stopped is None:
+                    raise InternalError(f"the edge answered restart to batch 0 of round {task.round}") from exc
+                weights, opt, pos = dict(base), SGD(task.lr, momentum=task.momentum), _restarted(stopped.position)
+        metrics = Metrics(len(self.labels), pos.train_loss, feature_seconds)
+        trained = RoundRecord(key, "trained", weights, {}, pos, self.error_feedback.state_dict(), metrics)
+        self.checkpoint.save(trained)
+        return self._result(trained, metrics, base, resumed)
 
     def encode_update(self, task: Task, result: SplitRoundResult) -> EncodedUpdate:
         """The round's update compressed for pushing, checkpointed before it is returned; for a
         round already encoded, the same bytes and key again."""
-        return encode_checkpointed(
-            self.checkpoint, self.device_id, task, result.num_samples, result.update, self.error_feedback, self._rng(task, 1),
-            feedback_before=self.error_feedback.state_dict(),  # for restart_round
-        )  # fmt: skip
+        return self.encode(task, result.num_samples, result.update, restartable=True)
 
     def restart_round(self, task: Task) -> None:
         """The push was answered "restart" (the edge lost its part of the round): forgets the
         encoded update and its error-feedback residuals, so the next ``run_round`` of ``task``
         trains the round again from batch 0."""
-        st = self.checkpoint.state
-        if st.get("round_key", {}).get("task") != task.to_dict() or st.get("phase") != "encoded":
+        record = self.checkpoint.record
+        if record is None or record.key.task != task or record.phase != "encoded" or record.feedback_before is None:
             raise InternalError(f"restart_round(round {task.round}) called for a round that is not encoded")
-        self.error_feedback.load_state_dict(st["feedback_before"])
-        self.checkpoint.save(st["round_key"], "restart", {}, {}, {}, self.error_feedback.state_dict())
-
-    def features(self, fed: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The trainable part's inputs for every image of the shard: the frozen part's outputs
-        (the input itself when nothing is frozen), through the fed part with the values ``fed``
-        (see start_from)."""
-        if self._frozen is None:
-            self._frozen = frozen_features(self.engine, self.images, self.bundle.manifest.input_spec)
-        fed_digest = weights_digest(fed or {})
-        if self._features is None or self._features[0] != fed_digest:
-            self._features = (fed_digest, through_fed(self.fed_part, self._frozen))
-        return self._features[1]
+        self.error_feedback.load_state_dict(record.feedback_before)
+        self.checkpoint.save(RoundRecord(record.key, "restart", {}, {}, Position(), self.error_feedback.state_dict()))
 
     # -- training --------------------------------------------------------------------------
-    def _train(self, task: Task, key: dict, h: np.ndarray, weights: dict, opt: SGD, pos: dict) -> tuple[dict, dict]:
+    def _train(self, task: Task, key: RoundKey, h: np.ndarray, weights: Tensors, opt: SGD, pos: Position) -> tuple[Tensors, Position]:
         """The round's batches from ``pos`` on, each checkpointed once stepped."""
         self.engine.set_weights(weights)
-        for idx, (epoch, batch) in batches(task, len(self.labels), pos, lambda e: self._rng(task, 0, e)):
+        for idx, at in batches(task, len(self.labels), pos, lambda e: self.rng(task, SHUFFLE, e)):
             t0 = time.perf_counter()
             activation = self.engine.forward(h[idx])
-            message = self._activation_message(task, pos["step"], activation, self.labels[idx])
+            message = self._activation_message(task, pos.step, activation, self.labels[idx])
             t_send = time.perf_counter()
-            reply = self.exchange(pos["step"], message)
+            reply = self.exchange(pos.step, message)
             waited = time.perf_counter() - t_send
             loss, grad = self._gradient(reply, activation.shape)
             weights = opt.step(weights, self.engine.backward_from(h[idx], grad))
             self.engine.set_weights(weights)
-            pos = {
-                **pos,
-                "epoch": epoch,
-                "batch": batch,
-                "step": pos["step"] + 1,
-                "loss_sum": pos["loss_sum"] + loss * len(idx),
-                "seen": pos["seen"] + len(idx),
-                "activation_bytes": pos["activation_bytes"] + len(message),
-                "gradient_bytes": pos["gradient_bytes"] + len(reply),
-                "exchange_seconds": pos["exchange_seconds"] + waited,
-                "train_seconds": pos["train_seconds"] + time.perf_counter() - t0,
-            }
+            pos = replace(
+                pos.after(at, loss, len(idx), time.perf_counter() - t0),
+                activation_bytes=pos.activation_bytes + len(message), gradient_bytes=pos.gradient_bytes + len(reply),
+                exchange_seconds=pos.exchange_seconds + waited,
+            )  # fmt: skip
             # Every batch: the edge keeps only its last batch, so a resumed phone must be at most one
             # batch behind it. Not fsynced (half the cost of a step): after a power cut an older
             # checkpoint is further behind, and the edge answers "restart" rather than train twice.
-            self.checkpoint.save(key, "training", weights, opt.state_dict(), pos, self.error_feedback.state_dict(), durable=False)
+            record = RoundRecord(key, "training", weights, opt.state_dict(), pos, self.error_feedback.state_dict())
+            self.checkpoint.save(record, durable=False)
         return weights, pos
 
-    def _result(self, base: dict[str, np.ndarray], resumed: bool) -> SplitRoundResult:
-        st = self.checkpoint.state
-        m, pos = st["metrics"], st["position"]
+    def _result(self, record: RoundRecord, metrics: Metrics, base: Tensors, resumed: bool) -> SplitRoundResult:
+        pos = record.position
         return SplitRoundResult(
-            round=st["round_key"]["task"]["round"],
-            update={k: np.asarray(w, np.float32) - base[k] for k, w in st["weights"].items()},
-            num_samples=m["num_samples"],
-            steps=pos["step"],
-            train_loss=m["train_loss"],
-            activation_bytes=pos["activation_bytes"],
-            gradient_bytes=pos["gradient_bytes"],
-            feature_seconds=m["feature_seconds"],
-            train_seconds=pos["train_seconds"],
-            exchange_seconds=pos["exchange_seconds"],
+            round=record.key.task.round,
+            update=update_of(record, base),
+            num_samples=metrics.num_samples,
+            steps=pos.step,
+            train_loss=metrics.train_loss,
+            activation_bytes=pos.activation_bytes,
+            gradient_bytes=pos.gradient_bytes,
+            feature_seconds=metrics.feature_seconds,
+            train_seconds=pos.train_seconds,
+            exchange_seconds=pos.exchange_seconds,
             resumed=resumed,
-            restarts=pos["restarts"],
+            restarts=pos.restarts,
         )
 
     # -- messages --------------------------------------------------------------------------
     def _activation_message(self, task: Task, step: int, activation: np.ndarray, labels: np.ndarray) -> bytes:
         header = UpdateHeader(self.device_id, task.round, task.base_version, len(labels), kind="activation")
         tensors = {self.cut_name: activation, LABELS: labels.astype(np.float32)}
-        return encode(header, tensors, {self.cut_name: self.encoding, LABELS: "fp32"}, rng=self._rng(task, 2, step))
+        return encode(header, tensors, {self.cut_name: self.encoding, LABELS: "fp32"}, rng=self.rng(task, ACTIVATIONS, step))
 
     def _gradient(self, reply: bytes, shape: tuple[int, ...]) -> tuple[float, np.ndarray]:
         try:
@@ -270,8 +224,3 @@ class SplitTrainer:
         if message.header.kind != "gradient":
             raise ProtocolError(f"the edge answered a {message.header.kind!r} message, not 'gradient'")
         return float(message.tensors[LOSS]), message.tensors[self.cut_name]
-
-    def _rng(self, task: Task, stream: int, *more: int) -> np.random.Generator:
-        # stream 0: shuffling, one generator per epoch; 1: the update's stochastic rounding;
-        # 2: the activations' (one generator per batch, so a message is the same bytes every time)
-        return np.random.default_rng([task.seed, task.round, self._device_key, stream, *more])

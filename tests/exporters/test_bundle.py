@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from device_runtime.bundle import MANIFEST, Bundle
 from device_runtime.codec import decode
 from device_runtime.engines import open_engine
+from device_runtime.local_round import open_fed_part, through_fed
 from device_runtime.manifest import DevicePlan
 from device_runtime.optim import SGD
-from device_runtime.trainer import open_fed_part, through_fed
 from exporters.bundle import export_bundle
 from toolkit import __version__
 from toolkit.cli import app

@@ -14,7 +14,7 @@ import numpy as np
 from splitfed_helpers import enrol, make_run, serving, shard
 
 from device_runtime.checkpoint import load_checkpoint
-from device_runtime.trainer import CHECKPOINT
+from device_runtime.local_round import CHECKPOINT
 from toolkit.aggregator.app import create_app
 
 CUT, TRAIN_BLOCKS = 3, 3
