@@ -145,10 +145,7 @@ def host_problem(*, need_debootstrap: bool = True) -> str | None:
     if sys.platform != "linux":
         return f"the emulated arm64 phone needs Linux (chroot, binfmt_misc), this is {sys.platform}"
     if os.geteuid() != 0:
-        return (
-            "the emulated arm64 phone needs root (debootstrap, mount and chroot): run as root "
-            "(CI runs as root)"
-        )
+        return "the emulated arm64 phone needs root (debootstrap, mount and chroot): run as root (CI runs as root)"
     for tool in ("unshare", "chroot", "mount"):
         if shutil.which(tool) is None:
             return f"{tool} is not on PATH: apt-get install -y util-linux coreutils mount"
@@ -157,10 +154,7 @@ def host_problem(*, need_debootstrap: bool = True) -> str | None:
     if runs_arm64_natively():
         return None
     if not (BINFMT / "register").exists():
-        return (
-            "binfmt_misc is not mounted, so this host cannot run arm64 binaries; as root: "
-            + _HOST_SETUP
-        )
+        return "binfmt_misc is not mounted, so this host cannot run arm64 binaries; as root: " + _HOST_SETUP
     if binfmt_interpreter() is None:
         return (
             "qemu-aarch64 is not registered (or is disabled) in binfmt_misc, so this host cannot "
@@ -244,7 +238,9 @@ def _remove_tree(path: Path) -> None:
     for point in sorted(_mounts_under(path), key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
     if _mounts_under(path):
-        raise EmulationError(f"{path} still has mounts under it ({', '.join(_mounts_under(path))}): unmount them, then retry")
+        raise EmulationError(
+            f"{path} still has mounts under it ({', '.join(_mounts_under(path))}): unmount them, then retry"
+        )
     shutil.rmtree(path)
 
 
@@ -266,7 +262,13 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def rootfs_recipe() -> dict:
     """What a rootfs is built from; a cached one is reused only if its marker says exactly this."""
-    return {"recipe": RECIPE_VERSION, "suite": SUITE, "arch": ARCH, "variant": "minbase", "packages": list(DEB_PACKAGES)}
+    return {
+        "recipe": RECIPE_VERSION,
+        "suite": SUITE,
+        "arch": ARCH,
+        "variant": "minbase",
+        "packages": list(DEB_PACKAGES),
+    }
 
 
 def cached_rootfs(cache_dir: Path | None = None) -> Path | None:
@@ -311,7 +313,9 @@ def ensure_rootfs(cache_dir: Path | None = None, *, mirror: str | None = None, l
         started = time.monotonic()
         try:
             with open(logfile, "w") as out:
-                done = subprocess.run(command, check=False, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                done = subprocess.run(
+                    command, check=False, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
             if done.returncode != 0:
                 raise EmulationError(
                     f"debootstrap failed (exit {done.returncode}) building the arm64 rootfs from {mirror}; "
@@ -325,8 +329,12 @@ def ensure_rootfs(cache_dir: Path | None = None, *, mirror: str | None = None, l
                     f"(got {version.stdout.strip() or version.stderr.strip()!r}): the phone's wheels are cp311"
                 )
             seconds = time.monotonic() - started
-            marker = {"recipe": rootfs_recipe(), "mirror": mirror, "build_seconds": round(seconds, 1),
-                      "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            marker = {
+                "recipe": rootfs_recipe(),
+                "mirror": mirror,
+                "build_seconds": round(seconds, 1),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             (partial / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
             final = cache_dir / ROOTFS_NAME
             if final.exists() or final.is_symlink():  # of another recipe, or never completed
@@ -388,8 +396,19 @@ def _chroot_argv(rootfs: Path, argv: Sequence[str], cwd: str = "/", cpuinfo: Pat
         'if [ ! -c "$r/dev/null" ]; then mount --rbind /dev "$r/dev"; fi; '
         'exec chroot "$r" /usr/bin/env -C "$0" "$@"'
     )
-    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, cwd, root,
-            str(cpuinfo or ""), *argv]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "/bin/sh",
+        "-c",
+        script,
+        cwd,
+        root,
+        str(cpuinfo or ""),
+        *argv,
+    ]
 
 
 # /proc/cpuinfo for the emulated CPU. qemu 7.2's user mode (Debian bookworm's) passes the host's
@@ -399,14 +418,72 @@ def _chroot_argv(rootfs: Path, argv: Sequence[str], cwd: str = "/", cpuinfo: Pat
 # kernel would write for qemu's CPU: its MIDR and hwcaps, read once inside the phone by a tiny C
 # program (built by the phone's gcc), one entry per host processor (what qemu reports as online).
 _HWCAP = (  # AT_HWCAP bits, in order (Linux's arch/arm64/kernel/cpuinfo.c)
-    "fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp", "cpuid",
-    "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512", "sve", "asimdfhm",
-    "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg",
+    "fp",
+    "asimd",
+    "evtstrm",
+    "aes",
+    "pmull",
+    "sha1",
+    "sha2",
+    "crc32",
+    "atomics",
+    "fphp",
+    "asimdhp",
+    "cpuid",
+    "asimdrdm",
+    "jscvt",
+    "fcma",
+    "lrcpc",
+    "dcpop",
+    "sha3",
+    "sm3",
+    "sm4",
+    "asimddp",
+    "sha512",
+    "sve",
+    "asimdfhm",
+    "dit",
+    "uscat",
+    "ilrcpc",
+    "flagm",
+    "ssbs",
+    "sb",
+    "paca",
+    "pacg",
 )
 _HWCAP2 = (  # AT_HWCAP2 bits, in order
-    "dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint", "svei8mm",
-    "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte", "ecv", "afp", "rpres", "mte3",
-    "sme", "smei16i64", "smef64f64", "smei8i32", "smef16f32", "smeb16f32", "smef32f32", "smefa64", "wfxt",
+    "dcpodp",
+    "sve2",
+    "sveaes",
+    "svepmull",
+    "svebitperm",
+    "svesha3",
+    "svesm4",
+    "flagm2",
+    "frint",
+    "svei8mm",
+    "svef32mm",
+    "svef64mm",
+    "svebf16",
+    "i8mm",
+    "bf16",
+    "dgh",
+    "rng",
+    "bti",
+    "mte",
+    "ecv",
+    "afp",
+    "rpres",
+    "mte3",
+    "sme",
+    "smei16i64",
+    "smef64f64",
+    "smei8i32",
+    "smef16f32",
+    "smeb16f32",
+    "smef32f32",
+    "smefa64",
+    "wfxt",
 )
 _CPUID_C = r"""
 #include <stdio.h>
@@ -431,7 +508,9 @@ def _host_processors() -> list[int]:
 
 
 def _arm64_cpuinfo(midr: int, hwcap: int, hwcap2: int, processors: Sequence[int]) -> str:
-    features = [n for i, n in enumerate(_HWCAP) if hwcap >> i & 1] + [n for i, n in enumerate(_HWCAP2) if hwcap2 >> i & 1]
+    features = [n for i, n in enumerate(_HWCAP) if hwcap >> i & 1] + [
+        n for i, n in enumerate(_HWCAP2) if hwcap2 >> i & 1
+    ]
     entry = (
         "BogoMIPS\t: 100.00\n"
         f"Features\t: {' '.join(features)}\n"
@@ -458,8 +537,13 @@ def phone_cpuinfo(rootfs: Path, cpu: str = PHONE_CPU) -> Path | None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "cpuid.c").write_text(_CPUID_C)
         done = subprocess.run(
-            ["chroot", os.path.realpath(rootfs), "/bin/sh", "-c",
-             f"gcc -O1 -o {PHONE_ROOT}/cpuid {PHONE_ROOT}/cpuid.c && {PHONE_ROOT}/cpuid"],
+            [
+                "chroot",
+                os.path.realpath(rootfs),
+                "/bin/sh",
+                "-c",
+                f"gcc -O1 -o {PHONE_ROOT}/cpuid {PHONE_ROOT}/cpuid.c && {PHONE_ROOT}/cpuid",
+            ],
             env=phone_env(env={"QEMU_CPU": cpu}),
             check=False,
             capture_output=True,
@@ -486,9 +570,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _run_chroot(rootfs: Path, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                pythonpath: Sequence[str | PurePosixPath] = (), timeout: float | None = 600,
-                cwd: str = "/") -> subprocess.CompletedProcess:
+def _run_chroot(
+    rootfs: Path,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    pythonpath: Sequence[str | PurePosixPath] = (),
+    timeout: float | None = 600,
+    cwd: str = "/",
+) -> subprocess.CompletedProcess:
     environ = phone_env(pythonpath, env)
     return subprocess.run(
         _chroot_argv(rootfs, argv, cwd, phone_cpuinfo(rootfs, environ.get("QEMU_CPU", PHONE_CPU))),
@@ -524,7 +614,9 @@ def run_in_phone(
     folders in ``pythonpath``); ``env`` adds to a clean environment; ``cwd`` is a phone path.
     ``timeout`` kills it (subprocess.TimeoutExpired)."""
     _require_host(need_debootstrap=False)
-    return _run_chroot(Path(rootfs), argv, env=env, pythonpath=_runtime_path(rootfs, pythonpath), timeout=timeout, cwd=cwd)
+    return _run_chroot(
+        Path(rootfs), argv, env=env, pythonpath=_runtime_path(rootfs, pythonpath), timeout=timeout, cwd=cwd
+    )
 
 
 def start_in_phone(
@@ -630,9 +722,23 @@ def download_wheels(specs: Sequence[str], cache_dir: Path) -> list[Path]:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=".wheels.partial-", dir=Path(cache_dir)))
         try:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON,
-                       "--disable-pip-version-check", "-q", "-d", str(partial), *specs]
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--platform",
+                WHEEL_PLATFORM,
+                "--python-version",
+                WHEEL_PYTHON,
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                str(partial),
+                *specs,
+            ]
             done_run = subprocess.run(command, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
             if done_run.returncode != 0:
                 raise EmulationError(
@@ -653,9 +759,24 @@ def _install_wheels(wheels: Sequence[Path], site: Path) -> None:
     """Unpacks the wheels into ``site`` (a host path inside the rootfs) with this host's pip. The
     .pyc files are compiled here when this host's Python is the phone's (same bytecode), else
     left to the phone."""
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--only-binary=:all:",
-               "--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON,
-               "--disable-pip-version-check", "-q", "--target", str(site), *map(str, wheels)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-index",
+        "--only-binary=:all:",
+        "--platform",
+        WHEEL_PLATFORM,
+        "--python-version",
+        WHEEL_PYTHON,
+        "--disable-pip-version-check",
+        "-q",
+        "--target",
+        str(site),
+        *map(str, wheels),
+    ]
     if f"{sys.version_info[0]}.{sys.version_info[1]}" != WHEEL_PYTHON:
         command.insert(4, "--no-compile")
     done = subprocess.run(command, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -663,8 +784,15 @@ def _install_wheels(wheels: Sequence[Path], site: Path) -> None:
         raise EmulationError(f"pip could not install the aarch64 wheels into {site}:\n{done.stderr.strip()[-2000:]}")
 
 
-def _check_in_phone(rootfs: Path, argv: Sequence[str], what: str, *, pythonpath: Sequence[str | PurePosixPath] = (),
-                    cwd: str = "/", timeout: float = 900) -> subprocess.CompletedProcess:
+def _check_in_phone(
+    rootfs: Path,
+    argv: Sequence[str],
+    what: str,
+    *,
+    pythonpath: Sequence[str | PurePosixPath] = (),
+    cwd: str = "/",
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
     done = _run_chroot(rootfs, argv, pythonpath=pythonpath, cwd=cwd, timeout=timeout)
     if done.returncode != 0:
         output = (done.stdout + done.stderr).strip()[-3000:]
@@ -712,20 +840,42 @@ def ensure_runtime(
                     (src / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(root / rel, src / rel)
                 # the kernels, compiled by the phone's own gcc with setup.py's flags
-                _check_in_phone(rootfs, ["python3", "setup.py", "-q", "build_ext", "--inplace"],
-                                "building device_runtime's C kernels", cwd=str(phone_partial / "src"))
-                shutil.copytree(src / "device_runtime", partial / "site" / "device_runtime",
-                                ignore=shutil.ignore_patterns("__pycache__"))
-                _check_in_phone(rootfs, ["python3", "-m", "compileall", "-q", str(phone_partial / "site" / "device_runtime")],
-                                "compiling device_runtime")
+                _check_in_phone(
+                    rootfs,
+                    ["python3", "setup.py", "-q", "build_ext", "--inplace"],
+                    "building device_runtime's C kernels",
+                    cwd=str(phone_partial / "src"),
+                )
+                shutil.copytree(
+                    src / "device_runtime",
+                    partial / "site" / "device_runtime",
+                    ignore=shutil.ignore_patterns("__pycache__"),
+                )
+                _check_in_phone(
+                    rootfs,
+                    ["python3", "-m", "compileall", "-q", str(phone_partial / "site" / "device_runtime")],
+                    "compiling device_runtime",
+                )
                 shutil.rmtree(src)  # its build/ folder and a second copy: not part of the install
-                _check_in_phone(rootfs, ["python3", "-c", "import numpy, onnxruntime, httpx, zlib_ng, device_runtime.codec"],
-                                "importing the phone runtime", pythonpath=[phone_partial / "site"])
+                _check_in_phone(
+                    rootfs,
+                    ["python3", "-c", "import numpy, onnxruntime, httpx, zlib_ng, device_runtime.codec"],
+                    "importing the phone runtime",
+                    pythonpath=[phone_partial / "site"],
+                )
                 seconds = time.monotonic() - started
-                (partial / ".complete.json").write_text(json.dumps({
-                    "key": key, "wheels": [w.name for w in wheels], "install_seconds": round(seconds, 1),
-                    "size_bytes": tree_size(partial / "site"),
-                }, indent=1) + "\n")
+                (partial / ".complete.json").write_text(
+                    json.dumps(
+                        {
+                            "key": key,
+                            "wheels": [w.name for w in wheels],
+                            "install_seconds": round(seconds, 1),
+                            "size_bytes": tree_size(partial / "site"),
+                        },
+                        indent=1,
+                    )
+                    + "\n"
+                )
                 os.rename(partial, host_dir)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -740,8 +890,13 @@ def ensure_runtime(
         _prune(host_root, "runtime-", keep={host_dir.name})
         marker = _read_marker(host_dir, ".complete.json") or {}
     size = marker.get("size_bytes")
-    return PhoneRuntime(rootfs, key, phone_dir / "site", size if isinstance(size, int) else tree_size(host_dir / "site"),
-                        install_seconds)
+    return PhoneRuntime(
+        rootfs,
+        key,
+        phone_dir / "site",
+        size if isinstance(size, int) else tree_size(host_dir / "site"),
+        install_seconds,
+    )
 
 
 def ensure_test_tools(rootfs: Path, *, cache_dir: Path | None = None) -> PurePosixPath:
@@ -760,7 +915,9 @@ def ensure_test_tools(rootfs: Path, *, cache_dir: Path | None = None) -> PurePos
             partial.chmod(0o755)
             try:
                 _install_wheels(wheels, partial / "site")
-                (partial / ".complete.json").write_text(json.dumps({"key": key, "wheels": [w.name for w in wheels]}) + "\n")
+                (partial / ".complete.json").write_text(
+                    json.dumps({"key": key, "wheels": [w.name for w in wheels]}) + "\n"
+                )
                 if host_dir.exists():
                     _remove_tree(host_dir)
                 os.rename(partial, host_dir)
@@ -785,8 +942,11 @@ def _point_current(host_root: Path, name: str) -> None:
 
 def _prune(host_root: Path, prefix: str, keep: set[str], spare: int = 2) -> None:
     """Keeps the ``spare`` most recent other installs (another checkout may use them)."""
-    others = sorted((p for p in host_root.glob(f"{prefix}*") if p.name not in keep and p.is_dir()),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+    others = sorted(
+        (p for p in host_root.glob(f"{prefix}*") if p.name not in keep and p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for old in others[spare:]:
         with contextlib.suppress(Exception):
             _remove_tree(old)
@@ -807,16 +967,19 @@ class Arm64Phone:
     def pythonpath(self) -> list[PurePosixPath]:
         return [self.runtime.site] + ([self.test_tools] if self.test_tools else [])
 
-    def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float | None = 600,
-            *, cwd: str = "/") -> subprocess.CompletedProcess:
+    def run(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float | None = 600, *, cwd: str = "/"
+    ) -> subprocess.CompletedProcess:
         return run_in_phone(self.rootfs, argv, env, timeout, cwd=cwd, pythonpath=self.pythonpath)
 
-    def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None, *, cwd: str = "/",
-              **popen: object) -> subprocess.Popen:
+    def start(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None, *, cwd: str = "/", **popen: object
+    ) -> subprocess.Popen:
         return start_in_phone(self.rootfs, argv, env, cwd=cwd, pythonpath=self.pythonpath, **popen)
 
-    def python(self, code: str, env: Mapping[str, str] | None = None, timeout: float | None = 600,
-               *, cwd: str = "/") -> subprocess.CompletedProcess:
+    def python(
+        self, code: str, env: Mapping[str, str] | None = None, timeout: float | None = 600, *, cwd: str = "/"
+    ) -> subprocess.CompletedProcess:
         """``python3 -c code`` in the phone."""
         return self.run(["python3", "-c", code], env, timeout, cwd=cwd)
 
@@ -849,16 +1012,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     marker = _read_marker(phone.rootfs, MARKER) or {}
-    print(json.dumps({
-        "rootfs": str(phone.rootfs),
-        "machine": machine,
-        "cpu": PHONE_CPU,
-        "rootfs_build_seconds": marker.get("build_seconds"),
-        "runtime_key": phone.runtime.key,
-        "runtime_site_mb": round(phone.runtime.size_mb, 1),
-        "runtime_install_seconds": None if phone.runtime.install_seconds is None else round(phone.runtime.install_seconds, 1),
-        "import_codec_seconds": round(import_seconds, 2) if done.returncode == 0 else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "rootfs": str(phone.rootfs),
+                "machine": machine,
+                "cpu": PHONE_CPU,
+                "rootfs_build_seconds": marker.get("build_seconds"),
+                "runtime_key": phone.runtime.key,
+                "runtime_site_mb": round(phone.runtime.size_mb, 1),
+                "runtime_install_seconds": None
+                if phone.runtime.install_seconds is None
+                else round(phone.runtime.install_seconds, 1),
+                "import_codec_seconds": round(import_seconds, 2) if done.returncode == 0 else None,
+            }
+        )
+    )
     return 0 if done.returncode == 0 else 1
 
 

@@ -14,7 +14,9 @@ import time
 Trace = tuple[tuple[float, float], ...]
 
 
-def churn(seed: int, duration_s: float, mean_online_s: float, mean_offline_s: float, online_first: bool = True) -> Trace:
+def churn(
+    seed: int, duration_s: float, mean_online_s: float, mean_offline_s: float, online_first: bool = True
+) -> Trace:
     """Offline windows over ``duration_s``, periods drawn from exponentials with these means."""
     rng = random.Random(seed)
     t, online, windows = 0.0, online_first, []

@@ -115,8 +115,12 @@ class LocalTarget:
 
     def start(self) -> str:
         log = open(self.root / "phone.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "device_runtime.phone_loop", str(self.root)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "device_runtime.phone_loop", str(self.root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return f"pid {proc.pid}"
 
 
@@ -133,9 +137,13 @@ class AdbTarget:
         try:
             proc = subprocess.run([self.adb, "-s", self.serial, *args], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired as exc:
-            raise DeployError(f"adb {' '.join(args[:2])} on {self.serial} timed out after 300 s: check the USB link") from exc
+            raise DeployError(
+                f"adb {' '.join(args[:2])} on {self.serial} timed out after 300 s: check the USB link"
+            ) from exc
         if check and proc.returncode != 0:
-            raise DeployError(f"adb {' '.join(args[:2])} on {self.serial} failed: {(proc.stderr or proc.stdout).strip()}")
+            raise DeployError(
+                f"adb {' '.join(args[:2])} on {self.serial} failed: {(proc.stderr or proc.stdout).strip()}"
+            )
         return proc.stdout
 
     def check_device(self) -> None:
@@ -166,8 +174,10 @@ class AdbTarget:
         # nohup on the python command itself: ``nohup cd DIR && ...`` would try to run ``cd`` as a
         # program and never start the loop
         remote = shlex.quote(self.remote)
-        command = (f"cd {remote} && PYTHONPATH={remote} nohup {shlex.quote(self.python)} -m device_runtime.phone_loop {remote}"
-                   f" > {remote}/phone.log 2>&1 < /dev/null &")
+        command = (
+            f"cd {remote} && PYTHONPATH={remote} nohup {shlex.quote(self.python)} -m device_runtime.phone_loop {remote}"
+            f" > {remote}/phone.log 2>&1 < /dev/null &"
+        )
         self._adb("shell", command)
         return command
 
@@ -219,15 +229,21 @@ class Arm64Target:
             done = phone.run(["python3", "-c", VERIFY_SCRIPT, str(self.phone_dir)], timeout=600)
             if done.returncode != 0:
                 said = (done.stderr or done.stdout).strip().splitlines()
-                raise DeployError(f"the arm64 phone refused {self.phone_dir}: {said[-1] if said else f'exit {done.returncode}'}")
+                raise DeployError(
+                    f"the arm64 phone refused {self.phone_dir}: {said[-1] if said else f'exit {done.returncode}'}"
+                )
             report = json.loads(done.stdout.strip().splitlines()[-1])
             # the phone lists its bundles in name order: back to the order they were given in
             by_name = dict(zip(sorted(Path(b).name for b in bundles), report["bundles"]))
             hashes = tuple(by_name[Path(b).name] for b in bundles)
             if hashes != local.bundles:
-                raise DeployError(f"the arm64 phone computed other bundle hashes than this host for {self.phone_dir}: deploy again")
+                raise DeployError(
+                    f"the arm64 phone computed other bundle hashes than this host for {self.phone_dir}: deploy again"
+                )
             if report["shard"] != local.shard_sha256:
-                raise DeployError(f"the shard in the arm64 phone has sha256 {report['shard']}, expected {local.shard_sha256}: deploy again")
+                raise DeployError(
+                    f"the shard in the arm64 phone has sha256 {report['shard']}, expected {local.shard_sha256}: deploy again"
+                )
         except BaseException:
             shutil.rmtree(host_dir, ignore_errors=True)  # a failed deploy leaves nothing behind
             raise
@@ -256,8 +272,12 @@ class Arm64Target:
         phone = self.phone()
         host_dir = phone.host_path(self.phone_dir)
         with open(host_dir / "phone.log", "ab") as log:
-            proc = phone.start(["python3", "-m", "device_runtime.phone_loop", str(self.phone_dir)],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = phone.start(
+                ["python3", "-m", "device_runtime.phone_loop", str(self.phone_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return f"pid {proc.pid} (arm64, emulated)"
 
 
@@ -299,10 +319,14 @@ def deploy_fleet(
         raise DeployError(f"aggregator URL {url!r} is not http(s)://HOST:PORT: pass the URL fedkit serve listens on")
     bad = [p for p in phones if not DEVICE_ID.match(p)]
     if bad:
-        raise DeployError(f"phone names {', '.join(bad)} cannot be device ids (letters, digits, '_.-', at most 64): rename the profiles")
+        raise DeployError(
+            f"phone names {', '.join(bad)} cannot be device ids (letters, digits, '_.-', at most 64): rename the profiles"
+        )
     if len(enrol_tokens) < len(phones):
-        raise DeployError(f"{len(phones)} phones need {len(phones)} enrolment tokens, got {len(enrol_tokens)}: "
-                          f"fedkit enrol-token --count {len(phones)}")
+        raise DeployError(
+            f"{len(phones)} phones need {len(phones)} enrolment tokens, got {len(enrol_tokens)}: "
+            f"fedkit enrol-token --count {len(phones)}"
+        )
     taken = [str(root / p) for p in phones if (root / p).exists()]
     if taken:
         raise DeployError(f"{', '.join(taken)} already exist: remove them, or deploy to another folder")
@@ -313,5 +337,7 @@ def deploy_fleet(
             Credential(url, phone, enrol_token=token).save(credentials[phone])
         for phone in phones:
             check_phone(index[phone], shards / f"{phone}.npz", credentials[phone])
-        return [deploy(index[phone], f"local:{root / phone}", shards / f"{phone}.npz", credentials[phone], start)
-                for phone in phones]
+        return [
+            deploy(index[phone], f"local:{root / phone}", shards / f"{phone}.npz", credentials[phone], start)
+            for phone in phones
+        ]

@@ -66,13 +66,28 @@ def install_here(site: Path) -> None:
     their dependencies, and device_runtime as installed here (its C kernels built). fedkit's host
     packages, which ``pip install --no-deps fedkit`` puts beside it, are left out: a phone never
     imports them."""
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "--target", str(site), "-r", str(lock_path())]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "--target",
+        str(site),
+        "-r",
+        str(lock_path()),
+    ]
     done = subprocess.run(command, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise DeployError(f"pip could not install the phone's lock into {site}:\n{done.stderr.strip()[-2000:]}")
-    shutil.copytree(Path(device_runtime.__file__).parent, Path(site) / "device_runtime",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(device_runtime.__file__).parent,
+        Path(site) / "device_runtime",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
 
 
 def isolated_python(site: Path) -> tuple[list[str], dict[str, str]]:

@@ -30,7 +30,9 @@ class NetnsError(FedkitError):
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise NetnsError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}; run as root with iproute2 installed")
+        raise NetnsError(
+            f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}; run as root with iproute2 installed"
+        )
     return proc
 
 
@@ -49,8 +51,25 @@ def netem_available() -> bool:
     if _run("ip", "netns", "add", name, check=False).returncode != 0:
         return False
     try:
-        return _run("ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-                    check=False).returncode == 0
+        return (
+            _run(
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "netem",
+                "delay",
+                "1ms",
+                check=False,
+            ).returncode
+            == 0
+        )
     finally:
         _run("ip", "netns", "del", name, check=False)
 
@@ -82,7 +101,12 @@ class NamespaceNetwork:
         i = len(self.phones)
         if i >= 63:
             raise NetnsError("at most 63 phones per run fit the namespace subnet")
-        net = PhoneNet(f"fk-{self.tag}-{i}", f"fh{self.tag}{i}", f"{SUBNET}.{self.octet}.{4 * i + 1}", f"{SUBNET}.{self.octet}.{4 * i + 2}")
+        net = PhoneNet(
+            f"fk-{self.tag}-{i}",
+            f"fh{self.tag}{i}",
+            f"{SUBNET}.{self.octet}.{4 * i + 1}",
+            f"{SUBNET}.{self.octet}.{4 * i + 2}",
+        )
         peer = f"fp{self.tag}{i}"
         self.phones.append(net)  # before creating anything: close() removes what exists
         ns = ["ip", "netns", "exec", net.namespace]
@@ -103,8 +127,22 @@ class NamespaceNetwork:
         burst = f"{max(32, int(mbps * 1e6 / 8 / 100 / 1024))}kb"  # at least one 10 ms tick at the rate
         tbf = ["tbf", "rate", rate, "burst", burst, "latency", "400ms"]
         if self.netem and (rtt_ms > 0 or loss > 0):
-            _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
-                 "delay", f"{rtt_ms / 2:.1f}ms", "loss", f"{loss * 100:.2f}%")
+            _run(
+                *prefix,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "handle",
+                "1:",
+                "netem",
+                "delay",
+                f"{rtt_ms / 2:.1f}ms",
+                "loss",
+                f"{loss * 100:.2f}%",
+            )
             _run(*prefix, "tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", *tbf)
         else:
             _run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", *tbf)

@@ -71,7 +71,9 @@ def run(spec: PhoneSpec) -> int:
     loop: PhoneLoop | None = None
 
     def before_task() -> None:
-        wait_while_offline(spec.offline, spec.t0, on_offline=lambda s, e: loop.log.write("offline", start=round(s, 3), end=round(e, 3)))
+        wait_while_offline(
+            spec.offline, spec.t0, on_offline=lambda s, e: loop.log.write("offline", start=round(s, 3), end=round(e, 3))
+        )
 
     def after_compute(seconds: float) -> None:
         time.sleep(max(0.0, spec.compute_factor - 1) * seconds)
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except MemoryError:
-        print("error: out of memory under the phone's RLIMIT_AS: give the phone class more memory or plan a smaller part", file=sys.stderr)
+        print(
+            "error: out of memory under the phone's RLIMIT_AS: give the phone class more memory or plan a smaller part",
+            file=sys.stderr,
+        )
         return 3
     print(json.dumps({"pushed": pushed}))
     return 0

@@ -85,7 +85,9 @@ def _runs_without_torch(check: str) -> bool:
     torch already (`fedkit profile --local` on a host), and the stand-in package the training
     check registers must not stay in a process that exports."""
     try:
-        done = subprocess.run([sys.executable, "-c", _REFUSE_TORCH + check], capture_output=True, timeout=ENGINE_CHECK_TIMEOUT_S)
+        done = subprocess.run(
+            [sys.executable, "-c", _REFUSE_TORCH + check], capture_output=True, timeout=ENGINE_CHECK_TIMEOUT_S
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -99,7 +101,9 @@ def engines_present() -> list[str]:
     (the Android ``TrainingModule``) belongs to a native app, not to this runtime."""
     if importlib.util.find_spec("onnxruntime") is None:
         return []
-    return (["ort"] if ort_trains_without_torch() else []) + (["numpy"] if _runs_without_torch(_ORT_INFERENCE_CHECK) else [])
+    return (["ort"] if ort_trains_without_torch() else []) + (
+        ["numpy"] if _runs_without_torch(_ORT_INFERENCE_CHECK) else []
+    )
 
 
 def _time(fn, repeats: int) -> float:
@@ -127,8 +131,14 @@ def time_items(payload_dir: str, repeats: int) -> list[dict]:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     runs = []
     for item in items:
-        session = ort.InferenceSession(os.path.join(payload_dir, item["file"]), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(item["input_shape"]).astype(np.float32)}
+        session = ort.InferenceSession(
+            os.path.join(payload_dir, item["file"]), options, providers=["CPUExecutionProvider"]
+        )
+        feed = {
+            session.get_inputs()[0].name: np.random.default_rng(0)
+            .standard_normal(item["input_shape"])
+            .astype(np.float32)
+        }
         runs.append(lambda session=session, feed=feed: session.run(None, feed))
         runs[-1]()  # warm-up: the first run allocates and plans memory
     best = [float("inf")] * len(items)

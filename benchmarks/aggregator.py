@@ -100,7 +100,9 @@ class Phone(threading.Thread):
                         time.sleep(min(task.retry_after, 0.3) * (0.5 + self.rng.random()))
                         continue
                     delta = {n: (0.001 * self.rng.standard_normal(s)).astype(np.float32) for n, s in HEAD.items()}
-                    body = encode(UpdateHeader(self.id, task.round, task.base_version, 100), delta, "int8", rng=self.rng)
+                    body = encode(
+                        UpdateHeader(self.id, task.round, task.base_version, 100), delta, "int8", rng=self.rng
+                    )
                     t0 = time.perf_counter()
                     result = c.push(body, f"{self.id}-r{task.round}")
                     t1 = time.perf_counter()
@@ -233,14 +235,22 @@ def main() -> None:
     write_result(
         "aggregator",
         config={
-            "update": {"tensors": {k: list(v) for k, v in HEAD.items()}, "encoding": "int8",
-                       "model_fp32_kb": round(4 * sum(int(np.prod(s)) for s in HEAD.values()) / 1024, 1)},
+            "update": {
+                "tensors": {k: list(v) for k, v in HEAD.items()},
+                "encoding": "int8",
+                "model_fp32_kb": round(4 * sum(int(np.prod(s)) for s in HEAD.values()) / 1024, 1),
+            },
             "throughput_mode": "fedbuff, buffer = phones (each phone pushes once per version)",
             "versions_pushed": VERSIONS,
             "recovery_mode": "fedavg, min_reports = phones, SIGKILL after 10 and 35 counted pushes",
             "seed": SEED,
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "fastapi": fastapi.__version__,
-                         "uvicorn": uvicorn.__version__, "httpx": httpx.__version__},
+            "versions": {
+                "python": platform.python_version(),
+                "numpy": np.__version__,
+                "fastapi": fastapi.__version__,
+                "uvicorn": uvicorn.__version__,
+                "httpx": httpx.__version__,
+            },
             "transport": "HTTP on loopback, phones as threads of one process",
         },
         figures={

@@ -30,14 +30,45 @@ import numpy as np
 from toolkit.benchmarking import write_result
 
 IMAGES = 200
-ROUND = ["--round", "1", "--lr", "0.01", "--epochs", "1", "--batch-size", "32", "--encoding", "fp32", "--seed", "0",
-         "--device-id", "phone-1", "--holdout", "0"]
+ROUND = [
+    "--round",
+    "1",
+    "--lr",
+    "0.01",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--encoding",
+    "fp32",
+    "--seed",
+    "0",
+    "--device-id",
+    "phone-1",
+    "--holdout",
+    "0",
+]
 
 
 def train(argv_prefix: list[str], bundle: str, shard: str, work: str, out: str, run) -> tuple[float, dict]:
     started = time.perf_counter()
-    done = run([*argv_prefix, "-m", "device_runtime", "train", "--bundle", bundle, "--shard", shard, "--workdir", work,
-                "--out", out, *ROUND])
+    done = run(
+        [
+            *argv_prefix,
+            "-m",
+            "device_runtime",
+            "train",
+            "--bundle",
+            bundle,
+            "--shard",
+            shard,
+            "--workdir",
+            work,
+            "--out",
+            out,
+            *ROUND,
+        ]
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the round failed: {done.stderr.strip()[-2000:]}")
@@ -52,9 +83,16 @@ def x86_install(folder: Path, bundle: str, shard: str) -> tuple[float, dict]:
 
     install_here(folder / "site")
     argv, env = isolated_python(folder / "site")
-    _, stats = train(argv, bundle, shard, str(folder / "work"), str(folder / "update.bin"),
-                     lambda argv: subprocess.run(argv, env=env, cwd=folder, check=False, capture_output=True, text=True,
-                                                 timeout=600))
+    _, stats = train(
+        argv,
+        bundle,
+        shard,
+        str(folder / "work"),
+        str(folder / "update.bin"),
+        lambda argv: subprocess.run(
+            argv, env=env, cwd=folder, check=False, capture_output=True, text=True, timeout=600
+        ),
+    )
     return tree_size(folder / "site") / 1e6, stats
 
 
@@ -79,16 +117,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedkit-b10-") as tmp:
         tmp = Path(tmp)
         shard = write_shard(tmp / "shard.npz", train_set.images[part], train_set.labels[part])
-        native_s, native = train([sys.executable], str(bundle), str(shard), str(tmp / "work"), str(tmp / "update.bin"),
-                                 lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=600))
+        native_s, native = train(
+            [sys.executable],
+            str(bundle),
+            str(shard),
+            str(tmp / "work"),
+            str(tmp / "update.bin"),
+            lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=600),
+        )
         inside = PurePosixPath("/opt/fedkit/bench") / tmp.name
         host_dir = phone.host_path(inside)
         host_dir.mkdir(parents=True)
         try:
             shutil.copytree(bundle, host_dir / "bundle")
             shutil.copyfile(shard, host_dir / "shard.npz")
-            emulated_s, emulated = train(["python3"], str(inside / "bundle"), str(inside / "shard.npz"), str(inside / "work"),
-                                         str(inside / "update.bin"), lambda argv: phone.run(argv, timeout=3600))
+            emulated_s, emulated = train(
+                ["python3"],
+                str(inside / "bundle"),
+                str(inside / "shard.npz"),
+                str(inside / "work"),
+                str(inside / "update.bin"),
+                lambda argv: phone.run(argv, timeout=3600),
+            )
             on_x86, on_arm = decode((tmp / "update.bin").read_bytes()), decode((host_dir / "update.bin").read_bytes())
         finally:
             shutil.rmtree(host_dir, ignore_errors=True)
@@ -101,23 +151,34 @@ def main() -> None:
     write_result(
         "arm64",
         config={
-            "model": "mobilenet_v2 head (ImageNet weights, fresh Linear(1280, 10))", "engine": "numpy", "images": IMAGES,
-            "shard": "B1 phone-1, Dirichlet(0.5) over 20 phones, seed 0, first images", "round": ROUND,
-            "phone": {"cpu": PHONE_CPU, "emulation": "qemu user mode (qemu-aarch64-static via binfmt_misc), Debian bookworm arm64",
-                      "runtime_key": phone.runtime.key},
+            "model": "mobilenet_v2 head (ImageNet weights, fresh Linear(1280, 10))",
+            "engine": "numpy",
+            "images": IMAGES,
+            "shard": "B1 phone-1, Dirichlet(0.5) over 20 phones, seed 0, first images",
+            "round": ROUND,
+            "phone": {
+                "cpu": PHONE_CPU,
+                "emulation": "qemu user mode (qemu-aarch64-static via binfmt_misc), Debian bookworm arm64",
+                "runtime_key": phone.runtime.key,
+            },
             "host_onnxruntime": onnxruntime.__version__,
         },
         figures={
             "native_s": round(native_s, 2),
             "emulated_s": round(emulated_s, 2),
             "emulated_over_native": round(emulated_s / native_s, 1),
-            "trainer_seconds": {"native": {"features": native["feature_seconds"], "train": native["train_seconds"]},
-                                "emulated": {"features": emulated["feature_seconds"], "train": emulated["train_seconds"]}},
+            "trainer_seconds": {
+                "native": {"features": native["feature_seconds"], "train": native["train_seconds"]},
+                "emulated": {"features": emulated["feature_seconds"], "train": emulated["train_seconds"]},
+            },
             "peak_rss_mb": {"native": native["peak_rss_mb"], "emulated": emulated["peak_rss_mb"]},
             "update_max_abs_diff_over_scale": diff / scale,
             "same_samples": on_arm.header.num_samples == on_x86.header.num_samples,
-            "install_mb": {"arm64": round(phone.runtime.size_mb, 1), "x86_64": round(x86_mb, 1),
-                           "target": INSTALL_TARGET_MB},
+            "install_mb": {
+                "arm64": round(phone.runtime.size_mb, 1),
+                "x86_64": round(x86_mb, 1),
+                "target": INSTALL_TARGET_MB,
+            },
             "x86_64_install_ort_train_loss": on_install["train_loss"],
         },
     )

@@ -217,8 +217,12 @@ def main() -> None:
         }
         layered = layered_encodings(update, LAYERED_BITS)
         encodings = {e: e for e in ENCODINGS} | {f"layered:{LAYERED_BITS:g}": layered}
-        results[size] = {label: measure(update, enc, runs, repeats, stream, cache_seconds) for label, enc in encodings.items()}
-        results[size][f"layered:{LAYERED_BITS:g}"]["mix"] = {e: sum(1 for v in layered.values() if v == e) for e in set(layered.values())}
+        results[size] = {
+            label: measure(update, enc, runs, repeats, stream, cache_seconds) for label, enc in encodings.items()
+        }
+        results[size][f"layered:{LAYERED_BITS:g}"]["mix"] = {
+            e: sum(1 for v in layered.values() if v == e) for e in set(layered.values())
+        }
         results[size]["_tensors"] = len(update)
         results[size]["_elements"] = int(src.size)
     whole = results["whole"]
@@ -228,14 +232,20 @@ def main() -> None:
             **results,
             "copy_bandwidth": copy,
             "targets": {
-                **{f"{e}_ratio>={t}": all(results[s][e]["ratio_vs_fp32"] >= t for s in results) for e, t in TARGET_RATIO.items()},
                 **{
-                    f"{e}_{way}_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_copy_fraction"] >= TARGET_COPY_FRACTION
+                    f"{e}_ratio>={t}": all(results[s][e]["ratio_vs_fp32"] >= t for s in results)
+                    for e, t in TARGET_RATIO.items()
+                },
+                **{
+                    f"{e}_{way}_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_copy_fraction"]
+                    >= TARGET_COPY_FRACTION
                     for e in [*ENCODINGS, f"layered:{LAYERED_BITS:g}"]
                     for way in ("encode", "decode")
                 },
                 "not the target, for reference (same-size in-cache copy)": {
-                    f"{e}_{way}_cache_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][f"{way}_cache_copy_fraction"]
+                    f"{e}_{way}_cache_copy_fraction>={TARGET_COPY_FRACTION} (whole)": whole[e][
+                        f"{way}_cache_copy_fraction"
+                    ]
                     >= TARGET_COPY_FRACTION
                     for e in [*ENCODINGS, f"layered:{LAYERED_BITS:g}"]
                     for way in ("encode", "decode")

@@ -192,7 +192,9 @@ class EagerEngine:
 
     def gradients(self, h: np.ndarray, labels: np.ndarray):
         self.trainable.zero_grad()
-        loss = self.torch.nn.functional.cross_entropy(self.trainable(self.torch.from_numpy(h)), self.torch.from_numpy(labels))
+        loss = self.torch.nn.functional.cross_entropy(
+            self.trainable(self.torch.from_numpy(h)), self.torch.from_numpy(labels)
+        )
         loss.backward()
         return loss.item(), {n: p.grad.numpy().copy() for n, p in self.trainable.named_parameters()}
 

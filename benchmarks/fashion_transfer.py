@@ -80,8 +80,9 @@ def run(name: str, rounds: int, encoding: str, depth: str, root: Path) -> dict:
     from toolkit.simulation import parse_simulation, simulate
 
     t = time.perf_counter()
-    s = simulate(parse_simulation({k: v for k, v in config(name, rounds, encoding, depth).items() if v is not None}),
-                 root / name).model_dump()
+    s = simulate(
+        parse_simulation({k: v for k, v in config(name, rounds, encoding, depth).items() if v is not None}), root / name
+    ).model_dump()
     metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
     out = {
         "final_accuracy": s["final_accuracy"],
@@ -110,11 +111,16 @@ def splitfed_figures(summary: dict, metrics: list[dict], run_dir: Path) -> dict:
     per_class = {}
     for c in CLASSES:
         phones = [d for d, k in class_of.items() if k == c]
-        per_round = [sum(m["phone_compute_s"][d] for d in phones if d in m["phone_compute_s"]) / len(phones) for m in rounds]
+        per_round = [
+            sum(m["phone_compute_s"][d] for d in phones if d in m["phone_compute_s"]) / len(phones) for m in rounds
+        ]
         (chosen,) = [p for p in plan["phones"] if p["profile"] == c]
         per_class[c] = {
-            "cut": chosen["plan"]["cut"], "train_from": chosen["plan"]["train_from"], "batch": chosen["plan"]["batch_size"],
-            "trainable_blocks": chosen["trainable_blocks"], "predicted_s": chosen["plan"]["predicted"],
+            "cut": chosen["plan"]["cut"],
+            "train_from": chosen["plan"]["train_from"],
+            "batch": chosen["plan"]["batch_size"],
+            "trainable_blocks": chosen["trainable_blocks"],
+            "predicted_s": chosen["plan"]["predicted"],
             "compute_s_round1": round(per_round[0], 3),
             "compute_s_later_rounds": round(sum(per_round[1:]) / max(1, len(per_round) - 1), 3),
         }
@@ -161,7 +167,9 @@ def measured_alone(per_class: dict, root: Path) -> dict:
     phone = f"phone-{CLASSES.index(SLOWEST) * 5 + 1}"  # phones are numbered class by class, five each
     write_shards(root / "shards", [f"phone-{i}" for i in range(1, 21)], "dirichlet", alpha=0.5, seed=0)  # B1's split
     shard = root / "shards" / f"{phone}.npz"
-    task = Task(round=1, base_version=0, lr=LR["splitfed"], local_epochs=1, batch_size=c["batch"], encoding="int8", seed=0)
+    task = Task(
+        round=1, base_version=0, lr=LR["splitfed"], local_epochs=1, batch_size=c["batch"], encoding="int8", seed=0
+    )
 
     part = copy.deepcopy(model.edge_part(c["cut"])).eval()
     optimizer = torch.optim.SGD(part.parameters(), lr=task.lr, momentum=task.momentum)
@@ -181,9 +189,13 @@ def measured_alone(per_class: dict, root: Path) -> dict:
     alone = LocalTrainer(alone_bundle, shard, root / "alone", device_id=phone, holdout_fraction=0.0)
     a = alone.run_round(task, weights(alone_bundle))
     split_s = s.train_seconds - s.exchange_seconds
-    return {"samples": s.num_samples, "splitfed_compute_s": round(split_s, 3), "alone_compute_s": round(a.train_seconds, 3),
-            "alone_over_splitfed": round(a.train_seconds / split_s, 2),
-            "frozen_features_s": {"splitfed": round(s.feature_seconds, 2), "alone": round(a.feature_seconds, 2)}}
+    return {
+        "samples": s.num_samples,
+        "splitfed_compute_s": round(split_s, 3),
+        "alone_compute_s": round(a.train_seconds, 3),
+        "alone_over_splitfed": round(a.train_seconds / split_s, 2),
+        "frozen_features_s": {"splitfed": round(s.feature_seconds, 2), "alone": round(a.feature_seconds, 2)},
+    }
 
 
 def predicted_alone(per_class: dict) -> dict:
@@ -200,9 +212,14 @@ def predicted_alone(per_class: dict) -> dict:
     edge = DeviceProfile(name="edge", source="local", cpu_cores=2, gflops=50.0, memory_mb=8192)
     c = per_class[SLOWEST]
     split = cost.round_time(Choice(c["cut"], c["train_from"], "ort", "int8", c["batch"]), phone, edge, 3000)
-    alone = cost.round_time(Choice(len(model.block_names), c["train_from"], "ort", "int8", c["batch"]), phone, edge, 3000)
-    return {"splitfed_compute_s": round(split["compute"], 3), "alone_compute_s": round(alone["compute"], 3),
-            "alone_over_splitfed": round(alone["compute"] / split["compute"], 2)}
+    alone = cost.round_time(
+        Choice(len(model.block_names), c["train_from"], "ort", "int8", c["batch"]), phone, edge, 3000
+    )
+    return {
+        "splitfed_compute_s": round(split["compute"], 3),
+        "alone_compute_s": round(alone["compute"], 3),
+        "alone_over_splitfed": round(alone["compute"] / split["compute"], 2),
+    }
 
 
 def main() -> int:
@@ -213,7 +230,12 @@ def main() -> int:
     from toolkit import __version__
     from toolkit.simulation.summary import central_reference
 
-    runs = {"A-int8": ("int8", "head"), "A-fp32": ("fp32", "head"), "B-int8": ("int8", "plan"), "C-int8": ("int8", "splitfed")}
+    runs = {
+        "A-int8": ("int8", "head"),
+        "A-fp32": ("fp32", "head"),
+        "B-int8": ("int8", "plan"),
+        "C-int8": ("int8", "splitfed"),
+    }
     previous = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     results = dict(previous.get("figures", {}).get("runs", {}))
     with tempfile.TemporaryDirectory(prefix="b1-") as tmp:
@@ -231,7 +253,9 @@ def main() -> int:
         figures["A_int8_minus_fp32_points"] = round(100 * (a8["final_accuracy"] - a32["final_accuracy"]), 2)
         figures["A_uplink_fp32_over_int8"] = round(a32["uplink_payload_bytes"] / a8["uplink_payload_bytes"], 2)
     if "A-int8" in results and "B-int8" in results:
-        figures["B_minus_A_points"] = round(100 * (results["B-int8"]["final_accuracy"] - results["A-int8"]["final_accuracy"]), 2)
+        figures["B_minus_A_points"] = round(
+            100 * (results["B-int8"]["final_accuracy"] - results["A-int8"]["final_accuracy"]), 2
+        )
     if "C-int8" in results:
         c = results["C-int8"]
         figures["C_predicted_compute_slowest"] = predicted_alone(c["per_class"])
@@ -239,25 +263,48 @@ def main() -> int:
         if b:
             figures["C_minus_B_points"] = round(100 * (c["final_accuracy"] - b["final_accuracy"]), 2)
             at = min(c["rounds"], len(b["accuracy_per_round"]) - 1)  # at C's round count
-            figures["C_minus_B_points_same_rounds"] = round(100 * (c["accuracy_per_round"][at] - b["accuracy_per_round"][at]), 2)
+            figures["C_minus_B_points_same_rounds"] = round(
+                100 * (c["accuracy_per_round"][at] - b["accuracy_per_round"][at]), 2
+            )
     import numpy
     import onnxruntime
 
     write_result(
         "fashion_transfer",
         config={
-            "rounds": {name: r.get("rounds_asked", r["rounds"]) for name, r in results.items() if "rounds" in r}, "full_b1_rounds": 30, "phones": 20, "classes": list(CLASSES), "alpha": 0.5, "seed": 0,
-            "lr": LR, "momentum": 0.9, "batch_size": 32, "local_epochs": 1, "planner_slack_B": 0.5, "max_depth_B": 2,
-            "compute": "host speed (no slowdown)", "links": "in-process, each class's cellular link",
-            "C": {"mode": "splitfed", "planner_slack": 0.1, "max_depth": None, "edge_workers": 2, "slowest_class": SLOWEST,
-                  "rounds_note": "about 100 s a round on this 2-core host, where the edge trains every phone's blocks past "
-                                 "its cut; C_minus_B_points_same_rounds compares them at C's round count",
-                  "compute_note": "C_predicted_compute_slowest: the planner's cost model, phone seconds per round, frozen "
-                                  "forward included; C-alone: measured on this host, one round on a low-2022 shard alone, "
-                                  "frozen features excluded (computed once per shard); per_class compute_s: measured in "
-                                  "the run, 20 phone processes and the edge sharing the host"},
-            "versions": {"fedkit": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
-                         "onnxruntime": onnxruntime.__version__},
+            "rounds": {name: r.get("rounds_asked", r["rounds"]) for name, r in results.items() if "rounds" in r},
+            "full_b1_rounds": 30,
+            "phones": 20,
+            "classes": list(CLASSES),
+            "alpha": 0.5,
+            "seed": 0,
+            "lr": LR,
+            "momentum": 0.9,
+            "batch_size": 32,
+            "local_epochs": 1,
+            "planner_slack_B": 0.5,
+            "max_depth_B": 2,
+            "compute": "host speed (no slowdown)",
+            "links": "in-process, each class's cellular link",
+            "C": {
+                "mode": "splitfed",
+                "planner_slack": 0.1,
+                "max_depth": None,
+                "edge_workers": 2,
+                "slowest_class": SLOWEST,
+                "rounds_note": "about 100 s a round on this 2-core host, where the edge trains every phone's blocks past "
+                "its cut; C_minus_B_points_same_rounds compares them at C's round count",
+                "compute_note": "C_predicted_compute_slowest: the planner's cost model, phone seconds per round, frozen "
+                "forward included; C-alone: measured on this host, one round on a low-2022 shard alone, "
+                "frozen features excluded (computed once per shard); per_class compute_s: measured in "
+                "the run, 20 phone processes and the edge sharing the host",
+            },
+            "versions": {
+                "fedkit": __version__,
+                "python": platform.python_version(),
+                "numpy": numpy.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
         },
         figures=figures,
     )

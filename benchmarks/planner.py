@@ -85,11 +85,14 @@ def calibrate(model, write: bool):
     shipped_error = {}
     for profile, timing in zip((at1, at32), timings):
         rel = [predict_block(c, shipped, profile.gflops, timing.batch) / timing.seconds[c.name] - 1 for c in costs]
-        total = sum(predict_block(c, shipped, profile.gflops, timing.batch) for c in costs) / sum(timing.seconds.values()) - 1
+        total = (
+            sum(predict_block(c, shipped, profile.gflops, timing.batch) for c in costs) / sum(timing.seconds.values())
+            - 1
+        )
         shipped_error[f"block_mean_b{timing.batch}"] = float(np.mean(np.abs(rel)))
         shipped_error[f"model_b{timing.batch}"] = float(total)
     for part in parts:
-        predicted = predict_part(costs[part.start:part.stop], shipped, part.gflops, part.batch)
+        predicted = predict_part(costs[part.start : part.stop], shipped, part.gflops, part.batch)
         shipped_error[f"part_{part.start}_{part.stop}_b{part.batch}"] = predicted / part.seconds - 1
     return at32, fresh, shipped, shipped_error
 
@@ -110,8 +113,12 @@ def best_at(planner, phone, depth, encoding, batch, cut):
 def fastest_where(planner, phone, cuts):
     options = [c for c in planner.candidates(phone) if c.cut in cuts]
     if 0 in cuts:
-        options += [Choice(0, t, "ort", enc, b) for t in range(planner.n) for enc in planner.config.encodings
-                    for b in planner.config.batches]
+        options += [
+            Choice(0, t, "ort", enc, b)
+            for t in range(planner.n)
+            for enc in planner.config.encodings
+            for b in planner.config.batches
+        ]
     evaluated = [e for e in planner.evaluate_all(phone, options) if e.memory_mb <= phone.memory_mb]
     return min(e.predicted["total"] for e in evaluated)
 
@@ -156,7 +163,14 @@ def measure_choices(model, keys, folder: Path) -> tuple[float, dict[tuple, tuple
     def parts(cut, train_from):
         return ((0, min(train_from, cut)), (min(train_from, cut), cut), (cut, n))
 
-    spans = sorted({(start, stop, batch) for cut, train_from, batch in keys for start, stop in parts(cut, train_from) if start < stop})
+    spans = sorted(
+        {
+            (start, stop, batch)
+            for cut, train_from, batch in keys
+            for start, stop in parts(cut, train_from)
+            if start < stop
+        }
+    )
     host_gflops, best = time_parts(model, spans, folder)
     return host_gflops, {
         (cut, train_from, batch): tuple(best.get((start, stop, batch), 0.0) for start, stop in parts(cut, train_from))
@@ -176,24 +190,45 @@ def fleet_case(planner, link_name: str) -> dict:
             per_phone[phone.name] = {"infeasible": planned.reason}
             continue
         d = planned.plan
-        same = alone.plan is not None and (alone.plan.cut, alone.plan.train_from, alone.plan.encoding, alone.plan.batch_size) == (
-            d.cut, d.train_from, d.encoding, d.batch_size)
+        same = alone.plan is not None and (
+            alone.plan.cut,
+            alone.plan.train_from,
+            alone.plan.encoding,
+            alone.plan.batch_size,
+        ) == (d.cut, d.train_from, d.encoding, d.batch_size)
         changed += not same
         per_phone[phone.name] = {
-            "cut": d.cut, "train_from": d.train_from, "encoding": d.encoding, "batch": d.batch_size,
-            "total_s": d.predicted["total"], "down_bytes": d.predicted["down_bytes"], "up_bytes": d.predicted["up_bytes"],
-            "alone": None if alone.plan is None else {"cut": alone.plan.cut, "train_from": alone.plan.train_from,
-                                                        "total_s": alone.plan.predicted["total"],
-                                                        "down_bytes": alone.plan.predicted["down_bytes"]},
+            "cut": d.cut,
+            "train_from": d.train_from,
+            "encoding": d.encoding,
+            "batch": d.batch_size,
+            "total_s": d.predicted["total"],
+            "down_bytes": d.predicted["down_bytes"],
+            "up_bytes": d.predicted["up_bytes"],
+            "alone": None
+            if alone.plan is None
+            else {
+                "cut": alone.plan.cut,
+                "train_from": alone.plan.train_from,
+                "total_s": alone.plan.predicted["total"],
+                "down_bytes": alone.plan.predicted["down_bytes"],
+            },
         }
     trained = [p.plan.train_from for p in fleet.phones if p.plan is not None]
     downs = [p["down_bytes"] for p in per_phone.values() if "down_bytes" in p]
-    return {"fed_from": min(trained, default=None), "down_mb": max(downs, default=0) / 1e6, "changed": changed, "phones": per_phone}
+    return {
+        "fed_from": min(trained, default=None),
+        "down_mb": max(downs, default=0) / 1e6,
+        "changed": changed,
+        "phones": per_phone,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-calibration", action="store_true", help="refit and ship toolkit/planning/calibration.json")
+    parser.add_argument(
+        "--write-calibration", action="store_true", help="refit and ship toolkit/planning/calibration.json"
+    )
     args = parser.parse_args()
     torch.manual_seed(SEED)
     started = time.perf_counter()
@@ -227,31 +262,43 @@ def main() -> None:
             fastest_total = fastest.plan.predicted["total"]
             fastest_phone = fastest_where(raw_planner, phone, {n})
             fastest_edge = fastest_where(raw_planner, phone, {0})
-            cases.append({
-                **case,
-                "choice": {"cut": plan.cut, "train_from": plan.train_from, "trainable_blocks": depth, "engine": plan.engine,
-                           "encoding": plan.encoding, "batch": plan.batch_size},
-                "predicted": plan.predicted,
-                "oracle_total": oracle.plan.predicted["total"],
-                "oracle_same_choice": oracle.plan == plan,
-                "gap_vs_oracle": total / oracle.plan.predicted["total"] - 1,
-                "fastest_any_depth": {"total": fastest.plan.predicted["total"], "cut": fastest.plan.cut,
-                                      "trainable_blocks": fastest.trainable_blocks},
-                "time_cost_of_depth_rule": total / fastest.plan.predicted["total"] - 1,
-                "every_cut_at_this_depth": sweep,
-                "best_cut_at_this_depth": min((t, c) for c, t in sweep.items() if t is not None and c > 0)[1],
-                "all_on_phone": all_phone,
-                "all_on_edge_raw_upload": all_edge,
-                "speedup_vs_better_baseline": (min(baselines) / total) if baselines else None,
-                "latency_only": {
-                    "fastest_private": fastest_total, "fastest_all_on_phone": fastest_phone,
-                    "fastest_all_on_edge_raw_upload": fastest_edge,
-                    "speedup_vs_all_on_phone": fastest_phone / fastest_total,
-                    "speedup_vs_all_on_edge": fastest_edge / fastest_total,
-                    "speedup_vs_better": min(fastest_phone, fastest_edge) / fastest_total,
-                },
-                "measured": {},  # filled in below, once every choice's parts are timed together
-            })
+            cases.append(
+                {
+                    **case,
+                    "choice": {
+                        "cut": plan.cut,
+                        "train_from": plan.train_from,
+                        "trainable_blocks": depth,
+                        "engine": plan.engine,
+                        "encoding": plan.encoding,
+                        "batch": plan.batch_size,
+                    },
+                    "predicted": plan.predicted,
+                    "oracle_total": oracle.plan.predicted["total"],
+                    "oracle_same_choice": oracle.plan == plan,
+                    "gap_vs_oracle": total / oracle.plan.predicted["total"] - 1,
+                    "fastest_any_depth": {
+                        "total": fastest.plan.predicted["total"],
+                        "cut": fastest.plan.cut,
+                        "trainable_blocks": fastest.trainable_blocks,
+                    },
+                    "time_cost_of_depth_rule": total / fastest.plan.predicted["total"] - 1,
+                    "every_cut_at_this_depth": sweep,
+                    "best_cut_at_this_depth": min((t, c) for c, t in sweep.items() if t is not None and c > 0)[1],
+                    "all_on_phone": all_phone,
+                    "all_on_edge_raw_upload": all_edge,
+                    "speedup_vs_better_baseline": (min(baselines) / total) if baselines else None,
+                    "latency_only": {
+                        "fastest_private": fastest_total,
+                        "fastest_all_on_phone": fastest_phone,
+                        "fastest_all_on_edge_raw_upload": fastest_edge,
+                        "speedup_vs_all_on_phone": fastest_phone / fastest_total,
+                        "speedup_vs_all_on_edge": fastest_edge / fastest_total,
+                        "speedup_vs_better": min(fastest_phone, fastest_edge) / fastest_total,
+                    },
+                    "measured": {},  # filled in below, once every choice's parts are timed together
+                }
+            )
     fleets = {link_name: fleet_case(planner, link_name) for link_name in LINKS}
     feasible = [c for c in cases if "choice" in c]
     keys = sorted({(c["choice"]["cut"], c["choice"]["train_from"], c["choice"]["batch"]) for c in feasible})
@@ -264,9 +311,13 @@ def main() -> None:
         compute = batches * (frozen_s + TRAIN_FACTOR * trainable_s) * host_gflops / c["phone_gflops"]
         edge_time = batches * TRAIN_FACTOR * edge_s * config.edge_load
         total = compute + edge_time + predicted["upload"] + predicted["download"]
-        c["measured"] = {"compute": compute, "edge": edge_time, "total": total,
-                         "host_seconds_per_batch": {"frozen": frozen_s, "trainable": trainable_s, "edge": edge_s},
-                         "host_gflops": host_gflops}
+        c["measured"] = {
+            "compute": compute,
+            "edge": edge_time,
+            "total": total,
+            "host_seconds_per_batch": {"frozen": frozen_s, "trainable": trainable_s, "edge": edge_s},
+            "host_gflops": host_gflops,
+        }
         c["measured_vs_predicted"] = total / predicted["total"] - 1
         c["measured_vs_predicted_compute"] = compute / predicted["compute"] - 1
     gaps = [c["gap_vs_oracle"] for c in feasible]
@@ -281,9 +332,13 @@ def main() -> None:
             "max_gap_vs_oracle": max(gaps),
             "median_speedup_vs_better_of_phone_and_edge_same_depth": statistics.median(speedups),
             "mean_speedup_vs_better_of_phone_and_edge_same_depth": statistics.fmean(speedups),
-            "latency_only_median_speedup_vs_all_on_phone": statistics.median(x["speedup_vs_all_on_phone"] for x in latency),
+            "latency_only_median_speedup_vs_all_on_phone": statistics.median(
+                x["speedup_vs_all_on_phone"] for x in latency
+            ),
             "latency_only_max_speedup_vs_all_on_phone": max(x["speedup_vs_all_on_phone"] for x in latency),
-            "latency_only_median_speedup_vs_all_on_edge": statistics.median(x["speedup_vs_all_on_edge"] for x in latency),
+            "latency_only_median_speedup_vs_all_on_edge": statistics.median(
+                x["speedup_vs_all_on_edge"] for x in latency
+            ),
             "latency_only_median_speedup_vs_better": statistics.median(x["speedup_vs_better"] for x in latency),
             "latency_only_mean_speedup_vs_better": statistics.fmean(x["speedup_vs_better"] for x in latency),
             "splitfed_choices": sum(c["choice"]["cut"] < n for c in feasible),

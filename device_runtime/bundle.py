@@ -75,7 +75,9 @@ def _verify_weights(path: Path, manifest: Manifest) -> None:
     try:
         decode(path.read_bytes(), expected={t.name: t.shape for t in manifest.trainable})
     except CodecError as exc:
-        raise BundleError(f"{path} (weights) does not fit this fedkit ({exc}); re-export the bundle with this version") from exc
+        raise BundleError(
+            f"{path} (weights) does not fit this fedkit ({exc}); re-export the bundle with this version"
+        ) from exc
 
 
 def _verify_file(root: Path, role: str, rel: str, size: int, sha256: str) -> None:
@@ -97,4 +99,6 @@ def _verify_file(root: Path, role: str, rel: str, size: int, sha256: str) -> Non
             "the file is truncated or altered; re-deploy the bundle"
         )
     if sha256_file(path) != sha256:
-        raise BundleError(f"{root / rel} ({role}) does not match its sha256 in the manifest: the file is altered; re-deploy the bundle")
+        raise BundleError(
+            f"{root / rel} ({role}) does not match its sha256 in the manifest: the file is altered; re-deploy the bundle"
+        )

@@ -180,7 +180,9 @@ def encode(
         x = _as_float32(name, x)
         # under MAX_ELEMENTS in all, only an empty tensor can have a side of 2**32
         if x.ndim > _MAX_NDIM or (not x.size and max(x.shape, default=0) > _U32_MAX):
-            raise CodecError(f"tensor {name!r} has shape {x.shape}: the format holds at most {_MAX_NDIM} dimensions of < 2**32")
+            raise CodecError(
+                f"tensor {name!r} has shape {x.shape}: the format holds at most {_MAX_NDIM} dimensions of < 2**32"
+            )
         jobs.append((_name_bytes(name), _CODES[encodings[name]], x, key))  # a bad name: refused before any work
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_json)) + header_json + _COUNT.pack(len(jobs))
     data = _kernels.pack(prefix, jobs, topk_fraction, crc32)
@@ -209,7 +211,9 @@ def decode(
     if max_bytes is not None and size > max_bytes:
         raise CodecError(f"update is {size} bytes, over the limit of {max_bytes}: send a smaller encoding")
     if size < _FIXED_SIZE:
-        raise CodecError(f"update is {size} bytes, too short to be one (at least {_FIXED_SIZE}): it was cut short, send it again")
+        raise CodecError(
+            f"update is {size} bytes, too short to be one (at least {_FIXED_SIZE}): it was cut short, send it again"
+        )
     magic, version, header_size = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise CodecError(f"data starts with {magic!r}, not {MAGIC!r}: it is not a fedkit update")
@@ -269,7 +273,9 @@ def layered_encodings(tensors: Mapping[str, np.ndarray], avg_bits: float) -> dic
     sizes = {name: int(np.size(t)) for name, t in tensors.items()}
     budget = avg_bits * sum(sizes.values()) - sum(sizes.values())  # bits left after 1 bit each
     rung = dict.fromkeys(tensors, 0)
-    variance = {name: float(np.mean(np.square(t, dtype=np.float64))) if sizes[name] else 0.0 for name, t in tensors.items()}
+    variance = {
+        name: float(np.mean(np.square(t, dtype=np.float64))) if sizes[name] else 0.0 for name, t in tensors.items()
+    }
     heap = [(-_raise_gain(variance[name], 0), order, name) for order, name in enumerate(tensors) if variance[name] > 0]
     heapq.heapify(heap)
     while heap:
@@ -312,7 +318,9 @@ class ErrorFeedback:
             sent = _as_float32(name, value)
             got = _as_float32(name, decoded[name]) if name in decoded else None
             if got is None or got.shape != sent.shape:
-                raise CodecError(f"error feedback: the decoded update lacks {name!r} as encoded; pass the decode of what was encoded")
+                raise CodecError(
+                    f"error feedback: the decoded update lacks {name!r} as encoded; pass the decode of what was encoded"
+                )
             self._residuals[name] = sent - got
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -394,10 +402,16 @@ def _payload_size(encoding: str, n: int, scales: int, k: int) -> int:
 
 def _unencodable(name: str, encoding: str, status: int) -> CodecError:
     if status == _NON_FINITE:
-        return CodecError(f"tensor {name!r} holds NaN or Inf: the update is broken, do not send it (lower the learning rate?)")
+        return CodecError(
+            f"tensor {name!r} holds NaN or Inf: the update is broken, do not send it (lower the learning rate?)"
+        )
     if encoding in ("fp16", "topk"):
-        return CodecError(f"tensor {name!r} has values beyond ±{_FP16_LIMIT:g}, more than scaled fp16 holds: encode it as fp32 or int8")
-    return CodecError(f"tensor {name!r} has values too large for {encoding}: its scales would overflow when decoded, encode it as fp32")
+        return CodecError(
+            f"tensor {name!r} has values beyond ±{_FP16_LIMIT:g}, more than scaled fp16 holds: encode it as fp32 or int8"
+        )
+    return CodecError(
+        f"tensor {name!r} has values too large for {encoding}: its scales would overflow when decoded, encode it as fp32"
+    )
 
 
 def _raise_gain(variance: float, rung: int) -> float:
@@ -449,8 +463,6 @@ def _plausible_count(count: int, reader: _Reader) -> int:
             "it is truncated or corrupt, send it again"
         )
     return count
-
-
 
 
 def _read_record(reader: _Reader) -> _Record:
@@ -516,7 +528,9 @@ def _check_records(records: list[_Record], expected: Mapping[str, tuple[int, ...
         )
     for r in records:
         if r.shape != want[r.name]:
-            raise CodecError(f"tensor {r.name!r} has shape {r.shape}, expected {want[r.name]}: the device trains a different model")
+            raise CodecError(
+                f"tensor {r.name!r} has shape {r.shape}, expected {want[r.name]}: the device trains a different model"
+            )
 
 
 def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.ndarray]:
@@ -527,7 +541,9 @@ def _decode_payloads(records: list[_Record], view: memoryview) -> dict[str, np.n
     if status != _OK:
         r = records[index]
         if status == _OUT_OF_RANGE:
-            raise CodecError(f"tensor {r.name!r} has {r.encoding} scales that are negative, NaN, Inf or too large to decode")
+            raise CodecError(
+                f"tensor {r.name!r} has {r.encoding} scales that are negative, NaN, Inf or too large to decode"
+            )
         if status == _NON_FINITE:
             raise CodecError(f"tensor {r.name!r} decodes to NaN or Inf: the sender is broken, refusing the update")
         raise CodecError(f"tensor {r.name!r} has top-k indices out of order or out of range: the update is corrupt")

@@ -86,7 +86,9 @@ class Task:
                 f"task {self} asks for an impossible round: lr > 0, local_epochs ≥ 1, batch_size ≥ 1, 0 ≤ momentum < 1"
             )
         if self.encoding not in ENCODINGS and layered_bits(self.encoding) is None:
-            raise ProtocolError(f"task encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or layered:<bits>")
+            raise ProtocolError(
+                f"task encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or layered:<bits>"
+            )
 
     def to_dict(self) -> dict[str, int | float | str]:
         return asdict(self)
@@ -309,7 +311,14 @@ class RoundTrainer:
     so later processes train the trainable part only); otherwise in memory only."""
 
     def __init__(
-        self, bundle: Bundle, shard_path: str | Path, workdir: str | Path, engine: Engine | None, device_id: str, *, keep_features: bool
+        self,
+        bundle: Bundle,
+        shard_path: str | Path,
+        workdir: str | Path,
+        engine: Engine | None,
+        device_id: str,
+        *,
+        keep_features: bool,
     ) -> None:
         self.bundle = bundle
         self.engine = engine or open_engine(bundle)
@@ -341,7 +350,9 @@ class RoundTrainer:
         """The generator of ``stream`` (SHUFFLE, ROUNDING, ACTIVATIONS) for this device's round."""
         return np.random.default_rng([task.seed, task.round, self._device_key, stream, *more])
 
-    def start(self, task: Task, global_weights: Mapping[str, np.ndarray]) -> tuple[RoundKey, Tensors, Tensors, RoundRecord | None]:
+    def start(
+        self, task: Task, global_weights: Mapping[str, np.ndarray]
+    ) -> tuple[RoundKey, Tensors, Tensors, RoundRecord | None]:
         """The round's key, its base weights, the values fed to the fed part (see start_from), and
         its record as saved (None when the checkpoint holds another round or none)."""
         base, fed = start_from(self.bundle, self.fed_part, task, global_weights)
@@ -361,7 +372,13 @@ class RoundTrainer:
         if record is None or record.phase != "training":
             return h, feature_seconds, {k: np.array(v, dtype=np.float32) for k, v in base.items()}, opt, Position()
         opt.load_state_dict(record.optimizer)
-        return h, feature_seconds, {k: np.array(v, dtype=np.float32) for k, v in record.weights.items()}, opt, record.position
+        return (
+            h,
+            feature_seconds,
+            {k: np.array(v, dtype=np.float32) for k, v in record.weights.items()},
+            opt,
+            record.position,
+        )
 
     def encode(self, task: Task, num_samples: int, update: Tensors, *, restartable: bool = False) -> EncodedUpdate:
         """A trained round's update encoded with feedback and checkpointed (phase "encoded") before
@@ -373,7 +390,9 @@ class RoundTrainer:
         if record.encoded is not None:
             return record.encoded
         before = self.error_feedback.state_dict() if restartable else None
-        payload, key = encode_with_feedback(self.device_id, task, num_samples, update, self.error_feedback, self.rng(task, ROUNDING))
+        payload, key = encode_with_feedback(
+            self.device_id, task, num_samples, update, self.error_feedback, self.rng(task, ROUNDING)
+        )
         encoded = EncodedUpdate(task.round, payload, key)
         self.checkpoint.save(replace(
             record, phase="encoded", optimizer={}, error_feedback=self.error_feedback.state_dict(), encoded=encoded,
@@ -513,7 +532,13 @@ def load_shard(path: str | Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
             images, labels = npz["images"], npz["labels"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"data shard {path} is corrupt or not an .npz ({exc}); re-create it") from exc
-    if images.dtype != np.uint8 or images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) or len(labels) == 0:
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 3
+        or labels.ndim != 1
+        or len(images) != len(labels)
+        or len(labels) == 0
+    ):
         raise DataError(
             f"data shard {path} holds images {images.dtype}{images.shape} and labels {labels.dtype}{labels.shape}; "
             "want uint8 (N, H, W) images and N labels, N ≥ 1: re-create it"

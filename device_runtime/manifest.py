@@ -133,7 +133,9 @@ class Manifest:
                 fedkit_version=str(d["fedkit_version"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"manifest.json is malformed ({type(exc).__name__}: {exc}): re-export the bundle") from exc
+            raise BundleError(
+                f"manifest.json is malformed ({type(exc).__name__}: {exc}): re-export the bundle"
+            ) from exc
 
 
 def linear_layer(trainable: Iterable[TensorSpec], splitfed: bool) -> str | None:

@@ -65,4 +65,6 @@ class SGD:
         try:
             self._buffers = {str(name): np.array(buf, dtype=np.float32) for name, buf in state.items()}
         except (TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"the saved SGD state is not a mapping of name to array ({exc}); delete the local checkpoint") from exc
+            raise CheckpointError(
+                f"the saved SGD state is not a mapping of name to array ({exc}); delete the local checkpoint"
+            ) from exc

@@ -64,7 +64,9 @@ class Credential:
         except FileNotFoundError as exc:
             raise FedkitError(f"{path} does not exist: deploy the phone with a credential first") from exc
         except (ValueError, KeyError, TypeError) as exc:
-            raise FedkitError(f"{path} is not a credential (JSON with url, device_id and token or enrol_token): {exc}") from exc
+            raise FedkitError(
+                f"{path} is not a credential (JSON with url, device_id and token or enrol_token): {exc}"
+            ) from exc
 
     def save(self, path: Path) -> None:
         data = {k: v for k, v in vars(self).items() if v is not None}
@@ -104,8 +106,13 @@ class EventLog:
 
 
 class PhoneLoop:
-    def __init__(self, phone_dir: str | Path, hooks: Hooks = Hooks(), retry: RetryPolicy = RetryPolicy(),
-                 max_wait_s: float = 10.0):  # longest sleep when told to wait: how soon a new round is noticed
+    def __init__(
+        self,
+        phone_dir: str | Path,
+        hooks: Hooks = Hooks(),
+        retry: RetryPolicy = RetryPolicy(),
+        max_wait_s: float = 10.0,
+    ):  # longest sleep when told to wait: how soon a new round is noticed
         self.root = Path(phone_dir)
         self.max_wait_s = max_wait_s
         self.hooks = hooks
@@ -146,7 +153,7 @@ class PhoneLoop:
                     if failures >= MAX_FAILURES:
                         raise
                     # not at once: what failed (the aggregator, or a run the bundle does not fit) needs time to change
-                    time.sleep(min(self.retry.base_s * 2 ** failures, self.retry.cap_s))
+                    time.sleep(min(self.retry.base_s * 2**failures, self.retry.cap_s))
         finally:
             self.client.close()
             self.log.close()
@@ -174,20 +181,42 @@ class PhoneLoop:
         if isinstance(result, SplitRoundResult):
             # only the phone's own compute is slowed down: the edge and the link take their own time
             self.hooks.after_compute(result.compute_seconds)
-            accuracy, fields = None, {
-                "resumed": result.resumed, "compute_s": round(result.compute_seconds, 3), "exchange_s": round(result.exchange_seconds, 3),
-                "activation_bytes": result.activation_bytes, "gradient_bytes": result.gradient_bytes, "restarts": result.restarts,
-            }
+            accuracy, fields = (
+                None,
+                {
+                    "resumed": result.resumed,
+                    "compute_s": round(result.compute_seconds, 3),
+                    "exchange_s": round(result.exchange_seconds, 3),
+                    "activation_bytes": result.activation_bytes,
+                    "gradient_bytes": result.gradient_bytes,
+                    "restarts": result.restarts,
+                },
+            )
         else:
             self.hooks.after_compute(time.time() - start)
-            accuracy, fields = result.eval_accuracy, {
-                "resumed": result.resumed, "compute_s": round(result.feature_seconds + result.train_seconds, 3),
-            }
-        self.log.span("train", start, round=task.round, bundle=name, samples=result.num_samples, steps=result.steps,
-                      loss=result.train_loss, accuracy=accuracy, **fields)
+            accuracy, fields = (
+                result.eval_accuracy,
+                {
+                    "resumed": result.resumed,
+                    "compute_s": round(result.feature_seconds + result.train_seconds, 3),
+                },
+            )
+        self.log.span(
+            "train",
+            start,
+            round=task.round,
+            bundle=name,
+            samples=result.num_samples,
+            steps=result.steps,
+            loss=result.train_loss,
+            accuracy=accuracy,
+            **fields,
+        )
         start = time.time()
         answer = self.client.push(encoded.payload, encoded.idempotency_key, accuracy)
-        self.log.span("upload", start, round=task.round, bytes=len(encoded.payload), status=answer.status, reason=answer.reason)
+        self.log.span(
+            "upload", start, round=task.round, bytes=len(encoded.payload), status=answer.status, reason=answer.reason
+        )
         if answer.status == "rejected":  # pushing the same bytes again would be rejected again
             self._rejected_round = task.round
         if answer.status == "restart":  # SplitFed: the edge lost its part; the same task trains the round again
@@ -236,7 +265,7 @@ def _pick(bundles: dict[str, Bundle], depth: int | None) -> str:
 class RoundLines:
     """Prints one line per round from the loop's events (``main`` without ``--json``)::
 
-        round 2 (head, bundle-a): 180 samples, loss 0.8123, local accuracy 71.0%, 3.2 s, 25.1 KB up, 98.4 KB down, push accepted
+    round 2 (head, bundle-a): 180 samples, loss 0.8123, local accuracy 71.0%, 3.2 s, 25.1 KB up, 98.4 KB down, push accepted
     """
 
     def __init__(self) -> None:
@@ -259,12 +288,17 @@ class RoundLines:
             loss = "–" if r.get("loss") is None else f"{r['loss']:.4f}"
             accuracy = "–" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
             answer = event["status"] + (f" ({event['reason']})" if event.get("reason") else "")
-            print(f"round {r.get('round')} ({r.get('stage')}, {r.get('bundle')}): {r.get('samples')} samples, loss {loss}, "
-                  f"local accuracy {accuracy}, {event['end'] - (self._start or event['start']):.1f} s, "
-                  f"{_kb(event['bytes'])} up, {_kb(self._down)} down, push {answer}", flush=True)
+            print(
+                f"round {r.get('round')} ({r.get('stage')}, {r.get('bundle')}): {r.get('samples')} samples, loss {loss}, "
+                f"local accuracy {accuracy}, {event['end'] - (self._start or event['start']):.1f} s, "
+                f"{_kb(event['bytes'])} up, {_kb(self._down)} down, push {answer}",
+                flush=True,
+            )
             self._start, self._down, self._round = None, 0, {}
         elif kind == "error":
-            print(f"no answer from the aggregator ({event['failures']} of {MAX_FAILURES}): {event['reason']}", flush=True)
+            print(
+                f"no answer from the aggregator ({event['failures']} of {MAX_FAILURES}): {event['reason']}", flush=True
+            )
         elif kind == "done":
             print(f"done: the run is over, {event['pushed']} update(s) pushed", flush=True)
 
@@ -279,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m device_runtime.phone_loop", description=__doc__.splitlines()[0])
     parser.add_argument("phone_dir", help="the phone folder: bundles/, shard.npz, credential.json")
-    parser.add_argument("--json", action="store_true",
-                        help=f"print every event as one JSON line (as in {EVENTS}) instead of one line per round")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print every event as one JSON line (as in {EVENTS}) instead of one line per round",
+    )
     args = parser.parse_args(argv)
     on_event = (lambda event: print(json.dumps(event), flush=True)) if args.json else RoundLines()
     try:

@@ -111,7 +111,9 @@ class SplitTrainer(RoundTrainer):
     ) -> None:
         manifest = bundle.manifest
         if not manifest.is_splitfed:
-            raise BundleError(f"bundle {bundle.root} holds the whole model (no cut before the last block): train it with LocalTrainer")
+            raise BundleError(
+                f"bundle {bundle.root} holds the whole model (no cut before the last block): train it with LocalTrainer"
+            )
         if encoding not in ENCODINGS:
             raise CodecError(f"activation encoding {encoding!r} is unknown: use one of {', '.join(ENCODINGS)}")
         super().__init__(bundle, shard_path, workdir, engine, device_id, keep_features=False)
@@ -166,7 +168,9 @@ class SplitTrainer(RoundTrainer):
         self.checkpoint.save(RoundRecord(record.key, "restart", {}, {}, Position(), self.error_feedback.state_dict()))
 
     # -- training --------------------------------------------------------------------------
-    def _train(self, task: Task, key: RoundKey, h: np.ndarray, weights: Tensors, opt: SGD, pos: Position) -> tuple[Tensors, Position]:
+    def _train(
+        self, task: Task, key: RoundKey, h: np.ndarray, weights: Tensors, opt: SGD, pos: Position
+    ) -> tuple[Tensors, Position]:
         """The round's batches from ``pos`` on, each checkpointed once stepped."""
         self.engine.set_weights(weights)
         for idx, at in batches(task, len(self.labels), pos, lambda e: self.rng(task, SHUFFLE, e)):
@@ -212,7 +216,9 @@ class SplitTrainer(RoundTrainer):
     def _activation_message(self, task: Task, step: int, activation: np.ndarray, labels: np.ndarray) -> bytes:
         header = UpdateHeader(self.device_id, task.round, task.base_version, len(labels), kind="activation")
         tensors = {self.cut_name: activation, LABELS: labels.astype(np.float32)}
-        return encode(header, tensors, {self.cut_name: self.encoding, LABELS: "fp32"}, rng=self.rng(task, ACTIVATIONS, step))
+        return encode(
+            header, tensors, {self.cut_name: self.encoding, LABELS: "fp32"}, rng=self.rng(task, ACTIVATIONS, step)
+        )
 
     def _gradient(self, reply: bytes, shape: tuple[int, ...]) -> tuple[float, np.ndarray]:
         try:

@@ -113,14 +113,19 @@ class LocalTrainer(RoundTrainer):
         if len(self.eval_index) == 0:
             return None, None
         logits = np.concatenate(
-            [self.engine.forward(h[self.eval_index[i : i + FEATURE_BATCH]]) for i in range(0, len(self.eval_index), FEATURE_BATCH)]
+            [
+                self.engine.forward(h[self.eval_index[i : i + FEATURE_BATCH]])
+                for i in range(0, len(self.eval_index), FEATURE_BATCH)
+            ]
         ).astype(np.float64)
         y = self.labels[self.eval_index]
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         return float(-log_probs[np.arange(len(y)), y].mean()), float((logits.argmax(axis=1) == y).mean())
 
-    def _save(self, key: RoundKey, weights: Tensors, opt: SGD, pos: Position, metrics: Metrics | None = None) -> RoundRecord:
+    def _save(
+        self, key: RoundKey, weights: Tensors, opt: SGD, pos: Position, metrics: Metrics | None = None
+    ) -> RoundRecord:
         phase: Phase = "training" if metrics is None else "trained"
         record = RoundRecord(key, phase, weights, opt.state_dict(), pos, self.error_feedback.state_dict(), metrics)
         self.checkpoint.save(record)

@@ -125,7 +125,9 @@ def check_request(
     if not engines or any(e not in ENGINES for e in engines):
         raise ExportError(f"engines {engines!r} are not a choice of {', '.join(ENGINES)}")
     if plan.engine not in engines:
-        raise ExportError(f"the plan runs engine {plan.engine!r}, but the bundle is exported for {', '.join(engines)}: add it")
+        raise ExportError(
+            f"the plan runs engine {plan.engine!r}, but the bundle is exported for {', '.join(engines)}: add it"
+        )
     _check_encoding(plan.encoding)
     if plan.batch_size < 1:
         raise ExportError(f"the plan's batch size is {plan.batch_size}: it must be 1 or more")
@@ -139,9 +141,13 @@ def check_request(
             f"the plan trains blocks [{plan.train_from}, {plan.cut}) of {model.model_id} on the phone, which hold no "
             "parameters, so nothing would train there: train at least one block (--train-blocks 1 or more)"
         )
-    if "numpy" in engines and linear_layer(
-        [TensorSpec(n, tuple(p.shape)) for n, p in trainable.named_parameters()], plan.cut < len(model.block_names)
-    ) is None:
+    if (
+        "numpy" in engines
+        and linear_layer(
+            [TensorSpec(n, tuple(p.shape)) for n, p in trainable.named_parameters()], plan.cut < len(model.block_names)
+        )
+        is None
+    ):
         raise ExportError(
             "the numpy engine trains one linear layer at the end of the model (the classifier): "
             "export the whole model (no --cut) with --train-blocks 1, or use --engine ort"
@@ -198,7 +204,9 @@ def _steps(
     if fed is not None:
         names = [name for name, _ in fed.named_parameters()]
         steps.append(Step("fed part → ONNX", lambda d: {"fed.onnx": export_onnx(fed, f, d / "fed.onnx", fed=names)}))
-    steps.append(Step("trainable part → ONNX", lambda d: {"trainable.onnx": export_onnx(trainable, h, d / "trainable.onnx")}))
+    steps.append(
+        Step("trainable part → ONNX", lambda d: {"trainable.onnx": export_onnx(trainable, h, d / "trainable.onnx")})
+    )
     if "ort" in engines:
         steps.append(Step("ONNX Runtime training artifacts", lambda d: export_ort_training(trainable, h, d, mode=mode)))
     if "executorch" in engines:
@@ -208,13 +216,17 @@ def _steps(
             steps.append(
                 Step(
                     "frozen part → ExecuTorch",
-                    lambda d: {"executorch.frozen": export_executorch_inference(frozen, x, d / "executorch" / "frozen.pte")},
+                    lambda d: {
+                        "executorch.frozen": export_executorch_inference(frozen, x, d / "executorch" / "frozen.pte")
+                    },
                 )
             )
         steps.append(
             Step(
                 "trainable part → ExecuTorch",
-                lambda d: {"executorch.train": export_executorch_training(trainable, h, d / "executorch" / "train.pte")},
+                lambda d: {
+                    "executorch.train": export_executorch_training(trainable, h, d / "executorch" / "train.pte")
+                },
             )
         )
     steps.append(Step("initial weights", lambda d: {"weights": _write_weights(trainable, d / "weights.bin")}))

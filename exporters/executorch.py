@@ -86,7 +86,9 @@ def export_executorch_inference(
             # the ExecuTorch program: memory planned for the largest batch
             executorch_program = edge.to_executorch()
     except Exception as exc:
-        raise ExportError(f"ExecuTorch could not export the inference part ({type(exc).__name__}: {exc}); use --engine ort") from exc
+        raise ExportError(
+            f"ExecuTorch could not export the inference part ({type(exc).__name__}: {exc}); use --engine ort"
+        ) from exc
     return _write(executorch_program, path)
 
 
@@ -106,7 +108,9 @@ def export_executorch_training(
     batch = Dim("batch", min=1, max=max_batch)
     try:
         # capture the forward graph; ExecuTorch's training flow wants the loss as first output
-        program = torch.export.export(_TrainingStep(module), (features, labels), dynamic_shapes=({0: batch}, {0: batch}))
+        program = torch.export.export(
+            _TrainingStep(module), (features, labels), dynamic_shapes=({0: batch}, {0: batch})
+        )
         # add the backward: the joint graph also returns each parameter's gradient and the parameters
         program = _export_forward_backward(program)
         # edge dialect, portable kernels (XNNPACK gives NaN on trained convs and adds nothing to a head)
@@ -114,7 +118,9 @@ def export_executorch_training(
         # the ExecuTorch program, with the metadata methods TrainingModule reads
         executorch_program = edge.to_executorch()
     except Exception as exc:
-        raise ExportError(f"ExecuTorch could not export the training part ({type(exc).__name__}: {exc}); use --engine ort") from exc
+        raise ExportError(
+            f"ExecuTorch could not export the training part ({type(exc).__name__}: {exc}); use --engine ort"
+        ) from exc
     return _write(executorch_program, path)
 
 

@@ -150,7 +150,9 @@ def _check(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the exported ONNX model is invalid ({exc}); this part cannot run on the ort engine") from exc
+        raise ExportError(
+            f"the exported ONNX model is invalid ({exc}); this part cannot run on the ort engine"
+        ) from exc
 
 
 def _write(model: onnx.ModelProto, path: Path) -> Path:

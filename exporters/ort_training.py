@@ -50,7 +50,9 @@ FILES = {
 }
 
 
-def export_ort_training(module: nn.Module, example: torch.Tensor, out_dir: Path, mode: str = "classify") -> dict[str, Path]:
+def export_ort_training(
+    module: nn.Module, example: torch.Tensor, out_dir: Path, mode: str = "classify"
+) -> dict[str, Path]:
     """Writes the ORT training artifacts of ``module`` (every parameter trains, BatchNorm uses its
     running statistics) into ``out_dir``; returns the file of each bundle role."""
     if mode not in MODES:
@@ -73,7 +75,9 @@ def _split_parameters(module: nn.Module, base: onnx.ModelProto) -> tuple[set[str
     initializers = {init.name for init in base.graph.initializer}
     trainable = {name for name, _ in module.named_parameters()}
     if not trainable:
-        raise ExportError(f"{type(module).__name__} has no parameters to train: choose a part with at least one trainable block")
+        raise ExportError(
+            f"{type(module).__name__} has no parameters to train: choose a part with at least one trainable block"
+        )
     missing = sorted(trainable - initializers)
     if missing:
         raise ExportError(

@@ -39,8 +39,9 @@ def set_file(root: Path, role: str, data: bytes | None = None, rel: str | None =
     edit_manifest(root, lambda d: d["files"].update({role: entry}))
 
 
-def edited_copy(src: Path, dst: Path, *, files: dict[str, bytes] | None = None,
-                edit: Callable[[dict], None] | None = None) -> Bundle:
+def edited_copy(
+    src: Path, dst: Path, *, files: dict[str, bytes] | None = None, edit: Callable[[dict], None] | None = None
+) -> Bundle:
     """A copy of the bundle at ``src`` whose ``files`` (role → new bytes) are replaced, each
     re-hashed in the manifest, and whose manifest ``edit`` then changes; loaded, so it verifies."""
     shutil.copytree(src, dst)
@@ -51,8 +52,15 @@ def edited_copy(src: Path, dst: Path, *, files: dict[str, bytes] | None = None,
     return Bundle.load(dst)
 
 
-def hand_made_bundle(root: Path, contents: dict[str, tuple[str, bytes]], *, block_names: tuple[str, ...],
-                     plan: DevicePlan, trainable: tuple[TensorSpec, ...], model_id: str = "small_cnn") -> Manifest:
+def hand_made_bundle(
+    root: Path,
+    contents: dict[str, tuple[str, bytes]],
+    *,
+    block_names: tuple[str, ...],
+    plan: DevicePlan,
+    trainable: tuple[TensorSpec, ...],
+    model_id: str = "small_cnn",
+) -> Manifest:
     """A bundle of arbitrary bytes that the loader accepts: ``contents`` (role → (path, bytes))
     written under ``root`` and listed in a manifest with their true sizes and hashes. For the
     loader's own tests, which need files they can break one at a time."""

@@ -145,8 +145,15 @@ def serve_run(tmp_path):
 
         def start(bundle, rounds: int = 2):
             n = next(runs)
-            config = parse_config({"name": f"t{n}", "bundle": str(bundle), "fedavg": {"min_reports": 1},
-                                   "stages": [{"name": "s", "rounds": rounds, "lr": 0.05}]}, tmp_path)
+            config = parse_config(
+                {
+                    "name": f"t{n}",
+                    "bundle": str(bundle),
+                    "fedavg": {"min_reports": 1},
+                    "stages": [{"name": "s", "rounds": rounds, "lr": 0.05}],
+                },
+                tmp_path,
+            )
             coordinator = Coordinator(config, Store(tmp_path / f"agg{n}.sqlite"))
             coordinator.start()
             return servers.enter_context(serving(create_app(coordinator, tick_seconds=0.2))), coordinator

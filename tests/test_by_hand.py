@@ -26,9 +26,9 @@ RUN_TIMEOUT_S = 300
 
 def readme_commands() -> list[str]:
     text = README.read_text()
-    block = text[text.index(MARKER):]
-    block = block[block.index("```bash\n") + len("```bash\n"):]
-    body = block[:block.index("\n```")]
+    block = text[text.index(MARKER) :]
+    block = block[block.index("```bash\n") + len("```bash\n") :]
+    body = block[: block.index("\n```")]
     return [re.sub(r"\s+#.*$", "", line).strip() for line in body.splitlines() if line.strip()]
 
 
@@ -47,8 +47,15 @@ def test_the_readme_fleet_path_runs_by_hand_with_a_mixed_fleet(tmp_path):
         for line in readme_commands():
             line = line.replace("8080", port)
             if line.endswith("&"):  # the server: started, then waited for
-                server = subprocess.Popen(line.removesuffix("&"), shell=True, cwd=tmp_path, env=env, start_new_session=True,
-                                          stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
+                server = subprocess.Popen(
+                    line.removesuffix("&"),
+                    shell=True,
+                    cwd=tmp_path,
+                    env=env,
+                    start_new_session=True,
+                    stdout=open(tmp_path / "serve.log", "wb"),
+                    stderr=subprocess.STDOUT,
+                )
                 wait_until_listening(int(port), server)
                 continue
             if line.startswith("fedkit status"):
@@ -111,5 +118,18 @@ def wait_until_done(db: Path) -> None:
 
 def test_the_readme_block_is_found_and_names_every_link_of_the_path():
     commands = [line.split()[1] for line in readme_commands() if line.startswith("fedkit")]
-    assert commands == ["profile", "profile", "profile", "profile", "plan", "export", "shards", "run-config", "enrol-token",
-                        "serve", "deploy", "status", "export-global"]
+    assert commands == [
+        "profile",
+        "profile",
+        "profile",
+        "profile",
+        "plan",
+        "export",
+        "shards",
+        "run-config",
+        "enrol-token",
+        "serve",
+        "deploy",
+        "status",
+        "export-global",
+    ]

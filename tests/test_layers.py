@@ -51,8 +51,11 @@ def imports(path: Path) -> Iterator[tuple[str, bool]]:
     """(imported name, inside a function) for every import statement of the file."""
     tree = ast.parse(path.read_text())
     in_function = {
-        id(inner) for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-        for inner in ast.walk(node) if isinstance(inner, (ast.Import, ast.ImportFrom))
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for inner in ast.walk(node)
+        if isinstance(inner, (ast.Import, ast.ImportFrom))
     }
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -197,7 +200,9 @@ def defined_errors() -> dict[str, tuple[str, str]]:
 
 def test_every_fedkit_error_is_in_the_one_tree_with_its_parent():
     tree = drawn_tree()
-    errors = {name: base for name, (base, _) in defined_errors().items() if name not in {"FedkitError", "InternalError"}}
+    errors = {
+        name: base for name, (base, _) in defined_errors().items() if name not in {"FedkitError", "InternalError"}
+    }
     assert errors == tree, "device_runtime.errors' docstring must draw every error under its base class"
     assert defined_errors()["InternalError"][0] == "Exception"  # the one outside the tree, on purpose
 
@@ -205,5 +210,9 @@ def test_every_fedkit_error_is_in_the_one_tree_with_its_parent():
 def test_every_error_is_defined_once():
     names = []
     for path in MODULES.values():
-        names += [n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef) and n.name.endswith("Error")]
+        names += [
+            n.name
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.ClassDef) and n.name.endswith("Error")
+        ]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

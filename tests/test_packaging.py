@@ -97,14 +97,29 @@ def test_device_runtime_imports_without_torch():
 
 def test_the_torch_block_works():
     """The check above is only worth something if importing torch really fails under it."""
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "torch"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, "torch"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "torch is not available on a phone" in result.stderr
 
 
 # The phone's lock leaves out what pip install fedkit adds and device_runtime never imports:
 # torch, and onnxruntime-training-cpu's declared dependencies (used by its tools only).
-NEVER_ON_A_PHONE = {"torch", "executorch", "torchvision", "torchao", "onnx", "sympy", "h5py", "protobuf",
-                    "flatbuffers", "cerberus", "setuptools", "packaging", "coloredlogs"}
+NEVER_ON_A_PHONE = {
+    "torch",
+    "executorch",
+    "torchvision",
+    "torchao",
+    "onnx",
+    "sympy",
+    "h5py",
+    "protobuf",
+    "flatbuffers",
+    "cerberus",
+    "setuptools",
+    "packaging",
+    "coloredlogs",
+}
 
 
 def test_the_phone_lock_pins_every_base_dependency_within_pyproject():
@@ -116,7 +131,8 @@ def test_the_phone_lock_pins_every_base_dependency_within_pyproject():
             assert len(pins) == 1 and pins[0].operator == "==", f"{machine}: {requirement} is not one pinned version"
             if name in base:
                 assert base[name].specifier.contains(pins[0].version, prereleases=True), (
-                    f"{machine}: the lock's {requirement} is not what pyproject.toml allows ({base[name]})")
+                    f"{machine}: the lock's {requirement} is not what pyproject.toml allows ({base[name]})"
+                )
 
 
 def test_the_phone_lock_has_pyprojects_one_onnx_runtime_and_nothing_a_phone_never_imports():
@@ -151,13 +167,40 @@ def test_the_x86_64_phone_install_alone_trains_with_the_ort_engine(small_cnn_bun
     shard = write_shard(tmp_path / "shard.npz", images, labels)
 
     # Execute: a round that trains a convolution and the head with ONNX Runtime's training API
-    done = subprocess.run([*argv, "-m", "device_runtime", "train", "--bundle", str(small_cnn_bundle(train_blocks=2)),
-                           "--shard", str(shard), "--workdir", str(tmp_path / "work"), "--engine", "ort",
-                           "--holdout", "0"],
-                          env=env, cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            *argv,
+            "-m",
+            "device_runtime",
+            "train",
+            "--bundle",
+            str(small_cnn_bundle(train_blocks=2)),
+            "--shard",
+            str(shard),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--engine",
+            "ort",
+            "--holdout",
+            "0",
+        ],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     imported_as = sorted({"protobuf": "google"}.get(name, name) for name in NEVER_ON_A_PHONE)
-    seen = subprocess.run([*argv, "-c", _SEEN, *imported_as], env=env, cwd=tmp_path, check=False, capture_output=True,
-                          text=True, timeout=60)
+    seen = subprocess.run(
+        [*argv, "-c", _SEEN, *imported_as],
+        env=env,
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     # Assert
     assert done.returncode == 0, done.stderr

@@ -88,8 +88,13 @@ def commit(repo: Path = REPO) -> tuple[str, bool]:
     False) outside a git checkout, or without git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                                capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return UNKNOWN, False
     return head.stdout.strip(), bool(status.stdout.strip())
@@ -98,8 +103,15 @@ def commit(repo: Path = REPO) -> tuple[str, bool]:
 def benchmark_record(name: str, config: dict, figures: dict) -> BenchmarkRecord:
     """The record of a run that just ended, on this commit and this machine."""
     head, dirty = commit()
-    return BenchmarkRecord(name=name, schema_version=SCHEMA_VERSION, commit=head, dirty=dirty,
-                           machine=Machine(**machine()), config=config, figures=figures)
+    return BenchmarkRecord(
+        name=name,
+        schema_version=SCHEMA_VERSION,
+        commit=head,
+        dirty=dirty,
+        machine=Machine(**machine()),
+        config=config,
+        figures=figures,
+    )
 
 
 def write_result(name: str, config: dict, figures: dict, folder: Path = RESULTS) -> BenchmarkRecord:

@@ -162,7 +162,12 @@ def train_central(
     """Trains a fresh head (created right after ``torch.manual_seed(seed)``) with SGD on the
     frozen backbone's features of the Fashion-MNIST training images (the first ``max_train``,
     default all), evaluating on the test images (the first ``max_test``) after every epoch."""
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_train", max_train), ("max_test", max_test)):
+    for name, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("max_train", max_train),
+        ("max_test", max_test),
+    ):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if not lr > 0:

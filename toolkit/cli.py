@@ -101,7 +101,9 @@ def _print_error(message: str) -> None:
     from rich.text import Text
 
     # one line: soft_wrap keeps Rich from breaking it; Text keeps brackets in the message literal
-    err_console.print(Text.assemble(("error:", "red"), " ", message.replace("\n", " ")), highlight=False, soft_wrap=True)
+    err_console.print(
+        Text.assemble(("error:", "red"), " ", message.replace("\n", " ")), highlight=False, soft_wrap=True
+    )
 
 
 def _check_file_output(path: Path, option: str = "--out") -> None:
@@ -110,7 +112,9 @@ def _check_file_output(path: Path, option: str = "--out") -> None:
     if path.is_dir():
         raise FedkitError(f"{option} {path} is a folder: give a file name in it")
     if not folder.is_dir():
-        raise FedkitError(f"{option} {path}: folder {folder} does not exist: create it (mkdir -p {folder}) or choose another {option}")
+        raise FedkitError(
+            f"{option} {path}: folder {folder} does not exist: create it (mkdir -p {folder}) or choose another {option}"
+        )
     if not os.access(folder, os.W_OK):
         raise FedkitError(f"{option} {path}: folder {folder} is not writable: choose another {option}")
 
@@ -171,9 +175,7 @@ def train_central(
     from toolkit import central  # imports torch: only when the command runs
     from toolkit.benchmarking import benchmark_record
 
-    result = central.train_central(
-        model, epochs=epochs, max_train=max_train, max_test=max_test, use_cache=not no_cache
-    )
+    result = central.train_central(model, epochs=epochs, max_train=max_train, max_test=max_test, use_cache=not no_cache)
     table = Table(title=f"{model}: head trained centrally on {result.config['train_images']:,} images")
     table.add_column("epoch", justify="right")
     table.add_column("train loss", justify="right")
@@ -197,10 +199,15 @@ def export(
     model: Annotated[str, typer.Option(help="Model: mobilenet_v2 or small_cnn.")] = "mobilenet_v2",
     cut: Annotated[
         int | None,
-        typer.Option(help="Blocks [0, CUT) run on the phone, the rest on the edge (SplitFed). Default: all on the phone."),
+        typer.Option(
+            help="Blocks [0, CUT) run on the phone, the rest on the edge (SplitFed). Default: all on the phone."
+        ),
     ] = None,
     train_blocks: Annotated[
-        int, typer.Option(min=1, help="How many of the phone's last blocks with parameters train there; 1 = the classifier only.")
+        int,
+        typer.Option(
+            min=1, help="How many of the phone's last blocks with parameters train there; 1 = the classifier only."
+        ),
     ] = 1,
     engine: Annotated[
         Literal["ort", "executorch", "numpy", "both"],
@@ -210,7 +217,8 @@ def export(
         ),
     ] = "ort",
     encoding: Annotated[
-        str, typer.Option(help="How the phone encodes its updates: fp32, fp16, int8, int4, sign1, topk or layered:BITS.")
+        str,
+        typer.Option(help="How the phone encodes its updates: fp32, fp16, int8, int4, sign1, topk or layered:BITS."),
     ] = "int8",
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per training step on the phone.")] = 32,
     plan_file: Annotated[
@@ -264,7 +272,9 @@ def _spinner(description: str):
     """A transient spinner with the elapsed time on stderr, for work of unknown length."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True) as bar:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
+    ) as bar:
         bar.add_task(description, total=None)
         yield
 
@@ -290,10 +300,14 @@ def _export_plan(plan_file: Path, out: Path) -> None:
         table.add_column(column)
     for b in bundles:
         p = b.plan
-        table.add_row(b.folder.name, str(p.cut), str(p.train_from), p.engine, p.encoding, str(p.batch_size), ", ".join(b.phones))
+        table.add_row(
+            b.folder.name, str(p.cut), str(p.train_from), p.engine, p.encoding, str(p.batch_size), ", ".join(b.phones)
+        )
     console.print(table)
     for phone in fleet.infeasible:
-        err_console.print(f"[yellow]warning:[/yellow] no bundle for {phone.profile}: {phone.reason}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[yellow]warning:[/yellow] no bundle for {phone.profile}: {phone.reason}", highlight=False, soft_wrap=True
+        )
 
 
 def _print_bundle(out: Path, manifest, stats) -> None:
@@ -349,7 +363,9 @@ def _size(n: int) -> str:
 @fails_cleanly
 def serve(
     config: Annotated[Path, typer.Option(help="Run config (TOML): weights, mode, stages.")],
-    db: Annotated[Path | None, typer.Option(help="SQLite database. Default: aggregator.sqlite in the run's directory.")] = None,
+    db: Annotated[
+        Path | None, typer.Option(help="SQLite database. Default: aggregator.sqlite in the run's directory.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
     certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM); with --keyfile, serves HTTPS.")] = None,
@@ -367,7 +383,8 @@ def serve(
 def status(
     db: Annotated[Path, typer.Option(help="The aggregator's SQLite database.")],
     plan_file: Annotated[
-        Path | None, typer.Option("--plan", help="The run's fleet plan: show each phone's predicted round beside the measured one.")
+        Path | None,
+        typer.Option("--plan", help="The run's fleet plan: show each phone's predicted round beside the measured one."),
     ] = None,
 ) -> None:
     """Show a run: stage, round, reports, accuracy, traffic, the last rounds, and per phone its
@@ -398,8 +415,16 @@ def status(
     for r in s.rounds:
         accuracy = "–" if r.accuracy is None else f"{r.accuracy:.2%}"
         version = "–" if r.version is None else str(r.version)
-        rounds.add_row(str(r.round), r.stage, str(r.base_version), "open" if r.open else "closed",
-                       str(r.assigned), str(r.reports), version, accuracy)
+        rounds.add_row(
+            str(r.round),
+            r.stage,
+            str(r.base_version),
+            "open" if r.open else "closed",
+            str(r.assigned),
+            str(r.reports),
+            version,
+            accuracy,
+        )
     console.print(rounds)
     phones = Table(title="per phone and round: measured" + (" / the plan's prediction" if plan_file else ""))
     for column in ("phone", "rounds", "seconds", "update up", "weights down"):
@@ -410,9 +435,13 @@ def status(
         return text + (f" / {show(guess)}" if guess is not None else "")
 
     for row in against_plan(s, predicted):
-        phones.add_row(row.device_id, str(row.rounds), pair(row.measured_s, row.predicted_s, lambda v: f"{v:.2f} s"),
-                       pair(row.measured_up, row.predicted_up, lambda v: _size(int(v))),
-                       pair(row.measured_down, row.predicted_down, lambda v: _size(int(v))))
+        phones.add_row(
+            row.device_id,
+            str(row.rounds),
+            pair(row.measured_s, row.predicted_s, lambda v: f"{v:.2f} s"),
+            pair(row.measured_up, row.predicted_up, lambda v: _size(int(v))),
+            pair(row.measured_down, row.predicted_down, lambda v: _size(int(v))),
+        )
     console.print(phones)
 
 
@@ -440,12 +469,16 @@ def enrol_token(
 def export_global(
     db: Annotated[Path, typer.Option(help="The aggregator's SQLite database.")],
     out: Annotated[
-        Path, typer.Option(help="Where to write the PyTorch state dict (.pt; its folder must exist, an existing file is replaced).")
+        Path,
+        typer.Option(
+            help="Where to write the PyTorch state dict (.pt; its folder must exist, an existing file is replaced)."
+        ),
     ],
     model: Annotated[str | None, typer.Option(help="Model zoo name. Default: the run config's 'model'.")] = None,
     version: Annotated[int | None, typer.Option(min=0, help="Model version. Default: the latest.")] = None,
     test_images: Annotated[
-        int, typer.Option(min=0, max=10000, help="Evaluate on the first N Fashion-MNIST test images (0: do not evaluate).")
+        int,
+        typer.Option(min=0, max=10000, help="Evaluate on the first N Fashion-MNIST test images (0: do not evaluate)."),
     ] = 10000,
 ) -> None:
     """Write the global model of a run as a PyTorch state dict (the zoo model with the
@@ -471,15 +504,25 @@ def export_global(
 @fails_cleanly
 def profile(
     local: Annotated[bool, typer.Option("--local", help="Profile this host.")] = False,
-    adb: Annotated[str | None, typer.Option("--adb", help="Profile the phone with this adb serial (see `adb devices`).")] = None,
+    adb: Annotated[
+        str | None, typer.Option("--adb", help="Profile the phone with this adb serial (see `adb devices`).")
+    ] = None,
     arm64: Annotated[
-        bool, typer.Option("--arm64", help="Profile the emulated arm64 phone (qemu user mode): emulated timings, its engines.")
+        bool,
+        typer.Option(
+            "--arm64", help="Profile the emulated arm64 phone (qemu user mode): emulated timings, its engines."
+        ),
     ] = False,
     catalog: Annotated[
-        str | None, typer.Option("--catalog", help="A phone of this catalogue class (its published figures, nothing measured).")
+        str | None,
+        typer.Option("--catalog", help="A phone of this catalogue class (its published figures, nothing measured)."),
     ] = None,
-    link: Annotated[str | None, typer.Option(help="With --catalog: put it on this link (3g, 4g, 5g, wifi) instead of its own.")] = None,
-    model: Annotated[str | None, typer.Option(help="Also time each block of this model (mobilenet_v2 or small_cnn).")] = None,
+    link: Annotated[
+        str | None, typer.Option(help="With --catalog: put it on this link (3g, 4g, 5g, wifi) instead of its own.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Also time each block of this model (mobilenet_v2 or small_cnn).")
+    ] = None,
     full: Annotated[bool, typer.Option("--full", help="Time each kernel more often (slower, steadier).")] = False,
     aggregator: Annotated[str | None, typer.Option(help="Aggregator URL to measure RTT and bandwidth to.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Batch size the model's blocks are timed at.")] = 32,
@@ -488,7 +531,8 @@ def profile(
     ] = None,
     python: Annotated[str, typer.Option(help="Python interpreter on the phone (with --adb).")] = "python3",
     out: Annotated[
-        Path | None, typer.Option(help="Write the profile JSON here (its folder must exist; an existing file is replaced).")
+        Path | None,
+        typer.Option(help="Write the profile JSON here (its folder must exist; an existing file is replaced)."),
     ] = None,
 ) -> None:
     """Measure a device: compute (GFLOP/s of ONNX Runtime kernels, per-block latency of a
@@ -503,7 +547,9 @@ def profile(
     if [local, adb is not None, arm64, catalog is not None].count(True) != 1:
         raise PlanError("choose one of --local, --adb SERIAL, --arm64 or --catalog CLASS")
     if link is not None and catalog is None:
-        raise PlanError("--link sets a catalogue phone's link: use it with --catalog (a measured link comes from --aggregator)")
+        raise PlanError(
+            "--link sets a catalogue phone's link: use it with --catalog (a measured link comes from --aggregator)"
+        )
     if catalog is not None and (model or aggregator):
         raise PlanError("--model and --aggregator measure a device: a catalogue profile (--catalog) measures nothing")
     if out is not None:
@@ -532,10 +578,16 @@ def profile(
     table.add_row("memory budget", f"{p.memory_mb:,.0f} MB")
     table.add_row("engines", ", ".join(p.engines) or "none")
     if p.link:
-        table.add_row("link", f"up {p.link.uplink_mbps:.1f} Mbit/s, down {p.link.downlink_mbps:.1f} Mbit/s, RTT {p.link.rtt_ms:.1f} ms")
+        table.add_row(
+            "link",
+            f"up {p.link.uplink_mbps:.1f} Mbit/s, down {p.link.downlink_mbps:.1f} Mbit/s, RTT {p.link.rtt_ms:.1f} ms",
+        )
     for timing in p.block_timings:
         total = sum(timing.seconds.values())
-        table.add_row(f"{timing.model_id} forward", f"{total * 1000:.2f} ms per batch of {timing.batch} ({len(timing.seconds)} blocks)")
+        table.add_row(
+            f"{timing.model_id} forward",
+            f"{total * 1000:.2f} ms per batch of {timing.batch} ({len(timing.seconds)} blocks)",
+        )
     console.print(table)
     if out:
         _write_whole(out, p.save)
@@ -546,42 +598,63 @@ def profile(
 @fails_cleanly
 def plan(
     out: Annotated[
-        Path, typer.Option(help="Where to write the fleet plan JSON (its folder must exist; an existing file is replaced).")
+        Path,
+        typer.Option(help="Where to write the fleet plan JSON (its folder must exist; an existing file is replaced)."),
     ],
     profiles: Annotated[Path | None, typer.Option(help="Folder of profile JSON files (from `fedkit profile`).")] = None,
     catalog: Annotated[bool, typer.Option("--catalog", help="Plan the catalogue's phone classes.")] = False,
-    classes: Annotated[str | None, typer.Option(help="With --catalog: comma-separated class names. Default: all.")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="With --catalog: comma-separated class names. Default: all.")
+    ] = None,
     link: Annotated[str | None, typer.Option(help="Put every phone on this link: 3g, 4g, 5g or wifi.")] = None,
     model: Annotated[str, typer.Option(help="Model: mobilenet_v2 or small_cnn.")] = "mobilenet_v2",
-    edge: Annotated[Path | None, typer.Option(help="The edge's profile JSON. Default: this host, profiled now.")] = None,
+    edge: Annotated[
+        Path | None, typer.Option(help="The edge's profile JSON. Default: this host, profiled now.")
+    ] = None,
     edge_load: Annotated[int, typer.Option(min=1, help="Phones training on the edge at once (they share it).")] = 1,
     samples: Annotated[int, typer.Option(min=1, help="Training samples per phone per round.")] = 3000,
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Reference batch size; smaller only to fit memory.")] = 32,
-    encodings: Annotated[str, typer.Option(help="Update encodings to choose from, most faithful preferred.")] = "fp32,fp16,int8,int4",
-    slack: Annotated[float, typer.Option(min=0, help="Accept rounds up to (1 + SLACK) x the fastest, for deeper training.")] = 0.10,
+    encodings: Annotated[
+        str, typer.Option(help="Update encodings to choose from, most faithful preferred.")
+    ] = "fp32,fp16,int8,int4",
+    slack: Annotated[
+        float, typer.Option(min=0, help="Accept rounds up to (1 + SLACK) x the fastest, for deeper training.")
+    ] = 0.10,
     budget_s: Annotated[float | None, typer.Option(help="Round-time budget in seconds (replaces --slack).")] = None,
     energy_budget_j: Annotated[float | None, typer.Option(help="Phone energy budget per round in joules.")] = None,
     allow_raw_upload: Annotated[
-        bool, typer.Option("--allow-raw-upload", help="Consider cut 0: raw images leave the phone (a baseline, not private).")
+        bool,
+        typer.Option(
+            "--allow-raw-upload", help="Consider cut 0: raw images leave the phone (a baseline, not private)."
+        ),
     ] = False,
     mode: Annotated[
         Literal["auto", "federated", "splitfed"],
-        typer.Option(help="auto: any cut; federated: the whole model on every phone; splitfed: every phone cuts before the last block."),
+        typer.Option(
+            help="auto: any cut; federated: the whole model on every phone; splitfed: every phone cuts before the last block."
+        ),
     ] = "auto",
-    max_train_blocks: Annotated[int | None, typer.Option(min=1, help="Train at most this many blocks (deeper can diverge).")] = None,
+    max_train_blocks: Annotated[
+        int | None, typer.Option(min=1, help="Train at most this many blocks (deeper can diverge).")
+    ] = None,
     train_blocks: Annotated[
-        int | None, typer.Option(min=1, help="Train exactly this many blocks on every phone (the planner picks the rest).")
+        int | None,
+        typer.Option(min=1, help="Train exactly this many blocks on every phone (the planner picks the rest)."),
     ] = None,
     cut: Annotated[
-        list[str] | None, typer.Option(help="PHONE=N pins that phone's cut (blocks [0, N) on it); repeat for more phones.")
+        list[str] | None,
+        typer.Option(help="PHONE=N pins that phone's cut (blocks [0, N) on it); repeat for more phones."),
     ] = None,
     depth: Annotated[
-        list[str] | None, typer.Option(help="PHONE=K pins how many blocks that phone trains (1: the classifier); repeat.")
+        list[str] | None,
+        typer.Option(help="PHONE=K pins how many blocks that phone trains (1: the classifier); repeat."),
     ] = None,
     stage_depths: Annotated[
         str | None,
-        typer.Option(help="Depths a stage may name, e.g. 1 (a head-only warm-up): whole-model phones also get these bundles."),
+        typer.Option(
+            help="Depths a stage may name, e.g. 1 (a head-only warm-up): whole-model phones also get these bundles."
+        ),
     ] = None,
 ) -> None:
     """Choose per phone the cut, trainable depth, engine, update encoding and batch size, and
@@ -601,14 +674,26 @@ def plan(
     if classes and not catalog:
         raise PlanError("--classes selects catalogue classes: use it with --catalog")
     _check_file_output(out)
-    for option, value, unit in (("--budget-s", budget_s, "seconds, e.g. 60"), ("--energy-budget-j", energy_budget_j, "joules, e.g. 50")):
+    for option, value, unit in (
+        ("--budget-s", budget_s, "seconds, e.g. 60"),
+        ("--energy-budget-j", energy_budget_j, "joules, e.g. 50"),
+    ):
         if value is not None and not value > 0:
             raise PlanError(f"{option} must be more than 0, got {value}: give the budget per round in {unit}")
     phones = catalog_profiles(classes.split(",") if classes else None) if catalog else load_profiles(profiles)
     config = PlanConfig(
-        samples=samples, local_epochs=local_epochs, batch_size=batch_size, encodings=tuple(encodings.split(",")),
-        slack=slack, budget_s=budget_s, energy_budget_j=energy_budget_j, edge_load=edge_load,
-        allow_raw_upload=allow_raw_upload, mode=mode, max_train_blocks=max_train_blocks, train_blocks=train_blocks,
+        samples=samples,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        encodings=tuple(encodings.split(",")),
+        slack=slack,
+        budget_s=budget_s,
+        energy_budget_j=energy_budget_j,
+        edge_load=edge_load,
+        allow_raw_upload=allow_raw_upload,
+        mode=mode,
+        max_train_blocks=max_train_blocks,
+        train_blocks=train_blocks,
         stage_depths=_integers(stage_depths, "--stage-depths") if stage_depths else (),
     )
     cuts, depths = _phone_numbers(cut, "--cut"), _phone_numbers(depth, "--depth")
@@ -620,9 +705,13 @@ def plan(
         reasons = "; ".join(f"{p.profile}: {p.reason}" for p in fleet.infeasible)
         raise PlanError(f"no phone can be planned, so no plan was written ({reasons})")
     _write_whole(out, fleet.save)
-    table = Table(title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; predicted seconds per round, up and down also in MB")
+    table = Table(
+        title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; predicted seconds per round, up and down also in MB"
+    )
     for column in ("phone", "choice", "compute", "up", "down", "edge", "total", "MB"):
-        table.add_column(column, justify="left" if column in ("phone", "choice") else "right", no_wrap=column == "phone")
+        table.add_column(
+            column, justify="left" if column in ("phone", "choice") else "right", no_wrap=column == "phone"
+        )
     for p in fleet.phones:
         if p.plan is None:
             table.add_row(p.profile, "[red]infeasible[/red]")
@@ -633,12 +722,26 @@ def plan(
         # every byte of the round: the update and SplitFed activations up, the weights and gradients down
         mb_up = (t.get("up_bytes", 0) + t.get("activation_bytes", 0)) / 1e6
         mb_down = (t.get("down_bytes", 0) + t.get("gradient_bytes", 0)) / 1e6
-        table.add_row(p.profile, choice, f"{t['compute']:.2f}", f"{t['upload']:.2f}\n{mb_up:.2f} MB",
-                      f"{t['download']:.2f}\n{mb_down:.2f} MB", *(f"{t[k]:.2f}" for k in ("edge", "total")), f"{p.memory_mb:.0f}")
+        table.add_row(
+            p.profile,
+            choice,
+            f"{t['compute']:.2f}",
+            f"{t['upload']:.2f}\n{mb_up:.2f} MB",
+            f"{t['download']:.2f}\n{mb_down:.2f} MB",
+            *(f"{t[k]:.2f}" for k in ("edge", "total")),
+            f"{p.memory_mb:.0f}",
+        )
     console.print(table)
     for p in fleet.infeasible:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(p.profile)} infeasible: {escape(p.reason)}", highlight=False, soft_wrap=True)
-    console.print(f"plan written to {out}" + (f"; [red]{len(fleet.infeasible)} phone(s) infeasible[/red]" if fleet.infeasible else ""))
+        err_console.print(
+            f"[yellow]warning:[/yellow] {escape(p.profile)} infeasible: {escape(p.reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        f"plan written to {out}"
+        + (f"; [red]{len(fleet.infeasible)} phone(s) infeasible[/red]" if fleet.infeasible else "")
+    )
 
 
 def _phone_numbers(pins: list[str] | None, option: str) -> dict[str, int]:
@@ -675,19 +778,30 @@ def _run_simulation(config, out: Path) -> None:
     def view(tick=None, step: str | None = None) -> Table:
         # a step after training (the report) keeps the last round's figures on screen
         last["tick"], last["step"] = tick or last["tick"], step or ("" if tick else last["step"])
-        table = Table(title=f"fedkit simulate {config.name}: {len(config.phones)} phone group(s), {config.num_phones} phones",
-                      caption=last["step"])
+        table = Table(
+            title=f"fedkit simulate {config.name}: {len(config.phones)} phone group(s), {config.num_phones} phones",
+            caption=last["step"],
+        )
         for column in ("elapsed", "stage", "round", "reports", "accuracy", "uplink", "phones", "faults"):
             table.add_column(column)
         tick = last["tick"]
         if tick is not None:
-            table.add_row(f"{tick.elapsed_s:.0f} s", tick.stage or "done", str(tick.round or "–"),
-                          f"{tick.reports}/{tick.assigned}", "–" if tick.accuracy is None else f"{tick.accuracy:.2%}",
-                          _size(tick.bytes_up), str(tick.phones_running), ", ".join(tick.faults[-3:]) or "none")
+            table.add_row(
+                f"{tick.elapsed_s:.0f} s",
+                tick.stage or "done",
+                str(tick.round or "–"),
+                f"{tick.reports}/{tick.assigned}",
+                "–" if tick.accuracy is None else f"{tick.accuracy:.2%}",
+                _size(tick.bytes_up),
+                str(tick.phones_running),
+                ", ".join(tick.faults[-3:]) or "none",
+            )
         return table
 
     with Live(view(), console=err_console, refresh_per_second=2, transient=False) as live:
-        summary = simulate(config, out, on_tick=lambda t: live.update(view(t)), on_step=lambda s: live.update(view(step=s)))
+        summary = simulate(
+            config, out, on_tick=lambda t: live.update(view(t)), on_step=lambda s: live.update(view(step=s))
+        )
         live.update(view(step="report written"))
     if not err_console.is_terminal:
         err_console.print()  # Live leaves its last frame's line open where it is not a terminal (a log)
@@ -708,10 +822,12 @@ def _run_simulation(config, out: Path) -> None:
 def simulate(
     config: Annotated[Path, typer.Option(help="Simulation config (TOML): phones, data split, stages, faults.")],
     out: Annotated[
-        Path | None, typer.Option(help="Run folder to create (must not exist, or be empty). Default: runs/<name>-<time>.")
+        Path | None,
+        typer.Option(help="Run folder to create (must not exist, or be empty). Default: runs/<name>-<time>."),
     ] = None,
     netem: Annotated[
-        bool, typer.Option("--netem", help="Shape links with network namespaces and tc (root only) instead of in-process.")
+        bool,
+        typer.Option("--netem", help="Shape links with network namespaces and tc (root only) instead of in-process."),
     ] = False,
 ) -> None:
     """Run a federation of emulated phones (one process each) against the real aggregator on this
@@ -743,7 +859,9 @@ def demo() -> None:
 
 @app.command()
 @fails_cleanly
-def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by fedkit simulate or fedkit demo.")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by fedkit simulate or fedkit demo.")],
+) -> None:
     """Rebuild a run's HTML report and plots from its run folder."""
     from toolkit.report import build_report
 
@@ -758,8 +876,10 @@ def deploy(
     ] = None,
     target: Annotated[
         str | None,
-        typer.Option(help="local:DIR (a phone folder on this host), adb:SERIAL (a phone over adb) or arm64:NAME "
-                     "(the emulated arm64 phone's folder /opt/fedkit/phones/NAME); with --fleet, local:DIR: each phone in DIR/PHONE."),
+        typer.Option(
+            help="local:DIR (a phone folder on this host), adb:SERIAL (a phone over adb) or arm64:NAME "
+            "(the emulated arm64 phone's folder /opt/fedkit/phones/NAME); with --fleet, local:DIR: each phone in DIR/PHONE."
+        ),
     ] = None,
     shard: Annotated[Path | None, typer.Option(help="The phone's data shard (.npz with images and labels).")] = None,
     credential: Annotated[
@@ -768,8 +888,12 @@ def deploy(
     fleet: Annotated[
         Path | None, typer.Option(help="phones.json of `fedkit export --plan`: deploy every phone of the plan.")
     ] = None,
-    shards: Annotated[Path | None, typer.Option(help="With --fleet: the folder of `fedkit shards` (PHONE.npz).")] = None,
-    url: Annotated[str | None, typer.Option(help="With --fleet: the aggregator's URL (what `fedkit serve` listens on).")] = None,
+    shards: Annotated[
+        Path | None, typer.Option(help="With --fleet: the folder of `fedkit shards` (PHONE.npz).")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="With --fleet: the aggregator's URL (what `fedkit serve` listens on).")
+    ] = None,
     enrol_tokens: Annotated[
         Path | None, typer.Option(help="With --fleet: a file of enrolment tokens, one per line (`fedkit enrol-token`).")
     ] = None,
@@ -787,13 +911,17 @@ def deploy(
         raise DeployError("--target is missing: local:DIR, adb:SERIAL or arm64:NAME")
     if fleet is None:
         if not bundle or shard is None or credential is None:
-            raise DeployError("a phone needs its bundle(s), --shard and --credential (or deploy a whole plan with --fleet)")
+            raise DeployError(
+                "a phone needs its bundle(s), --shard and --credential (or deploy a whole plan with --fleet)"
+            )
         done = [run_deploy(bundle, target, shard, credential, start)]
     else:
         from toolkit.planning.export import read_index
 
         if bundle or shard or credential:
-            raise DeployError("--fleet takes the bundles, shards and credentials from the plan: drop BUNDLE, --shard and --credential")
+            raise DeployError(
+                "--fleet takes the bundles, shards and credentials from the plan: drop BUNDLE, --shard and --credential"
+            )
         if shards is None or url is None or enrol_tokens is None:
             raise DeployError("--fleet needs --shards DIR, --url URL and --enrol-tokens FILE")
         kind, _, root = target.partition(":")
@@ -802,23 +930,35 @@ def deploy(
         try:
             tokens = [line.strip() for line in enrol_tokens.read_text().splitlines() if line.strip()]
         except OSError as exc:
-            raise DeployError(f"cannot read the enrolment tokens {enrol_tokens} ({exc.strerror}): fedkit enrol-token --count N > FILE") from exc
+            raise DeployError(
+                f"cannot read the enrolment tokens {enrol_tokens} ({exc.strerror}): fedkit enrol-token --count N > FILE"
+            ) from exc
         done = deploy_fleet(read_index(fleet), shards, url, tokens, Path(root), start)
     for d in done:
-        console.print(f"deployed to {d.target}: {len(d.bundles)} bundle(s) verified there, shard sha256 {d.shard_sha256[:12]}…"
-                      + (f"; started ({d.started})" if d.started else ""))
+        console.print(
+            f"deployed to {d.target}: {len(d.bundles)} bundle(s) verified there, shard sha256 {d.shard_sha256[:12]}…"
+            + (f"; started ({d.started})" if d.started else "")
+        )
 
 
 @app.command("shards")
 @fails_cleanly
 def shards_command(
     out: Annotated[Path, typer.Option(help="Folder to create: PHONE.npz per phone and shards.json.")],
-    plan_file: Annotated[Path | None, typer.Option("--plan", help="Name the shards after the plan's feasible phones.")] = None,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="Name the shards after the plan's feasible phones.")
+    ] = None,
     phones: Annotated[int | None, typer.Option(min=1, help="Or this many phones, phone-1 … phone-N.")] = None,
-    partition: Annotated[Literal["iid", "dirichlet", "shards"], typer.Option(help="How labels spread over phones.")] = "dirichlet",
+    partition: Annotated[
+        Literal["iid", "dirichlet", "shards"], typer.Option(help="How labels spread over phones.")
+    ] = "dirichlet",
     alpha: Annotated[float, typer.Option(min=0.001, help="Dirichlet concentration (smaller: more skew).")] = 0.5,
-    shards_per_phone: Annotated[int, typer.Option(min=1, help="With --partition shards: label-sorted shards per phone.")] = 2,
-    images: Annotated[int, typer.Option(min=1, max=60000, help="Split the first N Fashion-MNIST training images.")] = 60000,
+    shards_per_phone: Annotated[
+        int, typer.Option(min=1, help="With --partition shards: label-sorted shards per phone.")
+    ] = 2,
+    images: Annotated[
+        int, typer.Option(min=1, max=60000, help="Split the first N Fashion-MNIST training images.")
+    ] = 60000,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
 ) -> None:
     """Split Fashion-MNIST's training images into one data shard per phone. A shard is an .npz
@@ -837,7 +977,9 @@ def shards_command(
         names = [p.profile for p in load_plan(plan_file).phones if p.plan is not None]
     else:
         names = [f"phone-{i}" for i in range(1, phones + 1)]
-    index = write_shards(out, names, partition, alpha=alpha, shards_per_phone=shards_per_phone, seed=seed, train_images=images)
+    index = write_shards(
+        out, names, partition, alpha=alpha, shards_per_phone=shards_per_phone, seed=seed, train_images=images
+    )
     table = Table(title=f"{len(index)} shards in {out} ({partition})")
     table.add_column("phone")
     table.add_column("images", justify="right")
@@ -856,7 +998,10 @@ def run_config_command(
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of the run's one stage.")] = 10,
     lr: Annotated[float, typer.Option(min=1e-9, help="Learning rate of the phones' SGD.")] = 0.01,
     head_rounds: Annotated[
-        int, typer.Option(min=0, help="First, this many rounds training the classifier alone (needs --stage-depths 1 in the plan).")
+        int,
+        typer.Option(
+            min=0, help="First, this many rounds training the classifier alone (needs --stage-depths 1 in the plan)."
+        ),
     ] = 0,
     min_reports: Annotated[int, typer.Option(min=1, help="Updates a round waits for (until its deadline).")] = 1,
     deadline_s: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for its reports.")] = 120.0,
@@ -868,9 +1013,12 @@ def run_config_command(
     from toolkit.runs import run_config, write_run
 
     fleet = load_plan(plan_file)
-    stages = ([{"name": "head", "rounds": head_rounds, "lr": lr, "trainable_blocks": 1}] if head_rounds else [])
+    stages = [{"name": "head", "rounds": head_rounds, "lr": lr, "trainable_blocks": 1}] if head_rounds else []
     stages.append({"name": "train", "rounds": rounds, "lr": lr})
     config = run_config(fleet, name, stages, fedavg={"min_reports": min_reports, "deadline_s": deadline_s})
     path = write_run(config, fleet, out)
-    console.print(f"run config written to {path} (version 0: {out / 'weights.bin'}"
-                  + ("; SplitFed edge on" if config.splitfed else "") + f"); serve it with: fedkit serve --config {path}")
+    console.print(
+        f"run config written to {path} (version 0: {out / 'weights.bin'}"
+        + ("; SplitFed edge on" if config.splitfed else "")
+        + f"); serve it with: fedkit serve --config {path}"
+    )

@@ -144,8 +144,7 @@ def write_shard(path: Path | str, images: np.ndarray, labels: np.ndarray) -> Pat
         raise DataError(f"a shard holds uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(images):
         raise DataError(
-            f"a shard holds one integer label per image: got {labels.dtype} {labels.shape} "
-            f"for {len(images)} images"
+            f"a shard holds one integer label per image: got {labels.dtype} {labels.shape} for {len(images)} images"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -263,7 +262,10 @@ def write_shards(
     with new_folder(out_dir) as staging:
         for phone, part in zip(phones, parts):
             write_shard(staging / f"{phone}.npz", train.images[part], labels[part])
-            index[phone] = {"file": f"{phone}.npz", "images": int(len(part)),
-                            "labels": np.bincount(labels[part], minlength=len(LABEL_NAMES)).tolist()}
+            index[phone] = {
+                "file": f"{phone}.npz",
+                "images": int(len(part)),
+                "labels": np.bincount(labels[part], minlength=len(LABEL_NAMES)).tolist(),
+            }
         (staging / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index

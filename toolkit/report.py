@@ -22,8 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from toolkit.simulation.summary import RunSummary  # noqa: E402
 
-SPAN_COLOURS = {"train": "tab:blue", "upload": "tab:orange", "download": "tab:green", "wait": "lightgrey",
-                "offline": "black", "killed": "tab:red"}
+SPAN_COLOURS = {
+    "train": "tab:blue",
+    "upload": "tab:orange",
+    "download": "tab:green",
+    "wait": "lightgrey",
+    "offline": "black",
+    "killed": "tab:red",
+}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -37,8 +43,13 @@ def load_run(run_dir: Path) -> dict:
     summary = RunSummary.load(run_dir).model_dump()
     events = {p.parent.name: _jsonl(p) for p in sorted((run_dir / "phones").glob("*/events.jsonl"))}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else None
-    return {"summary": summary, "metrics": _jsonl(run_dir / "metrics.jsonl"), "events": events, "plan": plan,
-            "faults": _jsonl(run_dir / "faults.jsonl")}
+    return {
+        "summary": summary,
+        "metrics": _jsonl(run_dir / "metrics.jsonl"),
+        "events": events,
+        "plan": plan,
+        "faults": _jsonl(run_dir / "faults.jsonl"),
+    }
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -58,7 +69,9 @@ def build_report(run_dir: str | Path) -> Path:
 def plot_accuracy(run: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     rows = [m for m in run["metrics"] if m.get("accuracy") is not None]
-    ax.plot([m["version"] for m in rows], [100 * m["accuracy"] for m in rows], marker="o", label="federated (global model)")
+    ax.plot(
+        [m["version"] for m in rows], [100 * m["accuracy"] for m in rows], marker="o", label="federated (global model)"
+    )
     ref = run["summary"].get("reference")
     if ref:
         ax.axhline(100 * ref["final_accuracy"], color="tab:red", linestyle="--", label="centralized reference")
@@ -107,8 +120,9 @@ def spans(run: dict) -> dict[str, list[tuple[str, float, float]]]:
     t0 = min((e["t"] for events in run["events"].values() for e in events), default=0.0)
     out: dict[str, list[tuple[str, float, float]]] = {}
     for phone, events in run["events"].items():
-        out[phone] = [(e["event"], e["start"] - t0, e["end"] - t0) for e in events
-                      if e["event"] in SPAN_COLOURS and "start" in e]
+        out[phone] = [
+            (e["event"], e["start"] - t0, e["end"] - t0) for e in events if e["event"] in SPAN_COLOURS and "start" in e
+        ]
     kills = {}
     for f in run["faults"]:
         if f["kind"] == "kill_phone":
@@ -123,7 +137,9 @@ def spans(run: dict) -> dict[str, list[tuple[str, float, float]]]:
 def plot_timeline(run: dict, path: Path) -> None:
     per_phone = spans(run)
     fig, ax = plt.subplots(figsize=(9, 0.45 * max(4, len(per_phone)) + 1))
-    for row, (phone, items) in enumerate(sorted(per_phone.items(), key=lambda kv: int(kv[0].split("-")[-1]) if kv[0].split("-")[-1].isdigit() else 0)):
+    for row, (phone, items) in enumerate(
+        sorted(per_phone.items(), key=lambda kv: int(kv[0].split("-")[-1]) if kv[0].split("-")[-1].isdigit() else 0)
+    ):
         for kind, start, end in items:
             ax.broken_barh([(start, max(end - start, 0.05))], (row - 0.4, 0.8), color=SPAN_COLOURS[kind])
     names = sorted(per_phone, key=lambda p: int(p.split("-")[-1]) if p.split("-")[-1].isdigit() else 0)
@@ -174,45 +190,112 @@ def render_html(run: dict) -> str:
         ["phones", len(s["phones"])],
         ["rounds", s["rounds"]],
         ["final accuracy (global model, host evaluation)", _pct(s.get("final_accuracy"))],
-        ["centralized reference", _pct(ref["final_accuracy"]) + f" ({ref['source']})" if ref else
-         "not available: run `fedkit train-central` to produce benchmarks/results/central.json"],
+        [
+            "centralized reference",
+            _pct(ref["final_accuracy"]) + f" ({ref['source']})"
+            if ref
+            else "not available: run `fedkit train-central` to produce benchmarks/results/central.json",
+        ],
         ["updates accepted", f"{s['updates_accepted']} ({s['bytes_accepted'] / 1024:.1f} KiB)"],
-        ["accepted updates lost", f"{s['accepted_lost']} of {s['accepted_told_phones']} the phones were told were accepted"],
+        [
+            "accepted updates lost",
+            f"{s['accepted_lost']} of {s['accepted_told_phones']} the phones were told were accepted",
+        ],
         ["wall time", f"{s['wall_s']:.0f} s (setup {s['setup_s']:.0f} s, training {s['train_s']:.0f} s)"],
         ["compute", s["compute_note"]],
         ["edge (as the planner priced it)", s["edge"]],
     ]
-    phones = [[p["device_id"], p["phone_class"], f"× {p['compute_factor']:g}",
-               "none" if p["address_space_mb"] is None else f"{p['address_space_mb']} MB", p["link"], p["samples"],
-               ", ".join(p["bundles"]), p["starts"], p["exit_code"], p.get("peak_rss_mb", "–")] for p in s["phones"]]
-    against = [[p["device_id"], p["phone_class"],
-                _pair(p["measured_round_s"], p["predicted"].get("total"), lambda v: f"{v:.2f}"),
-                _pair(p["measured_up_bytes"], p["predicted"].get("up_bytes"), _kib),
-                _pair(p["measured_down_bytes"], p["predicted"].get("down_bytes"), _kib)] for p in s["phones"]]
+    phones = [
+        [
+            p["device_id"],
+            p["phone_class"],
+            f"× {p['compute_factor']:g}",
+            "none" if p["address_space_mb"] is None else f"{p['address_space_mb']} MB",
+            p["link"],
+            p["samples"],
+            ", ".join(p["bundles"]),
+            p["starts"],
+            p["exit_code"],
+            p.get("peak_rss_mb", "–"),
+        ]
+        for p in s["phones"]
+    ]
+    against = [
+        [
+            p["device_id"],
+            p["phone_class"],
+            _pair(p["measured_round_s"], p["predicted"].get("total"), lambda v: f"{v:.2f}"),
+            _pair(p["measured_up_bytes"], p["predicted"].get("up_bytes"), _kib),
+            _pair(p["measured_down_bytes"], p["predicted"].get("down_bytes"), _kib),
+        ]
+        for p in s["phones"]
+    ]
     faults = [[f"{f['elapsed_s']:.1f} s", f["kind"], f.get("phone", ""), f.get("detail", "")] for f in run["faults"]]
-    rounds = [[m["version"], m.get("round") or "–", m.get("stage") or "–", _pct(m["accuracy"]), m["updates"],
-               m.get("samples", ""), m.get("round_s") or "–", _slowest(m), m.get("edge_s") or "–",
-               _kib(m.get("activation_bytes")) + " / " + _kib(m.get("gradient_bytes"))] for m in run["metrics"]]
+    rounds = [
+        [
+            m["version"],
+            m.get("round") or "–",
+            m.get("stage") or "–",
+            _pct(m["accuracy"]),
+            m["updates"],
+            m.get("samples", ""),
+            m.get("round_s") or "–",
+            _slowest(m),
+            m.get("edge_s") or "–",
+            _kib(m.get("activation_bytes")) + " / " + _kib(m.get("gradient_bytes")),
+        ]
+        for m in run["metrics"]
+    ]
     plan_rows = []
     if run["plan"]:
         for p in run["plan"]["phones"]:
             d = p.get("plan") or {}
-            plan_rows.append([p["profile"], d.get("cut", "–"), d.get("train_from", "–"), p.get("trainable_blocks", "–"),
-                              d.get("engine", "–"), d.get("encoding", "–"), d.get("batch_size", "–"),
-                              f"{d.get('predicted', {}).get('total', float('nan')):.2f}", p["reason"]])
+            plan_rows.append(
+                [
+                    p["profile"],
+                    d.get("cut", "–"),
+                    d.get("train_from", "–"),
+                    p.get("trainable_blocks", "–"),
+                    d.get("engine", "–"),
+                    d.get("encoding", "–"),
+                    d.get("batch_size", "–"),
+                    f"{d.get('predicted', {}).get('total', float('nan')):.2f}",
+                    p["reason"],
+                ]
+            )
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>fedkit run {html.escape(s['name'])}</title>
+<html><head><meta charset="utf-8"><title>fedkit run {html.escape(s["name"])}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}} img{{max-width:100%}}</style></head>
-<body><h1>fedkit run {html.escape(s['name'])}</h1>
+<body><h1>fedkit run {html.escape(s["name"])}</h1>
 {_table(["", ""], facts)}
 <h2>Accuracy per round</h2><img src="accuracy.png" alt="accuracy per round">
-{_table(["version", "round", "stage", "accuracy", "updates", "samples", "round time (s)", "slowest phone's compute (s)",
-          "edge compute (s)", "activations up / gradients down (KiB)"], rounds)}
+{
+        _table(
+            [
+                "version",
+                "round",
+                "stage",
+                "accuracy",
+                "updates",
+                "samples",
+                "round time (s)",
+                "slowest phone's compute (s)",
+                "edge compute (s)",
+                "activations up / gradients down (KiB)",
+            ],
+            rounds,
+        )
+    }
 <h2>Uplink bytes per round by phone class</h2><img src="bytes.png" alt="bytes per round">
 <h2>Per-phone timeline</h2><img src="timeline.png" alt="timeline">
 <h2>Phones</h2>
-{_table(["phone", "class", "compute", "RLIMIT_AS", "link", "images", "bundles", "starts", "exit", "peak RSS (MB)"], phones)}
+{
+        _table(
+            ["phone", "class", "compute", "RLIMIT_AS", "link", "images", "bundles", "starts", "exit", "peak RSS (MB)"],
+            phones,
+        )
+    }
 <h2>Plan against measurement</h2>
 <p>Per round, as the aggregator saw it (from a task's assignment to the phone's accepted update; bytes of
 updates up and weights down) beside the plan's prediction for the phone's class. The measured time
@@ -223,6 +306,21 @@ than one phone alone. SplitFed activations and gradients are not in these bytes.
 <h2>Faults</h2>
 {_table(["at", "fault", "phone", "what happened"], faults) if faults else "<p>none injected</p>"}
 <h2>Plan</h2>
-{_table(["class", "cut", "train_from", "trainable blocks", "engine", "encoding", "batch", "predicted s/round", "why"], plan_rows)}
+{
+        _table(
+            [
+                "class",
+                "cut",
+                "train_from",
+                "trainable blocks",
+                "engine",
+                "encoding",
+                "batch",
+                "predicted s/round",
+                "why",
+            ],
+            plan_rows,
+        )
+    }
 </body></html>
 """

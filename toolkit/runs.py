@@ -32,8 +32,14 @@ def has_splitfed(fleet: FleetPlan) -> bool:
 def run_config(fleet: FleetPlan, name: str, stages: list[dict[str, Any]], **sections: Any) -> RunConfig:
     """The run config of ``fleet``: its model, ``weights.bin`` as version 0 and the aggregator
     beside it (``run_dir = "."``), ``stages``, and ``sections`` (``fedavg``, ``robust``, ...)."""
-    data: dict[str, Any] = {"name": name, "model": fleet.model_id, "weights": WEIGHTS, "run_dir": ".",
-                            "stages": stages, **sections}
+    data: dict[str, Any] = {
+        "name": name,
+        "model": fleet.model_id,
+        "weights": WEIGHTS,
+        "run_dir": ".",
+        "stages": stages,
+        **sections,
+    }
     if has_splitfed(fleet):
         data.setdefault("splitfed", {})
     return parse_config(data)

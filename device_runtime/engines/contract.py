@@ -36,7 +36,9 @@ def check_weights(weights: dict[str, np.ndarray], shapes: dict[str, tuple[int, .
     """``Engine.set_weights``' check: exactly the bundle's trainable tensors, at their shapes."""
     if set(weights) != set(shapes):
         missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
-        raise EngineError(f"set_weights needs exactly the bundle's trainable tensors: missing {missing[:5]}, unknown {extra[:5]}")
+        raise EngineError(
+            f"set_weights needs exactly the bundle's trainable tensors: missing {missing[:5]}, unknown {extra[:5]}"
+        )
     for name, value in weights.items():
         if tuple(np.shape(value)) != shapes[name]:
             raise EngineError(f"weight {name!r} has shape {tuple(np.shape(value))}, the bundle says {shapes[name]}")

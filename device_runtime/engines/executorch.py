@@ -81,7 +81,9 @@ class ExecuTorchEngine:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return load(str(bundle.path(role)))
         except RuntimeError as exc:
-            raise EngineError(f"ExecuTorch cannot load {bundle.path(role)} ({role}): {exc}; re-export the bundle") from exc
+            raise EngineError(
+                f"ExecuTorch cannot load {bundle.path(role)} ({role}): {exc}; re-export the bundle"
+            ) from exc
 
     # -- Engine protocol ---------------------------------------------------------------------
     def features(self, x: np.ndarray) -> np.ndarray:

@@ -81,7 +81,9 @@ class FedPart:
         for name, shape in self.shapes.items():
             if name in tensors:
                 if tuple(np.shape(tensors[name])) != shape:
-                    raise EngineError(f"the fed part's {name!r} is {shape}, the global model's {tuple(np.shape(tensors[name]))}")
+                    raise EngineError(
+                        f"the fed part's {name!r} is {shape}, the global model's {tuple(np.shape(tensors[name]))}"
+                    )
                 self._values[name] = float32(tensors[name])
         return dict(self._values)
 
@@ -104,14 +106,18 @@ def load_session(path: Path, options):
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
-        raise EngineError(f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version") from exc
+        raise EngineError(
+            f"ONNX Runtime cannot load {path} ({exc}); re-export the bundle with this fedkit version"
+        ) from exc
 
 
 def run(what: str, call):
     try:
         return call()
     except ORT_ERRORS as exc:
-        raise EngineError(f"ONNX Runtime failed running {what} ({exc}); check the input's shape and dtype against the bundle") from exc
+        raise EngineError(
+            f"ONNX Runtime failed running {what} ({exc}); check the input's shape and dtype against the bundle"
+        ) from exc
 
 
 def session_options():

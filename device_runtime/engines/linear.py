@@ -73,4 +73,3 @@ class NumpyEngine:
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
         check_weights(weights, self._shapes)
         self._w, self._b = float32(weights[self._weight]).copy(), float32(weights[self._bias]).copy()
-

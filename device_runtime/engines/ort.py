@@ -89,14 +89,18 @@ class OrtEngine:
 
     def gradients(self, h: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         if self._splitfed:
-            raise EngineError("this bundle is SplitFed: its loss is computed on the edge, call backward_from with the edge's gradient")
+            raise EngineError(
+                "this bundle is SplitFed: its loss is computed on the edge, call backward_from with the edge's gradient"
+            )
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         loss = self._train_step(float32(h), labels)
         return float(loss), self._gradients()
 
     def backward_from(self, h: np.ndarray, grad_out: np.ndarray) -> dict[str, np.ndarray]:
         if not self._splitfed:
-            raise EngineError("this bundle trains the whole model on the phone: call gradients with labels, not backward_from")
+            raise EngineError(
+                "this bundle trains the whole model on the phone: call gradients with labels, not backward_from"
+            )
         self._train_step(float32(h), float32(grad_out))
         return self._gradients()
 

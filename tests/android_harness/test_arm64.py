@@ -187,9 +187,13 @@ def test_host_problems_say_what_to_run(monkeypatch, tmp_path):
     assert "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc" in problem
     assert "update-binfmts --enable qemu-aarch64" in problem and "qemu-user-static" in problem
     (tmp_path / "register").write_text("")
-    (tmp_path / "qemu-aarch64").write_text("disabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n")
+    (tmp_path / "qemu-aarch64").write_text(
+        "disabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n"
+    )
     assert "not registered (or is disabled)" in arm64.host_problem()
-    (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n")
+    (tmp_path / "qemu-aarch64").write_text(
+        "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n"
+    )
     assert arm64.host_problem() is None
     monkeypatch.setattr(arm64.shutil, "which", lambda tool: None if tool == "debootstrap" else f"/usr/bin/{tool}")
     assert "debootstrap is not installed" in arm64.host_problem()
@@ -208,7 +212,9 @@ def test_an_incomplete_or_outdated_rootfs_is_never_reused(tmp_path):
     rootfs = tmp_path / arm64.ROOTFS_NAME
     (rootfs / "usr" / "bin").mkdir(parents=True)  # an interrupted build, or one from before markers
     assert arm64.cached_rootfs(tmp_path) is None
-    (rootfs / arm64.MARKER).write_text(json.dumps({"recipe": {**arm64.rootfs_recipe(), "recipe": arm64.RECIPE_VERSION - 1}}))
+    (rootfs / arm64.MARKER).write_text(
+        json.dumps({"recipe": {**arm64.rootfs_recipe(), "recipe": arm64.RECIPE_VERSION - 1}})
+    )
     assert arm64.cached_rootfs(tmp_path) is None
     (rootfs / arm64.MARKER).write_text(json.dumps({"recipe": arm64.rootfs_recipe()}))
     assert arm64.cached_rootfs(tmp_path) == rootfs
@@ -218,7 +224,9 @@ def test_the_mirror_comes_from_the_apt_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("FEDKIT_DEBIAN_MIRROR", raising=False)
     (tmp_path / "sources.list.d").mkdir()
     assert arm64.apt_mirror(tmp_path) == arm64.DEFAULT_MIRROR
-    (tmp_path / "sources.list").write_text("deb [arch=amd64] http://mirror.example/debian-security bookworm-security main\n")
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64] http://mirror.example/debian-security bookworm-security main\n"
+    )
     (tmp_path / "sources.list.d" / "debian.sources").write_text(
         "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n\n"
         "Types: deb\n# a comment\nURIs: http://mirror.example/debian/\nSuites: bookworm bookworm-updates\n"
@@ -252,8 +260,14 @@ def test_the_cpuinfo_a_phone_sees_is_an_arm64_kernels():
     text = arm64._arm64_cpuinfo(0x414FD0B1, 0b11, 0, [0, 1])  # Cortex-A76 r4p1, fp asimd
     first = text.split("\n\n")[0].splitlines()
     assert first == [
-        "processor\t: 0", "BogoMIPS\t: 100.00", "Features\t: fp asimd", "CPU implementer\t: 0x41",
-        "CPU architecture: 8", "CPU variant\t: 0x4", "CPU part\t: 0xd0b", "CPU revision\t: 1",
+        "processor\t: 0",
+        "BogoMIPS\t: 100.00",
+        "Features\t: fp asimd",
+        "CPU implementer\t: 0x41",
+        "CPU architecture: 8",
+        "CPU variant\t: 0x4",
+        "CPU part\t: 0xd0b",
+        "CPU revision\t: 1",
     ]
     assert text.count("processor\t:") == 2
 

@@ -56,10 +56,14 @@ def credential(tmp_path: Path, url: str = "http://127.0.0.1:1", token: str = "t"
     return path
 
 
-def test_deploy_installs_in_the_phone_and_the_phone_checks_every_hash(phone, name, bundle, shard, tmp_path, monkeypatch):
+def test_deploy_installs_in_the_phone_and_the_phone_checks_every_hash(
+    phone, name, bundle, shard, tmp_path, monkeypatch
+):
     ran = []
     real_run = arm64.Arm64Phone.run
-    monkeypatch.setattr(arm64.Arm64Phone, "run", lambda self, argv, *a, **k: ran.append(list(argv)) or real_run(self, argv, *a, **k))
+    monkeypatch.setattr(
+        arm64.Arm64Phone, "run", lambda self, argv, *a, **k: ran.append(list(argv)) or real_run(self, argv, *a, **k)
+    )
 
     done = deploy([bundle], f"arm64:{name}", shard, credential(tmp_path))
 
@@ -112,7 +116,9 @@ def server(serve_run, bundle):
     return serve_run(bundle, rounds=1)
 
 
-def test_cli_deploy_start_runs_the_phone_loop_in_the_phone_until_the_run_is_done(phone, name, bundle, shard, server, tmp_path):
+def test_cli_deploy_start_runs_the_phone_loop_in_the_phone_until_the_run_is_done(
+    phone, name, bundle, shard, server, tmp_path
+):
     from typer.testing import CliRunner
 
     from toolkit.aggregator.admin import issue_tokens
@@ -121,8 +127,20 @@ def test_cli_deploy_start_runs_the_phone_loop_in_the_phone_until_the_run_is_done
     url, coordinator = server
     (token,) = issue_tokens(coordinator.store, 1)
     started = time.monotonic()
-    result = CliRunner().invoke(app, ["deploy", str(bundle), "--target", f"arm64:{name}", "--shard", str(shard),
-                                      "--credential", str(credential(tmp_path, url, token)), "--start"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            str(bundle),
+            "--target",
+            f"arm64:{name}",
+            "--shard",
+            str(shard),
+            "--credential",
+            str(credential(tmp_path, url, token)),
+            "--start",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert f"deployed to arm64:{name}: 1 bundle(s) verified there" in result.output
     assert "(arm64, emulated)" in result.output

@@ -16,8 +16,15 @@ pytestmark = pytest.mark.timeout(2400)  # a cold cache builds the rootfs first (
 
 def config(**extra) -> dict:
     return {
-        "name": "arm64-fleet", "model": "small_cnn", "train_images": 600, "test_images": 500, "partition": "iid",
-        "deadline_s": 120, "min_reports": 2, "timeout_s": 600, "compute": "none",
+        "name": "arm64-fleet",
+        "model": "small_cnn",
+        "train_images": 600,
+        "test_images": 500,
+        "partition": "iid",
+        "deadline_s": 120,
+        "min_reports": 2,
+        "timeout_s": 600,
+        "compute": "none",
         "phones": [{"class": "flagship-2023"}, {"class": "low-2022", "arch": "arm64"}],
         "stages": [{"name": "head", "rounds": 2, "lr": 0.05}],
         **extra,
@@ -34,7 +41,9 @@ def test_an_arm64_group_trains_beside_an_x86_64_one(arm64_phone, tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     engines = {p["profile"]: p["plan"]["engine"] for p in plan["phones"]}
     assert engines == {"flagship-2023": "ort", "low-2022@arm64": "numpy"}
-    events = [json.loads(line) for line in (tmp_path / "run" / "phones" / "phone-2" / "events.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(line) for line in (tmp_path / "run" / "phones" / "phone-2" / "events.jsonl").read_text().splitlines()
+    ]
     trains = [e for e in events if e["event"] == "train"]
     assert [e["round"] for e in trains] == [1, 2] and all(e["end"] > e["start"] for e in trains)
     assert (tmp_path / "run" / "report" / "timeline.png").stat().st_size > 0

@@ -31,8 +31,24 @@ from toolkit.aggregator.admin import issue_tokens
 from toolkit.data import write_shard
 
 pytestmark = pytest.mark.timeout(2400)  # a cold cache builds the rootfs first (minutes)
-ROUND = ["--round", "1", "--lr", "0.05", "--epochs", "1", "--batch-size", "32", "--encoding", "fp32", "--seed", "7",
-         "--device-id", "phone-a", "--holdout", "0.1"]
+ROUND = [
+    "--round",
+    "1",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--encoding",
+    "fp32",
+    "--seed",
+    "7",
+    "--device-id",
+    "phone-a",
+    "--holdout",
+    "0.1",
+]
 
 
 @pytest.fixture
@@ -45,7 +61,9 @@ def inside(arm64_phone):
     shutil.rmtree(host_dir, ignore_errors=True)
 
 
-def test_the_same_round_on_arm64_and_x86_64_gives_the_same_update(arm64_phone, inside, small_cnn_bundle, fashion_train, tmp_path):
+def test_the_same_round_on_arm64_and_x86_64_gives_the_same_update(
+    arm64_phone, inside, small_cnn_bundle, fashion_train, tmp_path
+):
     # Prepare: one bundle and one shard, on this host and copied into the phone
     host_dir, phone_dir = inside
     bundle = small_cnn_bundle(engines=("numpy",))
@@ -54,12 +72,44 @@ def test_the_same_round_on_arm64_and_x86_64_gives_the_same_update(arm64_phone, i
     shutil.copyfile(shard, host_dir / "shard.npz")
 
     # Execute: the same round natively and on the arm64 phone
-    native = subprocess.run([sys.executable, "-m", "device_runtime", "train", "--bundle", str(bundle), "--shard", str(shard),
-                             "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "update.bin"), *ROUND],
-                            capture_output=True, text=True, timeout=300)
-    emulated = arm64_phone.run(["python3", "-m", "device_runtime", "train", "--bundle", str(phone_dir / "bundle"),
-                                "--shard", str(phone_dir / "shard.npz"), "--workdir", str(phone_dir / "work"),
-                                "--out", str(phone_dir / "update.bin"), *ROUND], timeout=900)
+    native = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_runtime",
+            "train",
+            "--bundle",
+            str(bundle),
+            "--shard",
+            str(shard),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "update.bin"),
+            *ROUND,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    emulated = arm64_phone.run(
+        [
+            "python3",
+            "-m",
+            "device_runtime",
+            "train",
+            "--bundle",
+            str(phone_dir / "bundle"),
+            "--shard",
+            str(phone_dir / "shard.npz"),
+            "--workdir",
+            str(phone_dir / "work"),
+            "--out",
+            str(phone_dir / "update.bin"),
+            *ROUND,
+        ],
+        timeout=900,
+    )
 
     # Assert
     assert native.returncode == 0, native.stderr
@@ -80,8 +130,9 @@ def aggregator(serve_run, small_cnn_bundle):
     return serve_run(small_cnn_bundle(engines=("numpy",)))
 
 
-def test_an_arm64_phone_syncs_with_the_host_and_resumes_after_sigkill(arm64_phone, inside, aggregator, small_cnn_bundle,
-                                                                       fashion_train, tmp_path):
+def test_an_arm64_phone_syncs_with_the_host_and_resumes_after_sigkill(
+    arm64_phone, inside, aggregator, small_cnn_bundle, fashion_train, tmp_path
+):
     # Prepare: a phone folder inside the arm64 phone, the phone's credential for the host's aggregator
     host_dir, phone_dir = inside
     url, coordinator = aggregator

@@ -121,8 +121,10 @@ def test_a_fleet_is_checked_whole_before_any_phone_is_deployed(small_cnn_bundle,
     done = deploy_fleet(index, shards, "http://127.0.0.1:8080", ["t1", "t2"], tmp_path / "phones")
     assert [d.phone_dir for d in done] == [str(tmp_path / "phones" / p) for p in ("a", "b")]
     creds = [json.loads((tmp_path / "phones" / p / "credential.json").read_text()) for p in ("a", "b")]
-    assert creds == [{"url": "http://127.0.0.1:8080", "device_id": "a", "enrol_token": "t1"},
-                     {"url": "http://127.0.0.1:8080", "device_id": "b", "enrol_token": "t2"}]
+    assert creds == [
+        {"url": "http://127.0.0.1:8080", "device_id": "a", "enrol_token": "t1"},
+        {"url": "http://127.0.0.1:8080", "device_id": "b", "enrol_token": "t2"},
+    ]
 
 
 # A named stand-in for a physical phone over adb: a fake `adb` executable on PATH that logs its
@@ -170,11 +172,12 @@ def fake_adb(tmp_path, monkeypatch):
     storage.mkdir()
     (bin_dir / "adb").write_text(FAKE_ADB.format(python=sys.executable, remote_root=ADB_ROOT))
     (bin_dir / "python3").write_text(  # the phone's python3
-        '#!/bin/sh\n'
+        "#!/bin/sh\n"
         'if [ "$1 $2" = "-m device_runtime.phone_loop" ]; then\n'
         '  echo "$PWD $PYTHONPATH $3" > "$FAKE_PHONE_STORAGE/started"; exit 0\n'
-        'fi\n'
-        f'exec "{sys.executable}" "$@"\n')
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n'
+    )
     for tool in ("adb", "python3"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -228,16 +231,32 @@ def test_adb_deploy_start_launches_the_sync_loop_detached(fake_adb, small_cnn_bu
     calls, storage = fake_adb
     bundle = small_cnn_bundle()
 
-    done = CliRunner().invoke(app, ["deploy", str(bundle), "--target", "adb:fake-phone", "--shard", str(shard),
-                                    "--credential", str(credential), "--start"])
+    done = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            str(bundle),
+            "--target",
+            "adb:fake-phone",
+            "--shard",
+            str(shard),
+            "--credential",
+            str(credential),
+            "--start",
+        ],
+    )
 
     assert done.exit_code == 0, done.output
     remote = "/data/local/tmp/fedkit/fake-phone"
-    start = (f"cd {remote} && PYTHONPATH={remote} nohup python3 -m device_runtime.phone_loop {remote}"
-             f" > {remote}/phone.log 2>&1 < /dev/null &")
+    start = (
+        f"cd {remote} && PYTHONPATH={remote} nohup python3 -m device_runtime.phone_loop {remote}"
+        f" > {remote}/phone.log 2>&1 < /dev/null &"
+    )
     # install first, then: the phone is still there, and the loop is started in the background
     assert calls() == adb_install_calls(bundle, shard, credential) + [
-        ["-s", "fake-phone", "get-state"], ["-s", "fake-phone", "shell", start]]
+        ["-s", "fake-phone", "get-state"],
+        ["-s", "fake-phone", "shell", start],
+    ]
     assert "started" in done.output
     # the phone's shell really runs the loop: in the phone folder, with the pushed runtime on its path
     started = storage / "started"
@@ -249,7 +268,8 @@ def test_adb_deploy_start_launches_the_sync_loop_detached(fake_adb, small_cnn_bu
 
 
 def test_a_shard_damaged_on_its_way_to_the_phone_is_caught_by_the_phones_check(
-        fake_adb, small_cnn_bundle, shard, credential, monkeypatch):
+    fake_adb, small_cnn_bundle, shard, credential, monkeypatch
+):
     monkeypatch.setenv("FAKE_ADB_DAMAGE", "shard.npz")
     with pytest.raises(DeployError, match="the shard on fake-phone has sha256 .*, expected "):
         deploy([small_cnn_bundle()], "adb:fake-phone", shard, credential)
@@ -279,10 +299,32 @@ def test_cli_deploys_locally_and_fails_cleanly_on_adb(small_cnn_bundle, shard, c
 
     from toolkit.cli import app
 
-    ok = CliRunner().invoke(app, ["deploy", str(small_cnn_bundle()), "--target", f"local:{tmp_path / 'p'}", "--shard", str(shard),
-                                  "--credential", str(credential)])
+    ok = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            str(small_cnn_bundle()),
+            "--target",
+            f"local:{tmp_path / 'p'}",
+            "--shard",
+            str(shard),
+            "--credential",
+            str(credential),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "1 bundle(s) verified there" in " ".join(ok.output.split())
-    bad = CliRunner().invoke(app, ["deploy", str(small_cnn_bundle()), "--target", "adb:fedkit-test-serial", "--shard", str(shard),
-                                   "--credential", str(credential)])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            str(small_cnn_bundle()),
+            "--target",
+            "adb:fedkit-test-serial",
+            "--shard",
+            str(shard),
+            "--credential",
+            str(credential),
+        ],
+    )
     assert bad.exit_code == 1

@@ -8,8 +8,17 @@ from android_harness.phone import PhoneSpec
 
 
 def test_spec_round_trips_through_json(tmp_path):
-    spec = PhoneSpec("dir", "phone-1", "mid-2022", 1.9, 922.0, LinkShape(9.0, 30.0, 40.0, 0.1, (LinkWindow(1.0, 2.0, 5.0, 0.2),)),
-                     ((1.0, 2.0),), 123.0, True)
+    spec = PhoneSpec(
+        "dir",
+        "phone-1",
+        "mid-2022",
+        1.9,
+        922.0,
+        LinkShape(9.0, 30.0, 40.0, 0.1, (LinkWindow(1.0, 2.0, 5.0, 0.2),)),
+        ((1.0, 2.0),),
+        123.0,
+        True,
+    )
     spec.save(tmp_path / "spec.json")
     assert PhoneSpec.load(tmp_path / "spec.json") == spec
     assert spec.address_space_mb() == 1536 + 922

@@ -33,7 +33,9 @@ CONTENTS = {
 
 def write_bundle(root: Path) -> Manifest:
     trainable = (TensorSpec("classifier.weight", (10, 32)), TensorSpec("classifier.bias", (10,)))
-    return hand_made_bundle(root, CONTENTS, block_names=BLOCKS, plan=DevicePlan(cut=5, train_from=4), trainable=trainable)
+    return hand_made_bundle(
+        root, CONTENTS, block_names=BLOCKS, plan=DevicePlan(cut=5, train_from=4), trainable=trainable
+    )
 
 
 @pytest.fixture
@@ -64,7 +66,10 @@ def test_load_gives_the_manifest_and_the_files_by_role(tmp_path):
     assert bundle.path("ort.checkpoint") == root / "ort" / "checkpoint"
     assert bundle.path("ort.checkpoint").read_bytes() == CONTENTS["ort.checkpoint"][1]
     assert bundle.has("weights") and not bundle.has("executorch.train")
-    assert bundle.manifest.engines == ("ort", "numpy")  # numpy: it trains one linear layer, which needs no files of its own
+    assert bundle.manifest.engines == (
+        "ort",
+        "numpy",
+    )  # numpy: it trains one linear layer, which needs no files of its own
     assert not bundle.manifest.is_splitfed
     assert bundle.bundle_hash == hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
 
@@ -131,7 +136,10 @@ def test_an_altered_file_of_the_same_size_is_named(bundle_dir):
     ("weights", "message"),
     [
         ({"classifier.weight": np.zeros((10, 32), np.float32)}, "missing ['classifier.bias']"),
-        ({"classifier.weight": np.zeros((10, 31), np.float32), "classifier.bias": np.zeros(10, np.float32)}, "has shape (10, 31)"),
+        (
+            {"classifier.weight": np.zeros((10, 31), np.float32), "classifier.bias": np.zeros(10, np.float32)},
+            "has shape (10, 31)",
+        ),
     ],
 )
 def test_initial_weights_that_do_not_fit_the_manifest_are_refused(bundle_dir, weights, message):

@@ -15,7 +15,10 @@ def _state():
     return {
         "phase": "training",
         "position": {"epoch": 1, "batch": 7, "loss_sum": 12.5, "done": None},
-        "weights": {"classifier.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "classifier.bias": np.zeros(3, np.float32)},
+        "weights": {
+            "classifier.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
+            "classifier.bias": np.zeros(3, np.float32),
+        },
         "optimizer": {"momentum": [np.ones(2, np.float64), np.full(1, -1, np.int64)]},
         "payload": b"\x00\x01update bytes",
         "metrics": {"eval_accuracy": np.float64(0.75)},

@@ -10,9 +10,22 @@ from device_runtime.client import Assignment, PushResult, RetryPolicy, SyncClien
 from device_runtime.errors import ProtocolError
 from device_runtime.manifest import DevicePlan
 
-TASK = {"status": "task", "round": 3, "base_version": 2, "lr": 0.01, "local_epochs": 1, "batch_size": 32,
-        "encoding": "int8", "seed": 7, "momentum": 0.9, "stage": "head", "stage_index": 0, "trainable_blocks": 1,
-        "deadline": 123.0, "new_field_from_a_newer_server": 1}
+TASK = {
+    "status": "task",
+    "round": 3,
+    "base_version": 2,
+    "lr": 0.01,
+    "local_epochs": 1,
+    "batch_size": 32,
+    "encoding": "int8",
+    "seed": 7,
+    "momentum": 0.9,
+    "stage": "head",
+    "stage_index": 0,
+    "trainable_blocks": 1,
+    "deadline": 123.0,
+    "new_field_from_a_newer_server": 1,
+}
 
 
 def scripted(*steps):
@@ -30,8 +43,13 @@ def scripted(*steps):
 
 
 def client(transport, sleeps=None, attempts=5):
-    return SyncClient("http://edge", "cred", retry=RetryPolicy(attempts=attempts, base_s=1.0, cap_s=8.0),
-                      transport=transport, sleep=(sleeps.append if sleeps is not None else lambda s: None))
+    return SyncClient(
+        "http://edge",
+        "cred",
+        retry=RetryPolicy(attempts=attempts, base_s=1.0, cap_s=8.0),
+        transport=transport,
+        sleep=(sleeps.append if sleeps is not None else lambda s: None),
+    )
 
 
 def test_push_retries_connection_errors_timeouts_and_5xx_then_returns_the_answer():
@@ -95,8 +113,14 @@ def test_no_definite_answer_after_every_attempt_raises():
     assert len(seen) == 3
 
 
-@pytest.mark.parametrize("response", [httpx.Response(200, text="<html>"), httpx.Response(200, json={"status": "maybe"}),
-                                      httpx.Response(404, json={"status": "not_found", "reason": "?"})])
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(200, text="<html>"),
+        httpx.Response(200, json={"status": "maybe"}),
+        httpx.Response(404, json={"status": "not_found", "reason": "?"}),
+    ],
+)
 def test_answers_outside_the_protocol_raise(response):
     transport, _ = scripted(response)
     with pytest.raises(ProtocolError):
@@ -108,8 +132,10 @@ def test_task_answers_are_parsed_into_an_assignment_and_task_fields():
     assignment = client(transport).task()
     assert assignment.stage == "head" and assignment.deadline == 123.0
     plan = DevicePlan(cut=5, train_from=4, encoding="fp16", local_epochs=2, batch_size=16)
-    assert assignment.task_fields(plan) == {k: TASK[k] for k in
-                                            ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")}
+    assert assignment.task_fields(plan) == {
+        k: TASK[k]
+        for k in ("round", "base_version", "lr", "local_epochs", "batch_size", "encoding", "seed", "momentum")
+    }
 
 
 def test_what_a_task_leaves_out_comes_from_the_phones_plan():
@@ -154,6 +180,8 @@ def test_enrol_keeps_the_credential_and_sends_the_enrolment_token():
     c = SyncClient("http://edge", transport=httpx.MockTransport(handler))
     assert c.enrol("one-time", "p1") == "new-cred" and c.token == "new-cred"
     assert seen[0].headers["Authorization"] == "Bearer one-time" and json.loads(seen[0].content) == {"device_id": "p1"}
-    refused = SyncClient("http://edge", transport=httpx.MockTransport(lambda r: httpx.Response(401, json={"reason": "used"})))
+    refused = SyncClient(
+        "http://edge", transport=httpx.MockTransport(lambda r: httpx.Response(401, json={"reason": "used"}))
+    )
     with pytest.raises(ProtocolError, match="refused"):
         refused.enrol("one-time", "p1")

@@ -51,7 +51,9 @@ def reseal(data: bytes) -> bytes:
 
 def container(records: list[tuple[str, int, tuple[int, ...], bytes]], header: bytes | None = None) -> bytes:
     """A container built by hand from the layout in the codec's docstring."""
-    header = header if header is not None else json.dumps(asdict(HEADER), sort_keys=True, separators=(",", ":")).encode()
+    header = (
+        header if header is not None else json.dumps(asdict(HEADER), sort_keys=True, separators=(",", ":")).encode()
+    )
     body = MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header + struct.pack("<I", len(records))
     for name, code, shape, payload in records:
         raw = name.encode()
@@ -193,7 +195,12 @@ def test_layout_matches_the_docstring_byte_for_byte():
         ]
     )
 
-    data = encode(HEADER, {"layer.weight": x, "h": small, "k": small}, {"layer.weight": "fp32", "h": "fp16", "k": "topk"}, topk_fraction=0.3)
+    data = encode(
+        HEADER,
+        {"layer.weight": x, "h": small, "k": small},
+        {"layer.weight": "fp32", "h": "fp16", "k": "topk"},
+        topk_fraction=0.3,
+    )
 
     assert data == by_hand
     decoded = decode(by_hand).tensors
@@ -206,7 +213,9 @@ def test_fp16_matches_numpy_astype_after_its_scale_subnormals_and_ties_too():
     rng = np.random.default_rng(11)
     bits = rng.integers(0, 2**32, 50_000, dtype=np.uint64).astype(np.uint32)
     wide = ((bits & 0x807FFFFF) | (rng.integers(60, 142, bits.size).astype(np.uint32) << 23)).view(np.float32)
-    ties = ((bits[:5000] & 0x807FE000) | 0x1000 | (rng.integers(100, 142, 5000).astype(np.uint32) << 23)).view(np.float32)
+    ties = ((bits[:5000] & 0x807FE000) | 0x1000 | (rng.integers(100, 142, 5000).astype(np.uint32) << 23)).view(
+        np.float32
+    )
     tensors = {
         "wide": wide,  # 2**-67 .. 2**15: many halves subnormal or 0 after the scale
         "ties": ties,  # exactly halfway between two halves: to even
@@ -229,7 +238,11 @@ def test_topk_of_large_tensors_is_exact(fraction):
     rng = np.random.default_rng(12)
     spiky = np.ones(64_000, np.float32)
     spiky[::67] = 10.0
-    tensors = {"normal": rng.standard_normal((300, 128)).astype(np.float32), "spiky": spiky, "ties": np.full(20_000, 0.5, np.float32)}
+    tensors = {
+        "normal": rng.standard_normal((300, 128)).astype(np.float32),
+        "spiky": spiky,
+        "ties": np.full(20_000, 0.5, np.float32),
+    }
 
     update = decode(encode(HEADER, tensors, "topk", topk_fraction=fraction))
 
@@ -290,8 +303,12 @@ def test_stochastic_rounding_is_unbiased(encoding):
 
 def test_rounding_draws_from_the_given_generator():
     x = {"x": np.linspace(-1, 1, 300, dtype=np.float32)}
-    assert encode(HEADER, x, "int4", rng=np.random.default_rng(5)) == encode(HEADER, x, "int4", rng=np.random.default_rng(5))
-    assert encode(HEADER, x, "int4", rng=np.random.default_rng(5)) != encode(HEADER, x, "int4", rng=np.random.default_rng(6))
+    assert encode(HEADER, x, "int4", rng=np.random.default_rng(5)) == encode(
+        HEADER, x, "int4", rng=np.random.default_rng(5)
+    )
+    assert encode(HEADER, x, "int4", rng=np.random.default_rng(5)) != encode(
+        HEADER, x, "int4", rng=np.random.default_rng(6)
+    )
 
 
 # --- encoder refusals -------------------------------------------------------------------
@@ -342,12 +359,20 @@ def test_kernels_refuse_buffers_that_do_not_fit_the_records():
     out = np.empty(16, np.float32)
     assert _kernels.unpack(data, [(2, offset, 24, 16, 4)], out) == (0, -1)
     np.testing.assert_allclose(out, 1.0, rtol=2**-7)
-    for record, values in [((2, offset, 24, 16, 3), out), ((2, len(data) - 8, 24, 16, 4), out), ((2, offset, 24, 16, 4), out[:8])]:
+    for record, values in [
+        ((2, offset, 24, 16, 3), out),
+        ((2, len(data) - 8, 24, 16, 4), out),
+        ((2, offset, 24, 16, 4), out[:8]),
+    ]:
         with pytest.raises(ValueError):
             _kernels.unpack(data, [record], values)
     packed = _kernels.pack(b"", [(b"x", 2, np.ones(2, np.float32), 0)], 0.01, zlib.crc32)
     assert len(packed) == (2 + 1) + (1 + 1 + 4) + 4 + (2 + 2) + 4  # name, code and shape, length, payload, CRC
-    for tensor in [(b"x", 9, np.ones(2, np.float32), 0), (b"x", 2, np.ones(2), 0), (b"x", 2, np.ones((1,) * 9, np.float32), 0)]:
+    for tensor in [
+        (b"x", 9, np.ones(2, np.float32), 0),
+        (b"x", 2, np.ones(2), 0),
+        (b"x", 2, np.ones((1,) * 9, np.float32), 0),
+    ]:
         with pytest.raises(ValueError, match="tensor 0"):  # unknown encoding, float64, 9 dimensions
             _kernels.pack(b"", [tensor], 0.01, zlib.crc32)
     with pytest.raises((ValueError, BufferError)):  # not contiguous
@@ -605,7 +630,9 @@ BITS = {"sign1": 1, "int4": 4, "int8": 8, "fp16": 16, "fp32": 32}
 )
 def test_layered_encodings_respect_the_budget(stds, sizes, avg_bits):
     rng = np.random.default_rng(0)
-    tensors = {f"t{i}": (std * rng.standard_normal(size)).astype(np.float32) for i, (std, size) in enumerate(zip(stds, sizes))}
+    tensors = {
+        f"t{i}": (std * rng.standard_normal(size)).astype(np.float32) for i, (std, size) in enumerate(zip(stds, sizes))
+    }
 
     chosen = layered_encodings(tensors, avg_bits)
 
@@ -617,7 +644,11 @@ def test_layered_encodings_respect_the_budget(stds, sizes, avg_bits):
 
 def test_layered_encodings_put_bits_where_variance_is():
     rng = np.random.default_rng(0)
-    tensors = {"quiet": 0.01 * rng.standard_normal(1000), "loud": rng.standard_normal(1000), "mid": 0.1 * rng.standard_normal(1000)}
+    tensors = {
+        "quiet": 0.01 * rng.standard_normal(1000),
+        "loud": rng.standard_normal(1000),
+        "mid": 0.1 * rng.standard_normal(1000),
+    }
 
     chosen = layered_encodings(tensors, 5)
 

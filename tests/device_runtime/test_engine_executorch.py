@@ -81,7 +81,10 @@ def test_forward_and_gradients_match_eager(small_cnn, cnn_engine):
 
 def test_set_weights_changes_what_the_program_computes(cnn_engine):
     h = np.ones((2, 32), np.float32)
-    weights = {"classifier.weight": np.full((10, 32), 0.5, np.float32), "classifier.bias": np.arange(10, dtype=np.float32)}
+    weights = {
+        "classifier.weight": np.full((10, 32), 0.5, np.float32),
+        "classifier.bias": np.arange(10, dtype=np.float32),
+    }
     cnn_engine.set_weights(weights)
     np.testing.assert_allclose(cnn_engine.forward(h), np.tile(16.0 + np.arange(10), (2, 1)), rtol=1e-6)
     got = cnn_engine.get_weights()
@@ -131,7 +134,9 @@ def test_mobilenet_head_trains_like_eager_with_shared_sgd(tmp_path):
 
 
 def test_no_frozen_file_means_identity_features(cnn_bundle, tmp_path):
-    engine = ExecuTorchEngine(edited_copy(cnn_bundle.root, tmp_path / "b", edit=lambda d: d["files"].pop("executorch.frozen")))
+    engine = ExecuTorchEngine(
+        edited_copy(cnn_bundle.root, tmp_path / "b", edit=lambda d: d["files"].pop("executorch.frozen"))
+    )
     h = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
     np.testing.assert_array_equal(engine.features(h), h)
 

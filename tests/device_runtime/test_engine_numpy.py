@@ -36,7 +36,9 @@ def test_gradients_and_outputs_equal_onnx_runtime_training(head, small_cnn_bundl
 
     # Execute
     loss_np, grads_np = numpy_engine.gradients(h, labels)
-    loss_ort, grads_ort = ort.gradients(ort.features(prepare(fashion_train.images[:32], head.manifest.input_spec)), labels)
+    loss_ort, grads_ort = ort.gradients(
+        ort.features(prepare(fashion_train.images[:32], head.manifest.input_spec)), labels
+    )
 
     # Assert
     np.testing.assert_allclose(numpy_engine.forward(h), ort.forward(h), rtol=1e-5, atol=1e-6)
@@ -58,7 +60,9 @@ def test_a_round_on_numpy_ends_where_the_same_round_on_ort_ends(head, small_cnn_
     assert ends["numpy"][0] == pytest.approx(ends["ort"][0], rel=1e-5)
     for tensor in base:
         # 2 epochs of SGD with momentum amplify float32 rounding a little: well under the step's size
-        np.testing.assert_allclose(ends["numpy"][1][tensor], ends["ort"][1][tensor], rtol=1e-4, atol=1e-6)  # the round's deltas
+        np.testing.assert_allclose(
+            ends["numpy"][1][tensor], ends["ort"][1][tensor], rtol=1e-4, atol=1e-6
+        )  # the round's deltas
 
 
 def test_it_trains_where_onnx_runtime_has_no_training_api(head, fashion_train, tmp_path):

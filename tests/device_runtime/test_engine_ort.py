@@ -48,7 +48,9 @@ def bundles(tmp_path_factory, mobilenet, small_cnn):
 
 def batch(model: SplittableModel, seed: int = 0) -> tuple[np.ndarray, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(BATCH, *model.input_shape, generator=g).numpy(), torch.randint(0, model.num_classes, (BATCH,), generator=g)
+    return torch.randn(BATCH, *model.input_shape, generator=g).numpy(), torch.randint(
+        0, model.num_classes, (BATCH,), generator=g
+    )
 
 
 def ten_steps(engine: OrtEngine, part, h: np.ndarray, labels: torch.Tensor, edge=None):
@@ -142,7 +144,9 @@ def test_forward_uses_the_current_weights(bundles, small_cnn):
     x, _ = batch(small_cnn)
     h = engine.features(x)
     with torch.no_grad():
-        np.testing.assert_allclose(engine.forward(h), small_cnn.part(1, 5)(torch.from_numpy(h)).numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            engine.forward(h), small_cnn.part(1, 5)(torch.from_numpy(h)).numpy(), rtol=1e-5, atol=1e-5
+        )
     weights = engine.get_weights()
 
     engine.set_weights({**weights, "classifier.weight": 0 * weights["classifier.weight"]})
@@ -213,7 +217,9 @@ def test_inputs_of_the_wrong_shape_are_refused(bundles):
 
 
 def test_a_training_model_ort_cannot_read_is_refused(tmp_path, bundles):
-    broken = edited_copy(bundles("small_cnn", 1, 5).root, tmp_path / "b", files={"ort.training_model": b"not an onnx model"})
+    broken = edited_copy(
+        bundles("small_cnn", 1, 5).root, tmp_path / "b", files={"ort.training_model": b"not an onnx model"}
+    )
 
     with pytest.raises(EngineError, match="(?s)ONNX Runtime cannot load bundle.*re-export"):
         OrtEngine(broken)

@@ -28,7 +28,14 @@ def build(tmp_path: Path, variant: str, dispatch: str):
     library = tmp_path / variant / "_kernels.so"
     library.parent.mkdir()
     compiler = sysconfig.get_config_var("CC").split()
-    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}"]
+    flags = [
+        "-O3",
+        "-ffp-contract=off",
+        "-fno-trapping-math",
+        "-shared",
+        "-fPIC",
+        f"-I{sysconfig.get_paths()['include']}",
+    ]
     subprocess.run([*compiler, *flags, str(source), "-o", str(library)], check=True, capture_output=True)
     spec = importlib.util.spec_from_file_location("_kernels", library)
     module = importlib.util.module_from_spec(spec)
@@ -60,7 +67,9 @@ def tensors() -> dict[str, np.ndarray]:
 def test_baseline_and_avx2_builds_agree_byte_for_byte(builds, encoding, monkeypatch):
     baseline, avx2 = builds
     x = tensors()
-    jobs = [(name.encode(), codec.ENCODINGS.index(encoding), np.asarray(t), 11 + i) for i, (name, t) in enumerate(x.items())]
+    jobs = [
+        (name.encode(), codec.ENCODINGS.index(encoding), np.asarray(t), 11 + i) for i, (name, t) in enumerate(x.items())
+    ]
 
     packed = [m.pack(b"", jobs, 0.01, zlib.crc32) for m in builds]
     data = codec.encode(HEADER, x, encoding, rng=np.random.default_rng(0))

@@ -35,8 +35,17 @@ WEIGHTS = {"classifier.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "c
 
 def records() -> dict[str, RoundRecord]:
     residuals = {"classifier.bias": np.full(2, 0.25, np.float32)}
-    training = RoundRecord(KEY, "training", WEIGHTS, {"classifier.bias": np.zeros(2, np.float32)}, Position(1, 2, 7, 9.5, 28, 0.5), residuals)
-    trained = RoundRecord(KEY, "trained", WEIGHTS, {}, Position(2, 0, 10, 12.0, 40, 1.5), residuals, Metrics(40, 0.3, 0.2, 0.4, 0.75))
+    training = RoundRecord(
+        KEY,
+        "training",
+        WEIGHTS,
+        {"classifier.bias": np.zeros(2, np.float32)},
+        Position(1, 2, 7, 9.5, 28, 0.5),
+        residuals,
+    )
+    trained = RoundRecord(
+        KEY, "trained", WEIGHTS, {}, Position(2, 0, 10, 12.0, 40, 1.5), residuals, Metrics(40, 0.3, 0.2, 0.4, 0.75)
+    )
     encoded = RoundRecord(
         KEY, "encoded", WEIGHTS, {}, Position(2, 0, 10, 12.0, 40, 1.5, activation_bytes=99, restarts=1), residuals,
         Metrics(40, 0.3, 0.2), EncodedUpdate(TASK.round, b"\x00update", "p:3:0123"), feedback_before={},
@@ -114,7 +123,10 @@ def _saved(**change) -> dict:
         (_saved(position={"step": "7"}), "position.step is '7', not int"),
         (_saved(position={"step": True}), "position.step is True"),
         (_saved(metrics={"num_samples": 40}), "metrics: .*missing"),
-        (_saved(metrics={"num_samples": 40, "train_loss": 0.3, "feature_seconds": 0.2, "accuracy": 1.0}), "unknown fields accuracy"),
+        (
+            _saved(metrics={"num_samples": 40, "train_loss": 0.3, "feature_seconds": 0.2, "accuracy": 1.0}),
+            "unknown fields accuracy",
+        ),
         (_saved(payload=None), "lacks its payload"),
         (_saved(weights={"w": [1.0, 2.0]}), "weights holds values that are not arrays"),
         (_saved(momentum={}), "unknown fields momentum"),
@@ -123,7 +135,9 @@ def _saved(**change) -> dict:
 def test_a_record_that_does_not_fit_is_refused_saying_what_and_what_to_do(tmp_path, state, says):
     save_checkpoint(tmp_path / CHECKPOINT, state)
 
-    with pytest.raises(CheckpointError, match=f"{CHECKPOINT} holds no round record of this runtime \\(.*{says}") as refused:
+    with pytest.raises(
+        CheckpointError, match=f"{CHECKPOINT} holds no round record of this runtime \\(.*{says}"
+    ) as refused:
         RoundCheckpoint(tmp_path / CHECKPOINT)
     assert "delete it to start the round over" in str(refused.value)
 
@@ -227,7 +241,9 @@ def test_a_trained_round_is_resumed_encoded_once_and_its_residuals_restored(head
     for name in base:
         np.testing.assert_array_equal(resumed[name], weights[name])
         np.testing.assert_array_equal(fresh[name], base[name])
-    assert again.encode(TASK, 40, {name: w * 0 for name, w in weights.items()}) == encoded  # the same bytes, not a new encoding
+    assert (
+        again.encode(TASK, 40, {name: w * 0 for name, w in weights.items()}) == encoded
+    )  # the same bytes, not a new encoding
     assert encoded.idempotency_key.startswith("p:3:")
     assert any(np.any(r) for r in residuals.values())  # int8 leaves residuals
     for name, r in residuals.items():

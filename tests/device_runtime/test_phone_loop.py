@@ -93,7 +93,9 @@ def test_main_with_json_prints_every_event_as_logged(server, small_cnn_bundle, f
     assert printed == logged and printed[-1]["event"] == "done"
 
 
-def test_a_bundle_the_run_does_not_fit_fails_with_the_reason_after_backing_off(server, small_cnn_bundle, fashion_train, tmp_path):
+def test_a_bundle_the_run_does_not_fit_fails_with_the_reason_after_backing_off(
+    server, small_cnn_bundle, fashion_train, tmp_path
+):
     # Prepare: the run's version 0 holds the classifier only; the phone's bundle trains two blocks
     from device_runtime.client import RetryPolicy
     from device_runtime.errors import ProtocolError

@@ -67,7 +67,10 @@ class InProcessEdge:
         header = UpdateHeader("edge", message.header.round, message.header.base_version, len(labels), kind="gradient")
         rng = np.random.default_rng([message.header.round, batch])  # as the edge's: same batch, same bytes
         reply = encode(
-            header, {self.name: grad, "loss": np.float32(loss)}, {self.name: message.encodings[self.name], "loss": "fp32"}, rng=rng
+            header,
+            {self.name: grad, "loss": np.float32(loss)},
+            {self.name: message.encodings[self.name], "loss": "fp32"},
+            rng=rng,
         )
         self.batches.append(batch)
         self.messages.append((payload, message))
@@ -115,7 +118,12 @@ def test_messages_are_int8_activations_named_after_the_cut_with_labels_and_batch
 
     assert edge.batches == [0, 1, 2] and result.steps == 3
     for _, m in edge.messages:
-        assert (m.header.device_id, m.header.round, m.header.base_version, m.header.kind) == ("phone-7", 4, 3, "activation")
+        assert (m.header.device_id, m.header.round, m.header.base_version, m.header.kind) == (
+            "phone-7",
+            4,
+            3,
+            "activation",
+        )
         assert m.encodings == {"features.1": "int8", "labels": "fp32"}
         assert m.tensors["features.1"].shape == (m.header.num_samples, 16, 8, 8)
     labels = np.concatenate([m.tensors["labels"] for _, m in edge.messages])
@@ -142,7 +150,9 @@ def test_the_update_holds_the_phones_tensors_and_is_the_same_bytes_when_asked_ag
     assert set(update.tensors) == {t.name for t in bundle.manifest.trainable}
 
 
-def test_wrong_bundles_encodings_and_weights_are_refused(tmp_path, model, bundle, small_cnn_bundle, global_weights, fashion_train):
+def test_wrong_bundles_encodings_and_weights_are_refused(
+    tmp_path, model, bundle, small_cnn_bundle, global_weights, fashion_train
+):
     shard = make_shard(tmp_path, fashion_train, 8)
     edge = InProcessEdge(model, global_weights, 0.05)
     with pytest.raises(BundleError, match="LocalTrainer"):
@@ -160,13 +170,19 @@ def test_wrong_bundles_encodings_and_weights_are_refused(tmp_path, model, bundle
     [
         (lambda batch, payload: b"garbage", "not the gradient of this batch"),
         (lambda batch, payload: payload, "not the gradient of this batch"),  # the activation echoed back
-        (lambda batch, payload: encode(
-            UpdateHeader("edge", 1, 0, 8, kind="delta"),
-            {"features.1": decode(payload).tensors["features.1"], "loss": np.float32(1.0)}, "fp32",
-        ), "'delta' message"),
+        (
+            lambda batch, payload: encode(
+                UpdateHeader("edge", 1, 0, 8, kind="delta"),
+                {"features.1": decode(payload).tensors["features.1"], "loss": np.float32(1.0)},
+                "fp32",
+            ),
+            "'delta' message",
+        ),
     ],
 )
-def test_an_answer_that_is_not_this_batchs_gradient_raises(tmp_path, bundle, global_weights, fashion_train, answer, reason):
+def test_an_answer_that_is_not_this_batchs_gradient_raises(
+    tmp_path, bundle, global_weights, fashion_train, answer, reason
+):
     trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 8), answer, workdir=tmp_path)
     with pytest.raises(ProtocolError, match=reason):
         trainer.run_round(TASK, global_weights)
@@ -174,12 +190,16 @@ def test_an_answer_that_is_not_this_batchs_gradient_raises(tmp_path, bundle, glo
 
 def test_edge_exchange_puts_the_batch_retries_a_busy_edge_and_raises_on_a_refusal():
     seen, sleeps = [], []
-    answers = iter([
-        httpx.Response(503, headers={"Retry-After": "2"}, json={"status": "busy", "reason": "at capacity"}),
-        httpx.Response(200, content=b"gradient"),
-        httpx.Response(409, json={"status": "conflict", "reason": "round 3 is closed; pull a new task"}),
-        httpx.Response(409, headers={"X-Fedkit-Batch": "restart"}, json={"status": "stale", "reason": "send batch 0"}),
-    ])
+    answers = iter(
+        [
+            httpx.Response(503, headers={"Retry-After": "2"}, json={"status": "busy", "reason": "at capacity"}),
+            httpx.Response(200, content=b"gradient"),
+            httpx.Response(409, json={"status": "conflict", "reason": "round 3 is closed; pull a new task"}),
+            httpx.Response(
+                409, headers={"X-Fedkit-Batch": "restart"}, json={"status": "stale", "reason": "send batch 0"}
+            ),
+        ]
+    )
 
     def handler(request):
         seen.append(request)
@@ -196,14 +216,18 @@ def test_edge_exchange_puts_the_batch_retries_a_busy_edge_and_raises_on_a_refusa
         exchange(7, b"activation")
     assert not isinstance(closed.value, RestartRound)  # only the marked answer restarts the round
     assert [(r.method, r.url.path) for r in seen] == [("PUT", "/v1/splitfed/batches/5")] * 2 + [
-        ("PUT", "/v1/splitfed/batches/6"), ("PUT", "/v1/splitfed/batches/7")]
+        ("PUT", "/v1/splitfed/batches/6"),
+        ("PUT", "/v1/splitfed/batches/7"),
+    ]
     assert seen[0].content == b"activation" and seen[0].headers["Authorization"] == "Bearer cred"
     assert sleeps == [2.0]  # Retry-After honoured
 
 
 # -- crashes -------------------------------------------------------------------------------
 
-KILL_TASK = Task(round=1, base_version=0, lr=0.05, local_epochs=2, batch_size=16, encoding="int8", seed=3)  # 2 x 5 batches
+KILL_TASK = Task(
+    round=1, base_version=0, lr=0.05, local_epochs=2, batch_size=16, encoding="int8", seed=3
+)  # 2 x 5 batches
 
 
 class ForgetfulEdge:
@@ -256,7 +280,9 @@ def test_an_edge_that_lost_the_round_restarts_it_from_the_base_to_the_same_updat
     assert trainer.encode_update(KILL_TASK, result).payload == reference.encode_update(KILL_TASK, expected).payload
 
 
-def test_an_edge_that_keeps_losing_the_round_raises_a_protocol_error(tmp_path, model, bundle, global_weights, fashion_train):
+def test_an_edge_that_keeps_losing_the_round_raises_a_protocol_error(
+    tmp_path, model, bundle, global_weights, fashion_train
+):
     edge = ForgetfulEdge(model, global_weights, lose_at=(1, 1, 1, 1))
     trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 80), edge, workdir=tmp_path)
 
@@ -269,7 +295,9 @@ class Stop(Exception):
     """Stands for the process being killed."""
 
 
-def test_a_stopped_trainer_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, model, bundle, global_weights, fashion_train):
+def test_a_stopped_trainer_resumes_from_its_checkpoint_to_the_same_weights(
+    tmp_path, model, bundle, global_weights, fashion_train
+):
     # Prepare: the reference round; then a phone stopped as it sends batch 6 (the edge never sees it)
     shard = make_shard(tmp_path, fashion_train, 80)
     calm = ForgetfulEdge(model, global_weights)
@@ -313,4 +341,3 @@ def test_a_push_answered_restart_trains_the_round_again_with_the_same_residuals(
     assert edge.batches == [*range(10), *range(10)]
     assert all(not np.any(r) for r in residuals.values())
     assert again == first
-

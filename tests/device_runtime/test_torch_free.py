@@ -41,7 +41,10 @@ print(json.dumps({{"exit": code, "forbidden_loaded": loaded}}))
 def run_phone(argv: list[str]) -> dict:
     """One round in a torch-free child process; its stats (peak RSS included)."""
     run = subprocess.run(
-        [sys.executable, "-c", PHONE.format(forbidden=FORBIDDEN, argv=argv)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", PHONE.format(forbidden=FORBIDDEN, argv=argv)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     stats_line, report_line = run.stdout.strip().splitlines()[-2:]
@@ -59,11 +62,19 @@ def test_the_blocker_really_blocks():
 
 def test_a_whole_round_runs_without_torch(tmp_path, fashion_train):
     bundle = tmp_path / "bundle"
-    export_bundle(load_model("small_cnn"), DevicePlan(cut=5, train_from=2, batch_size=16), bundle, ("ort",), label_names=LABEL_NAMES)
+    export_bundle(
+        load_model("small_cnn"),
+        DevicePlan(cut=5, train_from=2, batch_size=16),
+        bundle,
+        ("ort",),
+        label_names=LABEL_NAMES,
+    )
     shard = write_shard(tmp_path / "shard.npz", fashion_train.images[:300], fashion_train.labels[:300])
     out = tmp_path / "update.bin"
 
-    stats = run_phone(["train", "--bundle", str(bundle), "--shard", str(shard), "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    stats = run_phone(
+        ["train", "--bundle", str(bundle), "--shard", str(shard), "--workdir", str(tmp_path / "w"), "--out", str(out)]
+    )
 
     assert stats["engine"] == "ort" and stats["num_samples"] == 270 and stats["steps"] == 17
     assert out.stat().st_size == stats["update_bytes"] > 0
@@ -79,7 +90,9 @@ def test_mobilenet_v2_head_round_fits_in_150_mb(tmp_path, fashion_train):
     del model
     shard = write_shard(tmp_path / "shard.npz", fashion_train.images[:3000], fashion_train.labels[:3000])
 
-    stats = run_phone(["train", "--bundle", str(bundle), "--shard", str(shard), "--workdir", str(tmp_path / "w"), "--holdout", "0"])
+    stats = run_phone(
+        ["train", "--bundle", str(bundle), "--shard", str(shard), "--workdir", str(tmp_path / "w"), "--holdout", "0"]
+    )
 
     print(json.dumps(stats))
     assert stats["num_samples"] == 3000 and stats["steps"] == 94
@@ -102,7 +115,11 @@ def _imports(tree: ast.AST, in_function: bool = False):
             yield node.module, in_function
             yield from ((f"{node.module}.{alias.name}", in_function) for alias in node.names)
         elif isinstance(node, ast.Call) and _called(node) in ("import_module", "__import__"):
-            yield from ((a.value, in_function) for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str))
+            yield from (
+                (a.value, in_function)
+                for a in node.args[:1]
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            )
         yield from _imports(node, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
 

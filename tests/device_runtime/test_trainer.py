@@ -31,13 +31,17 @@ TASK = Task(round=0, base_version=0, lr=0.05, local_epochs=1, batch_size=16, enc
 def bundle(tmp_path_factory):
     # small_cnn with its last conv block, pool and head training, the first two blocks frozen
     out = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle(load_model("small_cnn"), DevicePlan(cut=5, train_from=2, batch_size=16), out, ("ort",), label_names=LABEL_NAMES)
+    export_bundle(
+        load_model("small_cnn"), DevicePlan(cut=5, train_from=2, batch_size=16), out, ("ort",), label_names=LABEL_NAMES
+    )
     return Bundle.load(out)
 
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory, fashion_train):
-    return write_shard(tmp_path_factory.mktemp("shard") / "shard.npz", fashion_train.images[:240], fashion_train.labels[:240])
+    return write_shard(
+        tmp_path_factory.mktemp("shard") / "shard.npz", fashion_train.images[:240], fashion_train.labels[:240]
+    )
 
 
 def base_weights(bundle):
@@ -58,9 +62,11 @@ class CountingEngine:
     def __getattr__(self, name):
         attr = getattr(self.engine, name)
         if name in self.calls:
+
             def counted(*args):
                 self.calls[name] += 1
                 return attr(*args)
+
             return counted
         return attr
 
@@ -325,7 +331,9 @@ def test_impossible_tasks_are_refused(change, message):
 
 def test_splitfed_bundles_are_refused(tmp_path, shard):
     out = tmp_path / "splitfed"
-    export_bundle(load_model("small_cnn"), DevicePlan(cut=3, train_from=2, batch_size=16), out, ("ort",), label_names=LABEL_NAMES)
+    export_bundle(
+        load_model("small_cnn"), DevicePlan(cut=3, train_from=2, batch_size=16), out, ("ort",), label_names=LABEL_NAMES
+    )
 
     with pytest.raises(BundleError, match="SplitFed"):
         trainer(Bundle.load(out), shard, tmp_path / "work")
@@ -333,8 +341,18 @@ def test_splitfed_bundles_are_refused(tmp_path, shard):
 
 def test_cli_fails_with_one_line(bundle, tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "device_runtime", "train", "--bundle", str(bundle.root),
-         "--shard", str(tmp_path / "none.npz"), "--workdir", str(tmp_path)],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "device_runtime",
+            "train",
+            "--bundle",
+            str(bundle.root),
+            "--shard",
+            str(tmp_path / "none.npz"),
+            "--workdir",
+            str(tmp_path),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
     )

@@ -54,7 +54,10 @@ def test_head_only_bundle_for_both_engines_holds_every_role_and_a_complete_manif
     manifest = bundle.manifest
     head = model.part(4, 5)
 
-    assert set(manifest.files) == {"frozen.onnx", "trainable.onnx", "weights", "executorch.frozen", "executorch.train"} | ORT_ROLES
+    assert (
+        set(manifest.files)
+        == {"frozen.onnx", "trainable.onnx", "weights", "executorch.frozen", "executorch.train"} | ORT_ROLES
+    )
     assert manifest.engines == ("ort", "executorch", "numpy")  # numpy trains a linear head from these files
     assert manifest.model_id == "small_cnn" and manifest.model_hash == model.content_hash()
     assert manifest.plan == DevicePlan(cut=5, train_from=4)
@@ -92,7 +95,9 @@ def test_round_trip_export_load_one_step_changes_the_weights(small_cnn_bundle, m
     labels = rng.integers(0, 10, size=8)
 
     h = engine.features(x)
-    np.testing.assert_allclose(engine.forward(h), model.forward(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        engine.forward(h), model.forward(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5
+    )
     before = engine.get_weights()
     loss, grads = engine.gradients(h, labels)
     engine.set_weights(SGD(lr=0.1).step(before, grads))
@@ -132,7 +137,9 @@ def test_frozen_blocks_others_train_are_a_fed_part_that_runs_with_the_global_val
     train_from = model.train_from(len(model.block_names), 1)
     x = torch.randn(5, *model.input_shape, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
-    global_model = {n: (p + 0.1 * torch.randn(p.shape, generator=g)).detach().numpy() for n, p in model.root.named_parameters()}
+    global_model = {
+        n: (p + 0.1 * torch.randn(p.shape, generator=g)).detach().numpy() for n, p in model.root.named_parameters()
+    }
 
     # Execute
     frozen = phone.features(x.numpy())
@@ -223,13 +230,21 @@ def test_other_weights_give_another_model_hash_and_weights_file(tmp_path, model)
 
 def test_executorch_refuses_a_trainable_conv_naming_it_and_suggesting_ort(tmp_path, model):
     with pytest.raises(ExportError, match=r"features\.2\.0 \(Conv2d\).*--engine ort"):
-        export_bundle(model, plan_for(model, train_blocks=2, engine="executorch"), tmp_path / "b", ("executorch",), label_names=LABEL_NAMES)
+        export_bundle(
+            model,
+            plan_for(model, train_blocks=2, engine="executorch"),
+            tmp_path / "b",
+            ("executorch",),
+            label_names=LABEL_NAMES,
+        )
     assert leftovers(tmp_path) == []
 
 
 def test_executorch_refuses_splitfed(tmp_path, model):
     with pytest.raises(ExportError, match=r"SplitFed.*--engine ort"):
-        export_bundle(model, plan_for(model, cut=4, engine="executorch"), tmp_path / "b", ("executorch",), label_names=LABEL_NAMES)
+        export_bundle(
+            model, plan_for(model, cut=4, engine="executorch"), tmp_path / "b", ("executorch",), label_names=LABEL_NAMES
+        )
     assert leftovers(tmp_path) == []
 
 
@@ -244,11 +259,18 @@ def test_executorch_refuses_splitfed(tmp_path, model):
         (DevicePlan(cut=5, train_from=4, encoding="layered:x"), ("ort",), LABEL_NAMES, "layered:BITS"),
         (DevicePlan(cut=5, train_from=4, encoding="layered:0.5"), ("ort",), LABEL_NAMES, "BITS >= 1"),
         (DevicePlan(cut=5, train_from=4, batch_size=0), ("ort",), LABEL_NAMES, "batch size is 0"),
-        (DevicePlan(cut=4, train_from=3), ("ort",), LABEL_NAMES, r"blocks \[3, 4\) of small_cnn on the phone, which hold no parameters"),
+        (
+            DevicePlan(cut=4, train_from=3),
+            ("ort",),
+            LABEL_NAMES,
+            r"blocks \[3, 4\) of small_cnn on the phone, which hold no parameters",
+        ),
         (DevicePlan(cut=5, train_from=5), ("ort",), LABEL_NAMES, "nothing would train there"),
     ],
 )
-def test_a_request_that_cannot_be_exported_is_refused_before_anything_is_written(tmp_path, model, plan, engines, labels, message):
+def test_a_request_that_cannot_be_exported_is_refused_before_anything_is_written(
+    tmp_path, model, plan, engines, labels, message
+):
     with pytest.raises(ExportError, match=message):
         export_bundle(model, plan, tmp_path / "b", engines, label_names=labels)
     assert leftovers(tmp_path) == []
@@ -292,20 +314,27 @@ runner = CliRunner()
 
 def test_cli_export_writes_a_bundle_and_summarises_it(tmp_path):
     out = tmp_path / "phone"
-    result = runner.invoke(app, ["export", "--model", "small_cnn", "--cut", "3", "--out", str(out), "--encoding", "int4"])
+    result = runner.invoke(
+        app, ["export", "--model", "small_cnn", "--cut", "3", "--out", str(out), "--encoding", "int4"]
+    )
 
     assert result.exit_code == 0, result.output
     manifest = Bundle.load(out).manifest
     assert manifest.plan == DevicePlan(cut=3, train_from=2, encoding="int4")
     for role, entry in manifest.files.items():
         assert role in result.stdout and entry.path in result.stdout
-    assert "trainable parameters" in result.stdout and f"{sum(np.prod(t.shape) for t in manifest.trainable):,}" in result.stdout
+    assert (
+        "trainable parameters" in result.stdout
+        and f"{sum(np.prod(t.shape) for t in manifest.trainable):,}" in result.stdout
+    )
     assert "2.0 KB per sample" in result.stdout  # features.2 gives 32 × 4 × 4 fp32 values
 
 
 def test_cli_executorch_refusal_is_one_line_and_exit_1(tmp_path):
     out = tmp_path / "phone"
-    result = runner.invoke(app, ["export", "--model", "small_cnn", "--train-blocks", "2", "--engine", "executorch", "--out", str(out)])
+    result = runner.invoke(
+        app, ["export", "--model", "small_cnn", "--train-blocks", "2", "--engine", "executorch", "--out", str(out)]
+    )
 
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()

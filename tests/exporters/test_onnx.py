@@ -116,7 +116,9 @@ def test_tensors_of_equal_value_keep_their_own_initializers(tmp_path):
     tensors = {name for name in module.state_dict() if not name.endswith("num_batches_tracked")}
 
     for for_training in (False, True):
-        model = onnx.load(str(export_onnx(module, torch.zeros(2, 3, 8, 8), tmp_path / "m.onnx", for_training=for_training)))
+        model = onnx.load(
+            str(export_onnx(module, torch.zeros(2, 3, 8, 8), tmp_path / "m.onnx", for_training=for_training))
+        )
 
         assert {init.name for init in model.graph.initializer} == tensors
         assert not any(node.op_type == "Identity" for node in model.graph.node)

@@ -22,7 +22,9 @@ def input_names(path) -> list[str]:
     return [i.name for i in onnx.load(str(path)).graph.input]
 
 
-@pytest.mark.parametrize("mode, user_inputs", [("classify", ["input", "labels"]), ("splitfed", ["input", GRAD_OUTPUT_NAME])])
+@pytest.mark.parametrize(
+    "mode, user_inputs", [("classify", ["input", "labels"]), ("splitfed", ["input", GRAD_OUTPUT_NAME])]
+)
 def test_writes_the_three_roles(tmp_path, small_cnn, mode, user_inputs):
     # Prepare: blocks 1..2 of small_cnn (conv + BatchNorm) train
     part, h = part_and_example(small_cnn, 1, 3 if mode == "splitfed" else 5)

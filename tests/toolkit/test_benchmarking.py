@@ -49,15 +49,27 @@ def record_problems(source: str, name: str) -> list[str]:
     """What keeps a benchmark script from reporting through the one writer."""
     tree = ast.parse(source)
     problems = []
-    if not any(isinstance(node, ast.ImportFrom) and node.module == "toolkit.benchmarking"
-               and "write_result" in {alias.name for alias in node.names} for node in ast.walk(tree)):
+    if not any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "toolkit.benchmarking"
+        and "write_result" in {alias.name for alias in node.names}
+        for node in ast.walk(tree)
+    ):
         problems.append("does not import write_result from toolkit.benchmarking")
-    calls = [node for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "write_result"]
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "write_result"
+    ]
     if [getattr(call.args[0], "value", None) if call.args else None for call in calls] != [name]:
         problems.append(f'does not call write_result("{name}", ...) once')
-    keys = {key.value for node in ast.walk(tree) if isinstance(node, ast.Dict)
-            for key in node.keys if isinstance(key, ast.Constant)}
+    keys = {
+        key.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Dict)
+        for key in node.keys
+        if isinstance(key, ast.Constant)
+    }
     if keys & RECORD_KEYS:
         problems.append(f"builds the record itself: {sorted(keys & RECORD_KEYS)}")
     return problems
@@ -80,8 +92,13 @@ write_result({"benchmark": "codec", "results": {}, "config": {"machine": machine
 
 
 def git(repo, *args: str) -> str:
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false",
-                           *args], cwd=repo, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return done.stdout.strip()
 
 

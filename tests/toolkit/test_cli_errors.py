@@ -32,13 +32,32 @@ def _edge(folder: Path) -> Path:
 def _pem_pair(folder: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl binary to make a certificate")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=fedkit",
-                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=fedkit",
+            "-keyout",
+            str(folder / "key.pem"),
+            "-out",
+            str(folder / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _run_config(folder: Path) -> None:  # a valid config whose initial weights are missing
-    (folder / "run.toml").write_text('name = "t"\nmodel = "small_cnn"\nweights = "weights.bin"\n'
-                                     '[[stages]]\nname = "s"\nrounds = 1\nlr = 0.1\n')
+    (folder / "run.toml").write_text(
+        'name = "t"\nmodel = "small_cnn"\nweights = "weights.bin"\n[[stages]]\nname = "s"\nrounds = 1\nlr = 0.1\n'
+    )
 
 
 def _garbage(name: str, content: bytes = b"\x00\xffnot what fedkit wrote\x13" * 40):
@@ -75,8 +94,10 @@ def _unexportable_plan(folder: Path) -> None:  # a small_cnn plan whose second p
 
     from toolkit.profiling import links
 
-    phones = [DeviceProfile(name=name, source="catalog", cpu_cores=8, gflops=20.0, memory_mb=900.0, link=links()["4g"])
-              for name in ("a", "b")]
+    phones = [
+        DeviceProfile(name=name, source="catalog", cpu_cores=8, gflops=20.0, memory_mb=900.0, link=links()["4g"])
+        for name in ("a", "b")
+    ]
     fleet = Planner(load_model("small_cnn"), DeviceProfile.load(_edge(folder)), PlanConfig()).plan(phones)
     b = fleet.phones[1]
     bad = b.model_copy(update={"plan": replace(b.plan, encoding="int3", batch_size=b.plan.batch_size // 2)})
@@ -101,8 +122,15 @@ FILES = {  # name → how to make it in a case's folder
     "corrupt cert.pem": _garbage("cert.pem"),
     "corrupt edge.json": _garbage("edge.json"),
     "truncated edge.json": _garbage("edge.json", b'{"name": "edge", "gfl'),
-    "corrupt data": lambda folder: [_garbage(f"data/{name}")(folder) for name in (
-        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")],
+    "corrupt data": lambda folder: [
+        _garbage(f"data/{name}")(folder)
+        for name in (
+            "train-images-idx3-ubyte.gz",
+            "train-labels-idx1-ubyte.gz",
+            "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz",
+        )
+    ],
     "data folder": lambda folder: (folder / "data").mkdir(),
     "full out": _full_folder("out"),
     "full run": _full_folder("run"),
@@ -123,22 +151,34 @@ class Case:
 
 CASES = {
     # train-central: data in $FEDKIT_DATA_DIR, --out FILE
-    "train-central: missing dataset": Case("train-central --model small_cnn --out {tmp}/c.json", "is missing",
-                                           ("data folder",), {"FEDKIT_DATA_DIR": "{tmp}/data"}),
-    "train-central: corrupt dataset": Case("train-central --model small_cnn --out {tmp}/c.json", "data",
-                                           ("corrupt data",), {"FEDKIT_DATA_DIR": "{tmp}/data"}),
+    "train-central: missing dataset": Case(
+        "train-central --model small_cnn --out {tmp}/c.json",
+        "is missing",
+        ("data folder",),
+        {"FEDKIT_DATA_DIR": "{tmp}/data"},
+    ),
+    "train-central: corrupt dataset": Case(
+        "train-central --model small_cnn --out {tmp}/c.json",
+        "data",
+        ("corrupt data",),
+        {"FEDKIT_DATA_DIR": "{tmp}/data"},
+    ),
     "train-central: epochs 0": Case("train-central --epochs 0 --out {tmp}/c.json", "epochs must be at least 1"),
     "train-central: max-train 0": Case("train-central --max-train 0 --out {tmp}/c.json", "at least 1"),
     "train-central: out folder missing": Case("train-central --out {tmp}/missing/c.json", "missing does not exist"),
     # export: --out DIR (must not exist, or be empty), --plan FILE
     "export: missing plan": Case("export --plan {tmp}/nope.json --out {tmp}/out", "nope.json"),
     "export: corrupt plan": Case("export --plan {tmp}/plan.json --out {tmp}/out", "plan", ("corrupt plan.json",)),
-    "export: truncated plan": Case("export --plan {tmp}/plan.json --out {tmp}/out", "plan.json", ("truncated plan.json",)),
-    "export --plan: an entry that cannot be exported": Case("export --plan {tmp}/plan.json --out {tmp}/out",
-                                                            "int3", ("unexportable plan.json",)),
+    "export: truncated plan": Case(
+        "export --plan {tmp}/plan.json --out {tmp}/out", "plan.json", ("truncated plan.json",)
+    ),
+    "export --plan: an entry that cannot be exported": Case(
+        "export --plan {tmp}/plan.json --out {tmp}/out", "int3", ("unexportable plan.json",)
+    ),
     "export: out exists": Case("export --out {tmp}/out --model small_cnn", "already exists", ("full out",)),
-    "export --plan: out exists": Case("export --plan {tmp}/plan.json --out {tmp}/out", "already exists",
-                                      ("corrupt plan.json", "full out")),
+    "export --plan: out exists": Case(
+        "export --plan {tmp}/plan.json --out {tmp}/out", "already exists", ("corrupt plan.json", "full out")
+    ),
     "export: batch size 0": Case("export --out {tmp}/out --batch-size 0", "--batch-size"),
     "export: train blocks 0": Case("export --out {tmp}/out --train-blocks 0", "--train-blocks"),
     # serve: --config FILE, --port, TLS files; a failed start leaves no database
@@ -147,14 +187,26 @@ CASES = {
     "serve: missing initial weights": Case("serve --config {tmp}/run.toml", "weights.bin", ("run.toml",)),
     "serve: port 99999": Case("serve --config {tmp}/run.toml --port 99999", "--port", ("run.toml",)),
     "serve: port 0": Case("serve --config {tmp}/run.toml --port 0", "--port", ("run.toml",)),
-    "serve: missing certificate": Case("serve --config {tmp}/run.toml --certfile {tmp}/nope.pem --keyfile {tmp}/key.pem",
-                                       "nope.pem does not exist", ("run.toml", "pem pair")),
-    "serve: missing key": Case("serve --config {tmp}/run.toml --certfile {tmp}/cert.pem --keyfile {tmp}/nope.pem",
-                               "nope.pem does not exist", ("run.toml", "pem pair")),
-    "serve: corrupt certificate": Case("serve --config {tmp}/run.toml --certfile {tmp}/cert.pem --keyfile {tmp}/key.pem",
-                                       "not a PEM certificate", ("run.toml", "pem pair", "corrupt cert.pem")),
-    "serve: certificate without key": Case("serve --config {tmp}/run.toml --certfile {tmp}/cert.pem",
-                                           "both --certfile and --keyfile", ("run.toml", "pem pair")),
+    "serve: missing certificate": Case(
+        "serve --config {tmp}/run.toml --certfile {tmp}/nope.pem --keyfile {tmp}/key.pem",
+        "nope.pem does not exist",
+        ("run.toml", "pem pair"),
+    ),
+    "serve: missing key": Case(
+        "serve --config {tmp}/run.toml --certfile {tmp}/cert.pem --keyfile {tmp}/nope.pem",
+        "nope.pem does not exist",
+        ("run.toml", "pem pair"),
+    ),
+    "serve: corrupt certificate": Case(
+        "serve --config {tmp}/run.toml --certfile {tmp}/cert.pem --keyfile {tmp}/key.pem",
+        "not a PEM certificate",
+        ("run.toml", "pem pair", "corrupt cert.pem"),
+    ),
+    "serve: certificate without key": Case(
+        "serve --config {tmp}/run.toml --certfile {tmp}/cert.pem",
+        "both --certfile and --keyfile",
+        ("run.toml", "pem pair"),
+    ),
     # status, enrol-token, export-global: --db FILE
     "status: missing db": Case("status --db {tmp}/nope.sqlite", "no aggregator database"),
     "status: corrupt db": Case("status --db {tmp}/db.sqlite", "db.sqlite", ("corrupt db.sqlite",)),
@@ -162,11 +214,15 @@ CASES = {
     "enrol-token: count 0": Case("enrol-token --db {tmp}/db.sqlite --count 0", "--count"),
     "enrol-token: corrupt db": Case("enrol-token --db {tmp}/db.sqlite", "db.sqlite", ("corrupt db.sqlite",)),
     "export-global: missing db": Case("export-global --db {tmp}/nope.sqlite --out {tmp}/g.pt", "nope.sqlite"),
-    "export-global: corrupt db": Case("export-global --db {tmp}/db.sqlite --out {tmp}/g.pt", "db.sqlite", ("corrupt db.sqlite",)),
-    "export-global: out folder missing": Case("export-global --db {tmp}/db.sqlite --out {tmp}/missing/g.pt",
-                                              "missing does not exist", ("corrupt db.sqlite",)),
-    "export-global: version -1": Case("export-global --db {tmp}/db.sqlite --out {tmp}/g.pt --version -1", "--version",
-                                      ("corrupt db.sqlite",)),
+    "export-global: corrupt db": Case(
+        "export-global --db {tmp}/db.sqlite --out {tmp}/g.pt", "db.sqlite", ("corrupt db.sqlite",)
+    ),
+    "export-global: out folder missing": Case(
+        "export-global --db {tmp}/db.sqlite --out {tmp}/missing/g.pt", "missing does not exist", ("corrupt db.sqlite",)
+    ),
+    "export-global: version -1": Case(
+        "export-global --db {tmp}/db.sqlite --out {tmp}/g.pt --version -1", "--version", ("corrupt db.sqlite",)
+    ),
     # profile: checked before measuring
     "profile: out folder missing": Case("profile --local --out {tmp}/missing/p.json", "missing does not exist"),
     "profile: aggregator not a URL": Case("profile --local --aggregator notaurl", "not an http(s) URL"),
@@ -179,40 +235,75 @@ CASES = {
     "plan: budget 0": Case("plan --catalog --budget-s 0 --out {tmp}/p.json", "--budget-s must be more than 0"),
     "plan: energy budget -1": Case("plan --catalog --energy-budget-j -1 --out {tmp}/p.json", "--energy-budget-j"),
     "plan: out folder missing": Case("plan --catalog --out {tmp}/missing/plan.json", "missing does not exist"),
-    "plan: missing profiles": Case("plan --profiles {tmp}/nope --edge {tmp}/edge.json --out {tmp}/p.json", "nope",
-                                   ("edge.json",)),
-    "plan: corrupt profile": Case("plan --profiles {tmp}/profiles --edge {tmp}/edge.json --out {tmp}/p.json", "phone.json",
-                                  ("edge.json", "corrupt profiles")),
+    "plan: missing profiles": Case(
+        "plan --profiles {tmp}/nope --edge {tmp}/edge.json --out {tmp}/p.json", "nope", ("edge.json",)
+    ),
+    "plan: corrupt profile": Case(
+        "plan --profiles {tmp}/profiles --edge {tmp}/edge.json --out {tmp}/p.json",
+        "phone.json",
+        ("edge.json", "corrupt profiles"),
+    ),
     "plan: missing edge": Case("plan --catalog --edge {tmp}/nope.json --out {tmp}/p.json", "nope.json"),
-    "plan: corrupt edge": Case("plan --catalog --edge {tmp}/edge.json --out {tmp}/p.json", "edge.json", ("corrupt edge.json",)),
-    "plan: truncated edge": Case("plan --catalog --edge {tmp}/edge.json --out {tmp}/p.json", "edge.json", ("truncated edge.json",)),
-    "plan: unknown link": Case("plan --catalog --link 7g --edge {tmp}/edge.json --out {tmp}/p.json", "7g", ("edge.json",)),
-    "plan: every phone infeasible": Case("plan --catalog --budget-s 0.001 --model small_cnn --edge {tmp}/edge.json "
-                                         "--out {tmp}/p.json", "no phone can be planned", ("edge.json",)),
+    "plan: corrupt edge": Case(
+        "plan --catalog --edge {tmp}/edge.json --out {tmp}/p.json", "edge.json", ("corrupt edge.json",)
+    ),
+    "plan: truncated edge": Case(
+        "plan --catalog --edge {tmp}/edge.json --out {tmp}/p.json", "edge.json", ("truncated edge.json",)
+    ),
+    "plan: unknown link": Case(
+        "plan --catalog --link 7g --edge {tmp}/edge.json --out {tmp}/p.json", "7g", ("edge.json",)
+    ),
+    "plan: every phone infeasible": Case(
+        "plan --catalog --budget-s 0.001 --model small_cnn --edge {tmp}/edge.json --out {tmp}/p.json",
+        "no phone can be planned",
+        ("edge.json",),
+    ),
     # simulate: --config FILE, --out DIR (must not exist, or be empty)
     "simulate: missing config": Case("simulate --config {tmp}/nope.toml --out {tmp}/run", "nope.toml"),
-    "simulate: corrupt config": Case("simulate --config {tmp}/sim.toml --out {tmp}/run", "sim.toml", ("corrupt sim.toml",)),
+    "simulate: corrupt config": Case(
+        "simulate --config {tmp}/sim.toml --out {tmp}/run", "sim.toml", ("corrupt sim.toml",)
+    ),
     "simulate: out exists": Case(f"simulate --config {DEMO} --out {{tmp}}/run", "already exists", ("full run",)),
     # report: RUN_DIR
     "report: missing run folder": Case("report {tmp}/nope", "nope"),
     "report: not a run folder": Case("report {tmp}/run", "run", ("empty run",)),
     # deploy: BUNDLE folders, --target
-    "deploy: missing bundle": Case("deploy {tmp}/nope --target local:{tmp}/phone --shard {tmp}/s.npz --credential {tmp}/cred.json",
-                                   "nope", ("cred.json",)),
-    "deploy: corrupt bundle": Case("deploy {tmp}/bundle --target local:{tmp}/phone --shard {tmp}/s.npz --credential {tmp}/cred.json",
-                                   "bundle", ("corrupt bundle", "cred.json")),
-    "deploy: no shard or credential": Case("deploy {tmp}/bundle --target local:{tmp}/phone", "--shard and --credential",
-                                           ("corrupt bundle",)),
-    "deploy: no target": Case("deploy {tmp}/bundle --shard {tmp}/s.npz --credential {tmp}/cred.json", "--target is missing",
-                              ("cred.json",)),
-    "deploy --fleet: missing index": Case("deploy --fleet {tmp}/nope.json --shards {tmp} --url http://127.0.0.1:1 "
-                                          "--enrol-tokens {tmp}/cred.json --target local:{tmp}/phones", "nope.json", ("cred.json",)),
-    "deploy --fleet: missing tokens": Case("deploy --fleet {tmp}/nope.json --shards {tmp} --url http://127.0.0.1:1 "
-                                           "--enrol-tokens {tmp}/tokens.txt --target local:{tmp}/phones", "enrolment tokens"),
-    "deploy --fleet: adb target": Case("deploy --fleet {tmp}/nope.json --shards {tmp} --url http://127.0.0.1:1 "
-                                       "--enrol-tokens {tmp}/cred.json --target adb:x", "one at a time", ("cred.json",)),
-    "deploy --fleet: with a bundle": Case("deploy {tmp}/bundle --fleet {tmp}/nope.json --target local:{tmp}/phones",
-                                          "drop BUNDLE", ("corrupt bundle",)),
+    "deploy: missing bundle": Case(
+        "deploy {tmp}/nope --target local:{tmp}/phone --shard {tmp}/s.npz --credential {tmp}/cred.json",
+        "nope",
+        ("cred.json",),
+    ),
+    "deploy: corrupt bundle": Case(
+        "deploy {tmp}/bundle --target local:{tmp}/phone --shard {tmp}/s.npz --credential {tmp}/cred.json",
+        "bundle",
+        ("corrupt bundle", "cred.json"),
+    ),
+    "deploy: no shard or credential": Case(
+        "deploy {tmp}/bundle --target local:{tmp}/phone", "--shard and --credential", ("corrupt bundle",)
+    ),
+    "deploy: no target": Case(
+        "deploy {tmp}/bundle --shard {tmp}/s.npz --credential {tmp}/cred.json", "--target is missing", ("cred.json",)
+    ),
+    "deploy --fleet: missing index": Case(
+        "deploy --fleet {tmp}/nope.json --shards {tmp} --url http://127.0.0.1:1 "
+        "--enrol-tokens {tmp}/cred.json --target local:{tmp}/phones",
+        "nope.json",
+        ("cred.json",),
+    ),
+    "deploy --fleet: missing tokens": Case(
+        "deploy --fleet {tmp}/nope.json --shards {tmp} --url http://127.0.0.1:1 "
+        "--enrol-tokens {tmp}/tokens.txt --target local:{tmp}/phones",
+        "enrolment tokens",
+    ),
+    "deploy --fleet: adb target": Case(
+        "deploy --fleet {tmp}/nope.json --shards {tmp} --url http://127.0.0.1:1 "
+        "--enrol-tokens {tmp}/cred.json --target adb:x",
+        "one at a time",
+        ("cred.json",),
+    ),
+    "deploy --fleet: with a bundle": Case(
+        "deploy {tmp}/bundle --fleet {tmp}/nope.json --target local:{tmp}/phones", "drop BUNDLE", ("corrupt bundle",)
+    ),
     # shards: --out DIR (must not exist, or be empty), --plan FILE or --phones N
     "shards: neither source": Case("shards --out {tmp}/s", "choose one of --plan"),
     "shards: phones 0": Case("shards --phones 0 --out {tmp}/s", "--phones"),
@@ -221,17 +312,22 @@ CASES = {
     "shards: corrupt plan": Case("shards --plan {tmp}/plan.json --out {tmp}/s", "plan.json", ("corrupt plan.json",)),
     # run-config: --plan FILE, --out DIR (must not exist, or be empty)
     "run-config: missing plan": Case("run-config --plan {tmp}/nope.json --out {tmp}/run", "nope.json"),
-    "run-config: corrupt plan": Case("run-config --plan {tmp}/plan.json --out {tmp}/run", "plan.json", ("corrupt plan.json",)),
-    "run-config: out exists": Case("run-config --plan {tmp}/plan.json --out {tmp}/run", "already exists",
-                                   ("unexportable plan.json", "full run")),
+    "run-config: corrupt plan": Case(
+        "run-config --plan {tmp}/plan.json --out {tmp}/run", "plan.json", ("corrupt plan.json",)
+    ),
+    "run-config: out exists": Case(
+        "run-config --plan {tmp}/plan.json --out {tmp}/run", "already exists", ("unexportable plan.json", "full run")
+    ),
     "run-config: rounds 0": Case("run-config --plan {tmp}/plan.json --out {tmp}/run --rounds 0", "--rounds"),
     # profile --catalog and plan pins
     "profile: unknown catalogue class": Case("profile --catalog nope", "unknown phone class"),
     "profile: --link without --catalog": Case("profile --local --link wifi", "use it with --catalog"),
-    "plan: a pin without a number": Case("plan --catalog --cut weak --edge {tmp}/edge.json --out {tmp}/p.json",
-                                         "--cut takes PHONE=N", ("edge.json",)),
-    "plan: a pin naming no phone": Case("plan --catalog --depth nope=1 --edge {tmp}/edge.json --out {tmp}/p.json",
-                                        "pins name nope", ("edge.json",)),
+    "plan: a pin without a number": Case(
+        "plan --catalog --cut weak --edge {tmp}/edge.json --out {tmp}/p.json", "--cut takes PHONE=N", ("edge.json",)
+    ),
+    "plan: a pin naming no phone": Case(
+        "plan --catalog --depth nope=1 --edge {tmp}/edge.json --out {tmp}/p.json", "pins name nope", ("edge.json",)
+    ),
     # any command: usage errors are one line too
     "unknown command": Case("nope", "No such command"),
     "unknown option": Case("status --bogus", "No such option"),

@@ -47,8 +47,10 @@ def merged_state_dict(splittable: "SplittableModel", tensors: dict) -> dict:
     state = splittable.root.state_dict()
     for name, t in tensors.items():
         if name not in state or tuple(state[name].shape) != t.shape:
-            raise ModelError(f"global tensor {name!r} {t.shape} does not fit model {splittable.model_id!r}: "
-                             "pass the model the run trained")
+            raise ModelError(
+                f"global tensor {name!r} {t.shape} does not fit model {splittable.model_id!r}: "
+                "pass the model the run trained"
+            )
         state[name] = torch.from_numpy(t.copy())
     return state
 

@@ -25,14 +25,25 @@ if TYPE_CHECKING:
 
 TICK_SECONDS = 1.0  # how often round deadlines are checked
 
-_STATUS_OF_CODE = {401: "unauthorized", 404: "not_found", 409: "conflict", 413: "rejected", 429: "rate_limited", 503: "busy"}
+_STATUS_OF_CODE = {
+    401: "unauthorized",
+    404: "not_found",
+    409: "conflict",
+    413: "rejected",
+    429: "rate_limited",
+    503: "busy",
+}
 
 
 def _error(status_code: int, reason: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"status": _STATUS_OF_CODE.get(status_code, "rejected"), "reason": reason}, status_code, headers)
+    return JSONResponse(
+        {"status": _STATUS_OF_CODE.get(status_code, "rejected"), "reason": reason}, status_code, headers
+    )
 
 
-def create_app(coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, edge: "SplitFedEdge | None" = None) -> FastAPI:
+def create_app(
+    coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, edge: "SplitFedEdge | None" = None
+) -> FastAPI:
     """The app around a started coordinator; while served, deadlines are checked every tick.
     With ``edge`` (a SplitFed run) it also serves the edge's routes."""
 

@@ -48,7 +48,9 @@ async def get_coordinator(request: Request) -> Coordinator:
 def bearer(authorization: str | None) -> str:
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
+        )
     return token.strip()
 
 
@@ -59,7 +61,9 @@ def _authenticated(coordinator: Coordinator, authorization: str | None, limiter:
     who = Principal(*found)
     wait = limiter.retry_after(who.device_id or "admin", time.monotonic())
     if wait:
-        raise HTTPException(429, f"too many requests: retry after {wait:.1f} s", {"Retry-After": str(max(1, round(wait)))})
+        raise HTTPException(
+            429, f"too many requests: retry after {wait:.1f} s", {"Retry-After": str(max(1, round(wait)))}
+        )
     return who
 
 

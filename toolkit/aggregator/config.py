@@ -84,7 +84,9 @@ class Stage(_Strict):
         else:
             ok = base in ENCODINGS and not bits
         if not ok:
-            raise ValueError(f"encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or 'layered:<bits, 1-32>'")
+            raise ValueError(
+                f"encoding {self.encoding!r} is unknown: use one of {', '.join(ENCODINGS)} or 'layered:<bits, 1-32>'"
+            )
         return self
 
 
@@ -149,15 +151,21 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _splitfed_needs(self):
         if self.splitfed is not None and self.mode != "fedavg":
-            raise ValueError(f"SplitFed needs synchronous rounds, the run's mode is {self.mode!r}: set mode = \"fedavg\"")
+            raise ValueError(
+                f'SplitFed needs synchronous rounds, the run\'s mode is {self.mode!r}: set mode = "fedavg"'
+            )
         if self.splitfed is not None and self.model is None:
-            raise ValueError("SplitFed trains the blocks past each phone's cut on the edge: name the run's 'model' (e.g. \"mobilenet_v2\")")
+            raise ValueError(
+                "SplitFed trains the blocks past each phone's cut on the edge: name the run's 'model' (e.g. \"mobilenet_v2\")"
+            )
         return self
 
     @model_validator(mode="after")
     def _one_weights_source(self):
         if (self.weights is None) == (self.bundle is None):
-            raise ValueError("give exactly one of 'weights' (a codec-encoded weights file) or 'bundle' (a bundle folder)")
+            raise ValueError(
+                "give exactly one of 'weights' (a codec-encoded weights file) or 'bundle' (a bundle folder)"
+            )
         return self
 
     def weights_path(self) -> Path:

@@ -97,7 +97,9 @@ class Coordinator:
         try:
             blob = path.read_bytes()
         except OSError as exc:
-            raise ConfigError(f"initial weights {path} cannot be read ({exc}); export the bundle or fix 'weights'") from exc
+            raise ConfigError(
+                f"initial weights {path} cannot be read ({exc}); export the bundle or fix 'weights'"
+            ) from exc
         try:
             initial = decode(blob)
         except CodecError as exc:
@@ -198,7 +200,9 @@ class Coordinator:
         """Checks and stores one update; an "accepted" outcome is committed when this returns."""
         with self.store.transaction():  # one transaction: checks and insert see one state
             outcome = self._push(device_id, idem_key, body, accuracy)
-        log_event("push", device=device_id, status=outcome.status, reason=outcome.reason, round=outcome.round, bytes=len(body))
+        log_event(
+            "push", device=device_id, status=outcome.status, reason=outcome.reason, round=outcome.round, bytes=len(body)
+        )
         if outcome.status == "accepted":
             self.tick()
         return outcome
@@ -228,9 +232,13 @@ class Coordinator:
             if rnd is None or not self.store.is_assigned(h.round, device_id):
                 return _rejected(403, f"round {h.round} was not given to this device; pull a task first")
             if h.base_version != rnd.base_version:
-                return _rejected(422, f"round {h.round} trains from version {rnd.base_version}, the update says {h.base_version}")
+                return _rejected(
+                    422, f"round {h.round} trains from version {rnd.base_version}, the update says {h.base_version}"
+                )
             if self.store.has_report(device_id, h.round):
-                return PushOutcome("duplicate", 200, f"this device already has an accepted update for round {h.round}", h.round)
+                return PushOutcome(
+                    "duplicate", 200, f"this device already has an accepted update for round {h.round}", h.round
+                )
             stale = self._staleness_problem(rnd)
             if stale:
                 return PushOutcome("stale", 409, stale, h.round)
@@ -241,8 +249,15 @@ class Coordinator:
             if edge:  # stored as one update: the device's tensors (as decoded) and the edge's, fp32
                 blob = encode(h, {**edge, **update.tensors}, "fp32")
             update_id = self.store.add_update(
-                device_id=device_id, idem_key=idem_key, round_=h.round, base_version=h.base_version,
-                num_samples=h.num_samples, accuracy=accuracy, blob=blob, now=self.clock(), nbytes=len(body),
+                device_id=device_id,
+                idem_key=idem_key,
+                round_=h.round,
+                base_version=h.base_version,
+                num_samples=h.num_samples,
+                accuracy=accuracy,
+                blob=blob,
+                now=self.clock(),
+                nbytes=len(body),
             )
         return PushOutcome("accepted", 200, "", h.round, update_id)
 
@@ -333,7 +348,9 @@ class Coordinator:
         self.store.add_version(version, rnd.round, rnd.stage, encode(header, new, "fp32"), counts["updates"], now)
         self.store.mark_pending_aggregated(pending_round, version)
         self.store.close_round(rnd.round, "aggregated", now)
-        log_event("round_closed", round=rnd.round, version=version, updates=counts["updates"], samples=counts["samples"])
+        log_event(
+            "round_closed", round=rnd.round, version=version, updates=counts["updates"], samples=counts["samples"]
+        )
         nxt = schedule.next_stage(self.config.stages, rnd.stage, self._stage_accuracies(rnd.stage))
         if nxt is None:
             self.store.set_meta("done", "1")

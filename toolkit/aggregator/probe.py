@@ -42,8 +42,9 @@ def probe_router(limiter: RateLimiter | None = None) -> APIRouter:
         wait = limiter.retry_after(address, time.monotonic())
         if wait:
             seconds = max(1, math.ceil(wait))
-            raise HTTPException(429, f"too many probe requests from {address}: retry after {seconds} s",
-                                {"Retry-After": str(seconds)})
+            raise HTTPException(
+                429, f"too many probe requests from {address}: retry after {seconds} s", {"Retry-After": str(seconds)}
+            )
 
     router = APIRouter(tags=["probe"], dependencies=[Depends(within_rate)])
 
@@ -51,7 +52,9 @@ def probe_router(limiter: RateLimiter | None = None) -> APIRouter:
     async def get_echo(size: Annotated[int, Query(ge=0, description="bytes to answer")]) -> Response:
         """``size`` bytes, for the downlink: the client times the transfer."""
         if size > MAX_DOWN_BYTES:
-            raise HTTPException(422, f"size {size} is over the probe's limit of {MAX_DOWN_BYTES} bytes: ask for 8 MiB or less")
+            raise HTTPException(
+                422, f"size {size} is over the probe's limit of {MAX_DOWN_BYTES} bytes: ask for 8 MiB or less"
+            )
         return Response(bytes(size), media_type="application/octet-stream")
 
     @router.post("/probe/echo", responses={413: {}, 429: {}})
@@ -59,7 +62,9 @@ def probe_router(limiter: RateLimiter | None = None) -> APIRouter:
         """Reads the whole body, for the uplink: the answer goes out only once it has arrived."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_UP_BYTES:
-            raise HTTPException(413, f"probe body of {length} bytes is over the limit of {MAX_UP_BYTES}: send 8 MiB or less")
+            raise HTTPException(
+                413, f"probe body of {length} bytes is over the limit of {MAX_UP_BYTES}: send 8 MiB or less"
+            )
         size = 0
         async for chunk in request.stream():  # counted, not kept: the probe needs no copy of it
             size += len(chunk)

@@ -24,16 +24,32 @@ class AggregatorProcess(ChildProcess):
     phones keep their URL. The server writes its port to ``port_file`` once it accepts
     connections: that, not a connection that anything on the port would accept, says it is up."""
 
-    def __init__(self, config: str | Path, db: str | Path, log: str | Path, *, host: str = "127.0.0.1",
-                 port: int | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        config: str | Path,
+        db: str | Path,
+        log: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.db, self.log, self.port = Path(db), Path(log), port
         self.port_file = self.log.with_name(self.log.name + ".port")
         self._args = ["--config", str(config), "--db", str(db), "--host", host, *extra_args]
 
     @property
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "toolkit.aggregator.server", *self._args,
-                "--port", str(self.port or 0), "--port-file", str(self.port_file)]
+        return [
+            sys.executable,
+            "-m",
+            "toolkit.aggregator.server",
+            *self._args,
+            "--port",
+            str(self.port or 0),
+            "--port-file",
+            str(self.port_file),
+        ]
 
     @property
     def url(self) -> str:

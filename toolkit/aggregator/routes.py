@@ -51,7 +51,9 @@ class EnrolRequest(BaseModel):
 
 
 @enrolment.post("/v1/enrol")
-async def post_enrol(req: EnrolRequest, coordinator: CoordinatorDep, authorization: Annotated[str | None, Header()] = None) -> dict:
+async def post_enrol(
+    req: EnrolRequest, coordinator: CoordinatorDep, authorization: Annotated[str | None, Header()] = None
+) -> dict:
     """Trades a one-time enrolment token (as the bearer token) for a device credential.
     Repeating it with the same token and device id issues a fresh credential."""
     outcome = coordinator.enrol(bearer(authorization), req.device_id)
@@ -124,7 +126,9 @@ class EvaluationRequest(BaseModel):
 
 
 @evaluations.post("/v1/evaluations")
-async def post_evaluation(req: EvaluationRequest, _: Annotated[Principal, Depends(admin)], coordinator: CoordinatorDep) -> dict:
+async def post_evaluation(
+    req: EvaluationRequest, _: Annotated[Principal, Depends(admin)], coordinator: CoordinatorDep
+) -> dict:
     """Records a validation accuracy for a model version (the evaluator hook)."""
     if not coordinator.record_evaluation(req.version, req.accuracy, req.source):
         raise HTTPException(404, f"model version {req.version} does not exist")

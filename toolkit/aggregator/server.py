@@ -86,7 +86,9 @@ def check_tls(certfile: str | Path, keyfile: str | Path) -> None:
             raise ConfigError(f"{option} {path} does not exist: give the PEM file (e.g. from openssl req -x509 ...)")
     try:
         # an empty password: an encrypted key is refused here instead of prompting on the terminal
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(certfile), str(keyfile), password=lambda: b"")
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            str(certfile), str(keyfile), password=lambda: b""
+        )
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"--certfile {certfile} and --keyfile {keyfile} are not a PEM certificate and its private key ({exc}): "
@@ -103,7 +105,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another server on that port?") from exc
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): is another server on that port?"
+        ) from exc
     return sock
 
 
@@ -136,7 +140,9 @@ def serve(
     database is opened. Port 0 takes a free port: the port bound is in the ``serve`` log line
     and, with ``port_file``, written there once the server accepts connections."""
     if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} is not a TCP port: give --port between 1 and 65535 (default 8080), or 0 for a free one")
+        raise ConfigError(
+            f"port {port} is not a TCP port: give --port between 1 and 65535 (default 8080), or 0 for a free one"
+        )
     if (certfile is None) != (keyfile is None):
         raise ConfigError("TLS needs both --certfile and --keyfile")
     if certfile is not None:
@@ -147,8 +153,16 @@ def serve(
     coordinator = open_coordinator(config_path, db)
     edge = open_edge(coordinator)
     logging.getLogger("fedkit.aggregator").info(
-        "serve", extra={"fields": {"db": str(coordinator.store.path), "host": host, "port": port, "tls": certfile is not None,
-                                   "splitfed": edge is not None}}
+        "serve",
+        extra={
+            "fields": {
+                "db": str(coordinator.store.path),
+                "host": host,
+                "port": port,
+                "tls": certfile is not None,
+                "splitfed": edge is not None,
+            }
+        },
     )
     config = uvicorn.Config(
         create_app(coordinator, edge=edge),

@@ -100,8 +100,14 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
         bytes_received=nbytes,
         rounds=rounds,
         phones=[
-            PhoneStatus(device_id=t.device_id, rounds=list(t.rounds), bytes_up=t.bytes_up, bytes_down=t.bytes_down,
-                        downloads=t.downloads, round_s=statistics.median(t.round_seconds) if t.round_seconds else None)
+            PhoneStatus(
+                device_id=t.device_id,
+                rounds=list(t.rounds),
+                bytes_up=t.bytes_up,
+                bytes_down=t.bytes_down,
+                downloads=t.downloads,
+                round_s=statistics.median(t.round_seconds) if t.round_seconds else None,
+            )
             for t in store.phone_traffic()
         ],
     )
@@ -139,9 +145,16 @@ def against_plan(status: RunStatus, predicted: dict[str, dict[str, float]]) -> l
     for phone in status.phones:
         n = len(phone.rounds)
         guess = predicted.get(phone.device_id, {})
-        rows.append(PhoneVsPlan(
-            device_id=phone.device_id, rounds=n, measured_s=phone.round_s, predicted_s=guess.get("total"),
-            measured_up=phone.bytes_up / n if n else None, predicted_up=guess.get("up_bytes"),
-            measured_down=phone.bytes_down / n if n else None, predicted_down=guess.get("down_bytes"),
-        ))
+        rows.append(
+            PhoneVsPlan(
+                device_id=phone.device_id,
+                rounds=n,
+                measured_s=phone.round_s,
+                predicted_s=guess.get("total"),
+                measured_up=phone.bytes_up / n if n else None,
+                predicted_up=guess.get("up_bytes"),
+                measured_down=phone.bytes_down / n if n else None,
+                predicted_down=guess.get("down_bytes"),
+            )
+        )
     return rows

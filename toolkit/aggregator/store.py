@@ -124,7 +124,9 @@ class Store:
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif version != str(SCHEMA_VERSION):
-            raise StoreError(f"{self.path} has schema version {version}, this fedkit reads {SCHEMA_VERSION}: use a new --db")
+            raise StoreError(
+                f"{self.path} has schema version {version}, this fedkit reads {SCHEMA_VERSION}: use a new --db"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +163,9 @@ class Store:
             try:
                 return self._conn.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"database {self.path}: {exc}; the file may be damaged, restore it or use a new --db") from exc
+                raise StoreError(
+                    f"database {self.path}: {exc}; the file may be damaged, restore it or use a new --db"
+                ) from exc
 
     # meta
     def get_meta(self, key: str) -> str | None:
@@ -169,7 +173,10 @@ class Store:
         return rows[0][0] if rows else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self._q("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+        self._q(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
 
     # credentials and devices
     def add_token(self, token: str, role: str, now: float, device_id: str | None = None) -> None:
@@ -233,7 +240,9 @@ class Store:
         self._q("UPDATE rounds SET closed=?, outcome=? WHERE round=?", (closed, outcome, round_))
 
     def assign(self, round_: int, device_id: str, now: float) -> None:
-        self._q("INSERT OR IGNORE INTO assignments(round, device_id, assigned) VALUES(?, ?, ?)", (round_, device_id, now))
+        self._q(
+            "INSERT OR IGNORE INTO assignments(round, device_id, assigned) VALUES(?, ?, ?)", (round_, device_id, now)
+        )
 
     def is_assigned(self, round_: int, device_id: str) -> bool:
         return bool(self._q("SELECT 1 FROM assignments WHERE round=? AND device_id=?", (round_, device_id)))
@@ -250,16 +259,35 @@ class Store:
         return bool(self._q("SELECT 1 FROM updates WHERE device_id=? AND round=?", (device_id, round_)))
 
     def add_update(
-        self, *, device_id: str, idem_key: str, round_: int, base_version: int, num_samples: int,
-        accuracy: float | None, blob: bytes, now: float, nbytes: int | None = None,
+        self,
+        *,
+        device_id: str,
+        idem_key: str,
+        round_: int,
+        base_version: int,
+        num_samples: int,
+        accuracy: float | None,
+        blob: bytes,
+        now: float,
+        nbytes: int | None = None,
     ) -> int:
         """``nbytes``: what the device sent (default: the blob's length; a SplitFed update's blob
         also holds the edge's tensors)."""
         rows = self._q(
             "INSERT INTO updates(device_id, idem_key, round, base_version, num_samples, accuracy, nbytes, sha256,"
             " blob, received) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (device_id, idem_key, round_, base_version, num_samples, accuracy, len(blob) if nbytes is None else nbytes,
-             hashlib.sha256(blob).hexdigest(), blob, now),
+            (
+                device_id,
+                idem_key,
+                round_,
+                base_version,
+                num_samples,
+                accuracy,
+                len(blob) if nbytes is None else nbytes,
+                hashlib.sha256(blob).hexdigest(),
+                blob,
+                now,
+            ),
         )
         return rows[0][0]
 
@@ -303,13 +331,21 @@ class Store:
         return n, b
 
     def record_download(self, device_id: str, version: int, nbytes: int, now: float) -> None:
-        self._q("INSERT INTO downloads(device_id, version, nbytes, at) VALUES(?, ?, ?, ?)", (device_id, version, nbytes, now))
+        self._q(
+            "INSERT INTO downloads(device_id, version, nbytes, at) VALUES(?, ?, ?, ?)",
+            (device_id, version, nbytes, now),
+        )
 
     def phone_traffic(self) -> list[PhoneTraffic]:
         """Per device that pushed or downloaded: its accepted rounds, bytes up (accepted
         updates) and down (weights), and the seconds from each round's assignment to its update."""
-        pushed = {d: (n, b) for d, n, b in self._q("SELECT device_id, COUNT(*), SUM(nbytes) FROM updates GROUP BY device_id")}
-        pulled = {d: (n, b) for d, n, b in self._q("SELECT device_id, COUNT(*), SUM(nbytes) FROM downloads GROUP BY device_id")}
+        pushed = {
+            d: (n, b) for d, n, b in self._q("SELECT device_id, COUNT(*), SUM(nbytes) FROM updates GROUP BY device_id")
+        }
+        pulled = {
+            d: (n, b)
+            for d, n, b in self._q("SELECT device_id, COUNT(*), SUM(nbytes) FROM downloads GROUP BY device_id")
+        }
         rounds: dict[str, list[int]] = {}
         seconds: dict[str, list[float]] = {}
         for device, round_, took in self._q(
@@ -320,24 +356,36 @@ class Store:
             if took is not None:
                 seconds.setdefault(device, []).append(took)
         return [
-            PhoneTraffic(device, tuple(rounds.get(device, ())), pushed.get(device, (0, 0))[1], pulled.get(device, (0, 0))[1],
-                         pulled.get(device, (0, 0))[0], tuple(seconds.get(device, ())))
+            PhoneTraffic(
+                device,
+                tuple(rounds.get(device, ())),
+                pushed.get(device, (0, 0))[1],
+                pulled.get(device, (0, 0))[1],
+                pulled.get(device, (0, 0))[0],
+                tuple(seconds.get(device, ())),
+            )
             for device in sorted(pushed.keys() | pulled.keys())
         ]
 
     # model versions and evaluations
-    def add_version(self, version: int, round_: int | None, stage: int | None, blob: bytes, num_updates: int, now: float) -> None:
+    def add_version(
+        self, version: int, round_: int | None, stage: int | None, blob: bytes, num_updates: int, now: float
+    ) -> None:
         self._q(
             "INSERT INTO versions(version, round, stage, created, num_updates, sha256, blob) VALUES(?, ?, ?, ?, ?, ?, ?)",
             (version, round_, stage, now, num_updates, hashlib.sha256(blob).hexdigest(), blob),
         )
 
     def latest_version(self) -> VersionRow | None:
-        rows = self._q("SELECT version, round, stage, created, num_updates, sha256 FROM versions ORDER BY version DESC LIMIT 1")
+        rows = self._q(
+            "SELECT version, round, stage, created, num_updates, sha256 FROM versions ORDER BY version DESC LIMIT 1"
+        )
         return VersionRow(*rows[0]) if rows else None
 
     def get_version(self, version: int) -> VersionRow | None:
-        rows = self._q("SELECT version, round, stage, created, num_updates, sha256 FROM versions WHERE version=?", (version,))
+        rows = self._q(
+            "SELECT version, round, stage, created, num_updates, sha256 FROM versions WHERE version=?", (version,)
+        )
         return VersionRow(*rows[0]) if rows else None
 
     def version_of_round(self, round_: int) -> int | None:
@@ -349,7 +397,10 @@ class Store:
         return rows[0][0] if rows else None
 
     def add_evaluation(self, version: int, source: str, accuracy: float, now: float) -> None:
-        self._q("INSERT INTO evaluations(version, source, accuracy, recorded) VALUES(?, ?, ?, ?)", (version, source, accuracy, now))
+        self._q(
+            "INSERT INTO evaluations(version, source, accuracy, recorded) VALUES(?, ?, ?, ?)",
+            (version, source, accuracy, now),
+        )
 
     def has_evaluations(self) -> bool:
         return bool(self._q("SELECT 1 FROM evaluations LIMIT 1"))

@@ -93,9 +93,7 @@ class SplittableModel:
 
     def check_cut(self, cut: int) -> None:
         if cut not in self.cuts:
-            raise ModelError(
-                f"cut {cut} is not allowed for {self.model_id}: choose one of 0..{len(self.block_names)}"
-            )
+            raise ModelError(f"cut {cut} is not allowed for {self.model_id}: choose one of 0..{len(self.block_names)}")
 
     def part(self, start: int, stop: int) -> SubModel:
         """Blocks start..stop-1, sharing parameters with the whole model."""

@@ -229,7 +229,9 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
     for profile in profiles:
         timing = profile.timing(model.model_id)
         if timing is None:
-            raise PlanError(f"profile {profile.name!r} has no block timings of {model.model_id}: profile with --model {model.model_id}")
+            raise PlanError(
+                f"profile {profile.name!r} has no block timings of {model.model_id}: profile with --model {model.model_id}"
+            )
         timings.append(timing)
         for i, c in enumerate(costs):
             rows.append(_features(c, timing.batch) + _run_features([c], timing.batch))
@@ -243,14 +245,16 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
             groups.append(-1)
             weights.append(1.0)
     for part in parts:
-        blocks = costs[part.start:part.stop]
-        rows.append(list(np.sum([_features(c, part.batch) for c in blocks], axis=0)) + _run_features(blocks, part.batch))
+        blocks = costs[part.start : part.stop]
+        rows.append(
+            list(np.sum([_features(c, part.batch) for c in blocks], axis=0)) + _run_features(blocks, part.batch)
+        )
         ys.append(part.seconds * part.gflops * 1e9)
         groups.append(-2)
         weights.append(float(len(blocks)))  # a fused part weighs as much as its blocks timed alone
     a, y, groups, w = np.array(rows, float), np.array(ys, float), np.array(groups), np.array(weights)
     if not parts:
-        a[:, len(KINDS) + 1:] = 0  # the run overhead cannot be told from the blocks' own work
+        a[:, len(KINDS) + 1 :] = 0  # the run overhead cannot be told from the blocks' own work
 
     def solve(mask):
         # divide each row by its target: least squares on relative error, so the small late
@@ -264,7 +268,7 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
     error = {}
     block_rows = np.flatnonzero(groups >= 0)
     for t, timing in enumerate(timings):
-        sl = block_rows[t * len(costs):(t + 1) * len(costs)]
+        sl = block_rows[t * len(costs) : (t + 1) * len(costs)]
         b = timing.batch
         error[f"block_mean_b{b}"] = float(np.mean(np.abs(in_sample[sl])))
         error[f"block_max_b{b}"] = float(np.max(np.abs(in_sample[sl])))
@@ -358,14 +362,19 @@ class CostModel:
         down = encoded_size({name: shape, LOSS: ()}, {name: ACTIVATION_ENCODING, LOSS: "fp32"})
         return up, down
 
-    def transfer_bytes(self, choice: Choice, samples: int, local_epochs: int = 1, fed_from: int | None = None) -> dict[str, int]:
+    def transfer_bytes(
+        self, choice: Choice, samples: int, local_epochs: int = 1, fed_from: int | None = None
+    ) -> dict[str, int]:
         """Bytes one round moves: ``down_bytes`` (the global weights from the fleet's shallowest
         trained block ``fed_from`` on, fp32, the whole version blob the phone pulls),
         ``up_bytes`` (the update), and for SplitFed ``activation_bytes`` up and
         ``gradient_bytes`` down over the round's batches."""
         cut, train_from = choice.cut, min(choice.train_from, choice.cut)
         first = train_from if fed_from is None else min(fed_from, train_from)
-        out = {"down_bytes": self._update_bytes(first, self.n, "fp32"), "up_bytes": self._update_bytes(train_from, cut, choice.encoding)}
+        out = {
+            "down_bytes": self._update_bytes(first, self.n, "fp32"),
+            "up_bytes": self._update_bytes(train_from, cut, choice.encoding),
+        }
         if cut < self.n:
             full, rest = divmod(samples, choice.batch)  # the last batch of an epoch holds the rest
             per_batch = np.array(self._exchange_bytes(cut, choice.batch)) * full
@@ -415,10 +424,21 @@ class CostModel:
         # the frozen part [0, fed) and the fed part [fed, train_from): one run each per batch of
         # features, once a round; the trainable part one training run per batch, every epoch
         features = per_epoch * (float(phone_fwd[:fed].sum()) + self.run_seconds(phone, 0, fed, batch))
-        fed_part = per_epoch * (float(phone_fwd[fed:train_from].sum()) + self.run_seconds(phone, fed, train_from, batch))
-        training = batches * TRAIN_FACTOR * (float(phone_fwd[train_from:cut].sum()) + self.run_seconds(phone, train_from, cut, batch))
+        fed_part = per_epoch * (
+            float(phone_fwd[fed:train_from].sum()) + self.run_seconds(phone, fed, train_from, batch)
+        )
+        training = (
+            batches
+            * TRAIN_FACTOR
+            * (float(phone_fwd[train_from:cut].sum()) + self.run_seconds(phone, train_from, cut, batch))
+        )
         compute = features + fed_part + training
-        edge_time = batches * TRAIN_FACTOR * (float(edge_fwd[cut:].sum()) + self.run_seconds(edge, cut, self.n, batch)) * edge_load
+        edge_time = (
+            batches
+            * TRAIN_FACTOR
+            * (float(edge_fwd[cut:].sum()) + self.run_seconds(edge, cut, self.n, batch))
+            * edge_load
+        )
         rtt = link.rtt_ms / 1000
         sizes = self.transfer_bytes(choice, samples, local_epochs, fed_from)
         upload = rtt / 2 + _seconds(sizes["up_bytes"], link.uplink_mbps)
@@ -427,7 +447,14 @@ class CostModel:
             upload += batches * rtt / 2 + _seconds(sizes["activation_bytes"], link.uplink_mbps)
             download += batches * rtt / 2 + _seconds(sizes["gradient_bytes"], link.downlink_mbps)
         total = compute + upload + download + edge_time
-        seconds = {"compute": compute, "upload": upload, "download": download, "edge": edge_time, "total": total, "features": features}
+        seconds = {
+            "compute": compute,
+            "upload": upload,
+            "download": download,
+            "edge": edge_time,
+            "total": total,
+            "features": features,
+        }
         return {**seconds, **{k: float(v) for k, v in sizes.items()}}
 
     def energy_j(self, predicted: dict[str, float], phone: DeviceProfile) -> float | None:
@@ -436,7 +463,10 @@ class CostModel:
         link = _require_link(phone)
         if phone.cpu_power_w is None or link.radio_power_w is None:
             return None
-        return predicted["compute"] * phone.cpu_power_w + (predicted["upload"] + predicted["download"]) * link.radio_power_w
+        return (
+            predicted["compute"] * phone.cpu_power_w
+            + (predicted["upload"] + predicted["download"]) * link.radio_power_w
+        )
 
 
 def _seconds(nbytes: int, mbps: float) -> float:

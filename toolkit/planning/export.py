@@ -91,7 +91,9 @@ def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progres
         try:
             check_request(model, plan, (plan.engine,), LABEL_NAMES, out_dir / name)
         except FedkitError as exc:
-            raise PlanError(f"the plan's choice for {', '.join(phones)} cannot be exported ({exc}): re-run `fedkit plan`") from exc
+            raise PlanError(
+                f"the plan's choice for {', '.join(phones)} cannot be exported ({exc}): re-run `fedkit plan`"
+            ) from exc
 
     fed_from = min(plan.train_from for plan, _ in distinct.values())
     made = []
@@ -137,7 +139,9 @@ def read_index(out_dir: str | Path) -> dict[str, list[Path]]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise PlanError(f"{path} does not exist: export the plan first (fedkit export --plan PLAN.json --out DIR)") from exc
+        raise PlanError(
+            f"{path} does not exist: export the plan first (fedkit export --plan PLAN.json --out DIR)"
+        ) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise PlanError(f"{path} is not JSON ({exc}): export the plan again") from exc
     if not isinstance(data, dict) or not all(

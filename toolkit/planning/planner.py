@@ -139,8 +139,13 @@ class Evaluated:
 class Planner:
     """Plans phones for one model against one edge."""
 
-    def __init__(self, model: SplittableModel, edge: DeviceProfile, config: PlanConfig | None = None,
-                 calibration: Calibration | None = None):
+    def __init__(
+        self,
+        model: SplittableModel,
+        edge: DeviceProfile,
+        config: PlanConfig | None = None,
+        calibration: Calibration | None = None,
+    ):
         self.model = model
         self.edge = edge
         self.config = config or PlanConfig()
@@ -185,13 +190,27 @@ class Planner:
         """``fed_from``: the fleet's shallowest train_from, which sets the download (None: alone)."""
         c = self.config
         predicted = self.cost.round_time(
-            choice, phone, self.edge, c.samples, c.local_epochs, c.edge_load,
-            phone_fwd=phone_fwd, edge_fwd=self._edge_fwd.get(choice.batch), fed_from=fed_from,
+            choice,
+            phone,
+            self.edge,
+            c.samples,
+            c.local_epochs,
+            c.edge_load,
+            phone_fwd=phone_fwd,
+            edge_fwd=self._edge_fwd.get(choice.batch),
+            fed_from=fed_from,
         )
-        return Evaluated(choice, predicted, self.cost.memory_mb(choice), self.cost.energy_j(predicted, phone),
-                         self.depth(choice.train_from))
+        return Evaluated(
+            choice,
+            predicted,
+            self.cost.memory_mb(choice),
+            self.cost.energy_j(predicted, phone),
+            self.depth(choice.train_from),
+        )
 
-    def evaluate_all(self, phone: DeviceProfile, choices: Iterable[Choice], fed_from: int | None = None) -> list[Evaluated]:
+    def evaluate_all(
+        self, phone: DeviceProfile, choices: Iterable[Choice], fed_from: int | None = None
+    ) -> list[Evaluated]:
         fwd = {b: self.cost.forward_seconds(phone, b) for b in self.config.batches}
         return [self.evaluate(ch, phone, fwd.get(ch.batch), fed_from) for ch in choices]
 
@@ -199,28 +218,48 @@ class Planner:
     def choose(self, phone: DeviceProfile, evaluated: list[Evaluated]) -> PhonePlan:
         c = self.config
         if not evaluated:
-            return PhonePlan(profile=phone.name, plan=None,
-                             reason=f"no engine: the profile lists {list(phone.engines) or 'none'}; fedkit needs ort or executorch")
+            return PhonePlan(
+                profile=phone.name,
+                plan=None,
+                reason=f"no engine: the profile lists {list(phone.engines) or 'none'}; fedkit needs ort or executorch",
+            )
         fits = [e for e in evaluated if e.memory_mb <= phone.memory_mb]
         if not fits:
             least = min(e.memory_mb for e in evaluated)
-            return PhonePlan(profile=phone.name, plan=None,
-                             reason=f"nothing fits memory: the smallest choice needs {least:.0f} MB, the phone has {phone.memory_mb:.0f} MB")
+            return PhonePlan(
+                profile=phone.name,
+                plan=None,
+                reason=f"nothing fits memory: the smallest choice needs {least:.0f} MB, the phone has {phone.memory_mb:.0f} MB",
+            )
         if c.energy_budget_j is not None:
             if any(e.energy_j is None for e in fits):
-                return PhonePlan(profile=phone.name, plan=None,
-                                 reason="an energy budget needs cpu_power_w in the profile and radio_power_w in its link")
+                return PhonePlan(
+                    profile=phone.name,
+                    plan=None,
+                    reason="an energy budget needs cpu_power_w in the profile and radio_power_w in its link",
+                )
             fits = [e for e in fits if e.energy_j <= c.energy_budget_j]
             if not fits:
-                return PhonePlan(profile=phone.name, plan=None, reason=f"no choice within the energy budget of {c.energy_budget_j:g} J")
+                return PhonePlan(
+                    profile=phone.name,
+                    plan=None,
+                    reason=f"no choice within the energy budget of {c.energy_budget_j:g} J",
+                )
         fastest = min(e.predicted["total"] for e in fits)
         limit = c.budget_s if c.budget_s is not None else fastest * (1 + c.slack)
         within = [e for e in fits if e.predicted["total"] <= limit]
         if not within:
-            return PhonePlan(profile=phone.name, plan=None,
-                             reason=f"the fastest choice takes {fastest:.1f} s, over the round budget of {c.budget_s:g} s")
+            return PhonePlan(
+                profile=phone.name,
+                plan=None,
+                reason=f"the fastest choice takes {fastest:.1f} s, over the round budget of {c.budget_s:g} s",
+            )
         best = max(within, key=Evaluated.key)
-        rule = f"the budget of {c.budget_s:g} s" if c.budget_s is not None else f"{c.slack:.0%} of the fastest ({fastest:.1f} s)"
+        rule = (
+            f"the budget of {c.budget_s:g} s"
+            if c.budget_s is not None
+            else f"{c.slack:.0%} of the fastest ({fastest:.1f} s)"
+        )
         return PhonePlan(
             profile=phone.name,
             plan=self.device_plan(best),
@@ -232,9 +271,15 @@ class Planner:
 
     def device_plan(self, e: Evaluated) -> DevicePlan:
         ch = e.choice
-        return DevicePlan(cut=ch.cut, train_from=min(ch.train_from, ch.cut), engine=ch.engine, encoding=ch.encoding,
-                          local_epochs=self.config.local_epochs, batch_size=ch.batch,
-                          predicted=dict(e.predicted))
+        return DevicePlan(
+            cut=ch.cut,
+            train_from=min(ch.train_from, ch.cut),
+            engine=ch.engine,
+            encoding=ch.encoding,
+            local_epochs=self.config.local_epochs,
+            batch_size=ch.batch,
+            predicted=dict(e.predicted),
+        )
 
     # -- entry points ----------------------------------------------------------------------
     def plan_phone(self, phone: DeviceProfile, pin: Pin = Pin(), fed_from: int | None = None) -> PhonePlan:
@@ -245,19 +290,26 @@ class Planner:
         if evaluated and not allowed:
             c = self.config
             pinned = "".join(f", {k} {v}" for k, v in (("cut", pin.cut), ("depth", pin.depth)) if v is not None)
-            return PhonePlan(profile=phone.name, plan=None, reason=(
-                f"no choice fits the run's policy (mode {c.mode}, max_train_blocks {c.max_train_blocks}, "
-                f"train_blocks {c.train_blocks}{pinned}): relax it, or pin a cut between 1 and {self.n - 1}"))
+            return PhonePlan(
+                profile=phone.name,
+                plan=None,
+                reason=(
+                    f"no choice fits the run's policy (mode {c.mode}, max_train_blocks {c.max_train_blocks}, "
+                    f"train_blocks {c.train_blocks}{pinned}): relax it, or pin a cut between 1 and {self.n - 1}"
+                ),
+            )
         return self.choose(phone, allowed)
 
     def _allowed(self, cut: int, depth: int, pin: Pin) -> bool:
         c = self.config
         whole = cut == self.n
-        return ((c.mode == "auto" or (c.mode == "federated") == whole)
-                and (c.max_train_blocks is None or depth <= c.max_train_blocks)
-                and (c.train_blocks is None or depth == c.train_blocks)
-                and (pin.cut is None or cut == pin.cut)
-                and (pin.depth is None or depth == pin.depth))
+        return (
+            (c.mode == "auto" or (c.mode == "federated") == whole)
+            and (c.max_train_blocks is None or depth <= c.max_train_blocks)
+            and (c.train_blocks is None or depth == c.train_blocks)
+            and (pin.cut is None or cut == pin.cut)
+            and (pin.depth is None or depth == pin.depth)
+        )
 
     def oracle(self, phone: DeviceProfile) -> PhonePlan:
         """The same rule over the raw product of every field (any train_from, every engine the
@@ -266,8 +318,10 @@ class Planner:
         raw = (
             Choice(cut, train_from, engine, encoding, batch)
             for cut, train_from, engine, encoding, batch in itertools.product(
-                range(first_cut, self.n + 1), range(self.n + 1), ENGINES, self.config.encodings, self.config.batches)
-            if (cut == 0 or any(i >= train_from for i in self.model.parameterised_blocks(cut))) and engine in self.engines(phone, cut, train_from)
+                range(first_cut, self.n + 1), range(self.n + 1), ENGINES, self.config.encodings, self.config.batches
+            )
+            if (cut == 0 or any(i >= train_from for i in self.model.parameterised_blocks(cut)))
+            and engine in self.engines(phone, cut, train_from)
         )
         return self.choose(phone, self.evaluate_all(phone, raw))
 
@@ -290,15 +344,22 @@ class Planner:
             if shallowest is None or shallowest == fed_from:
                 break
             fed_from = shallowest
-        return FleetPlan(model_id=self.model.model_id, block_names=self.model.block_names, edge=self.edge.name,
-                         config=self.config, phones=planned)
+        return FleetPlan(
+            model_id=self.model.model_id,
+            block_names=self.model.block_names,
+            edge=self.edge.name,
+            config=self.config,
+            phones=planned,
+        )
 
 
 def load_plan(path: Path) -> FleetPlan:
     """A fleet plan written by `fedkit plan`, validated."""
     data = read_json(path, "plan", f"fedkit plan --out {path}")
     if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
-        raise PlanError(f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: re-run `fedkit plan`")
+        raise PlanError(
+            f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: re-run `fedkit plan`"
+        )
     try:
         return FleetPlan.model_validate(data)
     except ValidationError as exc:

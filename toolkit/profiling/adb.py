@@ -30,7 +30,9 @@ def _adb(serial: str, *args: str, timeout: float = 60) -> str:
     try:
         done = subprocess.run([adb, "-s", serial, *args], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise PlanError(f"`adb {' '.join(args)}` on {serial} did not finish in {timeout:.0f} s: check the phone is awake and unlocked") from exc
+        raise PlanError(
+            f"`adb {' '.join(args)}` on {serial} did not finish in {timeout:.0f} s: check the phone is awake and unlocked"
+        ) from exc
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
         raise PlanError(
@@ -64,7 +66,13 @@ def probe_adb(
         stage_probe(Path(tmp), model, batch)
         _adb(serial, "shell", "rm", "-rf", REMOTE_DIR)
         _adb(serial, "push", f"{tmp}/.", REMOTE_DIR, timeout=TIMEOUT_S)
-    command = [python, f"{REMOTE_DIR}/probe.py", f"{REMOTE_DIR}/payload", "--repeats", str(QUICK_REPEATS if quick else FULL_REPEATS)]
+    command = [
+        python,
+        f"{REMOTE_DIR}/probe.py",
+        f"{REMOTE_DIR}/payload",
+        "--repeats",
+        str(QUICK_REPEATS if quick else FULL_REPEATS),
+    ]
     if aggregator:
         command += ["--aggregator", aggregator]
     out = _adb(serial, "shell", *command, timeout=TIMEOUT_S)

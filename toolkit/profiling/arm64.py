@@ -58,7 +58,13 @@ def probe_arm64(
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-", dir=host_tmp) as tmp:
         stage_probe(Path(tmp), model, batch)
         there = PurePosixPath("/tmp") / Path(tmp).name
-        command = ["python3", str(there / "probe.py"), str(there / "payload"), "--repeats", str(QUICK if quick else FULL)]
+        command = [
+            "python3",
+            str(there / "probe.py"),
+            str(there / "payload"),
+            "--repeats",
+            str(QUICK if quick else FULL),
+        ]
         if aggregator:
             command += ["--aggregator", aggregator]
         started = time.monotonic()
@@ -68,7 +74,9 @@ def probe_arm64(
         result = json.loads(done.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError) as exc:
         said = (done.stderr or done.stdout).strip()[-500:]
-        raise PlanError(f"the probe in the emulated arm64 phone printed no JSON (exit {done.returncode}): {said!r}") from exc
+        raise PlanError(
+            f"the probe in the emulated arm64 phone printed no JSON (exit {done.returncode}): {said!r}"
+        ) from exc
     name = name or DEFAULT_NAME
     profile = profile_from_probe(result, name, "arm64-emulated", model and model.model_id, batch)
     cpu = arm64.PHONE_CPU

@@ -22,13 +22,18 @@ OPSET = 17
 IR_VERSION = 8  # onnxruntime 1.19 reads up to IR 10; 8 also loads on older phone builds
 
 
-def _conv_kernel(batch: int, cin: int, cout: int, size: int, kernel: int, groups: int) -> tuple[onnx.ModelProto, list[int], int]:
+def _conv_kernel(
+    batch: int, cin: int, cout: int, size: int, kernel: int, groups: int
+) -> tuple[onnx.ModelProto, list[int], int]:
     w = np.random.default_rng(0).standard_normal((cout, cin // groups, kernel, kernel)).astype(np.float32)
     pad = (kernel - 1) // 2
-    node = helper.make_node("Conv", ["input", "w"], ["output"], group=groups, pads=[pad] * 4, kernel_shape=[kernel, kernel])
+    node = helper.make_node(
+        "Conv", ["input", "w"], ["output"], group=groups, pads=[pad] * 4, kernel_shape=[kernel, kernel]
+    )
     shape = [batch, cin, size, size]
     graph = helper.make_graph(
-        [node], "kernel",
+        [node],
+        "kernel",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w, "w")],
@@ -40,7 +45,8 @@ def _conv_kernel(batch: int, cin: int, cout: int, size: int, kernel: int, groups
 def _matmul_kernel(rows: int, inner: int, cols: int) -> tuple[onnx.ModelProto, list[int], int]:
     w = np.random.default_rng(0).standard_normal((inner, cols)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "w"], ["output"])], "kernel",
+        [helper.make_node("MatMul", ["input", "w"], ["output"])],
+        "kernel",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [rows, inner])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w, "w")],
@@ -73,8 +79,13 @@ def export_part(model: SplittableModel, start: int, stop: int, batch: int, path:
         # the torch.export one several: timing needs only a faithful graph
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.part(start, stop).eval(), torch.zeros(shape), str(path),
-            input_names=["input"], output_names=["output"], opset_version=OPSET, dynamo=False,
+            model.part(start, stop).eval(),
+            torch.zeros(shape),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            opset_version=OPSET,
+            dynamo=False,
         )
     return shape
 
@@ -86,11 +97,17 @@ def write_payload(folder: Path, model: SplittableModel | None = None, batch: int
     items = []
     for name, (proto, shape, flops) in kernels().items():
         onnx.save(proto, folder / f"kernel_{name}.onnx")
-        items.append({"name": name, "group": "kernel", "file": f"kernel_{name}.onnx", "input_shape": shape, "flops": flops})
+        items.append(
+            {"name": name, "group": "kernel", "file": f"kernel_{name}.onnx", "input_shape": shape, "flops": flops}
+        )
     if model is not None:
         for i, stats in enumerate(model.stats):
             file = f"block_{i:02d}.onnx"
             shape = export_part(model, i, i + 1, batch, folder / file)
-            items.append({"name": stats.name, "group": "block", "file": file, "input_shape": shape, "flops": stats.flops * batch})
-    (folder / "probe.json").write_text(json.dumps({"model_id": model.model_id if model else None, "batch": batch, "items": items}))
+            items.append(
+                {"name": stats.name, "group": "block", "file": file, "input_shape": shape, "flops": stats.flops * batch}
+            )
+    (folder / "probe.json").write_text(
+        json.dumps({"model_id": model.model_id if model else None, "batch": batch, "items": items})
+    )
     return folder

@@ -4,7 +4,14 @@
 phones, ``monitor`` follows the run over the aggregator's HTTP API, ``summary`` is what a run
 leaves for the CLI, the report and the benchmarks."""
 
-from toolkit.simulation.config import Fault, PhoneGroup, SimulationConfig, demo_config, load_simulation, parse_simulation
+from toolkit.simulation.config import (
+    Fault,
+    PhoneGroup,
+    SimulationConfig,
+    demo_config,
+    load_simulation,
+    parse_simulation,
+)
 from toolkit.errors import SimulationError
 from toolkit.simulation.run import simulate
 from toolkit.simulation.summary import RunSummary, Tick

@@ -66,9 +66,13 @@ class PhoneGroup(_Strict):
 
     @model_validator(mode="after")
     def _arm64_phones_run_what_they_have(self):
-        if self.arch == "arm64" and (self.engine not in ("plan", "numpy") or self.cut is not None or self.churn_online_s):
-            raise ValueError("an arm64 group trains its head with the numpy engine, whole model on the phone, always online: "
-                             "drop its engine, cut and churn")
+        if self.arch == "arm64" and (
+            self.engine not in ("plan", "numpy") or self.cut is not None or self.churn_online_s
+        ):
+            raise ValueError(
+                "an arm64 group trains its head with the numpy engine, whole model on the phone, always online: "
+                "drop its engine, cut and churn"
+            )
         return self
 
     @model_validator(mode="after")
@@ -152,8 +156,10 @@ class SimulationConfig(_Strict):
     @model_validator(mode="after")
     def _splitfed_engines(self):
         if self.mode != "federated" and any(g.engine == "executorch" for g in self.phones):
-            raise ValueError("SplitFed phones back-propagate the edge's gradient, which only the ort engine does: "
-                             "set engine = \"ort\" (or \"plan\") for every phone group")
+            raise ValueError(
+                "SplitFed phones back-propagate the edge's gradient, which only the ort engine does: "
+                'set engine = "ort" (or "plan") for every phone group'
+            )
         if self.mode == "federated" and any(g.cut is not None for g in self.phones):
             raise ValueError("a phone group's 'cut' is for SplitFed runs: set mode = \"splitfed\" or drop the cut")
         return self
@@ -173,8 +179,10 @@ def parse_simulation(data: dict, base_dir: Path | None = None) -> SimulationConf
     except ValidationError as exc:
         raise ConfigError(f"{describe(exc)} (fix these fields in the simulation config)") from exc
     if base_dir is not None:
-        groups = [g.model_copy(update={"profile": base_dir / g.profile}) if g.profile and not g.profile.is_absolute() else g
-                  for g in config.phones]
+        groups = [
+            g.model_copy(update={"profile": base_dir / g.profile}) if g.profile and not g.profile.is_absolute() else g
+            for g in config.phones
+        ]
         edge = base_dir / config.edge if config.edge and not config.edge.is_absolute() else config.edge
         config = config.model_copy(update={"phones": groups, "edge": edge})
     return config

@@ -56,7 +56,9 @@ class AdminClient:
 
     def post_evaluation(self, version: int, accuracy: float) -> bool:
         try:
-            self.http.post("/v1/evaluations", json={"version": version, "accuracy": accuracy, "source": "simulation"}).raise_for_status()
+            self.http.post(
+                "/v1/evaluations", json={"version": version, "accuracy": accuracy, "source": "simulation"}
+            ).raise_for_status()
             return True
         except httpx.HTTPError:
             return False
@@ -68,8 +70,16 @@ class AdminClient:
 class Monitor:
     """Follows the run until it is done: evaluates versions, injects faults, tracks phones."""
 
-    def __init__(self, config: SimulationConfig, run_dir: Path, aggregator: AggregatorProcess, procs: dict[str, PhoneProcess],
-                 evaluator: Evaluator, admin_token: str, on_tick: Callable[[Tick], None]):
+    def __init__(
+        self,
+        config: SimulationConfig,
+        run_dir: Path,
+        aggregator: AggregatorProcess,
+        procs: dict[str, PhoneProcess],
+        evaluator: Evaluator,
+        admin_token: str,
+        on_tick: Callable[[Tick], None],
+    ):
         self.config, self.run_dir, self.aggregator = config, run_dir, aggregator
         self.procs, self.evaluator, self.on_tick = procs, evaluator, on_tick
         self.admin = AdminClient(aggregator.url, admin_token)
@@ -97,7 +107,9 @@ class Monitor:
         while True:
             now = time.time()
             if now - self.t0 > self.config.timeout_s:
-                raise SimulationError(f"the run did not finish within timeout_s = {self.config.timeout_s:.0f} s; see {self.run_dir}")
+                raise SimulationError(
+                    f"the run did not finish within timeout_s = {self.config.timeout_s:.0f} s; see {self.run_dir}"
+                )
             self.status = self.admin.status() or self.status
             self._read_events()
             self._faults(now)
@@ -110,9 +122,13 @@ class Monitor:
                 if not any(p.alive() for p in self.procs.values()) or now - done_at > PHONE_EXIT_GRACE_S:
                     break
             if not self.aggregator.alive() and not self.restarts:
-                raise SimulationError(f"the aggregator exited on its own (code {self.aggregator.proc.returncode}); see {self.run_dir}/aggregator.log")
+                raise SimulationError(
+                    f"the aggregator exited on its own (code {self.aggregator.proc.returncode}); see {self.run_dir}/aggregator.log"
+                )
             if not any(p.alive() for p in self.procs.values()) and not self.restarts and not done:
-                raise SimulationError(f"every phone has stopped before the run was done; see {self.run_dir}/phones/*/phone.log")
+                raise SimulationError(
+                    f"every phone has stopped before the run was done; see {self.run_dir}/phones/*/phone.log"
+                )
             time.sleep(POLL_S)
         self._read_events()
 
@@ -149,13 +165,22 @@ class Monitor:
             accuracy = self.evaluator.accuracy(tensors)
             self.accuracy = accuracy
             rnd = by_version.get(v)
-            self.metrics.write(json.dumps({
-                "version": v, "round": rnd.round if rnd else None, "stage": rnd.stage if rnd else None,
-                "accuracy": accuracy, "updates": rnd.reports if rnd else 0, "samples": rnd.samples if rnd else 0,
-                "elapsed_s": round((rnd.closed if rnd and rnd.closed else time.time()) - self.t0, 2),
-                "round_s": round(rnd.closed - rnd.opened, 2) if rnd and rnd.closed else None,
-                **self._round_costs(rnd.round if rnd else None),
-            }) + "\n")
+            self.metrics.write(
+                json.dumps(
+                    {
+                        "version": v,
+                        "round": rnd.round if rnd else None,
+                        "stage": rnd.stage if rnd else None,
+                        "accuracy": accuracy,
+                        "updates": rnd.reports if rnd else 0,
+                        "samples": rnd.samples if rnd else 0,
+                        "elapsed_s": round((rnd.closed if rnd and rnd.closed else time.time()) - self.t0, 2),
+                        "round_s": round(rnd.closed - rnd.opened, 2) if rnd and rnd.closed else None,
+                        **self._round_costs(rnd.round if rnd else None),
+                    }
+                )
+                + "\n"
+            )
             self.pending_evals.append((v, accuracy))
             self.evaluated += 1
         self.pending_evals = [(v, a) for v, a in self.pending_evals if not self.admin.post_evaluation(v, a)]
@@ -193,7 +218,9 @@ class Monitor:
             code = proc.returncode
             if code not in (None, 0, -signal.SIGKILL) and device not in self.crashed:
                 self.crashed[device] = code
-                self._log_fault({"kind": "phone_exit", "phone": device, "detail": f"exited with code {code}; see its phone.log"})
+                self._log_fault(
+                    {"kind": "phone_exit", "phone": device, "detail": f"exited with code {code}; see its phone.log"}
+                )
 
     # -- faults ----------------------------------------------------------------------------
     def _faults(self, now: float) -> None:
@@ -208,8 +235,14 @@ class Monitor:
                 if started and started[0] >= f.round and now >= started[1] + f.after_s and self.procs[f.phone].alive():
                     self.todo.remove(f)
                     self.procs[f.phone].kill()
-                    self._log_fault({"kind": "kill_phone", "phone": f.phone, "round": started[0],
-                                     "detail": f"SIGKILL {now - started[1]:.1f} s into training round {started[0]}"})
+                    self._log_fault(
+                        {
+                            "kind": "kill_phone",
+                            "phone": f.phone,
+                            "round": started[0],
+                            "detail": f"SIGKILL {now - started[1]:.1f} s into training round {started[0]}",
+                        }
+                    )
                     self.restarts.append((now + f.down_s, self.procs[f.phone].start, f"{f.phone} restarted"))
             elif f.kind == "kill_aggregator":
                 rnd = self._current()
@@ -220,10 +253,17 @@ class Monitor:
                         accepted = self.status.updates_accepted
                         self.aggregator.kill()
                         self.status = None  # what it said before the kill may be stale now
-                        self._log_fault({"kind": "kill_aggregator", "round": rnd.round,
-                                         "detail": f"SIGKILL mid-round with {accepted} updates accepted ({rnd.reports} in round {rnd.round})",
-                                         "accepted_before": accepted})
-                        self.restarts.append((now + f.down_s, self.aggregator.start, "aggregator restarted on the same database"))
+                        self._log_fault(
+                            {
+                                "kind": "kill_aggregator",
+                                "round": rnd.round,
+                                "detail": f"SIGKILL mid-round with {accepted} updates accepted ({rnd.reports} in round {rnd.round})",
+                                "accepted_before": accepted,
+                            }
+                        )
+                        self.restarts.append(
+                            (now + f.down_s, self.aggregator.start, "aggregator restarted on the same database")
+                        )
 
     def _log_fault(self, entry: dict) -> None:
         entry = {"t": round(time.time(), 3), "elapsed_s": round(time.time() - self.t0, 2), **entry}

@@ -51,17 +51,29 @@ def fleet_phones(config: SimulationConfig) -> list[Phone]:
     return phones
 
 
-def phone_spec(config: SimulationConfig, phone: Phone, index: int, phone_dir: Path, fastest_gflops: float, t0: float,
-               shape: LinkShape) -> PhoneSpec:
+def phone_spec(
+    config: SimulationConfig,
+    phone: Phone,
+    index: int,
+    phone_dir: Path,
+    fastest_gflops: float,
+    t0: float,
+    shape: LinkShape,
+) -> PhoneSpec:
     """How ``phone`` is emulated: its compute slowed to its class's speed relative to the
     fastest, its memory capped, its link shaped, its offline windows and faults. An arm64
     phone's compute is its real emulated compute, unshaped and uncapped."""
     offline = churn(config.seed * 1000 + index, config.timeout_s, *phone.churn) if phone.churn else ()
     relative = config.compute == "relative" and not phone.arm64
     return PhoneSpec(
-        phone_dir=str(phone_dir), device_id=phone.device_id, phone_class=phone.profile.name,
+        phone_dir=str(phone_dir),
+        device_id=phone.device_id,
+        phone_class=phone.profile.name,
         compute_factor=round(fastest_gflops / phone.profile.gflops, 3) if relative else 1.0,
-        memory_mb=phone.profile.memory_mb if config.memory_cap and not phone.arm64 else None, link=shape, offline=offline, t0=t0,
+        memory_mb=phone.profile.memory_mb if config.memory_cap and not phone.arm64 else None,
+        link=shape,
+        offline=offline,
+        t0=t0,
         duplicate_posts=any(f.kind == "duplicate_pushes" and f.phone == phone.device_id for f in config.faults),
     )
 
@@ -70,7 +82,8 @@ def link_windows(config: SimulationConfig, device_id: str, t0: float) -> tuple[L
     """The config's link faults that hit ``device_id`` (or every phone), in unix time."""
     return tuple(
         LinkWindow(t0 + f.after_s, t0 + f.after_s + f.duration_s, f.delay_ms, f.loss)
-        for f in config.faults if f.kind == "link" and f.phone in (None, device_id)
+        for f in config.faults
+        if f.kind == "link" and f.phone in (None, device_id)
     )
 
 

@@ -61,8 +61,11 @@ def plan_config(config: SimulationConfig, num_phones: int) -> PlanConfig:
     counts the edge's blocks too)."""
     head_only = config.mode == "federated" and config.depth == "head"
     return PlanConfig(
-        samples=max(1, config.train_images // num_phones), batch_size=config.batch_size, encodings=(config.encoding,),
-        slack=config.planner_slack, mode=config.mode,
+        samples=max(1, config.train_images // num_phones),
+        batch_size=config.batch_size,
+        encodings=(config.encoding,),
+        slack=config.planner_slack,
+        mode=config.mode,
         max_train_blocks=None if head_only else config.max_train_blocks,
         train_blocks=config.train_blocks if head_only else None,
         stage_depths=(config.train_blocks,) if config.depth == "plan" else (),
@@ -86,8 +89,12 @@ def plan_fleet(config: SimulationConfig, phones: list[Phone], on_step: Callable[
     return fleet, f"{edge.name}: {edge.gflops:.0f} GFLOP/s, {where}"
 
 
-def simulate(config: SimulationConfig, run_dir: str | Path, on_tick: Callable[[Tick], None] = lambda t: None,
-             on_step: Callable[[str], None] = lambda s: None) -> RunSummary:
+def simulate(
+    config: SimulationConfig,
+    run_dir: str | Path,
+    on_tick: Callable[[Tick], None] = lambda t: None,
+    on_step: Callable[[str], None] = lambda s: None,
+) -> RunSummary:
     """Runs the simulation into ``run_dir`` (must not exist, or be empty); returns the summary."""
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -121,14 +128,23 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
     export_plan_bundles(fleet, run_dir / "bundles", lambda step, done, total: on_step(f"exporting: {step}"))
     bundles = read_index(run_dir / "bundles")
     on_step("splitting the data")
-    shards = write_shards(run_dir / "shards", [p.device_id for p in phones], config.partition, alpha=config.alpha,
-                          seed=config.seed, train_images=config.train_images)
+    shards = write_shards(
+        run_dir / "shards",
+        [p.device_id for p in phones],
+        config.partition,
+        alpha=config.alpha,
+        seed=config.seed,
+        train_images=config.train_images,
+    )
     on_step("writing the run config")
     sections = {"seed": config.seed, "fedavg": {"deadline_s": config.deadline_s, "min_reports": config.min_reports}}
     if has_splitfed(fleet):  # every phone may have a batch at the edge at once; one copy per phone
         sections["splitfed"] = {"workers": config.edge_workers, "queue": len(phones), "max_copies": len(phones)}
-    run_toml = write_run(run_config(fleet, config.name, [s.model_dump(exclude_none=True) for s in config.stages], **sections),
-                         fleet, run_dir / "run")
+    run_toml = write_run(
+        run_config(fleet, config.name, [s.model_dump(exclude_none=True) for s in config.stages], **sections),
+        fleet,
+        run_dir / "run",
+    )
 
     on_step("test-set features for evaluation")
     model = load_model(config.model)
@@ -157,17 +173,27 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
         for i, phone in enumerate(phones):
             phone_dir = run_dir / "phones" / phone.device_id
             if phone.arm64:
-                phone_path = PurePosixPath("/opt/fedkit/sim") / f"{config.name}-{int(t0)}-{os.getpid()}" / phone.device_id
+                phone_path = (
+                    PurePosixPath("/opt/fedkit/sim") / f"{config.name}-{int(t0)}-{os.getpid()}" / phone.device_id
+                )
                 phone_dir = inside[phone.device_id] = arm64_phone.host_path(phone_path)
             url, prefix, shape, link_modes[phone.device_id] = _link(config, phone, aggregator, network, t0)
             credential = run_dir / "credentials" / f"{phone.device_id}.json"
             credential.parent.mkdir(exist_ok=True)
             Credential(url, phone.device_id, enrol_token=tokens[i]).save(credential)
-            deploy(bundles[phone.profile.name], f"local:{phone_dir}", run_dir / "shards" / f"{phone.device_id}.npz", credential)
+            deploy(
+                bundles[phone.profile.name],
+                f"local:{phone_dir}",
+                run_dir / "shards" / f"{phone.device_id}.npz",
+                credential,
+            )
             specs[phone.device_id] = phone_spec(config, phone, i, phone_dir, fastest, t0, shape)
             specs[phone.device_id].save(phone_dir / "spec.json")
-            procs[phone.device_id] = (Arm64PhoneProcess(arm64_phone, phone_path, phone_dir) if phone.arm64
-                                      else PhoneProcess(phone_dir / "spec.json", phone_dir, prefix))
+            procs[phone.device_id] = (
+                Arm64PhoneProcess(arm64_phone, phone_path, phone_dir)
+                if phone.arm64
+                else PhoneProcess(phone_dir / "spec.json", phone_dir, prefix)
+            )
         setup_s = time.time() - t_setup
         on_step("training")
         t_train = time.time()
@@ -192,24 +218,43 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
         device_predictions = {d: predicted[by_device[d].profile.name] for d in by_device}
         measured = {row.device_id: row for row in against_plan(monitor.final_status, device_predictions)}
     summary = RunSummary(
-        name=config.name, model=config.model, mode=config.mode, depth=config.depth, test_images=config.test_images,
+        name=config.name,
+        model=config.model,
+        mode=config.mode,
+        depth=config.depth,
+        test_images=config.test_images,
         edge=edge_note,
         phones=[
             PhoneSummary(
-                device_id=d, phone_class=s.phone_class, compute_factor=s.compute_factor, address_space_mb=s.address_space_mb(),
-                link=link_modes[d], bundles=[b.name for b in bundles[by_device[d].profile.name]], samples=shards[d]["images"],
-                starts=procs[d].starts, exit_code=procs[d].returncode, offline_windows=len(s.offline),
-                peak_rss_mb=monitor.peak_rss.get(d), predicted=predicted[s.phone_class],
+                device_id=d,
+                phone_class=s.phone_class,
+                compute_factor=s.compute_factor,
+                address_space_mb=s.address_space_mb(),
+                link=link_modes[d],
+                bundles=[b.name for b in bundles[by_device[d].profile.name]],
+                samples=shards[d]["images"],
+                starts=procs[d].starts,
+                exit_code=procs[d].returncode,
+                offline_windows=len(s.offline),
+                peak_rss_mb=monitor.peak_rss.get(d),
+                predicted=predicted[s.phone_class],
                 measured_round_s=measured[d].measured_s if d in measured else None,
                 measured_up_bytes=measured[d].measured_up if d in measured else None,
                 measured_down_bytes=measured[d].measured_down if d in measured else None,
             )
             for d, s in specs.items()
         ],
-        compute_note=("each phone's local round is slowed to (fastest class GFLOP/s / its GFLOP/s) x the time this host took"
-                      if config.compute == "relative" else "phones run at host speed"),
-        setup_s=round(setup_s, 1), train_s=round(train_s, 1), wall_s=round(time.time() - t_setup, 1),
-        netem=network is not None and network.netem, reference=central_reference(config.model), **outcome,
+        compute_note=(
+            "each phone's local round is slowed to (fastest class GFLOP/s / its GFLOP/s) x the time this host took"
+            if config.compute == "relative"
+            else "phones run at host speed"
+        ),
+        setup_s=round(setup_s, 1),
+        train_s=round(train_s, 1),
+        wall_s=round(time.time() - t_setup, 1),
+        netem=network is not None and network.netem,
+        reference=central_reference(config.model),
+        **outcome,
     )
     summary.save(run_dir)
     on_step("writing the report")
@@ -218,8 +263,9 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
     return summary
 
 
-def _link(config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess, network: "NamespaceNetwork | None",
-          t0: float) -> tuple[str, list[str], LinkShape, str]:
+def _link(
+    config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess, network: "NamespaceNetwork | None", t0: float
+) -> tuple[str, list[str], LinkShape, str]:
     """The phone's aggregator URL, its command prefix (a network namespace), its in-process link
     shape, and how its link is shaped, in words."""
     if phone.arm64:  # the phone shares this host's network namespace: loopback reaches the aggregator
@@ -229,7 +275,12 @@ def _link(config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess,
     if not config.shape_links or link is None:
         return aggregator.url, [], LinkShape(windows=windows), "none"
     if network is None:
-        return aggregator.url, [], LinkShape(link.uplink_mbps, link.downlink_mbps, link.rtt_ms, windows=windows), "in-process"
+        return (
+            aggregator.url,
+            [],
+            LinkShape(link.uplink_mbps, link.downlink_mbps, link.rtt_ms, windows=windows),
+            "in-process",
+        )
     net = network.add_phone(link.uplink_mbps, link.downlink_mbps, link.rtt_ms)
     shape = LinkShape(rtt_ms=0.0 if network.netem else link.rtt_ms, windows=windows)
     mode = "netns + tc tbf" + (" + netem" if network.netem else ", RTT in-process (no netem in this kernel)")
@@ -258,4 +309,3 @@ def _uninterrupted():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-

@@ -98,8 +98,10 @@ class RunSummary(BaseModel):
         except FileNotFoundError as exc:
             raise FedkitError(f"{run_dir} holds no {SUMMARY}: it is not a finished fedkit simulate run folder") from exc
         if data.get("schema_version") != SCHEMA_VERSION:
-            raise FedkitError(f"{path} has schema version {data.get('schema_version')!r}, this fedkit reads "
-                              f"{SCHEMA_VERSION}: run the simulation again with this fedkit")
+            raise FedkitError(
+                f"{path} has schema version {data.get('schema_version')!r}, this fedkit reads "
+                f"{SCHEMA_VERSION}: run the simulation again with this fedkit"
+            )
         return cls.model_validate(data)
 
 
@@ -113,5 +115,8 @@ def central_reference(model: str) -> Reference | None:
         return None
     if data.get("config", {}).get("model", model) != model:
         return None
-    return Reference(final_accuracy=data["figures"]["final_accuracy"], test_accuracy=data["figures"]["test_accuracy"],
-                     source="benchmarks/results/central.json")
+    return Reference(
+        final_accuracy=data["figures"]["final_accuracy"],
+        test_accuracy=data["figures"]["test_accuracy"],
+        source="benchmarks/results/central.json",
+    )

@@ -162,7 +162,7 @@ class SplitFedEdge:
     ):
         if coordinator.config.mode != "fedavg":
             raise ConfigError(
-                f"SplitFed needs synchronous rounds, the run's mode is {coordinator.config.mode!r}: set mode = \"fedavg\""
+                f'SplitFed needs synchronous rounds, the run\'s mode is {coordinator.config.mode!r}: set mode = "fedavg"'
             )
         self.coordinator = coordinator
         self.model = model
@@ -253,9 +253,19 @@ class SplitFedEdge:
             name = self.model.block_names[cut - 1]
             header = UpdateHeader(EDGE_ID, h.round, h.base_version, len(labels), kind="gradient")
             rng = np.random.default_rng([h.round, batch])  # stochastic rounding: same batch, same bytes
-            reply = encode(header, {name: grad, LOSS: np.float32(loss)}, {name: message.encodings[name], LOSS: "fp32"}, rng=rng)
+            reply = encode(
+                header, {name: grad, LOSS: np.float32(loss)}, {name: message.encodings[name], LOSS: "fp32"}, rng=rng
+            )
             kept.last_batch, kept.last_reply = batch, reply
-        self._count(device_id, cut, h.round, batches=1, samples=len(labels), gradient_bytes=len(reply), edge_seconds=edge_seconds)
+        self._count(
+            device_id,
+            cut,
+            h.round,
+            batches=1,
+            samples=len(labels),
+            gradient_bytes=len(reply),
+            edge_seconds=edge_seconds,
+        )
         return BatchReply("trained", 200, body=reply)
 
     def delta(self, device_id: str, round_: int, phone_tensors: set[str]) -> dict[str, np.ndarray] | str | None:
@@ -298,7 +308,8 @@ class SplitFedEdge:
         names = [n for n in message.tensors if n != LABELS]
         if LABELS not in message.tensors or len(names) != 1:
             return _refused(
-                422, f"message holds {sorted(message.tensors)}: send 'labels' and one activation named after the phone's last block"
+                422,
+                f"message holds {sorted(message.tensors)}: send 'labels' and one activation named after the phone's last block",
             )
         (name,) = names
         blocks = self.model.block_names
@@ -331,9 +342,13 @@ class SplitFedEdge:
             if rnd.closed is not None or current.round != rnd.round:
                 return _refused(409, f"round {h.round} is closed; pull a new task")
             if h.base_version != rnd.base_version:
-                return _refused(422, f"round {h.round} trains from version {rnd.base_version}, the message says {h.base_version}")
+                return _refused(
+                    422, f"round {h.round} trains from version {rnd.base_version}, the message says {h.base_version}"
+                )
             if store.has_report(device_id, h.round):
-                return _refused(409, f"this device already pushed its update for round {h.round}; wait for the next task")
+                return _refused(
+                    409, f"this device already pushed its update for round {h.round}; wait for the next task"
+                )
         return self.coordinator.config.stages[rnd.stage], self._global_tensors(rnd.base_version)
 
     def _global_tensors(self, version: int) -> dict[str, np.ndarray]:
@@ -348,7 +363,9 @@ class SplitFedEdge:
         return tensors
 
     # -- per-phone state -------------------------------------------------------------------
-    def _new_copy(self, device_id: str, round_: int, cut: int, base: dict[str, np.ndarray], stage: Stage) -> _Copy | BatchReply:
+    def _new_copy(
+        self, device_id: str, round_: int, cut: int, base: dict[str, np.ndarray], stage: Stage
+    ) -> _Copy | BatchReply:
         part = copy.deepcopy(self.model.edge_part(cut)).eval()
         missing = [name for name, _ in part.named_parameters() if name not in base]
         if missing:
@@ -381,7 +398,14 @@ class SplitFedEdge:
             t = self._traffic.get(device_id)
             if t is None:
                 t = self._traffic[device_id] = PhoneTraffic(
-                    device_id=device_id, cut=cut, round=round_, batches=0, samples=0, retries=0, activation_bytes=0, gradient_bytes=0
+                    device_id=device_id,
+                    cut=cut,
+                    round=round_,
+                    batches=0,
+                    samples=0,
+                    retries=0,
+                    activation_bytes=0,
+                    gradient_bytes=0,
                 )
             t.cut, t.round = cut, round_
             for key, value in add.items():

@@ -60,7 +60,7 @@ def delta(value: float, names=tuple(SHAPES)) -> dict[str, np.ndarray]:
     return {name: np.full(SHAPES[name], value, np.float32) for name in names}
 
 
-def payload(device_id: str, round_: int, base_version: int, tensors: dict, num_samples: int = 10, encoding: str = "fp32") -> bytes:
+def payload(
+    device_id: str, round_: int, base_version: int, tensors: dict, num_samples: int = 10, encoding: str = "fp32"
+) -> bytes:
     return encode(UpdateHeader(device_id, round_, base_version, num_samples), tensors, encoding)
-
-

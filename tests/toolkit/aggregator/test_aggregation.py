@@ -94,7 +94,9 @@ def test_chunked_robust_aggregation_equals_the_whole_at_once(n, sizes, budget, m
     items = []
     for _ in range(n):
         names = [f"t{i}" for i in range(len(sizes)) if rng.random() < 0.7] or ["t0"]
-        items.append(Contribution({name: rng.standard_normal(sizes[int(name[1:])]).astype(np.float32) for name in names}, 1))
+        items.append(
+            Contribution({name: rng.standard_normal(sizes[int(name[1:])]).astype(np.float32) for name in names}, 1)
+        )
     # Execute: a tiny budget forces many chunks
     chunked = aggregate(lambda: iter(items), method=method, budget_floats=budget)
     whole = aggregate(lambda: iter(items), method=method, budget_floats=10**9)

@@ -23,8 +23,15 @@ def small_run(tmp_path):
     state = load_model("small_cnn").root.state_dict()
     head = {name: state[name].numpy() for name in HEAD}
     (tmp_path / "weights.bin").write_bytes(encode(UpdateHeader("init", 0, 0, 1, kind="weights"), head, "fp32"))
-    config = parse_config({"name": "cli", "weights": "weights.bin", "model": "small_cnn",
-                           "stages": [{"name": "head", "rounds": 3, "lr": 0.1}]}, tmp_path)
+    config = parse_config(
+        {
+            "name": "cli",
+            "weights": "weights.bin",
+            "model": "small_cnn",
+            "stages": [{"name": "head", "rounds": 3, "lr": 0.1}],
+        },
+        tmp_path,
+    )
     co = Coordinator(config, Store(config.default_db()), Clock())
     co.start()
     enrol(co, "a")
@@ -74,10 +81,13 @@ def test_export_global_refuses_a_model_that_does_not_fit(small_run):
     assert result.exit_code == 1 and "does not fit model" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["status", "--db", "nowhere.sqlite"], "no aggregator database"),
-    (["serve", "--config", "missing.toml"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["status", "--db", "nowhere.sqlite"], "no aggregator database"),
+        (["serve", "--config", "missing.toml"], "does not exist"),
+    ],
+)
 def test_failures_are_one_line_and_exit_1(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and message in result.output

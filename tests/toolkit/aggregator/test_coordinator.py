@@ -48,8 +48,12 @@ def test_tensors_are_averaged_over_the_phones_that_train_them(coordinator):
 
 
 def test_over_selection_hands_out_extra_tasks_and_a_late_straggler_is_stale(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 1, "over_selection": 1.5},
-                          stages=[{"name": "s", "rounds": 5, "lr": 0.1, "participation": 0.5}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        fedavg={"min_reports": 1, "over_selection": 1.5},
+        stages=[{"name": "s", "rounds": 5, "lr": 0.1, "participation": 0.5}],
+    )
     for d in "abcd":
         enrol(co, d)
     # 4 available, participation 0.5: 2 reports wanted, 3 tasks handed out
@@ -74,8 +78,12 @@ def test_at_the_deadline_a_round_closes_with_min_reports(coordinator, clock):
 
 
 def test_past_the_deadline_without_min_reports_the_round_waits_for_any_phone(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 2, "deadline_s": 10, "over_selection": 1.0},
-                          stages=[{"name": "s", "rounds": 5, "lr": 0.1, "participation": 0.3}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        fedavg={"min_reports": 2, "deadline_s": 10, "over_selection": 1.0},
+        stages=[{"name": "s", "rounds": 5, "lr": 0.1, "participation": 0.3}],
+    )
     for d in "abc":
         enrol(co, d)
     assert co.task_for("a")["status"] == "task"
@@ -91,8 +99,13 @@ def test_past_the_deadline_without_min_reports_the_round_waits_for_any_phone(tmp
 
 
 def test_participation_counts_only_phones_seen_recently(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 1, "over_selection": 1.0},
-                          limits={"seen_window_s": 100}, stages=[{"name": "s", "rounds": 5, "lr": 0.1}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        fedavg={"min_reports": 1, "over_selection": 1.0},
+        limits={"seen_window_s": 100},
+        stages=[{"name": "s", "rounds": 5, "lr": 0.1}],
+    )
     credential = enrol(co, "a")
     for d in "bcd":
         enrol(co, d)
@@ -162,26 +175,43 @@ def test_a_reporter_waits_and_a_task_is_repeated_until_pushed(coordinator):
 
 
 def test_stages_advance_and_the_run_finishes(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 1},
-                          stages=[{"name": "head", "rounds": 1, "lr": 0.1, "encoding": "int8"},
-                                  {"name": "deep", "rounds": 1, "lr": 0.01, "encoding": "int4", "trainable_blocks": 3,
-                                   "local_epochs": 2}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        fedavg={"min_reports": 1},
+        stages=[
+            {"name": "head", "rounds": 1, "lr": 0.1, "encoding": "int8"},
+            {"name": "deep", "rounds": 1, "lr": 0.01, "encoding": "int4", "trainable_blocks": 3, "local_epochs": 2},
+        ],
+    )
     enrol(co, "a")
     task = co.task_for("a")
     assert (task["stage"], task["lr"], task["encoding"]) == ("head", 0.1, "int8")
     co.push("a", "k1", payload("a", 1, 0, delta(1.0)), None)
     task = co.task_for("a")
-    assert (task["stage"], task["stage_index"], task["lr"], task["encoding"], task["trainable_blocks"], task["local_epochs"]) == (
-        "deep", 1, 0.01, "int4", 3, 2)
+    assert (
+        task["stage"],
+        task["stage_index"],
+        task["lr"],
+        task["encoding"],
+        task["trainable_blocks"],
+        task["local_epochs"],
+    ) == ("deep", 1, 0.01, "int4", 3, 2)
     co.push("a", "k2", payload("a", 2, 1, delta(1.0)), None)
     assert co.task_for("a") == {"status": "done"}
     assert co.store.get_meta("done") == "1"
 
 
 def test_a_stage_ends_on_a_plateau_of_evaluated_accuracy(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 1},
-                          stages=[{"name": "head", "rounds": 50, "lr": 0.1, "plateau_patience": 1, "plateau_min_delta": 0.01},
-                                  {"name": "deep", "rounds": 1, "lr": 0.01}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        fedavg={"min_reports": 1},
+        stages=[
+            {"name": "head", "rounds": 50, "lr": 0.1, "plateau_patience": 1, "plateau_min_delta": 0.01},
+            {"name": "deep", "rounds": 1, "lr": 0.01},
+        ],
+    )
     enrol(co, "a")
     stages = []
     for i, accuracy in enumerate([0.5, 0.7, 0.7, 0.7]):
@@ -196,8 +226,13 @@ def test_a_stage_ends_on_a_plateau_of_evaluated_accuracy(tmp_path, clock):
 
 
 def test_fedbuff_makes_a_version_every_k_updates_and_refuses_too_stale_ones(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, mode="fedbuff", fedbuff={"buffer_size": 2, "max_staleness": 1},
-                          stages=[{"name": "s", "rounds": 10, "lr": 0.1}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        mode="fedbuff",
+        fedbuff={"buffer_size": 2, "max_staleness": 1},
+        stages=[{"name": "s", "rounds": 10, "lr": 0.1}],
+    )
     for d in "abcd":
         enrol(co, d)
     old = {d: co.task_for(d) for d in "abcd"}  # everyone trains from version 0, round 1
@@ -239,7 +274,9 @@ def test_a_database_from_other_initial_weights_is_refused(tmp_path, clock):
     from toolkit.aggregator.coordinator import Coordinator
     from toolkit.aggregator.store import Store
 
-    config = parse_config({"name": "test", "weights": "weights.bin", "stages": [{"name": "h", "rounds": 1, "lr": 0.1}]}, tmp_path)
+    config = parse_config(
+        {"name": "test", "weights": "weights.bin", "stages": [{"name": "h", "rounds": 1, "lr": 0.1}]}, tmp_path
+    )
     with pytest.raises(StoreError, match="other initial weights"):
         Coordinator(config, Store(config.default_db()), clock).start()
 
@@ -250,17 +287,26 @@ def test_initial_weights_must_be_a_weights_file(tmp_path, clock):
     from toolkit.aggregator.store import Store
 
     (tmp_path / "w.bin").write_bytes(b"not a codec file at all")
-    config = parse_config({"name": "t", "weights": "w.bin", "stages": [{"name": "h", "rounds": 1, "lr": 0.1}]}, tmp_path)
+    config = parse_config(
+        {"name": "t", "weights": "w.bin", "stages": [{"name": "h", "rounds": 1, "lr": 0.1}]}, tmp_path
+    )
     with pytest.raises(ConfigError, match="not a codec weights file"):
         Coordinator(config, Store(config.default_db()), clock).start()
-    config = parse_config({"name": "t", "weights": "missing.bin", "stages": [{"name": "h", "rounds": 1, "lr": 0.1}]}, tmp_path)
+    config = parse_config(
+        {"name": "t", "weights": "missing.bin", "stages": [{"name": "h", "rounds": 1, "lr": 0.1}]}, tmp_path
+    )
     with pytest.raises(ConfigError, match="cannot be read"):
         Coordinator(config, Store(config.default_db()), clock).start()
 
 
 def test_a_robust_round_ignores_one_poisoned_update(tmp_path, clock):
-    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 5}, robust={"aggregator": "median"},
-                          stages=[{"name": "s", "rounds": 2, "lr": 0.1}])
+    co = make_coordinator(
+        tmp_path,
+        clock,
+        fedavg={"min_reports": 5},
+        robust={"aggregator": "median"},
+        stages=[{"name": "s", "rounds": 2, "lr": 0.1}],
+    )
     for i, value in enumerate([1.0, 1.0, 1.0, 1.0, 500.0]):
         enrol(co, f"p{i}")
         pull_and_push(co, f"p{i}", value)

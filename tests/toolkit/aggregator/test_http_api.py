@@ -76,7 +76,9 @@ def test_status_and_evaluations_need_an_admin_token(client, coordinator):
     assert client.get("/v1/task", headers=admin).status_code == 403
     status = client.get("/v1/status", headers=admin).json()
     assert (status["round"], status["stage"], status["devices"]) == (1, "head", 1)
-    assert client.post("/v1/evaluations", json={"version": 0, "accuracy": 0.4}, headers=admin).json() == {"status": "recorded"}
+    assert client.post("/v1/evaluations", json={"version": 0, "accuracy": 0.4}, headers=admin).json() == {
+        "status": "recorded"
+    }
     assert client.post("/v1/evaluations", json={"version": 9, "accuracy": 0.4}, headers=admin).status_code == 404
     bad = client.post("/v1/evaluations", json={"version": 0, "accuracy": 4}, headers=admin)
     assert bad.status_code == 422 and bad.json()["status"] == "rejected" and "accuracy" in bad.json()["reason"]

@@ -110,10 +110,36 @@ def test_profile_measures_the_link_to_a_real_server_and_plan_uses_it(server, tmp
     profile = measure_local(quick=True, aggregator=server.url, name="here")
     profile.save(profiles / "here.json")
     runner = CliRunner()
-    planned = runner.invoke(cli, ["plan", "--profiles", str(profiles), "--model", "small_cnn", "--edge", str(edge),
-                                  "--out", str(tmp_path / "own.json")])
-    on_3g = runner.invoke(cli, ["plan", "--profiles", str(profiles), "--model", "small_cnn", "--edge", str(edge),
-                                "--link", "3g", "--out", str(tmp_path / "3g.json")])
+    planned = runner.invoke(
+        cli,
+        [
+            "plan",
+            "--profiles",
+            str(profiles),
+            "--model",
+            "small_cnn",
+            "--edge",
+            str(edge),
+            "--out",
+            str(tmp_path / "own.json"),
+        ],
+    )
+    on_3g = runner.invoke(
+        cli,
+        [
+            "plan",
+            "--profiles",
+            str(profiles),
+            "--model",
+            "small_cnn",
+            "--edge",
+            str(edge),
+            "--link",
+            "3g",
+            "--out",
+            str(tmp_path / "3g.json"),
+        ],
+    )
 
     # Assert: a measured link, and the plan's transfers follow it unless --link replaces it
     link = profile.link

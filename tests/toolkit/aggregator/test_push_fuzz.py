@@ -17,9 +17,14 @@ from toolkit.aggregator.app import create_app
 
 ENCODINGS = ["fp32", "fp16", "int8", "int4", "sign1", "topk"]  # of the mutated payloads
 
+
 def fuzz(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
 
 
 @contextmanager
@@ -49,7 +54,9 @@ def test_control_a_target_like_the_fuzzed_one_accepts_the_unmutated_payload(tmp_
     # Without this, the tests below would pass on a target that refuses every push
     with fuzz_target(tmp_path) as (loop, client, headers, co):
         body = payload("a", 1, 0, delta(0.01), encoding=encoding)
-        r = loop.run_until_complete(client.post("/v1/updates", content=body, headers={**headers, "Idempotency-Key": "k"}))
+        r = loop.run_until_complete(
+            client.post("/v1/updates", content=body, headers={**headers, "Idempotency-Key": "k"})
+        )
         assert r.json()["status"] == "accepted", r.json()
         assert [u.device_id for u in co.store.updates()] == ["a"]
 
@@ -65,10 +72,11 @@ def push(target, body, key="k", accuracy=None):
     assert co.store.count_pending() == 0
 
 
-
-
 @fuzz(400)
-@given(body=st.binary(max_size=5000), key=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=0, max_size=140))
+@given(
+    body=st.binary(max_size=5000),
+    key=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=0, max_size=140),
+)
 def test_random_bytes_and_keys(target, body, key):
     push(target, body, key or "k")
 

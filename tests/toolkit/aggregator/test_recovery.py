@@ -28,7 +28,7 @@ PATIENT = RetryPolicy(attempts=40, base_s=0.1, cap_s=1.0)
 
 
 def write_toml(path: Path, data: dict) -> None:
-    lines = [f'{k} = {json.dumps(v)}' for k, v in data.items() if not isinstance(v, (dict, list))]
+    lines = [f"{k} = {json.dumps(v)}" for k, v in data.items() if not isinstance(v, (dict, list))]
     for k, v in data.items():
         if isinstance(v, dict):
             lines += [f"[{k}]"] + [f"{kk} = {json.dumps(vv)}" for kk, vv in v.items()]
@@ -43,7 +43,11 @@ def server(tmp_path):
 
     def make(extra_args=(), **config) -> AggregatorProcess:
         write_toml(tmp_path / "run.toml", run_config(tmp_path, **config))
-        made.append(AggregatorProcess(tmp_path / "run.toml", tmp_path / "agg.sqlite", tmp_path / "server.log", extra_args=extra_args))
+        made.append(
+            AggregatorProcess(
+                tmp_path / "run.toml", tmp_path / "agg.sqlite", tmp_path / "server.log", extra_args=extra_args
+            )
+        )
         return made[-1]
 
     yield make
@@ -56,8 +60,10 @@ def raw_push(url: str, credential: str, body: bytes, key: str, send: int | None 
     link) right after sending. ``send`` bytes of the body only: the push is still in flight."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=5)
-    head = (f"POST /v1/updates HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {credential}\r\n"
-            f"Idempotency-Key: {key}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST /v1/updates HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {credential}\r\n"
+        f"Idempotency-Key: {key}\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + body[: len(body) if send is None else send])
     return sock
 
@@ -193,10 +199,31 @@ def test_the_server_logs_one_json_line_per_event(server, tmp_path):
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_with_a_certificate_and_key(server, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    srv = server(extra_args=("--certfile", str(cert), "--keyfile", str(key)), stages=[{"name": "head", "rounds": 1, "lr": 0.1}])
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    srv = server(
+        extra_args=("--certfile", str(cert), "--keyfile", str(key)), stages=[{"name": "head", "rounds": 1, "lr": 0.1}]
+    )
     (token,) = srv.issue_tokens(1)
     srv.start()
     with SyncClient(srv.url.replace("http://", "https://"), retry=PATIENT, verify=str(cert)) as c:

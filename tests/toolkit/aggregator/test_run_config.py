@@ -76,8 +76,13 @@ def test_missing_and_broken_files_are_config_errors(tmp_path):
         load_config(bad)
 
 
-SPLITFED = {"name": "s", "weights": "w.bin", "model": "small_cnn", "splitfed": {"workers": 3},
-            "stages": [{"name": "a", "rounds": 1, "lr": 0.1}]}
+SPLITFED = {
+    "name": "s",
+    "weights": "w.bin",
+    "model": "small_cnn",
+    "splitfed": {"workers": 3},
+    "stages": [{"name": "a", "rounds": 1, "lr": 0.1}],
+}
 
 
 def test_a_splitfed_section_is_read_with_defaults():

@@ -64,8 +64,16 @@ def test_an_unopenable_path_is_a_store_error(tmp_path):
 def test_pending_updates_are_read_inside_a_transaction_only(tmp_path):
     store = Store(tmp_path / "db.sqlite")
     for device in ("b", "a"):
-        store.add_update(device_id=device, idem_key="k", round_=1, base_version=0, num_samples=5, accuracy=None,
-                         blob=device.encode(), now=1.0)
+        store.add_update(
+            device_id=device,
+            idem_key="k",
+            round_=1,
+            base_version=0,
+            num_samples=5,
+            accuracy=None,
+            blob=device.encode(),
+            now=1.0,
+        )
     with pytest.raises(InternalError):
         next(store.iter_pending(1))
     with store.transaction():

@@ -16,7 +16,16 @@ from device_runtime.split_trainer import LABELS, LOSS, SplitTrainer
 from toolkit.aggregator.coordinator import AGGREGATOR_ID
 from toolkit.errors import PlanError
 from toolkit.models import load_model
-from toolkit.planning import Calibration, Choice, CostModel, Pin, PlanConfig, Planner, fit_calibration, shipped_calibration
+from toolkit.planning import (
+    Calibration,
+    Choice,
+    CostModel,
+    Pin,
+    PlanConfig,
+    Planner,
+    fit_calibration,
+    shipped_calibration,
+)
 from toolkit.planning.cost import ACTIVATION_ENCODING, KINDS, PartTiming, block_costs, predict_block, predict_part
 from toolkit.profiling import BlockTiming, DeviceProfile, Link, links
 from toolkit.splitfed import initial_weights
@@ -28,8 +37,15 @@ N = len(MODEL.block_names)
 
 
 def _phone(gflops=20.0, up=9.0, down=30.0, rtt=40.0, **changes) -> DeviceProfile:
-    return DeviceProfile(name="p", source="catalog", cpu_cores=8, gflops=gflops, memory_mb=900,
-                         link=Link(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt), **changes)
+    return DeviceProfile(
+        name="p",
+        source="catalog",
+        cpu_cores=8,
+        gflops=gflops,
+        memory_mb=900,
+        link=Link(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt),
+        **changes,
+    )
 
 
 EDGE = _phone(gflops=200.0)
@@ -105,15 +121,29 @@ def test_measured_block_timings_take_precedence():
 
 
 def test_calibration_recovers_known_costs():
-    truth = Calibration(model_id="small_cnn", host_gflops=100.0, op_overhead=2e6, run_overhead=5e5, run_byte_cost=3.0,
-                        cost={"conv": 1.0, "pointwise": 1.3, "depthwise": 8.0, "linear": 1.1, "elementwise": 0.5,
-                              "weight_reads": 2.0})
+    truth = Calibration(
+        model_id="small_cnn",
+        host_gflops=100.0,
+        op_overhead=2e6,
+        run_overhead=5e5,
+        run_byte_cost=3.0,
+        cost={"conv": 1.0, "pointwise": 1.3, "depthwise": 8.0, "linear": 1.1, "elementwise": 0.5, "weight_reads": 2.0},
+    )
     costs = block_costs(MODEL)
     profiles = [
-        DeviceProfile(name="host", source="local", cpu_cores=2, gflops=100.0, memory_mb=1000,
-                      kernel_gflops={"conv": 100.0, "depthwise": 100 / 8, "pointwise": 100 / 1.3, "matmul": 100 / 1.1},
-                      block_timings=(BlockTiming(model_id="small_cnn", batch=b,
-                                                 seconds={c.name: predict_block(c, truth, 100.0, b) for c in costs}),))
+        DeviceProfile(
+            name="host",
+            source="local",
+            cpu_cores=2,
+            gflops=100.0,
+            memory_mb=1000,
+            kernel_gflops={"conv": 100.0, "depthwise": 100 / 8, "pointwise": 100 / 1.3, "matmul": 100 / 1.1},
+            block_timings=(
+                BlockTiming(
+                    model_id="small_cnn", batch=b, seconds={c.name: predict_block(c, truth, 100.0, b) for c in costs}
+                ),
+            ),
+        )
         for b in (1, 32)
     ]
     spans = [(0, N, 1), (0, N, 32), (0, 2, 32), (2, N, 1)]
@@ -142,6 +172,7 @@ def test_shipped_calibration_says_depthwise_is_less_efficient():
 
 
 # -- every byte a round moves ------------------------------------------------------------------
+
 
 def _header_bytes(header: UpdateHeader) -> int:
     """The container's JSON header, which encoded_size leaves out (it depends on the sender)."""
@@ -178,7 +209,8 @@ def test_a_head_phone_downloads_the_fleets_whole_global_blob(model_id, fed_from)
     # and the round's download time prices those bytes
     slow = _phone(down=1.0)
     assert cost.round_time(head, slow, EDGE, 1000, fed_from=fed_from)["download"] == pytest.approx(
-        slow.link.rtt_ms / 2000 + in_fleet["down_bytes"] * 8 / 1e6)
+        slow.link.rtt_ms / 2000 + in_fleet["down_bytes"] * 8 / 1e6
+    )
 
 
 @pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8", "int4", "sign1", "topk"])
@@ -188,7 +220,9 @@ def test_upload_is_the_real_encoded_update(encoding):
     shapes = {name: shape for c in COST.costs[1:] for name, shape in c.param_shapes.items()}
     header = UpdateHeader("phone-7", 3, 2, 1000)
 
-    payload = encode(header, {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}, encoding, rng=rng)
+    payload = encode(
+        header, {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}, encoding, rng=rng
+    )
 
     assert COST.transfer_bytes(choice, samples=1000)["up_bytes"] == len(payload) - _header_bytes(header)
 
@@ -202,11 +236,18 @@ def test_splitfed_moves_int8_activations_up_and_gradients_down_every_batch():
     up = down = 0
     for size in (32, 32, 6):  # messages as SplitTrainer and the edge write them
         header = UpdateHeader("phone-7", 3, 2, size, kind="activation")
-        act = encode(header, {name: rng.standard_normal((size, *shape)).astype(np.float32), LABELS: np.zeros(size, np.float32)},
-                     {name: "int8", LABELS: "fp32"}, rng=rng)
-        grad = encode(UpdateHeader(EDGE_ID, 3, 2, size, kind="gradient"),
-                      {name: rng.standard_normal((size, *shape)).astype(np.float32), LOSS: np.float32(0.5)},
-                      {name: "int8", LOSS: "fp32"}, rng=rng)
+        act = encode(
+            header,
+            {name: rng.standard_normal((size, *shape)).astype(np.float32), LABELS: np.zeros(size, np.float32)},
+            {name: "int8", LABELS: "fp32"},
+            rng=rng,
+        )
+        grad = encode(
+            UpdateHeader(EDGE_ID, 3, 2, size, kind="gradient"),
+            {name: rng.standard_normal((size, *shape)).astype(np.float32), LOSS: np.float32(0.5)},
+            {name: "int8", LOSS: "fp32"},
+            rng=rng,
+        )
         up += len(act) - _header_bytes(header)
         down += len(grad) - _header_bytes(UpdateHeader(EDGE_ID, 3, 2, size, kind="gradient"))
 
@@ -232,8 +273,15 @@ def test_features_run_once_a_round_and_training_every_epoch():
 
 
 def _fleet_phone(name, gflops, link):
-    return DeviceProfile(name=name, source="catalog", cpu_cores=8, gflops=gflops, memory_mb=2000,
-                         engines=("ort", "executorch"), link=links()[link])
+    return DeviceProfile(
+        name=name,
+        source="catalog",
+        cpu_cores=8,
+        gflops=gflops,
+        memory_mb=2000,
+        engines=("ort", "executorch"),
+        link=links()[link],
+    )
 
 
 def test_the_planner_prices_every_phone_with_the_fleets_download():
@@ -254,7 +302,9 @@ def test_the_planner_prices_every_phone_with_the_fleets_download():
     for phone in (deep, head):
         plan = planned[phone.name].plan
         choice = Choice(plan.cut, plan.train_from, plan.engine, plan.encoding, plan.batch_size)
-        assert plan.predicted["down_bytes"] == planner.cost.transfer_bytes(choice, 3000, fed_from=fed_from)["down_bytes"]
+        assert (
+            plan.predicted["down_bytes"] == planner.cost.transfer_bytes(choice, 3000, fed_from=fed_from)["down_bytes"]
+        )
         assert planned[phone.name] == planner.plan_phone(phone, pins.get(phone.name, Pin()), fed_from=fed_from)
     # a fleet of one is priced as the phone alone
     assert planner.plan([head]).phones[0].plan == alone["head"]

@@ -22,8 +22,16 @@ EDGE = DeviceProfile(name="edge", source="local", cpu_cores=2, gflops=200.0, mem
 
 
 def _phone(name: str, gflops: float = 20.0, memory_mb: float = 900.0, link: str = "4g") -> DeviceProfile:
-    return DeviceProfile(name=name, source="catalog", cpu_cores=8, gflops=gflops, memory_mb=memory_mb,
-                         engines=("ort",), link=links()[link], cpu_power_w=3.0)
+    return DeviceProfile(
+        name=name,
+        source="catalog",
+        cpu_cores=8,
+        gflops=gflops,
+        memory_mb=memory_mb,
+        engines=("ort",),
+        link=links()[link],
+        cpu_power_w=3.0,
+    )
 
 
 def test_export_from_a_plan_writes_one_bundle_per_choice_and_the_phone_index(tmp_path):
@@ -46,7 +54,11 @@ def test_export_from_a_plan_writes_one_bundle_per_choice_and_the_phone_index(tmp
         manifest = Bundle.load(tmp_path / "out" / folders[0]).manifest  # verifies every hash
         planned = by_phone[phone]
         assert (manifest.plan.cut, manifest.plan.train_from, manifest.plan.encoding, manifest.plan.batch_size) == (
-            planned.cut, planned.train_from, planned.encoding, planned.batch_size)
+            planned.cut,
+            planned.train_from,
+            planned.encoding,
+            planned.batch_size,
+        )
     assert "no bundle for x" in result.output
 
 
@@ -68,8 +80,9 @@ def test_stage_depths_give_whole_model_phones_a_shallower_bundle_too(tmp_path):
 
 def test_a_plan_is_checked_whole_before_anything_is_exported_and_the_cache_is_reused(tmp_path, monkeypatch):
     fleet = Planner(load_model("small_cnn"), EDGE, PlanConfig(slack=0.0)).plan([_phone("a")])
-    bad = fleet.model_copy(update={"phones": [fleet.phones[0].model_copy(
-        update={"plan": replace(fleet.phones[0].plan, encoding="int3")})]})
+    bad = fleet.model_copy(
+        update={"phones": [fleet.phones[0].model_copy(update={"plan": replace(fleet.phones[0].plan, encoding="int3")})]}
+    )
     with pytest.raises(PlanError, match="int3"):
         export_plan_bundles(bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
@@ -155,12 +168,15 @@ def _relabel(path):  # still a valid manifest, every file still matching it: onl
     path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage", [
-    pytest.param(lambda entry: _flip_last_byte(next(entry.glob("*.onnx"))), id="model file altered"),
-    pytest.param(lambda entry: next(entry.glob("*.onnx")).unlink(), id="model file missing"),
-    pytest.param(lambda entry: _relabel(entry / "manifest.json"), id="manifest edited"),
-    pytest.param(lambda entry: (entry / "manifest.json").write_text("{"), id="manifest truncated"),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda entry: _flip_last_byte(next(entry.glob("*.onnx"))), id="model file altered"),
+        pytest.param(lambda entry: next(entry.glob("*.onnx")).unlink(), id="model file missing"),
+        pytest.param(lambda entry: _relabel(entry / "manifest.json"), id="manifest edited"),
+        pytest.param(lambda entry: (entry / "manifest.json").write_text("{"), id="manifest truncated"),
+    ],
+)
 def test_a_damaged_cache_entry_is_exported_again(exports, one_torch_thread, damage):
     model = load_model("small_cnn")
     plan = head_plan(model)

@@ -18,8 +18,23 @@ def _edge(tmp_path):
 
 
 def test_plan_catalogue_classes_writes_a_plan_and_a_table(tmp_path):
-    result = runner.invoke(app, ["plan", "--catalog", "--classes", "entry-2018,flagship-2024", "--link", "3g",
-                                 "--model", "small_cnn", "--edge", str(_edge(tmp_path)), "--out", str(tmp_path / "plan.json")])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--catalog",
+            "--classes",
+            "entry-2018,flagship-2024",
+            "--link",
+            "3g",
+            "--model",
+            "small_cnn",
+            "--edge",
+            str(_edge(tmp_path)),
+            "--out",
+            str(tmp_path / "plan.json"),
+        ],
+    )
 
     assert result.exit_code == 0, result.output
     plan = load_plan(tmp_path / "plan.json")
@@ -36,8 +51,20 @@ def test_plan_profiles_folder_reports_infeasible_phones(tmp_path):
     phone.save(folder / "ok.json")
     phone.model_copy(update={"name": "tiny", "memory_mb": 5}).save(folder / "tiny.json")
 
-    result = runner.invoke(app, ["plan", "--profiles", str(folder), "--model", "small_cnn",
-                                 "--edge", str(_edge(tmp_path)), "--out", str(tmp_path / "plan.json")])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--profiles",
+            str(folder),
+            "--model",
+            "small_cnn",
+            "--edge",
+            str(_edge(tmp_path)),
+            "--out",
+            str(tmp_path / "plan.json"),
+        ],
+    )
 
     assert result.exit_code == 0, result.output
     assert "tiny infeasible" in result.output and "nothing fits memory" in result.output

@@ -18,8 +18,16 @@ EDGE = DeviceProfile(name="edge", source="local", cpu_cores=2, gflops=200.0, mem
 
 
 def _phone(name="p", gflops=20.0, memory_mb=900.0, link="4g", engines=("ort", "executorch")) -> DeviceProfile:
-    return DeviceProfile(name=name, source="catalog", cpu_cores=8, gflops=gflops, memory_mb=memory_mb,
-                         engines=engines, link=links()[link], cpu_power_w=3.0)
+    return DeviceProfile(
+        name=name,
+        source="catalog",
+        cpu_cores=8,
+        gflops=gflops,
+        memory_mb=memory_mb,
+        engines=engines,
+        link=links()[link],
+        cpu_power_w=3.0,
+    )
 
 
 def _planner(**config) -> Planner:
@@ -54,10 +62,12 @@ def test_nothing_fits_is_reported_not_dropped():
 
 
 def test_no_engine_and_energy_budget_without_power_are_reported():
-    fleet = _planner(energy_budget_j=1e9).plan([
-        _phone("no-engine", engines=()),
-        DeviceProfile(name="no-power", source="local", cpu_cores=2, gflops=20, memory_mb=900, link=links()["4g"]),
-    ])
+    fleet = _planner(energy_budget_j=1e9).plan(
+        [
+            _phone("no-engine", engines=()),
+            DeviceProfile(name="no-power", source="local", cpu_cores=2, gflops=20, memory_mb=900, link=links()["4g"]),
+        ]
+    )
 
     assert "no engine" in fleet.phones[0].reason
     assert "cpu_power_w" in fleet.phones[1].reason
@@ -110,7 +120,7 @@ def test_executorch_only_for_linear_heads_without_backward_from():
     on_executorch = [choice for choice in planner.candidates(phone) if choice.engine == "executorch"]
     assert on_executorch  # the phone has the engine: some choices use it
     for choice in on_executorch:
-        trained = MODEL.block_names[choice.train_from:choice.cut]
+        trained = MODEL.block_names[choice.train_from : choice.cut]
         assert set(trained) <= {"pool", "classifier"}
         assert choice.cut == N or choice.train_from == choice.cut
 
@@ -203,7 +213,7 @@ def test_executorch_only_profile_gets_linear_heads_or_nothing():
     # Assert: every choice trains a linear head at the end of the model (no backward_from)
     assert choices and {c.engine for c in choices} == {"executorch"}
     for choice in choices:
-        assert choice.cut == N and set(MODEL.block_names[choice.train_from:]) <= {"pool", "classifier"}
+        assert choice.cut == N and set(MODEL.block_names[choice.train_from :]) <= {"pool", "classifier"}
     assert chosen.plan.engine == "executorch" and chosen.plan.cut == N
     assert chosen == planner.oracle(executorch_only)
     assert chosen.trainable_blocks < deeper.trainable_blocks  # ort could train deeper: never planned here
@@ -247,7 +257,9 @@ def test_a_phone_that_only_runs_the_numpy_engine_trains_its_head_and_nothing_dee
     # an arm64 phone: ONNX Runtime's inference build only, so a linear head trained in numpy
     phone = _phone(engines=("numpy",))
     planned = _planner(slack=10.0).plan_phone(phone)
-    assert planned.plan.engine == "numpy" and planned.plan.cut == len(MODEL.block_names) and planned.trainable_blocks == 1
+    assert (
+        planned.plan.engine == "numpy" and planned.plan.cut == len(MODEL.block_names) and planned.trainable_blocks == 1
+    )
     assert _planner(slack=10.0).oracle(phone) == planned
     deeper = _planner(train_blocks=2).plan_phone(phone)
     assert deeper.plan is None

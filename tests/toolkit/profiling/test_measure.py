@@ -110,10 +110,13 @@ def test_probe_engine_check_agrees_with_device_runtime():
     assert probe.engines_present() == (["ort"] if runtime.returncode == 0 else []) + ["numpy"]
 
 
-@pytest.mark.parametrize(("init", "engines"), [
-    ("class InferenceSession:\n    pass\n", ["numpy"]),  # an inference build (arm64's wheel): the numpy head engine
-    ("# not even an inference session\n", []),  # nothing that runs a model: no engine
-])
+@pytest.mark.parametrize(
+    ("init", "engines"),
+    [
+        ("class InferenceSession:\n    pass\n", ["numpy"]),  # an inference build (arm64's wheel): the numpy head engine
+        ("# not even an inference session\n", []),  # nothing that runs a model: no engine
+    ],
+)
 def test_an_onnxruntime_without_its_training_api_lists_only_numpy(tmp_path, init, engines):
     """An arm64 phone's onnxruntime wheel has no training API: the probe lists numpy (a linear
     head trained in numpy, the frozen part on ONNX Runtime inference), never ort, and never
@@ -123,8 +126,9 @@ def test_an_onnxruntime_without_its_training_api_lists_only_numpy(tmp_path, init
     (fake / "__init__.py").write_text(init)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
 
-    done = subprocess.run([sys.executable, probe.__file__, "--repeats", "1"], capture_output=True, text=True,
-                          timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, probe.__file__, "--repeats", "1"], capture_output=True, text=True, timeout=120, env=env
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)

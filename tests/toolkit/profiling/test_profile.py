@@ -12,8 +12,14 @@ from toolkit.profiling import BlockTiming, DeviceProfile, Link, load_profiles
 
 def _profile(**changes) -> DeviceProfile:
     fields = dict(
-        name="phone-a", source="adb", cpu_cores=8, gflops=20.5, kernel_gflops={"conv": 20.5, "depthwise": 2.0},
-        memory_mb=900, engines=("ort",), link=Link(uplink_mbps=9, downlink_mbps=30, rtt_ms=40),
+        name="phone-a",
+        source="adb",
+        cpu_cores=8,
+        gflops=20.5,
+        kernel_gflops={"conv": 20.5, "depthwise": 2.0},
+        memory_mb=900,
+        engines=("ort",),
+        link=Link(uplink_mbps=9, downlink_mbps=30, rtt_ms=40),
         block_timings=(BlockTiming(model_id="small_cnn", batch=32, seconds={"features.0": 0.001}),),
     )
     return DeviceProfile(**{**fields, **changes})

@@ -33,7 +33,9 @@ def test_group_needs_exactly_one_of_class_and_profile():
 
 def test_unknown_field_is_named(tmp_path):
     path = tmp_path / "sim.toml"
-    path.write_text('name = "x"\nroundz = 3\n[[phones]]\nclass = "mid-2022"\n[[stages]]\nname = "s"\nrounds = 1\nlr = 0.01\n')
+    path.write_text(
+        'name = "x"\nroundz = 3\n[[phones]]\nclass = "mid-2022"\n[[stages]]\nname = "s"\nrounds = 1\nlr = 0.01\n'
+    )
     with pytest.raises(ConfigError, match="roundz"):
         load_simulation(path)
 
@@ -50,9 +52,11 @@ def test_missing_file_says_what_to_do(tmp_path):
 
 
 def test_a_pinned_cut_needs_a_splitfed_run():
-    with pytest.raises(ConfigError, match="mode = \"splitfed\""):
+    with pytest.raises(ConfigError, match='mode = "splitfed"'):
         parse_simulation({**BASE, "phones": [{"class": "mid-2022", "cut": 3}]})
-    assert parse_simulation({**BASE, "mode": "splitfed", "phones": [{"class": "mid-2022", "cut": 3}]}).phones[0].cut == 3
+    assert (
+        parse_simulation({**BASE, "mode": "splitfed", "phones": [{"class": "mid-2022", "cut": 3}]}).phones[0].cut == 3
+    )
 
 
 def test_splitfed_phones_cannot_run_executorch():

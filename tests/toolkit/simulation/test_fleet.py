@@ -58,8 +58,13 @@ def test_small_federation_completes_above_chance_with_a_report(tmp_path):
 
 
 def test_aggregator_killed_mid_round_loses_no_accepted_update(tmp_path):
-    summary = run(tmp_path, faults=[{"kind": "kill_aggregator", "round": 2, "after_s": 0.0, "down_s": 1.5},
-                                    {"kind": "duplicate_pushes", "phone": "phone-2"}])
+    summary = run(
+        tmp_path,
+        faults=[
+            {"kind": "kill_aggregator", "round": 2, "after_s": 0.0, "down_s": 1.5},
+            {"kind": "duplicate_pushes", "phone": "phone-2"},
+        ],
+    )
     check_finished(summary, tmp_path / "run")
     kinds = [f["kind"] for f in summary["faults"]]
     assert "kill_aggregator" in kinds and "restart" in kinds
@@ -68,12 +73,20 @@ def test_aggregator_killed_mid_round_loses_no_accepted_update(tmp_path):
 
 
 def test_phone_killed_mid_training_resumes_over_a_lossy_link_with_churn(tmp_path):
-    churning = [{"class": "flagship-2023", "count": 2}, {"class": "low-2022", "count": 2, "churn_online_s": 3, "churn_offline_s": 1}]
-    summary = run(tmp_path, phones=churning,
-                  # from round 1: a small_cnn round can start and finish between two polls of the
-                  # fleet, and the kill then waits for the next round; three rounds, three chances
-                  faults=[{"kind": "kill_phone", "phone": "phone-3", "round": 1, "after_s": 0.0, "down_s": 0.5},
-                          {"kind": "link", "after_s": 0.0, "duration_s": 10.0, "delay_ms": 50, "loss": 0.2}])
+    churning = [
+        {"class": "flagship-2023", "count": 2},
+        {"class": "low-2022", "count": 2, "churn_online_s": 3, "churn_offline_s": 1},
+    ]
+    summary = run(
+        tmp_path,
+        phones=churning,
+        # from round 1: a small_cnn round can start and finish between two polls of the
+        # fleet, and the kill then waits for the next round; three rounds, three chances
+        faults=[
+            {"kind": "kill_phone", "phone": "phone-3", "round": 1, "after_s": 0.0, "down_s": 0.5},
+            {"kind": "link", "after_s": 0.0, "duration_s": 10.0, "delay_ms": 50, "loss": 0.2},
+        ],
+    )
     check_finished(summary, tmp_path / "run")
     phone = next(p for p in summary["phones"] if p["device_id"] == "phone-3")
     assert phone["starts"] == 2 and phone["exit_code"] == 0

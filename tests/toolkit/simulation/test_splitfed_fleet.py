@@ -19,17 +19,22 @@ def three_cuts(**extra):
     import torch
 
     torch.manual_seed(0)  # small_cnn's backbone comes from torch's global generator
-    return parse_simulation({
-        "model": "small_cnn",
-        "mode": "splitfed",
-        "train_images": 1800,
-        "partition": "iid",
-        "deadline_s": 60,
-        "phones": [{"class": "flagship-2023", "cut": CUTS[0]}, {"class": "mid-2022", "cut": CUTS[1]},
-                   {"class": "low-2022", "cut": CUTS[2]}],
-        "stages": [{"name": "all", "rounds": 2, "lr": 0.1, "local_epochs": 2}],
-        **extra,
-    })
+    return parse_simulation(
+        {
+            "model": "small_cnn",
+            "mode": "splitfed",
+            "train_images": 1800,
+            "partition": "iid",
+            "deadline_s": 60,
+            "phones": [
+                {"class": "flagship-2023", "cut": CUTS[0]},
+                {"class": "mid-2022", "cut": CUTS[1]},
+                {"class": "low-2022", "cut": CUTS[2]},
+            ],
+            "stages": [{"name": "all", "rounds": 2, "lr": 0.1, "local_epochs": 2}],
+            **extra,
+        }
+    )
 
 
 def test_splitfed_fleet_with_three_cuts_completes_above_chance(tmp_path):
@@ -55,8 +60,12 @@ def test_splitfed_fleet_with_three_cuts_completes_above_chance(tmp_path):
 def test_aggregator_killed_mid_splitfed_round_restarts_the_phones_rounds_and_loses_nothing(tmp_path):
     # the low-end phones compute 2-3 times slower: when the flagship's update is accepted, they
     # are mid-round, and the kill lands while the edge holds their copies
-    config = three_cuts(name="splitfed-kill", test_images=500, timeout_s=180,
-                        faults=[{"kind": "kill_aggregator", "round": 1, "after_s": 0.0, "down_s": 0.5}])
+    config = three_cuts(
+        name="splitfed-kill",
+        test_images=500,
+        timeout_s=180,
+        faults=[{"kind": "kill_aggregator", "round": 1, "after_s": 0.0, "down_s": 0.5}],
+    )
     run_dir = tmp_path / "run"
 
     summary = simulate(config, run_dir).model_dump()
@@ -67,7 +76,11 @@ def test_aggregator_killed_mid_splitfed_round_restarts_the_phones_rounds_and_los
     (kill,) = [f for f in summary["faults"] if f["kind"] == "kill_aggregator"]
     assert kill["round"] == 1 and kill["accepted_before"] < 3
     # ... phones that were mid-round were told to start over, and did
-    trains = [json.loads(line) for p in (run_dir / "phones").iterdir() for line in (p / "events.jsonl").read_text().splitlines()]
+    trains = [
+        json.loads(line)
+        for p in (run_dir / "phones").iterdir()
+        for line in (p / "events.jsonl").read_text().splitlines()
+    ]
     restarted = [e for e in trains if e["event"] == "train" and e["round"] == 1 and e["restarts"] > 0]
     pushes_restarted = [e for e in trains if e["event"] == "upload" and e["status"] == "restart"]
     assert restarted or pushes_restarted, "no phone was mid-round when the aggregator was killed"

@@ -51,8 +51,16 @@ def make_run(
             "weights": "weights.bin",
             "fedavg": {"min_reports": min_reports, "deadline_s": 3600},
             "limits": {"requests_per_s": 10_000, "burst": 10_000},  # one request per batch
-            "stages": [{"name": "all", "rounds": rounds, "lr": lr, "momentum": 0.9, "batch_size": batch_size,
-                        "local_epochs": local_epochs}],
+            "stages": [
+                {
+                    "name": "all",
+                    "rounds": rounds,
+                    "lr": lr,
+                    "momentum": 0.9,
+                    "batch_size": batch_size,
+                    "local_epochs": local_epochs,
+                }
+            ],
         },
         folder,
     )
@@ -69,11 +77,20 @@ def enrol(coordinator: Coordinator, device_id: str) -> str:
 
 
 def shard(folder: Path, data, start: int, count: int) -> Path:
-    return write_shard(folder / f"shard-{start}-{count}.npz", data.images[start : start + count], data.labels[start : start + count])
+    return write_shard(
+        folder / f"shard-{start}-{count}.npz", data.images[start : start + count], data.labels[start : start + count]
+    )
 
 
 def activation_message(
-    model: SplittableModel, device_id: str, round_: int, base_version: int, cut: int, n: int = 4, seed: int = 0, encoding: str = "int8"
+    model: SplittableModel,
+    device_id: str,
+    round_: int,
+    base_version: int,
+    cut: int,
+    n: int = 4,
+    seed: int = 0,
+    encoding: str = "int8",
 ) -> bytes:
     """A batch of ``n`` random activations at ``cut`` with random labels."""
     rng = np.random.default_rng(seed)
@@ -86,7 +103,9 @@ def activation_message(
     return encode(header, tensors, {name: encoding, "labels": "fp32"}, rng=rng)
 
 
-def one_step_from(model: SplittableModel, weights: dict[str, np.ndarray], cut: int, message: bytes, lr: float, momentum: float = 0.9):
+def one_step_from(
+    model: SplittableModel, weights: dict[str, np.ndarray], cut: int, message: bytes, lr: float, momentum: float = 0.9
+):
     """The edge's part at ``cut`` loaded with ``weights`` after one SGD step on ``message``,
     computed here, independently of the edge: name → tensor."""
     part = copy.deepcopy(model.edge_part(cut)).eval()
@@ -95,5 +114,10 @@ def one_step_from(model: SplittableModel, weights: dict[str, np.ndarray], cut: i
             p.copy_(torch.from_numpy(weights[name]))
     tensors = decode(message).tensors
     activation = tensors[model.block_names[cut - 1]]
-    edge_step(part, torch.optim.SGD(part.parameters(), lr=lr, momentum=momentum), activation, tensors["labels"].astype(np.int64))
+    edge_step(
+        part,
+        torch.optim.SGD(part.parameters(), lr=lr, momentum=momentum),
+        activation,
+        tensors["labels"].astype(np.int64),
+    )
     return {name: p.detach().numpy() for name, p in part.named_parameters()}

@@ -93,7 +93,12 @@ def test_gradients_through_every_mobilenet_cut_equal_the_unsplit_models(smooth_m
     model = smooth_mobilenet
     assert list(MOBILENET_SPLIT_CUTS) == model.cuts[1:-1]
     train_from = model.train_from(cut, 1)
-    export_bundle(model, DevicePlan(cut=cut, train_from=train_from, batch_size=BATCH), tmp_path / "bundle", label_names=LABEL_NAMES)
+    export_bundle(
+        model,
+        DevicePlan(cut=cut, train_from=train_from, batch_size=BATCH),
+        tmp_path / "bundle",
+        label_names=LABEL_NAMES,
+    )
     g = torch.Generator().manual_seed(cut)
     x, y = torch.randn(BATCH, *model.input_shape, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
@@ -176,7 +181,9 @@ def test_messages_that_do_not_fit_are_refused(run, model):
         "signed for device 'b'": message(good.tensors, device_id="b"),
         "takes 'activation'": message(good.tensors, kind="delta"),
         "send 'labels'": message({"features.2": act}),
-        "not the output of a block": message({"classifier": np.zeros((4, 10), np.float32), "labels": good.tensors["labels"]}),
+        "not the output of a block": message(
+            {"classifier": np.zeros((4, 10), np.float32), "labels": good.tensors["labels"]}
+        ),
         "do not fit 4 samples": message({"features.2": act[:, :8], "labels": good.tensors["labels"]}),
         "class indices": message({"features.2": act, "labels": np.array([0, 1, 2, 10], np.float32)}),
     }
@@ -232,7 +239,13 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
         bundle = Bundle.load(small_cnn_bundle(cut, train_blocks))
         task = Task(**Assignment.from_json(started(coordinator, device_id)).task_fields(bundle.manifest.plan))
         exchange = lambda batch, body, d=device_id: edge.train_batch(d, batch, body).body  # noqa: E731
-        trainer = SplitTrainer(bundle, shard(tmp_path, fashion_train, 100 * i, n), exchange, workdir=tmp_path / device_id, device_id=device_id)
+        trainer = SplitTrainer(
+            bundle,
+            shard(tmp_path, fashion_train, 100 * i, n),
+            exchange,
+            workdir=tmp_path / device_id,
+            device_id=device_id,
+        )
 
         # Execute
         result = trainer.run_round(task, v0)
@@ -253,7 +266,9 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
     held = {name: sum(name in t for _, t in copies.values()) for name in v0}
     # features.0 trains on p1 only (frozen on the others); features.1 on p1's edge copy and on p3;
     # features.2 on p1's edge copy, p3 and p4; the classifier on the three edge copies
-    assert [held[n] for n in ("features.0.0.weight", "features.1.0.weight", "features.2.0.weight", "classifier.weight")] == [1, 2, 3, 3]
+    assert [
+        held[n] for n in ("features.0.0.weight", "features.1.0.weight", "features.2.0.weight", "classifier.weight")
+    ] == [1, 2, 3, 3]
     assert set(copies["p1"][1]) == set(v0)  # phone p1 trains features.0, its edge copy the rest
 
     # Round 2: the edge drops round 1's copies and starts a phone's copy from the new global model
@@ -286,21 +301,32 @@ def test_an_edge_that_lost_the_phones_round_answers_restart_and_batch_0_starts_i
     # Assert: a definite answer, not a copy missing batches 0 and 1; batch 0 starts from the base
     assert (lost.code, lost.status) == (409, "restart")
     assert "no state for round 1" in lost.reason and "send batch 0" in lost.reason
-    assert first.status == "trained" and (gap.code, gap.status) == (409, "restart") and "cannot follow batch 0" in gap.reason
+    assert (
+        first.status == "trained"
+        and (gap.code, gap.status) == (409, "restart")
+        and "cannot follow batch 0" in gap.reason
+    )
     once = one_step_from(model, v0, 3, again, lr=0.05)
     for name, d in restarted.delta("a", 1, set()).items():
         np.testing.assert_allclose(v0[name] + d, once[name], rtol=1e-5, atol=1e-6, err_msg=name)
     restarted.close()
 
 
-def test_a_splitfed_push_whose_edge_part_was_lost_is_answered_restart(run, model, small_cnn_bundle, fashion_train, tmp_path):
+def test_a_splitfed_push_whose_edge_part_was_lost_is_answered_restart(
+    run, model, small_cnn_bundle, fashion_train, tmp_path
+):
     # Prepare: a phone trains its round, then the aggregator restarts before its push
     coordinator, edge = run
     bundle = Bundle.load(small_cnn_bundle(3, 3))
     task = Task(**Assignment.from_json(started(coordinator, "a")).task_fields(bundle.manifest.plan))
     v0 = decode(coordinator.weights(0)[0]).tensors
-    trainer = SplitTrainer(bundle, shard(tmp_path, fashion_train, 0, 40),
-                           lambda batch, body: edge.train_batch("a", batch, body).body, workdir=tmp_path / "a", device_id="a")
+    trainer = SplitTrainer(
+        bundle,
+        shard(tmp_path, fashion_train, 0, 40),
+        lambda batch, body: edge.train_batch("a", batch, body).body,
+        workdir=tmp_path / "a",
+        device_id="a",
+    )
     encoded = trainer.encode_update(task, trainer.run_round(task, v0))
     restarted = SplitFedEdge(coordinator, model)
 

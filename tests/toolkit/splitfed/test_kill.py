@@ -31,8 +31,12 @@ def phone_folder(root: Path, url: str, token: str, bundle: Path, shard_path: Pat
 
 def start_phone(folder: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "device_runtime.phone_loop", str(folder)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "device_runtime.phone_loop", str(folder)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def train(folder: Path, model, bundle: Path, shard_path: Path, kills, wait_for) -> tuple[dict, object, object, list]:

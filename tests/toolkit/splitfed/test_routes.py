@@ -42,7 +42,9 @@ def run_phone(url: str, token: str, device_id: str, bundle: Bundle, shard_path) 
     """A phone's SplitFed loop until the run is done; its training loss per round."""
     losses = []
     with SyncClient(url, token, retry=PATIENT) as client:
-        trainer = SplitTrainer(bundle, shard_path, edge_exchange(client), workdir=shard_path.parent / device_id, device_id=device_id)
+        trainer = SplitTrainer(
+            bundle, shard_path, edge_exchange(client), workdir=shard_path.parent / device_id, device_id=device_id
+        )
         while (assignment := client.task()).status != "done":
             if assignment.status == "wait":
                 time.sleep(0.02)
@@ -58,17 +60,23 @@ def run_phone(url: str, token: str, device_id: str, bundle: Bundle, shard_path) 
 
 def accuracy(tensors: dict[str, np.ndarray], test, n: int = 2000) -> float:
     model = small_cnn()
-    model.root.load_state_dict({**model.root.state_dict(), **{k: torch.from_numpy(v.copy()) for k, v in tensors.items()}})
+    model.root.load_state_dict(
+        {**model.root.state_dict(), **{k: torch.from_numpy(v.copy()) for k, v in tensors.items()}}
+    )
     with torch.no_grad():
         logits = model.forward(torch.from_numpy(transform(test.images[:n])))
     return float((logits.argmax(1).numpy() == test.labels[:n]).mean())
 
 
-def test_three_phones_with_three_cuts_converge_above_chance(tmp_path, model, small_cnn_bundle, fashion_train, fashion_test):
+def test_three_phones_with_three_cuts_converge_above_chance(
+    tmp_path, model, small_cnn_bundle, fashion_train, fashion_test
+):
     # Prepare: cuts after features.0, features.2 and pool, all blocks before the cut training;
     # 600 real images each; 4 rounds of 2 epochs
     coordinator, edge = make_run(tmp_path, model, min_reports=3, rounds=4, lr=0.1, local_epochs=2)
-    phones = [(f"p{cut}", enrol(coordinator, f"p{cut}"), Bundle.load(small_cnn_bundle(cut, tb))) for cut, tb in THREE_CUTS]
+    phones = [
+        (f"p{cut}", enrol(coordinator, f"p{cut}"), Bundle.load(small_cnn_bundle(cut, tb))) for cut, tb in THREE_CUTS
+    ]
     (admin,) = issue_tokens(coordinator.store, 1, "admin")
     before = accuracy(decode(coordinator.weights(0)[0]).tensors, fashion_test)
 
@@ -122,7 +130,8 @@ def test_the_edge_survives_a_phone_vanishing_mid_batch_and_trains_it_once(gated,
         with socket.create_connection((host, int(port))) as s:
             s.sendall(
                 f"PUT /v1/splitfed/batches/0 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
-                f"Content-Type: application/octet-stream\r\nContent-Length: {len(message)}\r\n\r\n".encode() + message
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(message)}\r\n\r\n".encode()
+                + message
             )
             wait_for(lambda: edge.status().in_flight == 1, "the edge to take the batch")
         gate.set()
@@ -150,6 +159,7 @@ def test_an_overloaded_edge_answers_503_with_retry_after_and_the_phone_gets_thro
         coordinator.task_for(d)
 
     with serving(create_app(coordinator, edge=edge)) as url:
+
         def put(d: str) -> httpx.Response:
             body = activation_message(model, d, 1, 0, cut=3)
             return httpx.put(f"{url}/v1/splitfed/batches/0", content=body, headers=bearer(tokens[d]), timeout=60)

@@ -54,7 +54,7 @@ def test_a_splitfed_section_serves_the_edge_with_its_capacity(tmp_path, model):
 
 
 def test_a_run_without_the_section_has_no_edge(tmp_path, model):
-    _, edge = start(tmp_path, model, RUN[: RUN.index("[splitfed]")] + RUN[RUN.index("[[stages]]"):])
+    _, edge = start(tmp_path, model, RUN[: RUN.index("[splitfed]")] + RUN[RUN.index("[[stages]]") :])
     assert edge is None
 
 
@@ -66,8 +66,11 @@ def test_batches_are_not_throttled_by_the_request_limit(tmp_path, model):
         with TestClient(create_app(coordinator, edge=edge)) as client:
             task = client.get("/v1/task", headers=bearer(token)).json()  # the bucket's first request
             batches = [
-                client.put(f"/v1/splitfed/batches/{i}", content=activation_message(model, "a", task["round"], task["base_version"], 3, seed=i),
-                           headers=bearer(token)).status_code
+                client.put(
+                    f"/v1/splitfed/batches/{i}",
+                    content=activation_message(model, "a", task["round"], task["base_version"], 3, seed=i),
+                    headers=bearer(token),
+                ).status_code
                 for i in range(6)
             ]
             pulls = [client.get("/v1/task", headers=bearer(token)).status_code for _ in range(2)]
