@@ -159,7 +159,7 @@ class NamespaceNetwork:
             _run("ip", "link", "del", net.host_if, check=False)
         self.phones = []
 
-    def __enter__(self) -> "NamespaceNetwork":
+    def __enter__(self) -> NamespaceNetwork:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -52,7 +52,7 @@ class PhoneSpec:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "PhoneSpec":
+    def load(cls, path: Path) -> PhoneSpec:
         data = json.loads(Path(path).read_text())
         link = dict(data.pop("link"))
         link["windows"] = tuple(LinkWindow(**w) for w in link.get("windows", ()))

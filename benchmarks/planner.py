@@ -51,8 +51,8 @@ import onnxruntime
 import torch
 
 from toolkit import __version__
-from toolkit.models import load_model
 from toolkit.benchmarking import write_result
+from toolkit.models import load_model
 from toolkit.planning import PlanConfig, Planner, fit_calibration, shipped_calibration
 from toolkit.planning.cost import TRAIN_FACTOR, Choice, PartTiming, block_costs, predict_block, predict_part
 from toolkit.profiling import catalog_profiles, link, measure_local

@@ -35,7 +35,7 @@ class Bundle:
     bundle_hash: str
 
     @classmethod
-    def load(cls, root: str | Path) -> "Bundle":
+    def load(cls, root: str | Path) -> Bundle:
         root = Path(root)
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():

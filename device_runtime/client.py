@@ -19,8 +19,9 @@ from __future__ import annotations
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 
@@ -61,7 +62,7 @@ class Assignment:
     retry_after: float | None = None
 
     @classmethod
-    def from_json(cls, data: Any) -> "Assignment":
+    def from_json(cls, data: Any) -> Assignment:
         if not isinstance(data, dict) or data.get("status") not in ("task", "wait", "done"):
             raise ProtocolError(f"task answer {data!r} has no valid status; the aggregator may be a different version")
         known = {f.name for f in fields(cls)}
@@ -125,7 +126,7 @@ class SyncClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "SyncClient":
+    def __enter__(self) -> SyncClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -33,10 +33,11 @@ import hashlib
 import os
 import time
 import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import UnionType
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, TypeVar, get_args, get_type_hints
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args, get_type_hints
 
 import numpy as np
 

@@ -43,7 +43,7 @@ class DevicePlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DevicePlan":
+    def from_dict(cls, d: dict[str, Any]) -> DevicePlan:
         return _build(cls, d, "plan")
 
 
@@ -54,7 +54,7 @@ class TensorSpec:
     dtype: str = "float32"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TensorSpec:
         spec = _build(cls, d, "trainable tensor")
         return cls(spec.name, tuple(int(s) for s in spec.shape), spec.dtype)
 
@@ -66,7 +66,7 @@ class FileEntry:
     size: int
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FileEntry":
+    def from_dict(cls, d: dict[str, Any]) -> FileEntry:
         return _build(cls, d, "file entry")
 
 
@@ -111,7 +111,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
         if not isinstance(d, dict):
             raise BundleError("manifest.json must hold a JSON object")
         version = d.get("schema_version")

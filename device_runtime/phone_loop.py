@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -57,7 +57,7 @@ class Credential:
     enrol_token: str | None = None
 
     @classmethod
-    def load(cls, path: Path) -> "Credential":
+    def load(cls, path: Path) -> Credential:
         try:
             data = json.loads(path.read_text())
             return cls(str(data["url"]), str(data["device_id"]), data.get("token"), data.get("enrol_token"))

@@ -37,7 +37,7 @@ class InputSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
+    def from_dict(cls, d: dict) -> InputSpec:
         return cls(
             height=int(d["height"]),
             width=int(d["width"]),

@@ -32,9 +32,9 @@ Standard library, numpy and device_runtime only.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -44,7 +44,17 @@ from device_runtime.codec import ENCODINGS, UpdateHeader, decode, encode
 from device_runtime.engines import Engine
 from device_runtime.errors import BundleError, CodecError, InternalError, ProtocolError, RestartRound
 from device_runtime.local_round import (
-    ACTIVATIONS, SHUFFLE, EncodedUpdate, Metrics, Position, RoundKey, RoundRecord, RoundTrainer, Task, Tensors, batches,
+    ACTIVATIONS,
+    SHUFFLE,
+    EncodedUpdate,
+    Metrics,
+    Position,
+    RoundKey,
+    RoundRecord,
+    RoundTrainer,
+    Task,
+    Tensors,
+    batches,
     update_of,
 )  # fmt: skip
 from device_runtime.optim import SGD

@@ -22,7 +22,18 @@ from device_runtime.bundle import Bundle
 from device_runtime.engines import Engine
 from device_runtime.errors import BundleError, DataError, FedkitError
 from device_runtime.local_round import (
-    FEATURE_BATCH, SHUFFLE, EncodedUpdate, Metrics, Phase, Position, RoundKey, RoundRecord, RoundTrainer, Task, Tensors, batches,
+    FEATURE_BATCH,
+    SHUFFLE,
+    EncodedUpdate,
+    Metrics,
+    Phase,
+    Position,
+    RoundKey,
+    RoundRecord,
+    RoundTrainer,
+    Task,
+    Tensors,
+    batches,
     update_of,
 )  # fmt: skip
 from device_runtime.optim import SGD

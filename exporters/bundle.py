@@ -27,12 +27,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from device_runtime import __version__
 from device_runtime.bundle import MANIFEST, Bundle, sha256_file
 from device_runtime.codec import ENCODINGS, UpdateHeader, encode
 from device_runtime.folders import is_free, new_folder
 from device_runtime.manifest import ENGINES, DevicePlan, FileEntry, Manifest, TensorSpec, linear_layer
 from device_runtime.preprocess import InputSpec
-from device_runtime import __version__
 from exporters.errors import ExportError
 from exporters.onnx import export_onnx
 from exporters.ort_training import export_ort_training

@@ -38,8 +38,8 @@ from onnxruntime.training import onnxblock
 from onnxruntime.training.onnxblock import _graph_utils
 from torch import nn
 
-from exporters.onnx import MAX_IR_VERSION, OUTPUT_NAME, export_model
 from exporters.errors import ExportError
+from exporters.onnx import MAX_IR_VERSION, OUTPUT_NAME, export_model
 
 MODES = ("classify", "splitfed")
 GRAD_OUTPUT_NAME = "grad_output"

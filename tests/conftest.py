@@ -135,6 +135,7 @@ def serve_run(tmp_path):
     import itertools
 
     from serving import serving
+
     from toolkit.aggregator.app import create_app
     from toolkit.aggregator.config import parse_config
     from toolkit.aggregator.coordinator import Coordinator

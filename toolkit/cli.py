@@ -14,8 +14,9 @@ import contextlib
 import functools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Literal
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console

@@ -264,7 +264,7 @@ def write_shards(
             write_shard(staging / f"{phone}.npz", train.images[part], labels[part])
             index[phone] = {
                 "file": f"{phone}.npz",
-                "images": int(len(part)),
+                "images": len(part),
                 "labels": np.bincount(labels[part], minlength=len(LABEL_NAMES)).tolist(),
             }
         (staging / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class Evaluator:
-    def __init__(self, model: "SplittableModel", stop_block: int, test_images: int = 10000):
+    def __init__(self, model: SplittableModel, stop_block: int, test_images: int = 10000):
         import torch
 
         from toolkit.central import features

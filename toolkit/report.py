@@ -18,9 +18,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import matplotlib.pyplot as plt  # after the backend is chosen
 
-from toolkit.simulation.summary import RunSummary  # noqa: E402
+from toolkit.simulation.summary import RunSummary
 
 SPAN_COLOURS = {
     "train": "tab:blue",

@@ -21,9 +21,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
+from arm64_helpers import unavailable
 
 from android_harness import arm64, install
-from arm64_helpers import unavailable
 from device_runtime.codec import UpdateHeader, decode, encode
 from device_runtime.errors import DeployError, FedkitError
 

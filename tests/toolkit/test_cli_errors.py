@@ -91,7 +91,6 @@ def _unexportable_plan(folder: Path) -> None:  # a small_cnn plan whose second p
 
     from toolkit.models import load_model
     from toolkit.planning import PlanConfig, Planner
-
     from toolkit.profiling import links
 
     phones = [

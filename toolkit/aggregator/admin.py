@@ -40,7 +40,7 @@ def global_state_dict(db: str | Path, model: str | None = None, version: int | N
     return merged_state_dict(load_model(model), tensors)
 
 
-def merged_state_dict(splittable: "SplittableModel", tensors: dict) -> dict:
+def merged_state_dict(splittable: SplittableModel, tensors: dict) -> dict:
     """The zoo model's state dict with ``tensors`` (a version's) merged in."""
     import torch
 
@@ -55,7 +55,7 @@ def merged_state_dict(splittable: "SplittableModel", tensors: dict) -> dict:
     return state
 
 
-def model_accuracy(splittable: "SplittableModel", tensors: dict, test_images: int = 10000) -> float:
+def model_accuracy(splittable: SplittableModel, tensors: dict, test_images: int = 10000) -> float:
     """The accuracy of the zoo model with ``tensors`` merged in on the first ``test_images``
     Fashion-MNIST test images."""
     from toolkit.evaluation import Evaluator

@@ -13,8 +13,9 @@ updates once per chunk (more passes, bounded memory).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 

@@ -42,7 +42,7 @@ def _error(status_code: int, reason: str, headers: dict | None = None) -> JSONRe
 
 
 def create_app(
-    coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, edge: "SplitFedEdge | None" = None
+    coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, edge: SplitFedEdge | None = None
 ) -> FastAPI:
     """The app around a started coordinator; while served, deadlines are checked every tick.
     With ``edge`` (a SplitFed run) it also serves the edge's routes."""

@@ -33,7 +33,6 @@ from toolkit.aggregator.auth import CoordinatorDep, Principal, admin, bearer, de
 from toolkit.aggregator.coordinator import DEVICE_ID
 from toolkit.aggregator.status import run_status
 
-
 health = APIRouter(tags=["health"])
 
 

@@ -67,7 +67,7 @@ def open_coordinator(config_path: str | Path, db: str | Path | None = None) -> C
     return coordinator
 
 
-def open_edge(coordinator: Coordinator) -> "SplitFedEdge | None":
+def open_edge(coordinator: Coordinator) -> SplitFedEdge | None:
     """The run's SplitFed edge (its ``[splitfed]`` section), or None for a federated run."""
     config = coordinator.config
     if config.splitfed is None:

@@ -128,7 +128,7 @@ class SplittableModel:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.part(0, len(self.block_names))(x)
 
-    def new_head(self, num_classes: int, seed: int = 0) -> "SplittableModel":
+    def new_head(self, num_classes: int, seed: int = 0) -> SplittableModel:
         """Replaces the classifier with a fresh Linear(in, num_classes), created right after
         ``torch.manual_seed(seed)`` so runs are reproducible."""
         old = _lookup(self.root, self.head_name)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from device_runtime.bundle import MANIFEST, Bundle, sha256_file
 from device_runtime.errors import FedkitError
@@ -47,7 +48,7 @@ def bundle_folder_name(plan: DevicePlan) -> str:
     return f"cut{plan.cut}-from{plan.train_from}-{plan.engine}-{plan.encoding}-b{plan.batch_size}"
 
 
-def phone_bundles(fleet: FleetPlan, model: "SplittableModel") -> dict[str, list[DevicePlan]]:
+def phone_bundles(fleet: FleetPlan, model: SplittableModel) -> dict[str, list[DevicePlan]]:
     """Per feasible phone, the plans of its bundles: its own first (predictions dropped: a
     bundle is shared by phones whose predictions differ), then one per shallower stage depth."""
     n = len(model.block_names)
@@ -106,7 +107,7 @@ def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progres
     return made
 
 
-def cached_bundle(model: "SplittableModel", plan: DevicePlan, fed_from: int, progress: Progress | None = None) -> Path:
+def cached_bundle(model: SplittableModel, plan: DevicePlan, fed_from: int, progress: Progress | None = None) -> Path:
     """The verified bundle of ``plan`` in the host cache, exported first when missing, damaged or
     of another plan. ``Bundle.load`` checks every file against the manifest; the manifest is
     checked against its sha256 kept beside the entry when it was exported (nothing else would

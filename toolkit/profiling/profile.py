@@ -76,7 +76,7 @@ class DeviceProfile(BaseModel):
     notes: str = ""
 
     @model_validator(mode="after")
-    def _measured_engines_run_without_torch(self) -> "DeviceProfile":
+    def _measured_engines_run_without_torch(self) -> DeviceProfile:
         # probe v1 listed executorch wherever its Python package was installed; a Python phone
         # cannot run it without torch, so such a profile would get plans the phone cannot run
         if self.source in ("local", "adb") and "executorch" in self.engines:
@@ -89,18 +89,18 @@ class DeviceProfile(BaseModel):
     def timing(self, model_id: str) -> BlockTiming | None:
         return next((t for t in self.block_timings if t.model_id == model_id), None)
 
-    def with_link(self, link: Link) -> "DeviceProfile":
+    def with_link(self, link: Link) -> DeviceProfile:
         return self.model_copy(update={"link": link})
 
     def save(self, path: Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "DeviceProfile":
+    def load(cls, path: Path) -> DeviceProfile:
         return cls.parse(read_json(path, "profile", "fedkit profile"), str(path))
 
     @classmethod
-    def parse(cls, data: object, where: str = "profile") -> "DeviceProfile":
+    def parse(cls, data: object, where: str = "profile") -> DeviceProfile:
         if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise PlanError(
                 f"{where} has schema version {data.get('schema_version')!r}, this fedkit reads "

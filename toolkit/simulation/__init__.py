@@ -4,6 +4,7 @@
 phones, ``monitor`` follows the run over the aggregator's HTTP API, ``summary`` is what a run
 leaves for the CLI, the report and the benchmarks."""
 
+from toolkit.errors import SimulationError
 from toolkit.simulation.config import (
     Fault,
     PhoneGroup,
@@ -12,7 +13,6 @@ from toolkit.simulation.config import (
     load_simulation,
     parse_simulation,
 )
-from toolkit.errors import SimulationError
 from toolkit.simulation.run import simulate
 from toolkit.simulation.summary import RunSummary, Tick
 

@@ -113,7 +113,7 @@ class Arm64PhoneProcess(PhoneProcess):
     """A phone inside the emulated arm64 phone: device_runtime's own loop on its phone folder
     (``phone_path`` in the phone, ``phone_dir`` on this host), its compute the real emulated one."""
 
-    def __init__(self, phone: "Arm64Phone", phone_path: PurePosixPath, phone_dir: Path):
+    def __init__(self, phone: Arm64Phone, phone_path: PurePosixPath, phone_dir: Path):
         self.phone, self.phone_dir, self.starts = phone, phone_dir, 0
         self.command = ["python3", "-m", "device_runtime.phone_loop", str(phone_path)]
 

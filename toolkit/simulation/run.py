@@ -28,8 +28,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from android_harness.deploy import deploy
 from android_harness.link import LinkShape
@@ -114,7 +115,7 @@ def simulate(
                 network.close()
 
 
-def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | None", on_tick, on_step) -> RunSummary:
+def _run(config: SimulationConfig, run_dir: Path, network: NamespaceNetwork | None, on_tick, on_step) -> RunSummary:
     from toolkit.evaluation import Evaluator
     from toolkit.models import load_model
     from toolkit.report import build_report
@@ -264,7 +265,7 @@ def _run(config: SimulationConfig, run_dir: Path, network: "NamespaceNetwork | N
 
 
 def _link(
-    config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess, network: "NamespaceNetwork | None", t0: float
+    config: SimulationConfig, phone: Phone, aggregator: AggregatorProcess, network: NamespaceNetwork | None, t0: float
 ) -> tuple[str, list[str], LinkShape, str]:
     """The phone's aggregator URL, its command prefix (a network namespace), its in-process link
     shape, and how its link is shaped, in words."""
@@ -287,7 +288,7 @@ def _link(
     return f"http://{net.host_ip}:{aggregator.port}", net.command_prefix(), shape, mode
 
 
-def _arm64_phone(phones: list[Phone], network: "NamespaceNetwork | None", on_step) -> "Arm64Phone | None":
+def _arm64_phone(phones: list[Phone], network: NamespaceNetwork | None, on_step) -> Arm64Phone | None:
     """The emulated arm64 phone the arm64 groups run in (built or reused), or None without them."""
     if not any(p.arm64 for p in phones):
         return None

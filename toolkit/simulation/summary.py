@@ -91,7 +91,7 @@ class RunSummary(BaseModel):
         (Path(run_dir) / SUMMARY).write_text(self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def load(cls, run_dir: Path) -> "RunSummary":
+    def load(cls, run_dir: Path) -> RunSummary:
         path = Path(run_dir) / SUMMARY
         try:
             data = json.loads(path.read_text())

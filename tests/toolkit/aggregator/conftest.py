@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 # The tests folders are not packages: make the helpers importable however pytest is started.
 sys.path.insert(0, str(Path(__file__).parent))
-from aggregator_helpers import Clock, make_coordinator  # noqa: E402
+from aggregator_helpers import Clock, make_coordinator
 
 from toolkit.aggregator.app import create_app
 from toolkit.aggregator.coordinator import Coordinator

@@ -40,10 +40,9 @@ def test_enrolment_is_one_time_per_device_and_retry_safe(tmp_path):
 
 def test_a_failed_transaction_leaves_nothing(tmp_path):
     store = Store(tmp_path / "db.sqlite")
-    with pytest.raises(RuntimeError):
-        with store.transaction():
-            store.set_meta("k", "v")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.set_meta("k", "v")
+        raise RuntimeError("boom")
     assert store.get_meta("k") is None
 
 

@@ -9,7 +9,7 @@ import pytest
 
 # The tests folders are not packages: make the helpers importable however pytest is started.
 sys.path.insert(0, str(Path(__file__).parent))
-from splitfed_helpers import small_cnn  # noqa: E402
+from splitfed_helpers import small_cnn
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import copy
 from pathlib import Path
 
 import numpy as np
-from serving import serving  # noqa: F401  (the SplitFed tests import it from here)
 import torch
+from serving import serving  # noqa: F401  (the SplitFed tests import it from here)
 
 from device_runtime.codec import UpdateHeader, decode, encode
 from toolkit.aggregator.admin import issue_tokens
