@@ -140,9 +140,14 @@ class Position:
         mean ``loss``, trained in ``seconds``."""
         epoch, batch = at
         return replace(
-            self, epoch=epoch, batch=batch, step=self.step + 1, loss_sum=self.loss_sum + loss * samples,
-            seen=self.seen + samples, train_seconds=self.train_seconds + seconds,
-        )  # fmt: skip
+            self,
+            epoch=epoch,
+            batch=batch,
+            step=self.step + 1,
+            loss_sum=self.loss_sum + loss * samples,
+            seen=self.seen + samples,
+            train_seconds=self.train_seconds + seconds,
+        )
 
     @property
     def train_loss(self) -> float:
@@ -231,9 +236,17 @@ class RoundRecord:
 
 
 _SAVED = {
-    "round_key", "phase", "weights", "optimizer", "position", "error_feedback", "metrics", "payload", "idempotency_key",
+    "round_key",
+    "phase",
+    "weights",
+    "optimizer",
+    "position",
+    "error_feedback",
+    "metrics",
+    "payload",
+    "idempotency_key",
     "feedback_before",
-}  # fmt: skip
+}
 
 
 def _phase(value: object) -> Phase:
@@ -395,10 +408,16 @@ class RoundTrainer:
             self.device_id, task, num_samples, update, self.error_feedback, self.rng(task, ROUNDING)
         )
         encoded = EncodedUpdate(task.round, payload, key)
-        self.checkpoint.save(replace(
-            record, phase="encoded", optimizer={}, error_feedback=self.error_feedback.state_dict(), encoded=encoded,
-            feedback_before=before,
-        ))  # fmt: skip
+        self.checkpoint.save(
+            replace(
+                record,
+                phase="encoded",
+                optimizer={},
+                error_feedback=self.error_feedback.state_dict(),
+                encoded=encoded,
+                feedback_before=before,
+            )
+        )
         return encoded
 
     def _frozen_features(self) -> np.ndarray:

@@ -56,7 +56,7 @@ from device_runtime.local_round import (
     Tensors,
     batches,
     update_of,
-)  # fmt: skip
+)
 from device_runtime.optim import SGD
 
 LABELS = "labels"
@@ -93,9 +93,12 @@ def _restarted(stopped: Position) -> Position:
     """The position at batch 0 of a round restarted after ``stopped``: the bytes and time it
     spent stay counted (they were spent) and the restart is counted."""
     return Position(
-        train_seconds=stopped.train_seconds, activation_bytes=stopped.activation_bytes, gradient_bytes=stopped.gradient_bytes,
-        exchange_seconds=stopped.exchange_seconds, restarts=stopped.restarts + 1,
-    )  # fmt: skip
+        train_seconds=stopped.train_seconds,
+        activation_bytes=stopped.activation_bytes,
+        gradient_bytes=stopped.gradient_bytes,
+        exchange_seconds=stopped.exchange_seconds,
+        restarts=stopped.restarts + 1,
+    )
 
 
 def edge_exchange(client: SyncClient) -> Exchange:
@@ -195,9 +198,10 @@ class SplitTrainer(RoundTrainer):
             self.engine.set_weights(weights)
             pos = replace(
                 pos.after(at, loss, len(idx), time.perf_counter() - t0),
-                activation_bytes=pos.activation_bytes + len(message), gradient_bytes=pos.gradient_bytes + len(reply),
+                activation_bytes=pos.activation_bytes + len(message),
+                gradient_bytes=pos.gradient_bytes + len(reply),
                 exchange_seconds=pos.exchange_seconds + waited,
-            )  # fmt: skip
+            )
             # Every batch: the edge keeps only its last batch, so a resumed phone must be at most one
             # batch behind it. Not fsynced (half the cost of a step): after a power cut an older
             # checkpoint is further behind, and the edge answers "restart" rather than train twice.

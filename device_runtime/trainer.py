@@ -35,7 +35,7 @@ from device_runtime.local_round import (
     Tensors,
     batches,
     update_of,
-)  # fmt: skip
+)
 from device_runtime.optim import SGD
 
 

@@ -24,11 +24,15 @@ CONTENTS = {
     "frozen.onnx": ("frozen.onnx", b"frozen part " * 100),
     "trainable.onnx": ("trainable.onnx", b"trainable part " * 50),
     "ort.checkpoint": ("ort/checkpoint", b"\x00\x01checkpoint" * 30),
-    "weights": ("weights.bin", encode(
-        UpdateHeader("exporter", 0, 0, 0, kind="weights"),
-        {"classifier.weight": np.zeros((10, 32), np.float32), "classifier.bias": np.zeros(10, np.float32)}, "fp32",
-    )),
-}  # fmt: skip
+    "weights": (
+        "weights.bin",
+        encode(
+            UpdateHeader("exporter", 0, 0, 0, kind="weights"),
+            {"classifier.weight": np.zeros((10, 32), np.float32), "classifier.bias": np.zeros(10, np.float32)},
+            "fp32",
+        ),
+    ),
+}
 
 
 def write_bundle(root: Path) -> Manifest:

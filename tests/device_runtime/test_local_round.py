@@ -47,9 +47,16 @@ def records() -> dict[str, RoundRecord]:
         KEY, "trained", WEIGHTS, {}, Position(2, 0, 10, 12.0, 40, 1.5), residuals, Metrics(40, 0.3, 0.2, 0.4, 0.75)
     )
     encoded = RoundRecord(
-        KEY, "encoded", WEIGHTS, {}, Position(2, 0, 10, 12.0, 40, 1.5, activation_bytes=99, restarts=1), residuals,
-        Metrics(40, 0.3, 0.2), EncodedUpdate(TASK.round, b"\x00update", "p:3:0123"), feedback_before={},
-    )  # fmt: skip
+        KEY,
+        "encoded",
+        WEIGHTS,
+        {},
+        Position(2, 0, 10, 12.0, 40, 1.5, activation_bytes=99, restarts=1),
+        residuals,
+        Metrics(40, 0.3, 0.2),
+        EncodedUpdate(TASK.round, b"\x00update", "p:3:0123"),
+        feedback_before={},
+    )
     restart = RoundRecord(KEY, "restart", {}, {}, Position(), residuals)
     return {"training": training, "trained": trained, "encoded": encoded, "restart": restart}
 
@@ -94,11 +101,17 @@ def test_the_file_keeps_the_layout_earlier_runtimes_and_the_kill_tests_read(tmp_
 
 def test_a_record_of_an_earlier_local_trainer_loads_with_the_edge_counters_at_zero(tmp_path):
     # As LocalTrainer wrote it before the record was typed: no edge counters, no feedback_before
-    save_checkpoint(tmp_path / CHECKPOINT, {
-        "round_key": {"task": TASK.to_dict(), "base_digest": "ab" * 32}, "phase": "training", "weights": WEIGHTS,
-        "optimizer": {}, "position": {"epoch": 1, "batch": 2, "step": 7, "loss_sum": 9.5, "seen": 28, "train_seconds": 0},
-        "error_feedback": {},
-    })  # fmt: skip
+    save_checkpoint(
+        tmp_path / CHECKPOINT,
+        {
+            "round_key": {"task": TASK.to_dict(), "base_digest": "ab" * 32},
+            "phase": "training",
+            "weights": WEIGHTS,
+            "optimizer": {},
+            "position": {"epoch": 1, "batch": 2, "step": 7, "loss_sum": 9.5, "seen": 28, "train_seconds": 0},
+            "error_feedback": {},
+        },
+    )
 
     record = RoundCheckpoint(tmp_path / CHECKPOINT).of(KEY)
 
@@ -210,8 +223,13 @@ def test_generators_are_seeded_by_task_round_device_and_stream(head_bundle, shar
         return trainer.rng(task, stream, *more).integers(1 << 30, size=4).tolist()
 
     assert draw(a) == draw(core(head_bundle, shard, tmp_path / "a2", "a"))
-    others = [draw(b), draw(a, Task(**{**TASK.to_dict(), "seed": 2})), draw(a, Task(**{**TASK.to_dict(), "round": 4})),
-              draw(a, TASK, ROUNDING), draw(a, TASK, SHUFFLE, 1)]  # fmt: skip
+    others = [
+        draw(b),
+        draw(a, Task(**{**TASK.to_dict(), "seed": 2})),
+        draw(a, Task(**{**TASK.to_dict(), "round": 4})),
+        draw(a, TASK, ROUNDING),
+        draw(a, TASK, SHUFFLE, 1),
+    ]
     assert all(o != draw(a) for o in others)
 
 

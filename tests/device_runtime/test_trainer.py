@@ -352,7 +352,7 @@ def test_cli_fails_with_one_line(bundle, tmp_path):
             str(tmp_path / "none.npz"),
             "--workdir",
             str(tmp_path),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
     )
@@ -373,10 +373,29 @@ def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_
 
     def command(workdir):
         return [
-            sys.executable, "-m", "device_runtime", "train", "--bundle", str(bundle.root), "--shard", str(shard),
-            "--workdir", str(workdir), "--out", str(out), "--epochs", "2", "--batch-size", "8",
-            "--encoding", "int8", "--lr", "0.02", "--checkpoint-every", "7",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "device_runtime",
+            "train",
+            "--bundle",
+            str(bundle.root),
+            "--shard",
+            str(shard),
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--encoding",
+            "int8",
+            "--lr",
+            "0.02",
+            "--checkpoint-every",
+            "7",
+        ]
 
     started = time.perf_counter()
     proc = subprocess.Popen(command(tmp_path / "reference"), stdout=subprocess.PIPE, text=True)

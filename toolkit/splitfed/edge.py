@@ -196,9 +196,11 @@ class SplitFedEdge:
             if self._in_flight >= self._capacity:
                 self._busy += 1
                 return BatchReply(
-                    "busy", 503, f"the edge is at capacity ({self._capacity} batches in work or waiting): retry later",
+                    "busy",
+                    503,
+                    f"the edge is at capacity ({self._capacity} batches in work or waiting): retry later",
                     retry_after=self.config.retry_after_s,
-                )  # fmt: skip
+                )
             self._in_flight += 1
         future = self._pool.submit(self.train_batch, device_id, batch, body)
         future.add_done_callback(lambda _: self._release())
@@ -235,14 +237,18 @@ class SplitFedEdge:
                 return BatchReply("retry", 200, body=kept.last_reply)
             if batch > 0 and not ongoing:
                 return BatchReply(
-                    "restart", 409, f"the edge holds no state for round {h.round} of this phone past batch 0 (the aggregator "
+                    "restart",
+                    409,
+                    f"the edge holds no state for round {h.round} of this phone past batch 0 (the aggregator "
                     "restarted, or its copy was dropped): send batch 0 to start the round over",
-                )  # fmt: skip
+                )
             if batch > 0 and batch != kept.last_batch + 1:
                 return BatchReply(
-                    "restart", 409, f"batch {batch} cannot follow batch {kept.last_batch}, the edge's last this round: "
+                    "restart",
+                    409,
+                    f"batch {batch} cannot follow batch {kept.last_batch}, the edge's last this round: "
                     "send batch 0 to start the round over",
-                )  # fmt: skip
+                )
             if batch == 0:
                 kept = self._new_copy(device_id, h.round, cut, base, stage)
                 if isinstance(kept, BatchReply):
@@ -315,17 +321,19 @@ class SplitFedEdge:
         blocks = self.model.block_names
         if name not in blocks[:-1]:
             return _refused(
-                422, f"activation {name!r} is not the output of a block of {self.model.model_id} before its last: "
-                "name it after the phone's last block"
-            )  # fmt: skip
+                422,
+                f"activation {name!r} is not the output of a block of {self.model.model_id} before its last: "
+                "name it after the phone's last block",
+            )
         cut = blocks.index(name) + 1
         activation, labels = message.tensors[name], message.tensors[LABELS]
         n = h.num_samples
         if activation.shape != (n, *self._out_shapes[cut - 1]) or labels.shape != (n,) or n < 1:
             return _refused(
-                422, f"activation {activation.shape} and labels {labels.shape} do not fit {n} samples of the output of "
-                f"{name} {self._out_shapes[cut - 1]}"
-            )  # fmt: skip
+                422,
+                f"activation {activation.shape} and labels {labels.shape} do not fit {n} samples of the output of "
+                f"{name} {self._out_shapes[cut - 1]}",
+            )
         classes = self.model.num_classes
         if not (np.all(labels == np.round(labels)) and labels.min() >= 0 and labels.max() < classes):
             return _refused(422, f"labels must be class indices 0..{classes - 1}")
@@ -370,9 +378,10 @@ class SplitFedEdge:
         missing = [name for name, _ in part.named_parameters() if name not in base]
         if missing:
             return _refused(
-                422, f"the run's global model lacks {missing[:3]}, which the edge trains past cut {cut}: start the run "
-                "from toolkit.splitfed.initial_weights, or use a later cut"
-            )  # fmt: skip
+                422,
+                f"the run's global model lacks {missing[:3]}, which the edge trains past cut {cut}: start the run "
+                "from toolkit.splitfed.initial_weights, or use a later cut",
+            )
         with torch.no_grad():
             for name, p in part.named_parameters():
                 p.copy_(torch.from_numpy(base[name]))
@@ -383,9 +392,11 @@ class SplitFedEdge:
             if device_id not in self._copies and len(self._copies) >= self.config.max_copies:
                 self._busy += 1
                 return BatchReply(
-                    "busy", 503, f"the edge holds copies for {len(self._copies)} phones, its limit: retry later",
+                    "busy",
+                    503,
+                    f"the edge holds copies for {len(self._copies)} phones, its limit: retry later",
                     retry_after=self.config.retry_after_s,
-                )  # fmt: skip
+                )
             self._copies[device_id] = kept
         return kept
 
