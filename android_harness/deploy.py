@@ -194,7 +194,8 @@ VERIFY_SCRIPT = """
 import json, os, sys
 from device_runtime.bundle import Bundle, sha256_file
 root = sys.argv[1]
-bundles = [Bundle.load(os.path.join(root, "bundles", n)).bundle_hash for n in sorted(os.listdir(os.path.join(root, "bundles")))]
+folder = os.path.join(root, "bundles")
+bundles = [Bundle.load(os.path.join(folder, n)).bundle_hash for n in sorted(os.listdir(folder))]
 shard = os.path.join(root, "shard.npz")
 print(json.dumps({"bundles": bundles, "shard": sha256_file(shard) if os.path.exists(shard) else None}))
 """
@@ -243,7 +244,8 @@ class Arm64Target:
                 )
             if report["shard"] != local.shard_sha256:
                 raise DeployError(
-                    f"the shard in the arm64 phone has sha256 {report['shard']}, expected {local.shard_sha256}: deploy again"
+                    f"the shard in the arm64 phone has sha256 {report['shard']}, expected {local.shard_sha256}: "
+                    "deploy again"
                 )
         except BaseException:
             shutil.rmtree(host_dir, ignore_errors=True)  # a failed deploy leaves nothing behind
@@ -265,8 +267,8 @@ class Arm64Target:
         if done.returncode != 0:
             raise DeployError(
                 f"the arm64 phone cannot resolve {host!r} (the credential's URL {url}): it shares this host's network "
-                f"but has no /etc/hosts of its own; put an address in the URL, e.g. http://127.0.0.1:{parts.port or 8000} "
-                "for an aggregator on this host"
+                "but has no /etc/hosts of its own; put an address in the URL, "
+                f"e.g. http://127.0.0.1:{parts.port or 8000} for an aggregator on this host"
             )
 
     def start(self) -> str:
@@ -321,7 +323,8 @@ def deploy_fleet(
     bad = [p for p in phones if not DEVICE_ID.match(p)]
     if bad:
         raise DeployError(
-            f"phone names {', '.join(bad)} cannot be device ids (letters, digits, '_.-', at most 64): rename the profiles"
+            f"phone names {', '.join(bad)} cannot be device ids (letters, digits, '_.-', at most 64): "
+            "rename the profiles"
         )
     if len(enrol_tokens) < len(phones):
         raise DeployError(

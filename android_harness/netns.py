@@ -31,7 +31,8 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(cmd), capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise NetnsError(
-            f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}; run as root with iproute2 installed"
+            f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}; "
+            "run as root with iproute2 installed"
         )
     return proc
 

@@ -193,7 +193,10 @@ def _refusal(exc: urllib.error.HTTPError) -> str:
         after = exc.headers.get("Retry-After")
         return f"{reason} (HTTP 429): wait {f'{after} s' if after else 'a minute'} and profile again"
     if exc.code == 404:
-        return f"{reason} (HTTP 404): point --aggregator at a `fedkit serve` of this fedkit version (it serves /probe/echo)"
+        return (
+            f"{reason} (HTTP 404): point --aggregator at a `fedkit serve` of this fedkit version "
+            "(it serves /probe/echo)"
+        )
     return f"{reason} (HTTP {exc.code})"
 
 

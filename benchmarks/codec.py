@@ -254,18 +254,21 @@ def main() -> None:
         },
         config={
             "seed": SEED,
-            "update": "real: B1 phone 0's Dirichlet(0.5) shard, one local epoch, batch 32, SGD momentum 0.9, frozen BatchNorm statistics",
-            "head": "classifier.weight (10, 1280) + classifier.bias (10,), the classifier alone trained at lr 0.01 (B1-A)",
-            "whole": "every MobileNetV2 parameter tensor (named_parameters, fresh 10-class head), all trained at lr 0.001",
+            "update": "real: B1 phone 0's Dirichlet(0.5) shard, one local epoch, batch 32, SGD momentum 0.9, "
+            "frozen BatchNorm statistics",
+            "head": "classifier.weight (10, 1280) + classifier.bias (10,), the classifier alone trained at lr 0.01 "
+            "(B1-A)",
+            "whole": "every MobileNetV2 parameter tensor (named_parameters, fresh 10-class head), all trained at "
+            "lr 0.001",
             "topk_fraction": 0.01,
             "layered_avg_bits": LAYERED_BITS,
             "timing": "best thread CPU time of runs (wall beside)",
             "yardstick": (
-                "copy_fraction (the target's yardstick): memory copy bandwidth as STREAM defines it, np.copyto between two "
-                f"float32 buffers of {stream.size >> 20} MB each (max(256 MB, 4 x last-level cache)), the best of "
+                "copy_fraction (the target's yardstick): memory copy bandwidth as STREAM defines it, np.copyto between "
+                f"two float32 buffers of {stream.size >> 20} MB each (max(256 MB, 4 x last-level cache)), the best of "
                 f"{INTERLEAVE} copies interleaved with each encoding's timing runs (stream_copy_MBps), scaled to the "
-                "update's bytes; cache_copy_fraction (reference only, the earlier yardstick): np.copyto of a buffer of the update's "
-                "own bytes, which for the whole model sits in L3"
+                "update's bytes; cache_copy_fraction (reference only, the earlier yardstick): np.copyto of a buffer "
+                "of the update's own bytes, which for the whole model sits in L3"
             ),
             "load_average_before_after": [load_before, os.getloadavg()],
             "runs_and_bias_repeats": RUNS,

@@ -2,7 +2,8 @@
 
 Two MobileNetV2 bundles with the whole model on the phone (cut 21): the head alone trains
 (``--train-blocks 1``), or the last three blocks and the head (``--train-blocks 4``: the
-inverted residuals features.16 and .17, the 1×1 conv features.18, the classifier). For each, at batch 1 and 32, the median latency of
+inverted residuals features.16 and .17, the 1×1 conv features.18, the classifier). For each,
+at batch 1 and 32, the median latency of
 
 - forward: the frozen part then the trainable part, in inference;
 - train step: the frozen part, the trainable part's loss and gradients, one SGD step

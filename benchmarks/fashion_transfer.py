@@ -292,10 +292,10 @@ def main() -> int:
                 "max_depth": None,
                 "edge_workers": 2,
                 "slowest_class": SLOWEST,
-                "rounds_note": "about 100 s a round on this 2-core host, where the edge trains every phone's blocks past "
-                "its cut; C_minus_B_points_same_rounds compares them at C's round count",
-                "compute_note": "C_predicted_compute_slowest: the planner's cost model, phone seconds per round, frozen "
-                "forward included; C-alone: measured on this host, one round on a low-2022 shard alone, "
+                "rounds_note": "about 100 s a round on this 2-core host, where the edge trains every phone's blocks "
+                "past its cut; C_minus_B_points_same_rounds compares them at C's round count",
+                "compute_note": "C_predicted_compute_slowest: the planner's cost model, phone seconds per round, "
+                "frozen forward included; C-alone: measured on this host, one round on a low-2022 shard alone, "
                 "frozen features excluded (computed once per shard); per_class compute_s: measured in "
                 "the run, 20 phone processes and the edge sharing the host",
             },

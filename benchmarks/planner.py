@@ -364,8 +364,10 @@ def main() -> None:
             "plan": config.model_dump(),
             "links": {name: link(name).model_dump() for name in LINKS},
             "edge": {"name": edge.name, "gflops": edge.gflops, "cores": edge.cpu_cores},
-            "oracle": "brute force over the raw product of cut 1..21, train_from 0..cut, engine, encoding, batch; same rule",
-            "measured": "ONNX Runtime forward of the real parts on this host at the planned batch; trainable parts x3 (forward + backward, the documented rule); phone parts x host/phone GFLOP/s; plus the predicted transfers",
+            "oracle": "brute force over the raw product of cut 1..21, train_from 0..cut, engine, encoding, batch; "
+            "same rule",
+            "measured": "ONNX Runtime forward of the real parts on this host at the planned batch; trainable parts x3 "
+            "(forward + backward, the documented rule); phone parts x host/phone GFLOP/s; plus the predicted transfers",
             "seed": SEED,
             "fedkit": __version__,
             "torch": torch.__version__,

@@ -100,5 +100,6 @@ def _verify_file(root: Path, role: str, rel: str, size: int, sha256: str) -> Non
         )
     if sha256_file(path) != sha256:
         raise BundleError(
-            f"{root / rel} ({role}) does not match its sha256 in the manifest: the file is altered; re-deploy the bundle"
+            f"{root / rel} ({role}) does not match its sha256 in the manifest: the file is altered; "
+            "re-deploy the bundle"
         )

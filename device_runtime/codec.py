@@ -407,10 +407,12 @@ def _unencodable(name: str, encoding: str, status: int) -> CodecError:
         )
     if encoding in ("fp16", "topk"):
         return CodecError(
-            f"tensor {name!r} has values beyond ±{_FP16_LIMIT:g}, more than scaled fp16 holds: encode it as fp32 or int8"
+            f"tensor {name!r} has values beyond ±{_FP16_LIMIT:g}, more than scaled fp16 holds: "
+            "encode it as fp32 or int8"
         )
     return CodecError(
-        f"tensor {name!r} has values too large for {encoding}: its scales would overflow when decoded, encode it as fp32"
+        f"tensor {name!r} has values too large for {encoding}: its scales would overflow when decoded, "
+        "encode it as fp32"
     )
 
 
@@ -523,8 +525,8 @@ def _check_records(records: list[_Record], expected: Mapping[str, tuple[int, ...
     extra = sorted(set(names) - set(want))
     if missing or extra:
         raise CodecError(
-            f"update does not carry the expected tensors: missing {missing[:10]}, unexpected {[n[:80] for n in extra[:10]]}; "
-            "the device trains a different plan than this round expects"
+            f"update does not carry the expected tensors: missing {missing[:10]}, "
+            f"unexpected {[n[:80] for n in extra[:10]]}; the device trains a different plan than this round expects"
         )
     for r in records:
         if r.shape != want[r.name]:

@@ -547,7 +547,8 @@ def load_shard(path: str | Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
             missing = sorted({"images", "labels"} - set(npz.files))
             if missing:
                 raise DataError(
-                    f"data shard {path} lacks {' and '.join(missing)}: a shard holds 'images' and 'labels'; re-create it"
+                    f"data shard {path} lacks {' and '.join(missing)}: a shard holds 'images' and 'labels'; "
+                    "re-create it"
                 )
             images, labels = npz["images"], npz["labels"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:

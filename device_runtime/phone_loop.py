@@ -19,7 +19,8 @@ The plan is what runs: the phone trains with its bundle's plan (encoding, batch 
 epochs) unless the task names a value (its stage overrides it). A task that names a trainable
 depth (``trainable_blocks``) makes the phone train the deepest of its bundles that is not
 deeper, or its shallowest one; a task that names none, its deepest (its planned depth).
-Tensors of the global model that its bundle does not train are ignored by it. Standard library, numpy and device_runtime only.
+Tensors of the global model that its bundle does not train are ignored by it. Standard library,
+numpy and device_runtime only.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def _pick(bundles: dict[str, Bundle], depth: int | None) -> str:
 class RoundLines:
     """Prints one line per round from the loop's events (``main`` without ``--json``)::
 
-    round 2 (head, bundle-a): 180 samples, loss 0.8123, local accuracy 71.0%, 3.2 s, 25.1 KB up, 98.4 KB down, push accepted
+    round 2 (head, b1): 180 samples, loss 0.8123, local accuracy 71.0%, 3.2 s, 25.1 KB up, 98.4 KB down, push accepted
     """
 
     def __init__(self) -> None:
@@ -289,8 +290,8 @@ class RoundLines:
             accuracy = "–" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
             answer = event["status"] + (f" ({event['reason']})" if event.get("reason") else "")
             print(
-                f"round {r.get('round')} ({r.get('stage')}, {r.get('bundle')}): {r.get('samples')} samples, loss {loss}, "
-                f"local accuracy {accuracy}, {event['end'] - (self._start or event['start']):.1f} s, "
+                f"round {r.get('round')} ({r.get('stage')}, {r.get('bundle')}): {r.get('samples')} samples, "
+                f"loss {loss}, local accuracy {accuracy}, {event['end'] - (self._start or event['start']):.1f} s, "
                 f"{_kb(event['bytes'])} up, {_kb(self._down)} down, push {answer}",
                 flush=True,
             )

@@ -153,8 +153,8 @@ class SplitTrainer(RoundTrainer):
                 restarts += 1
                 if restarts > MAX_RESTARTS:
                     raise ProtocolError(
-                        f"the edge lost this phone's round {task.round} {restarts} times in a row ({exc}): the aggregator keeps "
-                        "restarting; check its log, then run the phone again"
+                        f"the edge lost this phone's round {task.round} {restarts} times in a row ({exc}): "
+                        "the aggregator keeps restarting; check its log, then run the phone again"
                     ) from exc
                 stopped = self.checkpoint.of(key)  # saved after the last batch trained (batch 0 never restarts)
                 if stopped is None:

@@ -70,7 +70,8 @@ class LocalTrainer(RoundTrainer):
     ) -> None:
         if bundle.manifest.is_splitfed:
             raise BundleError(
-                f"bundle {bundle.root} is SplitFed (cut {bundle.manifest.plan.cut} of {len(bundle.manifest.block_names)} blocks): "
+                f"bundle {bundle.root} is SplitFed "
+                f"(cut {bundle.manifest.plan.cut} of {len(bundle.manifest.block_names)} blocks): "
                 "its rounds need the edge; LocalTrainer trains bundles that hold the whole model"
             )
         if not 0 <= holdout_fraction < 1 or checkpoint_every < 1:

@@ -158,7 +158,8 @@ def check_request(
 
         if plan.cut < len(model.block_names):
             raise ExportError(
-                f"the executorch engine cannot train a SplitFed part (cut {plan.cut} < {len(model.block_names)} blocks): "
+                "the executorch engine cannot train a SplitFed part "
+                f"(cut {plan.cut} < {len(model.block_names)} blocks): "
                 "it cannot back-propagate the edge's gradient; use --engine ort"
             )
         check_trainable_on_executorch(trainable)

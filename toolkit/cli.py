@@ -337,7 +337,8 @@ def _print_bundle(out: Path, manifest, stats) -> None:
         per_sample = stats[plan.cut - 1].out_bytes
         summary.add_row(
             "activation at the cut",
-            f"{_size(per_sample)} per sample, {_size(per_sample * plan.batch_size)} per batch of {plan.batch_size} (fp32)",
+            f"{_size(per_sample)} per sample, "
+            f"{_size(per_sample * plan.batch_size)} per batch of {plan.batch_size} (fp32)",
         )
     else:
         summary.add_row("activation at the cut", "none: the whole model is on the phone, only weights travel")
@@ -633,7 +634,8 @@ def plan(
     mode: Annotated[
         Literal["auto", "federated", "splitfed"],
         typer.Option(
-            help="auto: any cut; federated: the whole model on every phone; splitfed: every phone cuts before the last block."
+            help="auto: any cut; federated: the whole model on every phone; "
+            "splitfed: every phone cuts before the last block."
         ),
     ] = "auto",
     max_train_blocks: Annotated[
@@ -707,7 +709,8 @@ def plan(
         raise PlanError(f"no phone can be planned, so no plan was written ({reasons})")
     _write_whole(out, fleet.save)
     table = Table(
-        title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; predicted seconds per round, up and down also in MB"
+        title=f"{fleet.model_id} for {len(fleet.phones)} phones, edge {fleet.edge}; "
+        "predicted seconds per round, up and down also in MB"
     )
     for column in ("phone", "choice", "compute", "up", "down", "edge", "total", "MB"):
         table.add_column(
@@ -879,7 +882,8 @@ def deploy(
         str | None,
         typer.Option(
             help="local:DIR (a phone folder on this host), adb:SERIAL (a phone over adb) or arm64:NAME "
-            "(the emulated arm64 phone's folder /opt/fedkit/phones/NAME); with --fleet, local:DIR: each phone in DIR/PHONE."
+            "(the emulated arm64 phone's folder /opt/fedkit/phones/NAME); "
+            "with --fleet, local:DIR: each phone in DIR/PHONE."
         ),
     ] = None,
     shard: Annotated[Path | None, typer.Option(help="The phone's data shard (.npz with images and labels).")] = None,

@@ -62,5 +62,6 @@ class SimulationError(FedkitError):
 
 
 def describe(exc: "ValidationError | RequestValidationError") -> str:
-    """A validation error (pydantic's, or FastAPI's of a request) in one line: each field that is wrong and why, ``a.b: msg; ...``."""
+    """A validation error (pydantic's, or FastAPI's of a request) in one line: each field that is
+    wrong and why, ``a.b: msg; ...``."""
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())

@@ -20,8 +20,8 @@ def open_engine(bundle: Bundle, name: str | None = None) -> Engine:
     name = name or bundle.manifest.plan.engine
     if name not in bundle.manifest.engines:
         raise EngineError(
-            f"bundle {bundle.root} has no files for engine {name!r} (it has: {', '.join(bundle.manifest.engines) or 'none'}); "
-            f"re-export it with --engine {name}"
+            f"bundle {bundle.root} has no files for engine {name!r} "
+            f"(it has: {', '.join(bundle.manifest.engines) or 'none'}); re-export it with --engine {name}"
         )
     if name == "ort":
         from device_runtime.engines.ort import OrtEngine

@@ -48,8 +48,8 @@ def _load_runtime() -> SimpleNamespace:
             from executorch.extension.training import _load_for_executorch_for_training
     except ImportError as exc:
         raise EngineError(
-            f"the executorch engine needs ExecuTorch's Python runtime and the torch it imports; they do not import here ({exc}): "
-            "pip install executorch==1.5.1, or use --engine ort"
+            "the executorch engine needs ExecuTorch's Python runtime and the torch it imports; "
+            f"they do not import here ({exc}): pip install executorch==1.5.1, or use --engine ort"
         ) from exc
     return SimpleNamespace(torch=torch, load=_load_for_executorch, load_for_training=_load_for_executorch_for_training)
 

@@ -33,8 +33,8 @@ class NumpyEngine:
         layer = linear_layer(manifest.trainable, manifest.is_splitfed)
         if layer is None:
             raise EngineError(
-                f"bundle {bundle.root} trains {sorted(shapes)}: the numpy engine trains one linear layer at the end of the "
-                "model (the classifier); plan the ort engine for deeper or SplitFed training"
+                f"bundle {bundle.root} trains {sorted(shapes)}: the numpy engine trains one linear layer at the end "
+                "of the model (the classifier); plan the ort engine for deeper or SplitFed training"
             )
         self._weight, self._bias = f"{layer}.weight", f"{layer}.bias"
         self._frozen = FrozenPart(bundle.path("frozen.onnx")) if bundle.has("frozen.onnx") else None

@@ -39,8 +39,9 @@ def load_training_api() -> ModuleType:
     if name not in sys.modules:
         if not (folder / "api").is_dir():
             raise EngineError(
-                "this ONNX Runtime is an inference build (no training API): the ort engine needs onnxruntime-training-cpu "
-                "(x86-64); on this phone plan the numpy engine (fedkit profile lists what it can run)"
+                "this ONNX Runtime is an inference build (no training API): the ort engine needs "
+                "onnxruntime-training-cpu (x86-64); on this phone plan the numpy engine (fedkit profile lists what it "
+                "can run)"
             )
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
         spec.submodule_search_locations = [str(folder)]
@@ -77,7 +78,8 @@ class OrtEngine:
         missing = sorted(name for name in self._shapes if name not in self._state.parameters)
         if missing:
             raise EngineError(
-                f"bundle {bundle.root}: the ORT checkpoint lacks trainable tensors {missing[:5]} named in the manifest; re-export it"
+                f"bundle {bundle.root}: the ORT checkpoint lacks trainable tensors {missing[:5]} named in the "
+                "manifest; re-export it"
             )
 
     def features(self, x: np.ndarray) -> np.ndarray:

@@ -77,7 +77,10 @@ def test_main_prints_one_line_per_round(server, small_cnn_bundle, fashion_train,
     assert code == 0
     rounds = [line for line in lines if line.startswith("round ")]
     assert len(rounds) == 2, lines
-    line = r"round {} \(s, [\w.-]+\): \d+ samples, loss \d+\.\d{{4}}, local accuracy \d+\.\d%, \d+\.\d s, [\d,.]+ KB up, [\d,.]+ KB down, push accepted"
+    line = (
+        r"round {} \(s, [\w.-]+\): \d+ samples, loss \d+\.\d{{4}}, local accuracy \d+\.\d%, \d+\.\d s, "
+        r"[\d,.]+ KB up, [\d,.]+ KB down, push accepted"
+    )
     assert re.fullmatch(line.format(1), rounds[0]) and re.fullmatch(line.format(2), rounds[1]), rounds
     assert lines[-1] == "done: the run is over, 2 update(s) pushed"
 

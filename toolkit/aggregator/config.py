@@ -157,7 +157,8 @@ class RunConfig(_Strict):
             )
         if self.splitfed is not None and self.model is None:
             raise ValueError(
-                "SplitFed trains the blocks past each phone's cut on the edge: name the run's 'model' (e.g. \"mobilenet_v2\")"
+                "SplitFed trains the blocks past each phone's cut on the edge: "
+                "name the run's 'model' (e.g. \"mobilenet_v2\")"
             )
         return self
 

@@ -290,7 +290,8 @@ class Coordinator:
             return "the run has finished"
         staleness = latest - rnd.base_version
         if staleness > self.config.fedbuff.max_staleness:
-            return f"trained from version {rnd.base_version}, {staleness} versions old (max {self.config.fedbuff.max_staleness})"
+            most = self.config.fedbuff.max_staleness
+            return f"trained from version {rnd.base_version}, {staleness} versions old (max {most})"
         return ""
 
     # -- evaluations ------------------------------------------------------------------------

@@ -4,7 +4,8 @@ RTT and bandwidth against.
 | route                   | auth | answers |
 |-------------------------|------|---------|
 | GET  /probe/echo?size=N | none | 200 N zero bytes (0 ≤ N ≤ MAX_DOWN_BYTES); 422 beyond |
-| POST /probe/echo        | none | 200 {"status": "ok", "bytes": n} once the whole body is read; 413 beyond MAX_UP_BYTES |
+| POST /probe/echo        | none | 200 {"status": "ok", "bytes": n} once the whole body is read; |
+|                         |      | 413 beyond MAX_UP_BYTES |
 
 No credential: a phone is profiled before it is enrolled (profile → plan → export → enrol), so
 it has no device token yet, and an admin token does not belong on a phone. The routes keep

@@ -1,17 +1,21 @@
 """The aggregator's HTTP routes (FastAPI): one router per resource, the coordinator and auth
 through Depends; ``toolkit.aggregator.app`` assembles them.
 
-| route                     | auth   | answers |
-|---------------------------|--------|---------|
-| GET  /v1/health           | none   | 200 {"status": "ok"} |
-| POST /v1/enrol            | enrol  | 200 {"device_id", "token"}; 401 bad/used token; 409 device id taken |
-| GET  /v1/task             | device | 200 {"status": "task", round, base_version, lr, ...} / {"status": "wait", retry_after} / {"status": "done"} |
-| GET  /v1/weights/{v}      | device or admin | 200 codec bytes + ETag (a device's download is counted); 304 if If-None-Match has that ETag; 404 unknown version |
-| POST /v1/updates          | device | 200 accepted / duplicate; 409 stale, or restart (SplitFed: the edge lost its part); 400, 403, 422 rejected; 413 too large |
-| POST /v1/evaluations      | admin  | 200 {"status": "recorded"}; 404 unknown version |
-| GET  /v1/status           | admin  | 200 the run's status |
-| /v1/splitfed/...          |        | with a SplitFed edge only: toolkit/splitfed/routes.py |
-| GET/POST /probe/echo      | none   | `fedkit profile --aggregator`'s link probe: toolkit/aggregator/probe.py (422/413 over 8 MiB, 429 per address) |
+| route                | auth            | answers |
+|----------------------|-----------------|---------|
+| GET  /v1/health      | none            | 200 {"status": "ok"} |
+| POST /v1/enrol       | enrol           | 200 {"device_id", "token"}; 401 bad/used token; 409 device id taken |
+| GET  /v1/task        | device          | 200 {"status": "task", round, base_version, lr, ...} |
+|                      |                 | / {"status": "wait", retry_after} / {"status": "done"} |
+| GET  /v1/weights/{v} | device or admin | 200 codec bytes + ETag (a device's download is counted); |
+|                      |                 | 304 if If-None-Match has that ETag; 404 unknown version |
+| POST /v1/updates     | device          | 200 accepted / duplicate; 409 stale, or restart |
+|                      |                 | (SplitFed: the edge lost its part); 400, 403, 422 rejected; 413 too large |
+| POST /v1/evaluations | admin           | 200 {"status": "recorded"}; 404 unknown version |
+| GET  /v1/status      | admin           | 200 the run's status |
+| /v1/splitfed/...     |                 | with a SplitFed edge only: toolkit/splitfed/routes.py |
+| GET/POST /probe/echo | none            | `fedkit profile --aggregator`'s link probe: toolkit/aggregator/probe.py |
+|                      |                 | (422/413 over 8 MiB, 429 per address) |
 
 Every error body is JSON ``{"status": ..., "reason": ...}``; 401 on a missing or wrong bearer
 token (nothing is stored), 429 with Retry-After when a device exceeds its request rate

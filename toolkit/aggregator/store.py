@@ -372,7 +372,8 @@ class Store:
         self, version: int, round_: int | None, stage: int | None, blob: bytes, num_updates: int, now: float
     ) -> None:
         self._q(
-            "INSERT INTO versions(version, round, stage, created, num_updates, sha256, blob) VALUES(?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO versions(version, round, stage, created, num_updates, sha256, blob) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?)",
             (version, round_, stage, now, num_updates, hashlib.sha256(blob).hexdigest(), blob),
         )
 

@@ -230,7 +230,8 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
         timing = profile.timing(model.model_id)
         if timing is None:
             raise PlanError(
-                f"profile {profile.name!r} has no block timings of {model.model_id}: profile with --model {model.model_id}"
+                f"profile {profile.name!r} has no block timings of {model.model_id}: "
+                f"profile with --model {model.model_id}"
             )
         timings.append(timing)
         for i, c in enumerate(costs):

@@ -118,7 +118,10 @@ def cached_bundle(model: SplittableModel, plan: DevicePlan, fed_from: int, progr
 
     fed = f"-fed{fed_from}" if fed_from < plan.train_from else ""
     # local_epochs is not in the folder name of an export, but a phone's bundle carries it
-    name = f"{model.model_id}-{bundle_folder_name(plan)}-e{plan.local_epochs}{fed}-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
+    name = (
+        f"{model.model_id}-{bundle_folder_name(plan)}-e{plan.local_epochs}{fed}"
+        f"-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
+    )
     path = cache_dir() / "bundles" / name
     stamp = path.with_name(name + ".sha256")  # the manifest's sha256 as exported
     try:

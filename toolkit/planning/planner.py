@@ -5,8 +5,9 @@ phone, which defeats federated learning, so it is a baseline, never a default) t
 every trainable depth on the phone from its last parameterised block before the cut (the
 classifier alone when the cut is at the end; in SplitFed the edge trains everything behind
 the cut) to every parameterised block before the cut — the phone always trains at least one
-block, since a SplitFed phone with only frozen blocks would run inference alone; ``executorch`` where it can train what the phone
-trains (linear layers only, and no activation gradients to back-propagate: it has no
+block, since a SplitFed phone with only frozen blocks would run inference alone;
+``executorch`` where it can train what the phone trains (linear layers only, and no activation
+gradients to back-propagate: it has no
 ``backward_from``), ``ort`` otherwise; each allowed encoding; the reference batch, halved
 down to ``min_batch`` when it does not fit. The search is exhaustive (MobileNetV2 has 22
 cuts); ``oracle`` is a separate brute force over the raw product, kept to check it.
@@ -230,7 +231,8 @@ class Planner:
             return PhonePlan(
                 profile=phone.name,
                 plan=None,
-                reason=f"nothing fits memory: the smallest choice needs {least:.0f} MB, the phone has {phone.memory_mb:.0f} MB",
+                reason=f"nothing fits memory: the smallest choice needs {least:.0f} MB, "
+                f"the phone has {phone.memory_mb:.0f} MB",
             )
         if c.energy_budget_j is not None:
             if any(e.energy_j is None for e in fits):
@@ -359,7 +361,8 @@ def load_plan(path: Path) -> FleetPlan:
     data = read_json(path, "plan", f"fedkit plan --out {path}")
     if isinstance(data, dict) and data.get("schema_version") != SCHEMA_VERSION:
         raise PlanError(
-            f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: re-run `fedkit plan`"
+            f"plan {path} has schema version {data.get('schema_version')!r}, this fedkit reads {SCHEMA_VERSION}: "
+            "re-run `fedkit plan`"
         )
     try:
         return FleetPlan.model_validate(data)

@@ -31,7 +31,8 @@ def _adb(serial: str, *args: str, timeout: float = 60) -> str:
         done = subprocess.run([adb, "-s", serial, *args], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise PlanError(
-            f"`adb {' '.join(args)}` on {serial} did not finish in {timeout:.0f} s: check the phone is awake and unlocked"
+            f"`adb {' '.join(args)}` on {serial} did not finish in {timeout:.0f} s: "
+            "check the phone is awake and unlocked"
         ) from exc
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()

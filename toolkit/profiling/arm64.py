@@ -4,8 +4,9 @@ phone's own python3, exactly as ``fedkit profile --adb`` runs them on a phone.
 
 The figures are emulated: qemu translates every arm64 instruction, so the timings (here 0.35
 GFLOP/s of dense conv against 88 natively, about 250× slower) say nothing about a real phone's
-speed; the profile says so in its ``source`` (``arm64-emulated``) and ``notes``. What it does say truly is what the phone's
-install can train with: ONNX Runtime's inference build only, so ``numpy`` (the linear head).
+speed; the profile says so in its ``source`` (``arm64-emulated``) and ``notes``. What it does
+say truly is what the phone's install can train with: ONNX Runtime's inference build only, so
+``numpy`` (the linear head).
 
 The probe runs with the fewest repeats (one timed run after a warm-up; ``quick=False``: three):
 about 8 s on this host with the rootfs cached (10 s with small_cnn's blocks, or with three repeats).

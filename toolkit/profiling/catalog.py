@@ -80,7 +80,8 @@ def catalog_profiles(classes: list[str] | None = None, link_name: str | None = N
                 engines=tuple(entry["runtime"]["engines"]),
                 link=link(link_name or entry["cellular"]["value"]),
                 cpu_power_w=entry["cpu_power_w"]["value"],
-                notes=f"{entry['device']} ({entry['soc']['value']}, {entry['year']}); runtime {entry['runtime']['value']}",
+                notes=f"{entry['device']} ({entry['soc']['value']}, {entry['year']}); "
+                f"runtime {entry['runtime']['value']}",
             )
         )
     return profiles

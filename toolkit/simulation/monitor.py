@@ -123,7 +123,8 @@ class Monitor:
                     break
             if not self.aggregator.alive() and not self.restarts:
                 raise SimulationError(
-                    f"the aggregator exited on its own (code {self.aggregator.proc.returncode}); see {self.run_dir}/aggregator.log"
+                    f"the aggregator exited on its own (code {self.aggregator.proc.returncode}); "
+                    f"see {self.run_dir}/aggregator.log"
                 )
             if not any(p.alive() for p in self.procs.values()) and not self.restarts and not done:
                 raise SimulationError(
@@ -257,7 +258,8 @@ class Monitor:
                             {
                                 "kind": "kill_aggregator",
                                 "round": rnd.round,
-                                "detail": f"SIGKILL mid-round with {accepted} updates accepted ({rnd.reports} in round {rnd.round})",
+                                "detail": f"SIGKILL mid-round with {accepted} updates accepted "
+                                f"({rnd.reports} in round {rnd.round})",
                                 "accepted_before": accepted,
                             }
                         )

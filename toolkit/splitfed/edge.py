@@ -162,7 +162,8 @@ class SplitFedEdge:
     ):
         if coordinator.config.mode != "fedavg":
             raise ConfigError(
-                f'SplitFed needs synchronous rounds, the run\'s mode is {coordinator.config.mode!r}: set mode = "fedavg"'
+                f"SplitFed needs synchronous rounds, the run's mode is {coordinator.config.mode!r}: "
+                'set mode = "fedavg"'
             )
         self.coordinator = coordinator
         self.model = model
@@ -286,8 +287,9 @@ class SplitFedEdge:
                 if phone_tensors & self._last_block:
                     return None
                 return (
-                    f"the edge holds no state for round {round_} of this phone (the aggregator restarted after its last "
-                    "batch): its part of the update is lost; train the round again from batch 0 and push that update"
+                    f"the edge holds no state for round {round_} of this phone (the aggregator restarted after its "
+                    "last batch): its part of the update is lost; train the round again from batch 0 and push that "
+                    "update"
                 )
             return {name: p.detach().numpy() - kept.base[name] for name, p in kept.part.named_parameters()}
 
@@ -315,7 +317,8 @@ class SplitFedEdge:
         if LABELS not in message.tensors or len(names) != 1:
             return _refused(
                 422,
-                f"message holds {sorted(message.tensors)}: send 'labels' and one activation named after the phone's last block",
+                f"message holds {sorted(message.tensors)}: "
+                "send 'labels' and one activation named after the phone's last block",
             )
         (name,) = names
         blocks = self.model.block_names

@@ -112,7 +112,8 @@ def test_cli_simulate_shows_the_last_round_and_where_the_report_is(tmp_path):
 
     config = tmp_path / "tiny.toml"
     config.write_text(
-        'name = "tiny"\nmodel = "small_cnn"\ntrain_blocks = 4\ntrain_images = 600\ntest_images = 300\npartition = "iid"\n'
+        'name = "tiny"\nmodel = "small_cnn"\ntrain_blocks = 4\n'
+        'train_images = 600\ntest_images = 300\npartition = "iid"\n'
         "deadline_s = 60\ntimeout_s = 240\n"
         '[[phones]]\nclass = "flagship-2023"\ncount = 2\n'
         '[[stages]]\nname = "all"\nrounds = 1\nlr = 0.05\n'
