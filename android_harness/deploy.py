@@ -100,7 +100,7 @@ class LocalTarget:
             raise DeployError(f"{self.root} already holds a phone: remove it, or deploy to a new folder")
         hashes = []
         with new_folder(self.root) as staging:
-            for src, source in zip(bundles, sources):
+            for src, source in zip(bundles, sources, strict=True):
                 dst = staging / BUNDLES / Path(src).name
                 shutil.copytree(src, dst)
                 if Bundle.load(dst).bundle_hash != source.bundle_hash:
@@ -236,7 +236,7 @@ class Arm64Target:
                 )
             report = json.loads(done.stdout.strip().splitlines()[-1])
             # the phone lists its bundles in name order: back to the order they were given in
-            by_name = dict(zip(sorted(Path(b).name for b in bundles), report["bundles"]))
+            by_name = dict(zip(sorted(Path(b).name for b in bundles), report["bundles"], strict=True))
             hashes = tuple(by_name[Path(b).name] for b in bundles)
             if hashes != local.bundles:
                 raise DeployError(
@@ -336,7 +336,7 @@ def deploy_fleet(
         raise DeployError(f"{', '.join(taken)} already exist: remove them, or deploy to another folder")
     with tempfile.TemporaryDirectory() as tmp:
         credentials = {}
-        for phone, token in zip(phones, enrol_tokens):
+        for phone, token in zip(phones, enrol_tokens, strict=False):
             credentials[phone] = Path(tmp) / f"{phone}.json"
             Credential(url, phone, enrol_token=token).save(credentials[phone])
         for phone in phones:

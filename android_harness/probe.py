@@ -147,7 +147,7 @@ def time_items(payload_dir: str, repeats: int) -> list[dict]:
             start = time.perf_counter()
             run()
             best[i] = min(best[i], time.perf_counter() - start)
-    return [{**item, "seconds": seconds} for item, seconds in zip(items, best)]
+    return [{**item, "seconds": seconds} for item, seconds in zip(items, best, strict=True)]
 
 
 def numpy_matmul_gflops(repeats: int) -> float:

@@ -83,7 +83,7 @@ def calibrate(model, write: bool):
     shipped = shipped_calibration()
     costs = block_costs(model)
     shipped_error = {}
-    for profile, timing in zip((at1, at32), timings):
+    for profile, timing in zip((at1, at32), timings, strict=True):
         rel = [predict_block(c, shipped, profile.gflops, timing.batch) / timing.seconds[c.name] - 1 for c in costs]
         total = (
             sum(predict_block(c, shipped, profile.gflops, timing.batch) for c in costs) / sum(timing.seconds.values())
@@ -184,7 +184,7 @@ def fleet_case(planner, link_name: str) -> dict:
     phones = catalog_profiles(link_name=link_name)
     fleet = planner.plan(phones)
     per_phone, changed = {}, 0
-    for phone, planned in zip(phones, fleet.phones):
+    for phone, planned in zip(phones, fleet.phones, strict=True):
         alone = planner.plan_phone(phone)
         if planned.plan is None:
             per_phone[phone.name] = {"infeasible": planned.reason}

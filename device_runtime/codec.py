@@ -71,7 +71,7 @@ import json
 import math
 import numbers
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -132,7 +132,7 @@ class UpdateHeader:
     num_samples: int
     kind: str = "delta"  # one of KINDS
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.device_id, str) or not self.device_id:
             raise CodecError(f"update header device_id must be a non-empty string, got {self.device_id!r}")
         for name in ("round", "base_version", "num_samples"):
@@ -172,7 +172,7 @@ def encode(
     header_json = _header_json(header)
     jobs, total = [], 0
     keys = rng.integers(0, 2**32, size=len(tensors), dtype=np.uint32).tolist()  # one draw per tensor
-    for (name, value), key in zip(tensors.items(), keys):
+    for (name, value), key in zip(tensors.items(), keys, strict=True):
         x = np.asarray(value)
         total += x.size  # before a copy to float32 of a tensor too large to take
         if total > MAX_ELEMENTS:
@@ -333,8 +333,8 @@ class ErrorFeedback:
 # --- encoding ---------------------------------------------------------------------------
 
 
-def _encodings_for(names, encoding: str | Mapping[str, str]) -> dict[str, str]:
-    names = list(names)
+def _encodings_for(tensor_names: Iterable[str], encoding: str | Mapping[str, str]) -> dict[str, str]:
+    names = list(tensor_names)
     if isinstance(encoding, str):
         chosen = dict.fromkeys(names, encoding)
     elif isinstance(encoding, Mapping):
@@ -356,7 +356,7 @@ def _check_fraction(fraction: float) -> None:
         raise CodecError(f"topk_fraction must be in (0, 1], got {fraction!r}")
 
 
-def _as_float32(name: str, value) -> np.ndarray:
+def _as_float32(name: str, value: object) -> np.ndarray:
     x = np.asarray(value)
     if x.dtype.kind not in "fiu":
         raise CodecError(f"tensor {name!r} has dtype {x.dtype}, not a real number type")

@@ -181,7 +181,7 @@ def train_central(
     table.add_column("epoch", justify="right")
     table.add_column("train loss", justify="right")
     table.add_column("test accuracy", justify="right")
-    for epoch, (loss, accuracy) in enumerate(zip(result.train_loss, result.test_accuracy), start=1):
+    for epoch, (loss, accuracy) in enumerate(zip(result.train_loss, result.test_accuracy, strict=True), start=1):
         table.add_row(str(epoch), f"{loss:.4f}", f"{accuracy:.2%}")
     console.print(table)
     source = "read from the cache" if result.cache_hit else "computed"

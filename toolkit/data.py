@@ -252,7 +252,7 @@ def write_shards(
         parts = partition_shards(labels, len(phones), shards_per_phone, seed)
     else:
         raise ConfigError(f"partition {partition!r} is unknown: use iid, dirichlet or shards")
-    small = [phone for phone, part in zip(phones, parts) if len(part) < MIN_SHARD_IMAGES]
+    small = [phone for phone, part in zip(phones, parts, strict=True) if len(part) < MIN_SHARD_IMAGES]
     if small:
         raise ConfigError(
             f"{', '.join(small)} get fewer than {MIN_SHARD_IMAGES} images from the split: "
@@ -260,7 +260,7 @@ def write_shards(
         )
     index = {}
     with new_folder(out_dir) as staging:
-        for phone, part in zip(phones, parts):
+        for phone, part in zip(phones, parts, strict=True):
             write_shard(staging / f"{phone}.npz", train.images[part], labels[part])
             index[phone] = {
                 "file": f"{phone}.npz",

@@ -104,7 +104,7 @@ def plot_bytes(run: dict, path: Path) -> None:
     for cls, per_round in sorted(data.items()):
         heights = [per_round.get(r, 0) / 1024 for r in rounds]
         ax.bar(rounds, heights, bottom=bottom, label=cls)
-        bottom = [b + h for b, h in zip(bottom, heights)]
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_xlabel("round")
     ax.set_ylabel("uplink payload (KiB)")
     ax.set_title("uplink bytes per round by phone class")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,7 +14,7 @@ def test_churn_windows_are_sorted_disjoint_and_inside_the_run(seed, duration, on
     trace = churn(seed, duration, online, offline)
     for start, end in trace:
         assert 0 <= start <= end <= duration
-    for (_, end), (start, _) in zip(trace, trace[1:]):
+    for (_, end), (start, _) in pairwise(trace):
         assert end < start
     assert trace == churn(seed, duration, online, offline)  # the seed fixes it
 

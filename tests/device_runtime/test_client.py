@@ -63,7 +63,9 @@ def test_push_retries_connection_errors_timeouts_and_5xx_then_returns_the_answer
     result = client(transport, sleeps).push(b"bytes", "key-1", accuracy=0.75)
     assert result == PushResult("accepted", "", 3, 9, 200) and result.counted
     assert len(seen) == 4 and len(sleeps) == 3
-    assert all(0 <= s <= cap for s, cap in zip(sleeps, [1.0, 2.0, 4.0]))  # full jitter under the doubling cap
+    assert all(
+        0 <= s <= cap for s, cap in zip(sleeps, [1.0, 2.0, 4.0], strict=True)
+    )  # full jitter under the doubling cap
     # every attempt sends the same bytes with the same key
     assert {(r.content, r.headers["Idempotency-Key"]) for r in seen} == {(b"bytes", "key-1")}
     assert seen[-1].headers["Authorization"] == "Bearer cred" and seen[-1].headers["X-Fedkit-Accuracy"] == "0.75"

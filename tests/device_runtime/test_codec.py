@@ -265,10 +265,10 @@ def test_threads_encode_and_decode_alike():
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(round_trip, [s % 3 for s in range(24)]))
 
-    for seed, (data, decoded) in zip([s % 3 for s in range(24)], together):
+    for seed, (data, decoded) in zip([s % 3 for s in range(24)], together, strict=True):
         alone_data, alone = round_trip(seed)
         assert data == alone_data
-        for a, b in zip(decoded, alone):
+        for a, b in zip(decoded, alone, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -631,7 +631,8 @@ BITS = {"sign1": 1, "int4": 4, "int8": 8, "fp16": 16, "fp32": 32}
 def test_layered_encodings_respect_the_budget(stds, sizes, avg_bits):
     rng = np.random.default_rng(0)
     tensors = {
-        f"t{i}": (std * rng.standard_normal(size)).astype(np.float32) for i, (std, size) in enumerate(zip(stds, sizes))
+        f"t{i}": (std * rng.standard_normal(size)).astype(np.float32)
+        for i, (std, size) in enumerate(zip(stds, sizes, strict=False))
     }
 
     chosen = layered_encodings(tensors, avg_bits)

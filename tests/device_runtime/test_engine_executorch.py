@@ -115,14 +115,14 @@ def test_mobilenet_head_trains_like_eager_with_shared_sgd(tmp_path):
     # Execute
     opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
     expected = []
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         opt.zero_grad()
         loss = F.cross_entropy(head(torch.from_numpy(x)), torch.from_numpy(y))
         loss.backward()
         opt.step()
         expected.append(loss.item())
     sgd, weights, actual = SGD(0.01, momentum=0.9), engine.get_weights(), []
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         loss, grads = engine.gradients(x, y)
         weights = sgd.step(weights, grads)
         engine.set_weights(weights)

@@ -72,7 +72,7 @@ def ten_steps(engine: OrtEngine, part, h: np.ndarray, labels: torch.Tensor, edge
             edge_loss = F.cross_entropy(edge(cut_activation), labels)
             (grad_out,) = torch.autograd.grad(edge_loss, cut_activation)
             engine_loss, grads = edge_loss.item(), engine.backward_from(h, grad_out.numpy())
-        for p, g in zip(ref.values(), torch.autograd.grad(loss, list(ref.values()))):
+        for p, g in zip(ref.values(), torch.autograd.grad(loss, list(ref.values())), strict=True):
             p.grad = g
         torch_opt.step()
         engine.set_weights(opt.step(engine.get_weights(), grads))
@@ -129,7 +129,7 @@ def test_backward_from_is_the_vector_jacobian_product(request, bundles, name, tr
     params = dict(part.named_parameters())
     out = part(torch.from_numpy(h))
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    expected = dict(zip(params, torch.autograd.grad((out * grad_out).sum(), list(params.values()))))
+    expected = dict(zip(params, torch.autograd.grad((out * grad_out).sum(), list(params.values())), strict=True))
 
     grads = engine.backward_from(h, grad_out.numpy())
 

@@ -19,7 +19,7 @@ def random_tensors(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def run_torch(weights, grads_per_step, lrs, momentum, weight_decay):
     params = {n: torch.tensor(w, requires_grad=True) for n, w in weights.items()}
     opt = torch.optim.SGD(list(params.values()), lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
-    for lr, grads in zip(lrs, grads_per_step):
+    for lr, grads in zip(lrs, grads_per_step, strict=True):
         for group in opt.param_groups:
             group["lr"] = lr
         for name, p in params.items():
@@ -30,7 +30,7 @@ def run_torch(weights, grads_per_step, lrs, momentum, weight_decay):
 
 def run_numpy(weights, grads_per_step, lrs, momentum, weight_decay, opt=None):
     opt = opt or SGD(lrs[0], momentum=momentum, weight_decay=weight_decay)
-    for lr, grads in zip(lrs, grads_per_step):
+    for lr, grads in zip(lrs, grads_per_step, strict=True):
         opt.lr = lr
         weights = opt.step(weights, grads)
     return weights

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import pairwise
 
 import pytest
 
@@ -112,5 +113,5 @@ def test_a_bundle_the_run_does_not_fit_fails_with_the_reason_after_backing_off(
     # Assert: five tries, each after a longer wait than the one before, not five at once
     errors = [json.loads(line) for line in (phone / "events.jsonl").read_text().splitlines() if '"error"' in line]
     assert [e["failures"] for e in errors] == [1, 2, 3, 4, 5]
-    gaps = [b["t"] - a["t"] for a, b in zip(errors, errors[1:])]
+    gaps = [b["t"] - a["t"] for a, b in pairwise(errors)]
     assert all(g >= 0.05 * 2 ** (i + 1) * 0.9 for i, g in enumerate(gaps)), gaps

@@ -244,7 +244,7 @@ def test_error_feedback_is_carried_to_the_next_round_through_the_checkpoint(bund
     assert json.dumps(_shapes(restarted.error_feedback.state_dict())) == json.dumps(_shapes(residuals))
     flat_before, flat_after = _arrays(residuals), _arrays(restarted.error_feedback.state_dict())
     assert flat_before and any(np.abs(a).max() > 0 for a in flat_before)
-    for a, b in zip(flat_before, flat_after):
+    for a, b in zip(flat_before, flat_after, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -69,7 +69,7 @@ def test_inference_export_failure_is_an_export_error(tmp_path):
 def _train_eager(module, xs, ys, lr=0.01, momentum=0.9):
     opt = torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum)
     losses = []
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         opt.zero_grad()
         loss = F.cross_entropy(module(x), y)
         loss.backward()
@@ -81,7 +81,7 @@ def _train_eager(module, xs, ys, lr=0.01, momentum=0.9):
 def _train_executorch(program, xs, ys, lr=0.01, momentum=0.9):
     # torch.optim.SGD's rule in numpy, written into the program's own parameter tensors
     buffers, losses = {}, []
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         loss = program.forward_backward("forward", (x, y))[0]
         params = program.named_parameters()
         for name, grad in program.named_gradients().items():

@@ -232,7 +232,7 @@ def test_iid_partition(labels, n_clients, seed):
     _assert_partition(labels, parts, n_clients)
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
-    assert all(np.array_equal(a, b) for a, b in zip(parts, partition_iid(labels, n_clients, seed)))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, partition_iid(labels, n_clients, seed), strict=True))
 
 
 @settings(max_examples=40, deadline=None)
@@ -246,7 +246,7 @@ def test_dirichlet_partition(labels, n_clients, alpha, seed):
     parts = partition_dirichlet(labels, n_clients, alpha, seed)
     _assert_partition(labels, parts, n_clients)
     again = partition_dirichlet(labels, n_clients, alpha, seed)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 @settings(max_examples=40, deadline=None)
@@ -264,7 +264,7 @@ def test_shards_partition(labels, n_clients, shards_per_client, seed):
     parts = partition_shards(labels, n_clients, shards_per_client, seed)
     _assert_partition(labels, parts, n_clients)
     again = partition_shards(labels, n_clients, shards_per_client, seed)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 def test_dirichlet_follows_the_b1_recipe(fashion_train):
@@ -291,7 +291,7 @@ def test_dirichlet_follows_the_b1_recipe(fashion_train):
 def test_dirichlet_depends_on_the_seed(fashion_train):
     a = partition_dirichlet(fashion_train.labels, 20, 0.5, seed=0)
     b = partition_dirichlet(fashion_train.labels, 20, 0.5, seed=1)
-    assert any(not np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_shards_give_each_client_few_classes(fashion_train):

@@ -275,13 +275,13 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
         error[f"block_max_b{b}"] = float(np.max(np.abs(in_sample[sl])))
         error[f"block_loo_mean_b{b}"] = float(np.mean(np.abs(loo[sl])))
         error[f"model_b{b}"] = float((a[sl] @ coef).sum() / y[sl].sum() - 1)
-    for part, j in zip(parts, np.flatnonzero(groups == -2)):
+    for part, j in zip(parts, np.flatnonzero(groups == -2), strict=True):
         error[f"part_{part.start}_{part.stop}_b{part.batch}"] = float(in_sample[j])
     k = len(KINDS)
     return Calibration(
         model_id=model.model_id,
         host_gflops=float(np.mean([p.gflops for p in profiles])),
-        cost=dict(zip(KINDS, (float(c) for c in coef[:k]))),
+        cost=dict(zip(KINDS, (float(c) for c in coef[:k]), strict=True)),
         op_overhead=float(coef[k]),
         run_overhead=float(coef[k + 1]),
         run_byte_cost=float(coef[k + 2]),

@@ -109,7 +109,9 @@ def test_measured_block_timings_take_precedence():
     costs = block_costs(MODEL)
     cal = shipped_calibration()
     modelled = [predict_block(c, cal, 20.0, 32) for c in costs]
-    measured = BlockTiming(model_id="small_cnn", batch=32, seconds={c.name: 3 * m for c, m in zip(costs, modelled)})
+    measured = BlockTiming(
+        model_id="small_cnn", batch=32, seconds={c.name: 3 * m for c, m in zip(costs, modelled, strict=True)}
+    )
 
     fwd = COST.forward_seconds(_phone(block_timings=(measured,)), 32)
 

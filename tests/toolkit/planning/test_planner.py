@@ -173,7 +173,9 @@ def test_plans_catalogue_phones_for_mobilenet_v2():
     fleet = Planner(load_model("mobilenet_v2"), EDGE, PlanConfig()).plan(phones)
 
     assert isinstance(fleet, FleetPlan) and not fleet.infeasible
-    assert all(p.plan.cut >= 1 and p.memory_mb <= phone.memory_mb for p, phone in zip(fleet.phones, phones))
+    assert all(
+        p.plan.cut >= 1 and p.memory_mb <= phone.memory_mb for p, phone in zip(fleet.phones, phones, strict=True)
+    )
 
 
 def test_catalogue_plan_picks_ort_for_every_class():

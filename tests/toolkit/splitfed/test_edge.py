@@ -34,7 +34,7 @@ def split_gradients(model: SplittableModel, bundle: Bundle, x: torch.Tensor, y: 
     gradient at the cut, the edge's by PyTorch; (loss, split loss, whole, phone, edge)."""
     params = dict(model.root.named_parameters())
     loss = F.cross_entropy(model.forward(x), y)
-    whole = {k: g.numpy() for k, g in zip(params, torch.autograd.grad(loss, list(params.values())))}
+    whole = {k: g.numpy() for k, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True)}
 
     engine = OrtEngine(bundle)
     h = engine.features(x.numpy())
@@ -234,7 +234,7 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
     v0 = decode(coordinator.weights(0)[0]).tensors
     sizes = (48, 32, 16)
     copies = {}  # device → (samples, every tensor its round trained: the phone's as pushed, the edge's)
-    for i, ((cut, train_blocks), n) in enumerate(zip(MIXED_DEPTHS, sizes)):
+    for i, ((cut, train_blocks), n) in enumerate(zip(MIXED_DEPTHS, sizes, strict=True)):
         device_id = f"p{cut}"
         bundle = Bundle.load(small_cnn_bundle(cut, train_blocks))
         task = Task(**Assignment.from_json(started(coordinator, device_id)).task_fields(bundle.manifest.plan))
