@@ -105,7 +105,7 @@ def test_unknown_targets_name_every_scheme():
 
 
 def test_a_host_name_the_phone_cannot_resolve_is_refused_and_nothing_stays(phone, name, bundle, shard, tmp_path):
-    with pytest.raises(DeployError, match="cannot resolve 'localhost'.*127.0.0.1:8080"):
+    with pytest.raises(DeployError, match=r"cannot resolve 'localhost'.*127\.0\.0\.1:8080"):
         deploy([bundle], f"arm64:{name}", shard, credential(tmp_path, "http://localhost:8080"))
     assert not phone.host_path(ARM64_PHONES / name).exists()
 

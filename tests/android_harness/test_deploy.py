@@ -87,7 +87,7 @@ def test_a_shard_that_is_not_an_npz_of_images_and_labels_is_refused_before_the_t
 def test_labels_the_model_cannot_train_on_are_refused(small_cnn_bundle, credential, tmp_path):
     path = tmp_path / "shard.npz"
     np.savez(path, images=np.zeros((4, 28, 28), np.uint8), labels=np.array([0, 1, 2, 10]))
-    with pytest.raises(DataError, match="labels outside 0..9"):
+    with pytest.raises(DataError, match=r"labels outside 0\.\.9"):
         deploy([small_cnn_bundle()], f"local:{tmp_path / 'phone'}", path, credential)
 
 
@@ -108,7 +108,7 @@ def test_a_fleet_is_checked_whole_before_any_phone_is_deployed(small_cnn_bundle,
     index = {"a": [bundle], "b": [bundle]}
 
     # Execute / Assert: nothing deployed, not even phone a
-    with pytest.raises(DataError, match="b.npz does not exist"):
+    with pytest.raises(DataError, match=r"b\.npz does not exist"):
         deploy_fleet(index, shards, "http://127.0.0.1:8080", ["t1", "t2"], tmp_path / "phones")
     assert not (tmp_path / "phones" / "a").exists()
     with pytest.raises(DeployError, match="2 enrolment tokens"):
@@ -271,7 +271,7 @@ def test_a_shard_damaged_on_its_way_to_the_phone_is_caught_by_the_phones_check(
     fake_adb, small_cnn_bundle, shard, credential, monkeypatch
 ):
     monkeypatch.setenv("FAKE_ADB_DAMAGE", "shard.npz")
-    with pytest.raises(DeployError, match="the shard on fake-phone has sha256 .*, expected "):
+    with pytest.raises(DeployError, match=r"the shard on fake-phone has sha256 .*, expected "):
         deploy([small_cnn_bundle()], "adb:fake-phone", shard, credential)
 
 

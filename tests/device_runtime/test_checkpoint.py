@@ -84,7 +84,7 @@ def test_truncated_checkpoint_is_refused(tmp_path, keep):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
 
-    with pytest.raises(CheckpointError, match="corrupt or truncated.*delete it"):
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated.*delete it"):
         load_checkpoint(path)
 
 

@@ -63,9 +63,8 @@ def test_push_retries_connection_errors_timeouts_and_5xx_then_returns_the_answer
     result = client(transport, sleeps).push(b"bytes", "key-1", accuracy=0.75)
     assert result == PushResult("accepted", "", 3, 9, 200) and result.counted
     assert len(seen) == 4 and len(sleeps) == 3
-    assert all(
-        0 <= s <= cap for s, cap in zip(sleeps, [1.0, 2.0, 4.0], strict=True)
-    )  # full jitter under the doubling cap
+    # full jitter under the doubling cap
+    assert all(0 <= s <= cap for s, cap in zip(sleeps, [1.0, 2.0, 4.0], strict=True))
     # every attempt sends the same bytes with the same key
     assert {(r.content, r.headers["Idempotency-Key"]) for r in seen} == {(b"bytes", "key-1")}
     assert seen[-1].headers["Authorization"] == "Bearer cred" and seen[-1].headers["X-Fedkit-Accuracy"] == "0.75"
@@ -110,7 +109,7 @@ def test_a_refused_credential_raises_and_is_not_retried():
 
 def test_no_definite_answer_after_every_attempt_raises():
     transport, seen = scripted(httpx.ConnectError("refused"))
-    with pytest.raises(ProtocolError, match="after 3 attempts.*ConnectError"):
+    with pytest.raises(ProtocolError, match=r"after 3 attempts.*ConnectError"):
         client(transport, attempts=3).push(b"x", "k")
     assert len(seen) == 3
 

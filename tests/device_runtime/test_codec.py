@@ -478,7 +478,7 @@ def test_decode_refuses_oversized_input():
 def test_decode_refuses_non_finite_values_and_scales(encoding, x, raw, at):
     data, payload = one_tensor(encoding, x)
     assert decode(data).tensors["x"].shape == x.shape
-    with pytest.raises(CodecError, match="NaN or Inf|scales"):
+    with pytest.raises(CodecError, match=r"NaN or Inf|scales"):
         decode(patched(data, payload + at, raw))
 
 

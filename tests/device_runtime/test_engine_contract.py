@@ -47,7 +47,7 @@ def test_every_engine_keeps_the_contract(name, bundle, batch):
     assert engine.gradients(h, labels)[0] < loss
     engine.set_weights(weights)
     np.testing.assert_array_equal(engine.get_weights()[next(iter(shapes))], weights[next(iter(shapes))])
-    with pytest.raises(EngineError, match="exactly the bundle's trainable tensors|exactly the trainable tensors"):
+    with pytest.raises(EngineError, match=r"exactly the bundle's trainable tensors|exactly the trainable tensors"):
         engine.set_weights({})
 
 

@@ -191,7 +191,7 @@ def test_each_mode_refuses_the_other_ones_call(bundles, small_cnn):
 
     with pytest.raises(EngineError, match="call gradients with labels"):
         classify.backward_from(h, np.zeros((BATCH, 10), np.float32))
-    with pytest.raises(EngineError, match="SplitFed.*call backward_from"):
+    with pytest.raises(EngineError, match=r"SplitFed.*call backward_from"):
         splitfed.gradients(h, np.zeros(BATCH, np.int64))
 
 
@@ -199,18 +199,18 @@ def test_bad_weights_are_refused(bundles):
     engine = OrtEngine(bundles("small_cnn", 1, 5))
     weights = engine.get_weights()
 
-    with pytest.raises(EngineError, match="missing \\['classifier.bias'\\]"):
+    with pytest.raises(EngineError, match=r"missing \['classifier\.bias'\]"):
         engine.set_weights({k: v for k, v in weights.items() if k != "classifier.bias"})
     with pytest.raises(EngineError, match="unknown \\['extra'\\]"):
         engine.set_weights({**weights, "extra": np.zeros(1, np.float32)})
-    with pytest.raises(EngineError, match="'classifier.bias' has shape \\(3,\\)"):
+    with pytest.raises(EngineError, match=r"'classifier\.bias' has shape \(3,\)"):
         engine.set_weights({**weights, "classifier.bias": np.zeros(3, np.float32)})
 
 
 def test_inputs_of_the_wrong_shape_are_refused(bundles):
     engine = OrtEngine(bundles("small_cnn", 1, 5))
 
-    with pytest.raises(EngineError, match="(?s)failed running the frozen part.*check the input's shape"):
+    with pytest.raises(EngineError, match=r"(?s)failed running the frozen part.*check the input's shape"):
         engine.features(np.zeros((2, 1, 32, 32), np.float32))
     with pytest.raises(EngineError, match="failed running the training step"):
         engine.gradients(np.zeros((2, 3, 16, 16), np.float32), np.zeros(2, np.int64))
@@ -221,7 +221,7 @@ def test_a_training_model_ort_cannot_read_is_refused(tmp_path, bundles):
         bundles("small_cnn", 1, 5).root, tmp_path / "b", files={"ort.training_model": b"not an onnx model"}
     )
 
-    with pytest.raises(EngineError, match="(?s)ONNX Runtime cannot load bundle.*re-export"):
+    with pytest.raises(EngineError, match=r"(?s)ONNX Runtime cannot load bundle.*re-export"):
         OrtEngine(broken)
 
 
@@ -230,7 +230,7 @@ def test_a_checkpoint_of_another_part_is_refused(tmp_path, bundles):
     data = bundles("small_cnn", 4, 5).path("ort.checkpoint").read_bytes()
     bundle = edited_copy(bundles("small_cnn", 1, 5).root, tmp_path / "b", files={"ort.checkpoint": data})
 
-    with pytest.raises(EngineError, match="lacks trainable tensors \\['features.1.0.weight'"):
+    with pytest.raises(EngineError, match=r"lacks trainable tensors \['features\.1\.0\.weight'"):
         OrtEngine(bundle)
 
 

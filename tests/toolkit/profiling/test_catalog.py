@@ -74,7 +74,7 @@ def test_link_override_and_links():
 
 
 def test_unknown_class_and_link_are_refused():
-    with pytest.raises(PlanError, match="unknown phone class.*choose from"):
+    with pytest.raises(PlanError, match=r"unknown phone class.*choose from"):
         catalog_profiles(["pocket-calculator"])
     with pytest.raises(PlanError, match="unknown link 'carrier-pigeon'"):
         catalog_profiles(["low-2019"], link_name="carrier-pigeon")

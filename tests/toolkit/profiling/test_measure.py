@@ -156,5 +156,5 @@ def test_adb_without_a_device_says_what_to_do():
 def test_adb_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
 
-    with pytest.raises(PlanError, match="adb is not installed.*apt-get install adb"):
+    with pytest.raises(PlanError, match=r"adb is not installed.*apt-get install adb"):
         probe_adb("any")

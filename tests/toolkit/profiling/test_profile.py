@@ -59,7 +59,7 @@ def test_invalid_fields_are_named(tmp_path, change, field):
 def test_other_schema_version_is_refused(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({**json.loads(_profile().model_dump_json()), "schema_version": 7}))
 
-    with pytest.raises(PlanError, match="schema version 7.*re-run `fedkit profile`"):
+    with pytest.raises(PlanError, match=r"schema version 7.*re-run `fedkit profile`"):
         DeviceProfile.load(tmp_path / "old.json")
 
 
@@ -86,7 +86,7 @@ def test_measured_profile_listing_executorch_is_refused(tmp_path, source):
     data = {**json.loads(_profile(source=source).model_dump_json()), "engines": ["ort", "executorch"]}
     (tmp_path / "old.json").write_text(json.dumps(data))
 
-    with pytest.raises(PlanError, match="cannot list executorch.*re-run `fedkit profile`"):
+    with pytest.raises(PlanError, match=r"cannot list executorch.*re-run `fedkit profile`"):
         DeviceProfile.load(tmp_path / "old.json")
 
 
