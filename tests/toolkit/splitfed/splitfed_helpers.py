@@ -12,12 +12,12 @@ from serving import serving  # noqa: F401  (the SplitFed tests import it from he
 
 from device_runtime.codec import UpdateHeader, decode, encode
 from toolkit.aggregator.admin import issue_tokens
-from toolkit.aggregator.config import parse_config
+from toolkit.aggregator.config import EdgeConfig, parse_config
 from toolkit.aggregator.coordinator import Coordinator
 from toolkit.aggregator.store import Store
 from toolkit.data import write_shard
 from toolkit.models import SplittableModel, load_model
-from toolkit.splitfed.edge import EdgeConfig, SplitFedEdge, edge_step, initial_weights
+from toolkit.splitfed.edge import SplitFedEdge, edge_step, initial_weights
 
 # (cut, train_blocks) of three phones; the edge trains the rest of each.
 # Every block before the cut trains: features.0 | features.0-2 | features.0-2 + pool
