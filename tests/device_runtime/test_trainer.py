@@ -420,7 +420,7 @@ def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_
         if target == 0:
             time.sleep(rng.uniform(0.2, 0.95) * first_checkpoint_s)
         else:
-            wait_for_checkpoint(proc, checkpoint, lambda state: state["position"]["step"] >= int(target))
+            wait_for_checkpoint(proc, checkpoint, lambda state, target=target: state["position"]["step"] >= int(target))
             time.sleep(rng.uniform(0.0, 0.02))
         proc.kill()  # SIGKILL
         proc.communicate()

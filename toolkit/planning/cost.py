@@ -54,8 +54,7 @@ once share it (processor sharing: each gets 1/load of it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
 from importlib import resources
 
 import numpy as np
@@ -99,6 +98,29 @@ class BlockCost:
     linear_only: bool  # its parameters are all in nn.Linear layers (ExecuTorch can train it)
 
 
+@dataclass
+class _Tally:
+    """What one block's leaf modules do in a forward, as their forward hook sees it."""
+
+    flops: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    outputs: list[int] = field(default_factory=list)  # fp32 bytes of each leaf's output
+    ops: int = 0
+
+    def __call__(self, m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        self.outputs.append(out.numel() * 4)
+        if isinstance(m, nn.Conv2d):
+            kind = "depthwise" if m.groups > 1 else "pointwise" if m.kernel_size == (1, 1) else "conv"
+            self.flops[kind] += 2 * m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups) * out.numel()
+            self.flops["weight_reads"] += m.weight.numel()
+            self.ops += 1
+        elif isinstance(m, nn.Linear):
+            self.flops["linear"] += 2 * m.in_features * out.numel()
+            self.ops += 1
+        elif isinstance(m, _ELEMENTWISE):
+            self.flops["elementwise"] += inp[0].numel()
+            self.ops += isinstance(m, nn.AdaptiveAvgPool2d)
+
+
 def block_costs(model: SplittableModel) -> list[BlockCost]:
     """Per-block costs from one forward of a single sample with hooks on every leaf module."""
     costs = []
@@ -107,27 +129,9 @@ def block_costs(model: SplittableModel) -> list[BlockCost]:
     model.root.eval()
     with torch.no_grad():
         for name, block in model.blocks:
-            flops = dict.fromkeys(KINDS, 0)
-            outputs: list[int] = []
-            ops = 0
-
-            def hook(m, inp, out):
-                nonlocal ops
-                outputs.append(out.numel() * 4)
-                if isinstance(m, nn.Conv2d):
-                    kind = "depthwise" if m.groups > 1 else "pointwise" if m.kernel_size == (1, 1) else "conv"
-                    flops[kind] += 2 * m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups) * out.numel()
-                    flops["weight_reads"] += m.weight.numel()
-                    ops += 1
-                elif isinstance(m, nn.Linear):
-                    flops["linear"] += 2 * m.in_features * out.numel()
-                    ops += 1
-                elif isinstance(m, _ELEMENTWISE):
-                    flops["elementwise"] += inp[0].numel()
-                    ops += isinstance(m, nn.AdaptiveAvgPool2d)
-
+            tally = _Tally()
             leaves = [m for m in block.modules() if not list(m.children())]
-            handles = [m.register_forward_hook(hook) for m in leaves]
+            handles = [m.register_forward_hook(tally) for m in leaves]
             in_bytes = x.numel() * 4
             x = block(x)
             for h in handles:
@@ -136,14 +140,14 @@ def block_costs(model: SplittableModel) -> list[BlockCost]:
             costs.append(
                 BlockCost(
                     name=name,
-                    flops=flops,
-                    ops=ops,
+                    flops=tally.flops,
+                    ops=tally.ops,
                     params=sum(p.numel() for p in block.parameters()),
                     param_shapes={f"{name}.{n}": tuple(p.shape) for n, p in block.named_parameters()},
                     in_bytes=in_bytes,
                     out_shape=tuple(x.shape[1:]),
-                    peak_bytes=in_bytes + max(outputs, default=0),
-                    saved_bytes=in_bytes + sum(outputs),
+                    peak_bytes=in_bytes + max(tally.outputs, default=0),
+                    saved_bytes=in_bytes + sum(tally.outputs),
                     linear_only=all(isinstance(m, nn.Linear) for m in parameterised),
                 )
             )
@@ -315,6 +319,10 @@ class CostModel:
         self.calibration = calibration or shipped_calibration()
         self.costs = block_costs(model)
         self.n = len(self.costs)
+        # the planner asks for the same byte counts over and over; memos of this instance (a
+        # functools.cache on the methods would keep every CostModel alive)
+        self._update_memo: dict[tuple[int, int, str], int] = {}
+        self._exchange_memo: dict[tuple[int, int], tuple[int, int]] = {}
 
     def _work_seconds(self, gflops: float, batch: int) -> np.ndarray:
         coef = _coef(self.calibration)
@@ -346,22 +354,25 @@ class CostModel:
         features = _run_features(self.costs[start:stop], batch)
         return float(np.dot(features, _run_coef(self.calibration))) / (profile.gflops * 1e9)
 
-    @cache
     def _update_bytes(self, start: int, stop: int, encoding: str) -> int:
         """Encoded bytes of the weights of blocks [start, stop) (0 when they have none: nothing is sent)."""
-        shapes = {name: shape for c in self.costs[start:stop] for name, shape in c.param_shapes.items()}
-        return encoded_size(shapes, encoding) if shapes else 0
+        key = (start, stop, encoding)
+        if key not in self._update_memo:
+            shapes = {name: shape for c in self.costs[start:stop] for name, shape in c.param_shapes.items()}
+            self._update_memo[key] = encoded_size(shapes, encoding) if shapes else 0
+        return self._update_memo[key]
 
-    @cache
     def _exchange_bytes(self, cut: int, batch: int) -> tuple[int, int]:
         """Encoded bytes of one SplitFed batch of ``batch`` samples: (the activation at the cut
         and the labels, up; the activation gradient and the loss, down), as SplitTrainer and
         the edge write them."""
-        name = self.model.block_names[cut - 1] if cut > 0 else "input"
-        shape = (batch, *self.activation_shape(cut))
-        up = encoded_size({name: shape, LABELS: (batch,)}, {name: ACTIVATION_ENCODING, LABELS: "fp32"})
-        down = encoded_size({name: shape, LOSS: ()}, {name: ACTIVATION_ENCODING, LOSS: "fp32"})
-        return up, down
+        if (cut, batch) not in self._exchange_memo:
+            name = self.model.block_names[cut - 1] if cut > 0 else "input"
+            shape = (batch, *self.activation_shape(cut))
+            up = encoded_size({name: shape, LABELS: (batch,)}, {name: ACTIVATION_ENCODING, LABELS: "fp32"})
+            down = encoded_size({name: shape, LOSS: ()}, {name: ACTIVATION_ENCODING, LOSS: "fp32"})
+            self._exchange_memo[cut, batch] = (up, down)
+        return self._exchange_memo[cut, batch]
 
     def transfer_bytes(
         self, choice: Choice, samples: int, local_epochs: int = 1, fed_from: int | None = None
