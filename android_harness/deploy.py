@@ -115,13 +115,13 @@ class LocalTarget:
         return Deployed(f"local:{self.root}", str(self.root), tuple(hashes), digest)
 
     def start(self) -> str:
-        log = open(self.root / "phone.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "device_runtime.phone_loop", str(self.root)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.root / "phone.log", "ab") as log:  # the phone writes to its own copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "device_runtime.phone_loop", str(self.root)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return f"pid {proc.pid}"
 
 

@@ -47,15 +47,16 @@ def test_the_readme_fleet_path_runs_by_hand_with_a_mixed_fleet(tmp_path):
         for line in readme_commands():
             line = line.replace("8080", port)
             if line.endswith("&"):  # the server: started, then waited for
-                server = subprocess.Popen(
-                    line.removesuffix("&"),
-                    shell=True,
-                    cwd=tmp_path,
-                    env=env,
-                    start_new_session=True,
-                    stdout=open(tmp_path / "serve.log", "wb"),
-                    stderr=subprocess.STDOUT,
-                )
+                with open(tmp_path / "serve.log", "wb") as log:  # the server writes to its own copy
+                    server = subprocess.Popen(
+                        line.removesuffix("&"),
+                        shell=True,
+                        cwd=tmp_path,
+                        env=env,
+                        start_new_session=True,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
                 wait_until_listening(int(port), server)
                 continue
             if line.startswith("fedkit status"):

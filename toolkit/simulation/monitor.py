@@ -93,8 +93,9 @@ class Monitor:
         self.fault_log: list[dict] = []
         self.todo = list(config.faults)
         self.restarts: list[tuple[float, Callable[[], object], str]] = []
-        self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.faults_file = open(run_dir / "faults.jsonl", "a", buffering=1)
+        # open for the whole run: outcome() closes them
+        self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115  (see above)
+        self.faults_file = open(run_dir / "faults.jsonl", "a", buffering=1)  # noqa: SIM115  (see above)
         self.t0 = time.time()
         self.accuracy: float | None = None
         self.crashed: dict[str, int] = {}
