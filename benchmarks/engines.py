@@ -144,7 +144,7 @@ def make_op(op: str, engine, x: np.ndarray, labels: np.ndarray):
     sgd = SGD(lr=LR, momentum=0.9)
 
     def train_step():
-        loss, grads = engine.gradients(engine.features(x), labels)
+        _loss, grads = engine.gradients(engine.features(x), labels)
         engine.set_weights(sgd.step(engine.get_weights(), grads))
 
     return train_step

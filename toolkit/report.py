@@ -137,7 +137,7 @@ def spans(run: dict) -> dict[str, list[tuple[str, float, float]]]:
 def plot_timeline(run: dict, path: Path) -> None:
     per_phone = spans(run)
     fig, ax = plt.subplots(figsize=(9, 0.45 * max(4, len(per_phone)) + 1))
-    for row, (phone, items) in enumerate(
+    for row, (_phone, items) in enumerate(
         sorted(per_phone.items(), key=lambda kv: int(kv[0].split("-")[-1]) if kv[0].split("-")[-1].isdigit() else 0)
     ):
         for kind, start, end in items:

@@ -35,7 +35,7 @@ def test_an_arm64_group_trains_beside_an_x86_64_one(arm64_phone, tmp_path):
     summary = simulate(parse_simulation(config()), tmp_path / "run").model_dump()
 
     assert summary["rounds"] == 2 and summary["updates_accepted"] == 4 and summary["accepted_lost"] == 0
-    x86, arm = summary["phones"]
+    _x86, arm = summary["phones"]
     assert arm["phone_class"] == "low-2022@arm64" and arm["link"].startswith("none: an arm64 phone")
     assert arm["compute_factor"] == 1.0 and arm["address_space_mb"] is None  # its real emulated compute, uncapped
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())

@@ -253,7 +253,8 @@ def test_adb_deploy_start_launches_the_sync_loop_detached(fake_adb, small_cnn_bu
         f" > {remote}/phone.log 2>&1 < /dev/null &"
     )
     # install first, then: the phone is still there, and the loop is started in the background
-    assert calls() == adb_install_calls(bundle, shard, credential) + [
+    assert calls() == [
+        *adb_install_calls(bundle, shard, credential),
         ["-s", "fake-phone", "get-state"],
         ["-s", "fake-phone", "shell", start],
     ]

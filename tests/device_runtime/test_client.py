@@ -71,7 +71,7 @@ def test_push_retries_connection_errors_timeouts_and_5xx_then_returns_the_answer
 
 
 def test_retry_after_is_honoured_on_429_and_503():
-    transport, seen = scripted(
+    transport, _seen = scripted(
         httpx.Response(429, headers={"Retry-After": "3"}, json={"status": "rate_limited", "reason": "slow down"}),
         httpx.Response(503, headers={"Retry-After": "100"}, json={"status": "rejected", "reason": "busy"}),
         httpx.Response(200, json=TASK),

@@ -65,7 +65,6 @@ def tensors() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("encoding", codec.ENCODINGS)
 def test_baseline_and_avx2_builds_agree_byte_for_byte(builds, encoding, monkeypatch):
-    baseline, avx2 = builds
     x = tensors()
     jobs = [
         (name.encode(), codec.ENCODINGS.index(encoding), np.asarray(t), 11 + i) for i, (name, t) in enumerate(x.items())

@@ -147,7 +147,7 @@ def _combine(rows: np.ndarray, method: str, trim_fraction: float) -> np.ndarray:
     if method == "median":
         return np.median(rows, axis=0).astype(np.float32)
     n = rows.shape[0]
-    k = int(math.floor(trim_fraction * n))
+    k = math.floor(trim_fraction * n)
     if n - 2 * k < 1:
         k = (n - 1) // 2
     ordered = np.sort(rows, axis=0)

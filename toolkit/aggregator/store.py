@@ -320,9 +320,9 @@ class Store:
     def updates(self, version: int | None = None, round_: int | None = None) -> list[UpdateRow]:
         sql, args = f"SELECT {_UPDATE_COLS} FROM updates WHERE 1=1", []
         if version is not None:
-            sql, args = sql + " AND version=?", args + [version]
+            sql, args = sql + " AND version=?", [*args, version]
         if round_ is not None:
-            sql, args = sql + " AND round=?", args + [round_]
+            sql, args = sql + " AND round=?", [*args, round_]
         return [UpdateRow(*r) for r in self._q(sql + " ORDER BY id", tuple(args))]
 
     def traffic(self) -> tuple[int, int]:

@@ -20,7 +20,7 @@ def mobilenet_v2_path() -> Path:
     spec = importlib.util.find_spec(MOBILENET_V2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"the MobileNetV2 ImageNet weights are not installed: run `{_INSTALL_HINT}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / MOBILENET_V2_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / MOBILENET_V2_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing from the weights package: reinstall it with `{_INSTALL_HINT}`")
     return path

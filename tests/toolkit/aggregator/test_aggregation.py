@@ -60,7 +60,7 @@ def test_clip_norm_scales_large_updates_only():
 def test_clipping_bounds_one_phones_pull_on_the_mean():
     honest = [Contribution({"w": np.full(4, 0.1, np.float32)}, 10) for _ in range(3)]
     attacker = Contribution({"w": np.full(4, 1e3, np.float32)}, 10)
-    out = aggregate(lambda: iter(honest + [attacker]), clip=1.0)
+    out = aggregate(lambda: iter([*honest, attacker]), clip=1.0)
     assert np.abs(out["w"]).max() < 0.3
 
 
@@ -69,7 +69,7 @@ def test_robust_aggregators_ignore_an_outlier(method):
     rng = np.random.default_rng(0)
     honest = [Contribution({"w": (1 + 0.01 * rng.standard_normal((3, 4))).astype(np.float32)}, 10) for _ in range(9)]
     attacker = Contribution({"w": np.full((3, 4), 1e6, np.float32)}, 1000)
-    out = aggregate(lambda: iter(honest + [attacker]), method=method, trim_fraction=0.1)
+    out = aggregate(lambda: iter([*honest, attacker]), method=method, trim_fraction=0.1)
     np.testing.assert_allclose(out["w"], 1.0, atol=0.05)
 
 

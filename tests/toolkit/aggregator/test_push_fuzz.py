@@ -122,7 +122,7 @@ def test_well_formed_but_wrong_updates(target, wrong, seed, encoding):
         header["device_id"] = "b" + str(seed)
     elif wrong == "shape":
         n = names[0]
-        tensors[n] = rng.standard_normal(SHAPES[n][::-1] + (1,)).astype(np.float32)
+        tensors[n] = rng.standard_normal((*SHAPES[n][::-1], 1)).astype(np.float32)
     elif wrong == "name":
         tensors["extra." + str(seed)] = np.ones(3, np.float32)
     elif wrong == "norm":

@@ -229,9 +229,9 @@ def test_tls_with_a_certificate_and_key(server, tmp_path):
     with SyncClient(srv.url.replace("http://", "https://"), retry=PATIENT, verify=str(cert)) as c:
         c.enrol(token, "phone-a")
         assert c.task().status == "task"
-    with SyncClient(srv.url, retry=RetryPolicy(attempts=1)) as plain:  # plain HTTP gets no answer
-        with pytest.raises(ProtocolError):
-            plain.enrol(token, "phone-a")
+    # plain HTTP gets no answer
+    with SyncClient(srv.url, retry=RetryPolicy(attempts=1)) as plain, pytest.raises(ProtocolError):
+        plain.enrol(token, "phone-a")
 
 
 def test_a_port_another_server_holds_is_refused_in_one_line(tmp_path):
