@@ -112,7 +112,7 @@ def wait_for_checkpoint():
 # sessions in arm64.default_cache_dir(), not in the session's FEDKIT_CACHE_DIR). Where it cannot
 # run, those tests skip saying why and how to enable it -- except under CI=true, where they fail.
 sys.path.insert(0, str(Path(__file__).parent))
-from arm64_helpers import unavailable  # noqa: E402
+from arm64_helpers import unavailable  # noqa: E402  (needs the sys.path entry above)
 
 
 @pytest.fixture(scope="session")
