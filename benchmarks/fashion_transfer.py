@@ -150,9 +150,10 @@ def measured_alone(per_class: dict, root: Path) -> dict:
 
     from device_runtime.bundle import Bundle
     from device_runtime.codec import UpdateHeader, decode, encode
+    from device_runtime.local_round import Task
     from device_runtime.manifest import DevicePlan
     from device_runtime.split_trainer import SplitTrainer
-    from device_runtime.trainer import LocalTrainer, Task
+    from device_runtime.trainer import LocalTrainer
     from toolkit.data import write_shards
     from toolkit.models import load_model
     from toolkit.planning.export import cached_bundle

@@ -14,6 +14,7 @@ import json
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace) -> dict[str, Any]:
     bundle = Bundle.load(args.bundle)
     plan = bundle.manifest.plan
     trainer = LocalTrainer(

@@ -46,7 +46,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], *, durable: bool = 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, allow_pickle=False, **arrays)  # _split keeps object arrays out: nothing to pickle
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -74,7 +74,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
                 f"{path} is checkpoint format {version!r}, this runtime reads {FORMAT_VERSION}: "
                 "delete it to start the round over"
             )
-        return _join(meta["state"], arrays)
+        state = _join(meta["state"], arrays)
+        if not isinstance(state, dict):  # save_checkpoint writes a dict: this file was altered
+            raise ValueError(f"the saved state is a {type(state).__name__}, not a dict")
+        return state
     except CheckpointError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, UnicodeDecodeError) as exc:

@@ -21,7 +21,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, overload
 
 import httpx
 
@@ -72,7 +72,7 @@ class Assignment:
         return assignment
 
     def task_fields(self, plan: DevicePlan) -> dict[str, Any]:
-        """The fields of ``device_runtime.trainer.Task`` for a phone running ``plan`` (its
+        """The fields of ``device_runtime.local_round.Task`` for a phone running ``plan`` (its
         bundle's): ``Task(**assignment.task_fields(plan))``. What the task leaves out (its
         stage does not name it) comes from the plan."""
         own = {k: getattr(self, k) for k in PLAN_FIELDS}
@@ -119,9 +119,9 @@ class SyncClient:
         self.retry = retry
         self._sleep = sleep
         self._rng = rng or random.Random()
-        if isinstance(verify, str):  # a CA bundle, e.g. the edge's self-signed certificate
-            verify = ssl.create_default_context(cafile=verify)
-        self._http = httpx.Client(base_url=base_url, timeout=timeout_s, verify=verify, transport=transport)
+        # a CA bundle, e.g. the edge's self-signed certificate, is read into a context
+        tls = ssl.create_default_context(cafile=verify) if isinstance(verify, str) else verify
+        self._http = httpx.Client(base_url=base_url, timeout=timeout_s, verify=tls, transport=transport)
 
     def close(self) -> None:
         self._http.close()
@@ -129,7 +129,7 @@ class SyncClient:
     def __enter__(self) -> SyncClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- the protocol -----------------------------------------------------------------------
@@ -147,12 +147,16 @@ class SyncClient:
         self._expect(r, 200, "task pull")
         return Assignment.from_json(_json(r))
 
+    @overload
+    def weights(self, version: int, etag: None = None) -> tuple[bytes, str]: ...
+    @overload
+    def weights(self, version: int, etag: str) -> tuple[bytes | None, str]: ...
     def weights(self, version: int, etag: str | None = None) -> tuple[bytes | None, str]:
         """(codec bytes, ETag) of a model version, or (None, etag) if ``etag`` says the phone
         already has it: then nothing is sent again."""
         headers = {"If-None-Match": etag} if etag else {}
         r = self._request("GET", f"/weights/{version}", headers=headers)
-        if r.status_code == 304:
+        if r.status_code == 304 and etag:  # not modified since etag; unasked, a 304 is outside the protocol
             return None, etag
         self._expect(r, 200, f"weights pull of version {version}")
         return r.content, r.headers.get("ETag", "")
@@ -184,12 +188,12 @@ class SyncClient:
         return r.content
 
     # -- transport --------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, token: str | None = None, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, *, token: str | None = None, **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}))
         bearer = token or self.token
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
-        last = ""
+        last, wait = "", 0.0
         for attempt in range(self.retry.attempts):
             if attempt:
                 self._sleep(wait)

@@ -75,6 +75,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 from zlib_ng.zlib_ng import crc32
 
 from device_runtime import _kernels
@@ -356,7 +357,7 @@ def _check_fraction(fraction: float) -> None:
         raise CodecError(f"topk_fraction must be in (0, 1], got {fraction!r}")
 
 
-def _as_float32(name: str, value: object) -> np.ndarray:
+def _as_float32(name: str, value: npt.ArrayLike) -> np.ndarray:
     x = np.asarray(value)
     if x.dtype.kind not in "fiu":
         raise CodecError(f"tensor {name!r} has dtype {x.dtype}, not a real number type")

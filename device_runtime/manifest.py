@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from device_runtime.errors import BundleError
 from device_runtime.preprocess import InputSpec
@@ -33,7 +33,7 @@ class DevicePlan:
     batch_size: int = 32
     predicted: dict[str, float] = field(default_factory=dict)  # seconds: compute, upload, download, edge, total
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise BundleError(f"plan engine {self.engine!r} is unknown: use one of {', '.join(ENGINES)}")
         if not 0 <= self.train_from <= self.cut:
@@ -147,13 +147,18 @@ def linear_layer(trainable: Iterable[TensorSpec], splitfed: bool) -> str | None:
     if splitfed or len(layers) != 1:
         return None
     (layer,) = layers
-    weight, bias = shapes.get(f"{layer}.weight"), shapes.get(f"{layer}.bias")
-    if set(shapes) != {f"{layer}.weight", f"{layer}.bias"} or len(weight) != 2 or bias != (weight[0],):
+    if set(shapes) != {f"{layer}.weight", f"{layer}.bias"}:
+        return None
+    weight, bias = shapes[f"{layer}.weight"], shapes[f"{layer}.bias"]
+    if len(weight) != 2 or bias != (weight[0],):
         return None
     return layer
 
 
-def _build(cls, d: Any, what: str):
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], d: Any, what: str) -> _T:
     if not isinstance(d, dict):
         raise BundleError(f"manifest {what} must be a JSON object, got {type(d).__name__}")
     try:

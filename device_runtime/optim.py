@@ -39,7 +39,7 @@ class SGD:
             raise EngineError(f"SGD step needs one gradient per weight: missing {missing[:5]}, unknown {extra[:5]}")
         new = {}
         for name, w in weights.items():
-            g = np.asarray(grads[name], dtype=np.float32)
+            g: np.ndarray = np.asarray(grads[name], dtype=np.float32)  # g + decay * w takes w's dtype
             if g.shape != np.shape(w):
                 raise EngineError(f"gradient of {name!r} has shape {g.shape}, the weight has {np.shape(w)}")
             if self.weight_decay:

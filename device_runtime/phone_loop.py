@@ -31,8 +31,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 
 from device_runtime.__main__ import peak_rss_mb
 from device_runtime.bundle import Bundle
@@ -41,13 +43,15 @@ from device_runtime.codec import decode
 from device_runtime.errors import FedkitError, ProtocolError
 from device_runtime.local_round import Task
 from device_runtime.split_trainer import SplitRoundResult, SplitTrainer, edge_exchange
-from device_runtime.trainer import LocalTrainer
+from device_runtime.trainer import LocalTrainer, RoundResult
 
 CREDENTIAL = "credential.json"
 SHARD = "shard.npz"
 BUNDLES = "bundles"
 EVENTS = "events.jsonl"
 MAX_FAILURES = 5  # consecutive "no definite answer" errors before the phone gives up
+
+Event = dict[str, Any]  # one line of events.jsonl
 
 
 @dataclass(frozen=True)
@@ -83,23 +87,23 @@ class Hooks:
     before_task: Callable[[], None] = lambda: None  # e.g. wait out an offline window
     after_compute: Callable[[float], None] = lambda seconds: None  # e.g. slow compute down
     transport: httpx.BaseTransport | None = None  # e.g. a shaped link
-    on_event: Callable[[dict], None] = lambda event: None  # every event as logged, e.g. printed (main)
+    on_event: Callable[[Event], None] = lambda event: None  # every event as logged, e.g. printed (main)
 
 
 class EventLog:
     """Appends one JSON line per event to ``events.jsonl``, flushed at once (a kill loses nothing)."""
 
-    def __init__(self, path: Path, device_id: str, on_event: Callable[[dict], None] = lambda event: None):
+    def __init__(self, path: Path, device_id: str, on_event: Callable[[Event], None] = lambda event: None):
         self.device_id = device_id
         self.on_event = on_event
         self._file = open(path, "a", buffering=1)
 
-    def write(self, event: str, **fields) -> None:
+    def write(self, event: str, **fields: Any) -> None:
         record = {"t": round(time.time(), 3), "phone": self.device_id, "event": event, **fields}
         self._file.write(json.dumps(record) + "\n")
         self.on_event(record)
 
-    def span(self, kind: str, start: float, **fields) -> None:
+    def span(self, kind: str, start: float, **fields: Any) -> None:
         self.write(kind, start=round(start, 3), end=round(time.time(), 3), **fields)
 
     def close(self) -> None:
@@ -125,7 +129,7 @@ class PhoneLoop:
         self.retry = retry
         self.client = SyncClient(self.credential.url, self.credential.token, retry=retry, transport=hooks.transport)
         self._trainers: dict[str, LocalTrainer | SplitTrainer] = {}
-        self._weights: tuple[int, dict] | None = None  # (version, tensors) last pulled
+        self._weights: tuple[int, dict[str, np.ndarray]] | None = None  # (version, tensors) last pulled
         self._rejected_round: int | None = None  # its update was rejected: sit the round out
 
     def run(self) -> int:
@@ -177,9 +181,12 @@ class PhoneLoop:
         trainer = self._trainer(name)
         self.log.write("round", round=task.round, stage=a.stage, bundle=name)
         start = time.time()
-        result = trainer.run_round(task, global_weights)
-        encoded = trainer.encode_update(task, result)
-        if isinstance(result, SplitRoundResult):
+        result: RoundResult | SplitRoundResult
+        accuracy: float | None
+        fields: dict[str, object]
+        if isinstance(trainer, SplitTrainer):
+            result = trainer.run_round(task, global_weights)
+            encoded = trainer.encode_update(task, result)
             # only the phone's own compute is slowed down: the edge and the link take their own time
             self.hooks.after_compute(result.compute_seconds)
             accuracy, fields = (
@@ -194,6 +201,8 @@ class PhoneLoop:
                 },
             )
         else:
+            result = trainer.run_round(task, global_weights)
+            encoded = trainer.encode_update(task, result)
             self.hooks.after_compute(time.time() - start)
             accuracy, fields = (
                 result.eval_accuracy,
@@ -221,10 +230,14 @@ class PhoneLoop:
         if answer.status == "rejected":  # pushing the same bytes again would be rejected again
             self._rejected_round = task.round
         if answer.status == "restart":  # SplitFed: the edge lost its part; the same task trains the round again
+            if not isinstance(trainer, SplitTrainer):  # the edge holds no part of a whole-model update
+                raise ProtocolError(
+                    f"the push of round {task.round} was answered restart, an answer only a SplitFed update can get"
+                )
             trainer.restart_round(task)
         return int(answer.status == "accepted")
 
-    def _global_weights(self, version: int) -> dict:
+    def _global_weights(self, version: int) -> dict[str, np.ndarray]:
         """The global model's tensors of ``version``, downloaded once (the trainers take what their bundle needs)."""
         if self._weights is None or self._weights[0] != version:
             start = time.time()
@@ -272,9 +285,9 @@ class RoundLines:
     def __init__(self) -> None:
         self._start: float | None = None  # the round's first download, or its "round" event
         self._down = 0  # bytes downloaded for the round
-        self._round: dict = {}
+        self._round: Event = {}
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: Event) -> None:
         kind = event["event"]
         if kind == "download":  # before the round's "round" event: the weights it trains from
             self._start = self._start or event["start"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ class InputSpec:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "height": self.height,
             "width": self.width,
@@ -37,7 +38,7 @@ class InputSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> InputSpec:
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
         return cls(
             height=int(d["height"]),
             width=int(d["width"]),

@@ -25,8 +25,10 @@ files, on hosts with torch: the B5 engines benchmark and the tests train with it
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +77,7 @@ class ExecuTorchEngine:
             )
 
     @staticmethod
-    def _load(bundle: Bundle, role: str, load):
+    def _load(bundle: Bundle, role: str, load: Callable[[str], Any]) -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -87,7 +89,7 @@ class ExecuTorchEngine:
 
     # -- Engine protocol ---------------------------------------------------------------------
     def features(self, x: np.ndarray) -> np.ndarray:
-        if self._frozen is None:
+        if self._frozen is None or self._frozen_shape is None:  # both or neither
             return np.asarray(x, np.float32)
         x = _checked(x, self._frozen_shape, "features input")
         chunks = []
@@ -137,7 +139,9 @@ class ExecuTorchEngine:
         if labels.shape != (len(h),):
             raise EngineError(f"labels must be one integer per sample, shape ({len(h)},), got {labels.shape}")
         torch = self._rt.torch
-        loss, logits, grads = 0.0, [], {}
+        loss = 0.0
+        logits: list[np.ndarray] = []
+        grads: dict[str, np.ndarray] = {}
         for part in _chunks(len(h), self._train_shape[0]):
             share = (part.stop - part.start) / len(h)
             inputs = (torch.from_numpy(h[part]), torch.from_numpy(labels[part]))
@@ -151,14 +155,14 @@ class ExecuTorchEngine:
 
 
 @contextmanager
-def _run_errors():
+def _run_errors() -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
         raise EngineError(f"ExecuTorch failed to run the program ({exc}); re-export the bundle") from exc
 
 
-def _input_shape(module) -> tuple[int, ...]:
+def _input_shape(module: Any) -> tuple[int, ...]:
     """The first input's planned shape: (largest batch, *sample shape)."""
     return tuple(module.method_meta(_METHOD).input_tensor_meta(0).sizes())
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from device_runtime.errors import EngineError
 
@@ -21,13 +23,13 @@ from device_runtime.errors import EngineError
 class _HideTorch(importlib.abc.MetaPathFinder):
     """Makes ``import torch`` fail, for as long as it sits on ``sys.meta_path``."""
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name: str, path: Sequence[str] | None = None, target: ModuleType | None = None) -> None:
         if name == "torch" or name.startswith("torch."):
             raise ImportError(f"{name} is hidden while device_runtime loads ONNX Runtime")
         return None
 
 
-def load_onnxruntime() -> ModuleType:
+def load_onnxruntime() -> Any:  # Any: onnxruntime ships no types
     """``onnxruntime``, imported with torch hidden: the training build's ``import onnxruntime``
     probes ``onnxruntime.training.ortmodule``, which imports torch (and carries on without it on
     ImportError). A phone has no torch; an emulated phone on the host would pay ~285 MB for it.
@@ -68,7 +70,7 @@ class FedPart:
     the values last given to ``feed`` (the exported ones until then). Inference only, whichever
     engine trains."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         options = inference_options()
         options.log_severity_level = 3  # ORT warns once per input tensor that it cannot fold it: by design
         self._session = load_session(path, options)
@@ -94,14 +96,14 @@ class FedPart:
 class FrozenPart:
     """``frozen.onnx`` on ONNX Runtime: the blocks no phone of the run trains."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         self._session = load_session(path, inference_options())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return run("the frozen part", lambda: self._session.run(None, {"input": float32(x)})[0])
 
 
-def load_session(path: Path, options):
+def load_session(path: Path, options: Any) -> Any:
     """An inference session of a bundle's ONNX file; a file ONNX Runtime refuses is an EngineError."""
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -111,7 +113,7 @@ def load_session(path: Path, options):
         ) from exc
 
 
-def run(what: str, call):
+def run(what: str, call: Callable[[], np.ndarray]) -> np.ndarray:
     try:
         return call()
     except ORT_ERRORS as exc:
@@ -120,7 +122,7 @@ def run(what: str, call):
         ) from exc
 
 
-def session_options():
+def session_options() -> Any:
     # ORT's worker threads spin for a while after each run by default; between runs the phone
     # does numpy work (the optimizer step, the codec) on the same cores, so spinning only steals it.
     options = onnxruntime.SessionOptions()
@@ -128,7 +130,7 @@ def session_options():
     return options
 
 
-def inference_options():
+def inference_options() -> Any:
     # The frozen and fed parts run a few images at a time (trainer.FEATURE_BATCH): without ORT's
     # arena and memory-pattern planning a MobileNetV2 phone peaks 11 MB lower (137 MB instead of
     # 148 on a 4968-image shard), at the same speed.
@@ -138,5 +140,5 @@ def inference_options():
     return options
 
 
-def float32(x: np.ndarray) -> np.ndarray:
+def float32(x: npt.ArrayLike) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(x, dtype=np.float32)

@@ -16,7 +16,8 @@ from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
 from device_runtime.engines import open_engine
 from device_runtime.errors import EngineError
-from device_runtime.trainer import LocalTrainer, Task
+from device_runtime.local_round import Task
+from device_runtime.trainer import LocalTrainer
 from toolkit.data import write_shard
 
 
@@ -76,7 +77,8 @@ class Refuse:
 sys.meta_path.insert(0, Refuse())
 from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
-from device_runtime.trainer import LocalTrainer, Task
+from device_runtime.local_round import Task
+from device_runtime.trainer import LocalTrainer
 bundle = Bundle.load({str(head.root)!r})
 task = Task(round=1, base_version=0, lr=0.05, local_epochs=1, batch_size=32, encoding="int8", seed=0)
 result = LocalTrainer(bundle, {str(shard)!r}, {str(tmp_path / "w")!r}, device_id="p").run_round(

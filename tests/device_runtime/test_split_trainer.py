@@ -17,8 +17,8 @@ from device_runtime.bundle import Bundle
 from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import UpdateHeader, decode, encode
 from device_runtime.errors import BundleError, CodecError, ProtocolError, RestartRound
+from device_runtime.local_round import Task
 from device_runtime.split_trainer import SplitTrainer, edge_exchange
-from device_runtime.trainer import Task
 from toolkit.data import transform, write_shard
 from toolkit.models import load_model
 from toolkit.splitfed.edge import edge_step, initial_weights

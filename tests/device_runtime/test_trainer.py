@@ -17,9 +17,9 @@ from device_runtime.errors import (
     InternalError,
     ProtocolError,
 )
-from device_runtime.local_round import CHECKPOINT
+from device_runtime.local_round import CHECKPOINT, Task
 from device_runtime.manifest import DevicePlan
-from device_runtime.trainer import LocalTrainer, Task
+from device_runtime.trainer import LocalTrainer
 from exporters.bundle import export_bundle
 from toolkit.data import LABEL_NAMES, write_shard
 from toolkit.models import load_model

@@ -14,9 +14,9 @@ from device_runtime.bundle import Bundle
 from device_runtime.client import Assignment
 from device_runtime.codec import UpdateHeader, decode, encode
 from device_runtime.engines.ort import OrtEngine
+from device_runtime.local_round import Task
 from device_runtime.manifest import DevicePlan
 from device_runtime.split_trainer import SplitTrainer
-from device_runtime.trainer import Task
 from exporters.bundle import export_bundle
 from toolkit.aggregator.config import parse_config
 from toolkit.aggregator.coordinator import Coordinator

@@ -17,8 +17,8 @@ from splitfed_helpers import THREE_CUTS, activation_message, enrol, make_run, on
 from device_runtime.bundle import Bundle
 from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import decode
+from device_runtime.local_round import Task
 from device_runtime.split_trainer import SplitTrainer, edge_exchange
-from device_runtime.trainer import Task
 from toolkit.aggregator.admin import issue_tokens
 from toolkit.aggregator.app import create_app
 from toolkit.data import transform
