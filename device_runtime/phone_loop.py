@@ -96,7 +96,7 @@ class EventLog:
     def __init__(self, path: Path, device_id: str, on_event: Callable[[Event], None] = lambda event: None):
         self.device_id = device_id
         self.on_event = on_event
-        self._file = open(path, "a", buffering=1)
+        self._file = open(path, "a", buffering=1)  # noqa: SIM115  (open for the loop's life: close() closes it)
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"t": round(time.time(), 3), "phone": self.device_id, "event": event, **fields}

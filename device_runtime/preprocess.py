@@ -71,7 +71,7 @@ def prepare(images: np.ndarray, spec: InputSpec) -> np.ndarray:
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
     x = images.astype(np.float32) / 255.0
-    n, h, w, c = x.shape
+    _, h, w, c = x.shape
     if c == 1 and spec.channels != 1:
         x = np.repeat(x, spec.channels, axis=3)
     elif c != spec.channels:

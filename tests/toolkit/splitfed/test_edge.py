@@ -238,7 +238,10 @@ def test_each_block_is_averaged_over_every_copy_that_trained_it(tmp_path, model,
         device_id = f"p{cut}"
         bundle = Bundle.load(small_cnn_bundle(cut, train_blocks))
         task = Task(**Assignment.from_json(started(coordinator, device_id)).task_fields(bundle.manifest.plan))
-        exchange = lambda batch, body, d=device_id: edge.train_batch(d, batch, body).body  # noqa: E731
+
+        def exchange(batch, body, d=device_id):
+            return edge.train_batch(d, batch, body).body
+
         trainer = SplitTrainer(
             bundle,
             shard(tmp_path, fashion_train, 100 * i, n),
