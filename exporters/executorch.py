@@ -129,6 +129,8 @@ class _TrainingStep(nn.Module):
     registered here under their own names (not under a wrapper attribute), so the program's
     parameter names are the whole model's (``classifier.weight``), as the manifest has them."""
 
+    _part: nn.Module  # set past nn.Module's registration, so declared here
+
     def __init__(self, part: nn.Module):
         super().__init__()
         for name, child in part.named_children():

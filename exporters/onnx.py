@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import onnx
@@ -78,7 +78,7 @@ def _trace(module: nn.Module, example: torch.Tensor, for_training: bool) -> onnx
             torch.onnx.export(
                 module,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # the TorchScript exporter takes a file object too
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
@@ -182,7 +182,8 @@ def _batchnorm_as_affine(module: nn.Module, enabled: bool) -> Iterator[None]:
     same tensor names instead of a BatchNormalization node."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
     for norm in norms:
-        norm.forward = _affine_forward(norm)  # an instance attribute shadows the class method
+        # an instance attribute shadows the class method; nn.Module's __setattr__ would set a function the same way
+        object.__setattr__(norm, "forward", _affine_forward(norm))
     try:
         yield
     finally:
@@ -190,15 +191,16 @@ def _batchnorm_as_affine(module: nn.Module, enabled: bool) -> Iterator[None]:
             del norm.forward
 
 
-def _affine_forward(norm: nn.modules.batchnorm._BatchNorm):
-    if not norm.affine or not norm.track_running_stats:
+def _affine_forward(norm: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+    mean, var = norm.running_mean, norm.running_var  # None when the layer was built without them
+    if not norm.affine or not norm.track_running_stats or mean is None or var is None:
         raise ExportError(
             f"{norm} has no affine weight or no running statistics; fedkit trains only BatchNorm layers that have both"
         )
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)  # broadcast over the channel dimension
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        return (x - norm.running_mean.reshape(shape)) * scale.reshape(shape) + norm.bias.reshape(shape)
+        scale = norm.weight / torch.sqrt(var + norm.eps)
+        return (x - mean.reshape(shape)) * scale.reshape(shape) + norm.bias.reshape(shape)
 
     return forward
