@@ -5,7 +5,7 @@ so it needs only the standard library, numpy, and onnxruntime when the phone has
 builds models: the host pushes a payload folder with ``probe.json`` and the ONNX files it
 lists (compute kernels, optionally the blocks of a model), and the probe times them.
 
-    python probe.py PAYLOAD_DIR [--repeats N] [--aggregator URL]
+    python probe.py PAYLOAD_DIR [--repeats N] [--min-seconds S] [--aggregator URL]
 
 probe.json: ``{"items": [{"name", "group": "kernel"|"block", "file", "input_shape", "flops"}]}``;
 ``input_shape`` includes the batch, ``flops`` is per run (the whole batch).
@@ -25,6 +25,7 @@ N bytes, ``POST URL/probe/echo`` reads the body and answers a few bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -33,10 +34,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-PROBE_VERSION = 3  # 3: numpy where onnxruntime imports; 2: engines are what trains without torch
+if TYPE_CHECKING:
+    import onnxruntime
+
+# 4: --min-seconds, the fastest run over rounds spread over that long; 3: numpy where
+# onnxruntime imports; 2: engines are what trains without torch
+PROBE_VERSION = 4
 TRANSFER_BYTES = 1 << 20  # 1 MiB each way: long enough to see bandwidth past the RTT on 4G
 ENGINE_CHECK_TIMEOUT_S = 120  # importing ONNX Runtime under qemu or on a slow phone takes a while
 
@@ -106,22 +114,39 @@ def engines_present() -> list[str]:
     )
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up: the first run allocates and plans memory
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best  # the minimum is the least disturbed by other processes on a shared CPU
+def fastest(
+    runs: Sequence[Callable[[], object]],
+    repeats: int,
+    min_seconds: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Seconds of the fastest run of each of ``runs``: each is run once to warm up, then all
+    of them round-robin, ``repeats`` rounds and more until ``min_seconds`` have passed.
+
+    The fastest: other processes on a shared CPU only ever add time, so the fastest run is the
+    least disturbed one. Round-robin: a burst of load spreads over every item instead of
+    spoiling one, and every item (the conv kernel that gives the device's GFLOP/s, and the
+    blocks the planner scales by it) is timed in the same stretch of time. Seconds, not only a
+    count: a burst of load that outlasts every round spoils every run of an item, longer ones
+    most (a 5 ms part is less often left alone for a whole run than a 1 ms kernel), and 30
+    rounds of MobileNetV2's blocks pass in half a second on a host, so the ratio of a part's
+    time to the conv kernel's drifted by 10 % and more from one profile to the next on a shared host;
+    rounds spread over seconds find the quiet moments for the long items too."""
+    for run in runs:
+        run()  # warm-up: the first run allocates and plans memory
+    best = [float("inf")] * len(runs)
+    rounds, started = 0, clock()
+    while rounds < repeats or clock() - started < min_seconds:
+        for i, run in enumerate(runs):
+            start = clock()
+            run()
+            best[i] = min(best[i], clock() - start)
+        rounds += 1
+    return best
 
 
-def time_items(payload_dir: str, repeats: int) -> list[dict]:
-    """Seconds per run of every item in probe.json with onnxruntime: the fastest of
-    ``repeats`` runs, taken round-robin over the items so a burst of load elsewhere on the
-    device spreads over all of them instead of spoiling one."""
-    with open(os.path.join(payload_dir, "probe.json")) as f:
-        items = json.load(f)["items"]
+def session_options() -> onnxruntime.SessionOptions:
+    """ONNX Runtime options for timing: quiet, and idle worker threads sleep."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -129,7 +154,18 @@ def time_items(payload_dir: str, repeats: int) -> list[dict]:
     # Idle worker threads of one session otherwise spin on the cores while the next session
     # runs: with dozens of sessions the timings measure that contention, not the kernels.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    runs = []
+    return options
+
+
+def time_items(payload_dir: str, repeats: int, min_seconds: float = 0.0) -> list[dict]:
+    """Seconds per run of every item in probe.json with onnxruntime: the fastest of at least
+    ``repeats`` rounds over the items, spread over at least ``min_seconds`` (``fastest``)."""
+    with open(os.path.join(payload_dir, "probe.json")) as f:
+        items = json.load(f)["items"]
+    import onnxruntime as ort
+
+    options = session_options()
+    runs: list[Callable[[], object]] = []
     for item in items:
         session = ort.InferenceSession(
             os.path.join(payload_dir, item["file"]), options, providers=["CPUExecutionProvider"]
@@ -139,21 +175,15 @@ def time_items(payload_dir: str, repeats: int) -> list[dict]:
             .standard_normal(item["input_shape"])
             .astype(np.float32)
         }
-        runs.append(lambda session=session, feed=feed: session.run(None, feed))
-        runs[-1]()  # warm-up: the first run allocates and plans memory
-    best = [float("inf")] * len(items)
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            start = time.perf_counter()
-            run()
-            best[i] = min(best[i], time.perf_counter() - start)
+        runs.append(functools.partial(session.run, None, feed))
+    best = fastest(runs, repeats, min_seconds)
     return [{**item, "seconds": seconds} for item, seconds in zip(items, best, strict=True)]
 
 
 def numpy_matmul_gflops(repeats: int) -> float:
     """Fallback compute figure when onnxruntime is missing: numpy's BLAS on a 512² matmul."""
     a = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
-    return 2 * 512**3 / _time(lambda: a @ a, repeats) / 1e9
+    return 2 * 512**3 / fastest([lambda: a @ a], repeats)[0] / 1e9
 
 
 def network(url: str, repeats: int = 3) -> dict:
@@ -200,7 +230,7 @@ def _refusal(exc: urllib.error.HTTPError) -> str:
     return f"{reason} (HTTP {exc.code})"
 
 
-def probe(payload_dir: str | None, repeats: int, aggregator: str | None = None) -> dict:
+def probe(payload_dir: str | None, repeats: int, aggregator: str | None = None, min_seconds: float = 0.0) -> dict:
     has_onnxruntime = importlib.util.find_spec("onnxruntime") is not None
     result = {
         "probe_version": PROBE_VERSION,
@@ -208,7 +238,7 @@ def probe(payload_dir: str | None, repeats: int, aggregator: str | None = None) 
         "memory_available_mb": memory_available_mb(),
         "engines": engines_present(),
         # inference is enough to time kernels, so an inference-only onnxruntime still times them
-        "items": time_items(payload_dir, repeats) if payload_dir and has_onnxruntime else [],
+        "items": time_items(payload_dir, repeats, min_seconds) if payload_dir and has_onnxruntime else [],
         "numpy_matmul_gflops": numpy_matmul_gflops(repeats),
     }
     if aggregator:
@@ -220,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure this device for fedkit and print one JSON object.")
     parser.add_argument("payload", nargs="?", help="folder with probe.json and the ONNX files it lists")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=0.0, help="spread the rounds over at least this long")
     parser.add_argument("--aggregator", help="aggregator base URL for the RTT and bandwidth test")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(probe(args.payload, args.repeats, args.aggregator)))
+        print(json.dumps(probe(args.payload, args.repeats, args.aggregator, args.min_seconds)))
     except Exception as exc:  # one line for the host to show; the host raises it as a PlanError
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 1

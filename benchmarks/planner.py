@@ -50,6 +50,7 @@ import numpy as np
 import onnxruntime
 import torch
 
+from android_harness import probe
 from toolkit import __version__
 from toolkit.benchmarking import write_result
 from toolkit.models import load_model
@@ -57,12 +58,12 @@ from toolkit.planning import PlanConfig, Planner, fit_calibration, shipped_calib
 from toolkit.planning.cost import TRAIN_FACTOR, Choice, PartTiming, block_costs, predict_block, predict_part
 from toolkit.profiling import catalog_profiles, link, measure_local
 from toolkit.profiling.kernels import export_part, kernels
+from toolkit.profiling.local import FULL_REPEATS, FULL_SECONDS
 
 ROOT = Path(__file__).resolve().parent
 CALIBRATION = ROOT.parent / "toolkit" / "planning" / "calibration.json"
 SEED = 0
 LINKS = ("3g", "4g", "wifi")
-MEASURE_REPEATS = 30
 # Fused parts timed for the calibration: the whole model and three thirds of it, so the fit
 # sees runs of many blocks at once (one run overhead) and of different feed sizes
 CALIBRATION_PARTS = ((0, 21), (0, 7), (7, 14), (14, 21))  # MobileNetV2 has 21 blocks
@@ -125,12 +126,12 @@ def fastest_where(planner, phone, cuts):
 
 def time_parts(model, spans, folder: Path) -> tuple[float, dict[tuple[int, int, int], float]]:
     """The host's dense-conv GFLOP/s, and the seconds of one ONNX Runtime forward of each part
-    {(start, stop, batch): seconds}, each exported as one model. Every part is timed
-    round-robin with all the others and the conv kernel, the fastest of MEASURE_REPEATS runs,
-    as the probe times blocks: load from other processes then spreads over all of them."""
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the probe
+    {(start, stop, batch): seconds}, each exported as one model. Timed as a full profile times
+    blocks (``probe.fastest``, with its session options): every part round-robin with the
+    others and the conv kernel, the fastest run of each, over FULL_REPEATS rounds or more spread
+    over FULL_SECONDS, so the conv kernel, the parts and the profile's blocks share one
+    definition of the host's speed and load from other processes spreads over all of them."""
+    options = probe.session_options()
     runs = {}
     for start, stop, batch in spans:
         path = folder / f"part_{start}_{stop}_b{batch}.onnx"
@@ -143,14 +144,7 @@ def time_parts(model, spans, folder: Path) -> tuple[float, dict[tuple[int, int, 
     conv = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     conv_feed = {"input": np.random.default_rng(SEED).standard_normal(shape).astype(np.float32)}
     runs["conv"] = lambda: conv.run(None, conv_feed)
-    for run in runs.values():
-        run()  # warm-up: the first run allocates and plans memory
-    best = dict.fromkeys(runs, math.inf)
-    for _ in range(MEASURE_REPEATS):
-        for span, run in runs.items():
-            start_t = time.perf_counter()
-            run()
-            best[span] = min(best[span], time.perf_counter() - start_t)
+    best = dict(zip(runs, probe.fastest(list(runs.values()), FULL_REPEATS, FULL_SECONDS), strict=True))
     return conv_flops / best.pop("conv") / 1e9, best
 
 
@@ -368,6 +362,8 @@ def main() -> None:
             "same rule",
             "measured": "ONNX Runtime forward of the real parts on this host at the planned batch; trainable parts x3 "
             "(forward + backward, the documented rule); phone parts x host/phone GFLOP/s; plus the predicted transfers",
+            "timing": f"every block, part and kernel (the conv kernel: host GFLOP/s) the fastest run of >= "
+            f"{FULL_REPEATS} round-robin rounds spread over >= {FULL_SECONDS:g} s, as `fedkit profile --full` times",
             "seed": SEED,
             "fedkit": __version__,
             "torch": torch.__version__,

@@ -220,8 +220,10 @@ def predict_part(costs: list[BlockCost], calibration: Calibration, gflops: float
 def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts: list[PartTiming] = ()) -> Calibration:
     """Fits the per-kind costs to one host's measured block latencies and kernels: one
     profile per timed batch (``measure_local(model=..., batch=b)``). Each profile's times are
-    taken relative to its own dense-conv GFLOP/s, timed in the same probe run, so load on a
-    shared machine largely cancels out. ``parts``, runs of several blocks at once, fit the
+    taken relative to its own dense-conv GFLOP/s, timed in the same rounds as its blocks, and
+    each part's to the conv kernel timed with the parts; all of them the fastest run over
+    rounds spread over seconds (``probe.fastest``, as a full profile times), so the fit holds
+    for the same host profiled again later. ``parts``, runs of several blocks at once, fit the
     run overhead (without them it stays 0 and the blocks' work absorbs it, as the probe sees it).
 
     ``error`` holds the mean and max relative error of the per-block predictions (in-sample,

@@ -16,7 +16,7 @@ from android_harness import probe
 from toolkit.errors import PlanError
 from toolkit.models import SplittableModel
 from toolkit.profiling.kernels import write_payload
-from toolkit.profiling.local import FULL_REPEATS, QUICK_REPEATS, profile_from_probe
+from toolkit.profiling.local import FULL_REPEATS, FULL_SECONDS, QUICK_REPEATS, profile_from_probe
 from toolkit.profiling.profile import DeviceProfile
 
 REMOTE_DIR = "/data/local/tmp/fedkit-probe"
@@ -74,6 +74,8 @@ def probe_adb(
         "--repeats",
         str(QUICK_REPEATS if quick else FULL_REPEATS),
     ]
+    if not quick:
+        command += ["--min-seconds", str(FULL_SECONDS)]
     if aggregator:
         command += ["--aggregator", aggregator]
     out = _adb(serial, "shell", *command, timeout=TIMEOUT_S)

@@ -14,6 +14,11 @@ from toolkit.profiling.profile import MEMORY_SHARE, BlockTiming, DeviceProfile, 
 
 QUICK_REPEATS = 3
 FULL_REPEATS = 30
+# A full profile's rounds are spread over at least this long (``probe.fastest``): on a shared
+# host 30 rounds pass in half a second, too short to outlast a burst of other work, and the
+# ratio of the model's time to the conv kernel's (what the planner scales by) then drifts by
+# several percent from one profile to the next
+FULL_SECONDS = 10.0
 
 
 def profile_from_probe(result: dict, name: str, source: str, model_id: str | None, batch: int) -> DeviceProfile:
@@ -46,14 +51,20 @@ def measure_local(
     batch: int = 32,
     name: str | None = None,
 ) -> DeviceProfile:
-    """This host's profile. ``quick`` times each kernel a few times (about a second);
-    with ``model`` each of its blocks is also exported and timed at ``batch``; with
-    ``aggregator`` (the URL of a `fedkit serve`) the link to it is measured through its probe
-    route. Its engines are those fedkit's phone runtime trains with here without torch."""
+    """This host's profile. ``quick`` times each kernel a few times (about a second), else
+    each item is timed in FULL_REPEATS rounds or more, over FULL_SECONDS; with ``model`` each
+    of its blocks is also exported and timed at ``batch``; with ``aggregator`` (the URL of a
+    `fedkit serve`) the link to it is measured through its probe route. Its engines are those
+    fedkit's phone runtime trains with here without torch."""
     with tempfile.TemporaryDirectory(prefix="fedkit-probe-") as tmp:
         payload = write_payload(Path(tmp), model, batch)
         try:
-            result = probe.probe(str(payload), QUICK_REPEATS if quick else FULL_REPEATS, aggregator)
+            result = probe.probe(
+                str(payload),
+                QUICK_REPEATS if quick else FULL_REPEATS,
+                aggregator,
+                0.0 if quick else FULL_SECONDS,
+            )
         except RuntimeError as exc:
             raise PlanError(f"profiling this host failed: {exc}") from exc
     return profile_from_probe(result, name or platform.node() or "local", "local", model and model.model_id, batch)
