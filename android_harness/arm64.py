@@ -51,6 +51,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from android_harness.install import pinned, source_root
 from device_runtime.errors import DeployError
@@ -626,7 +627,7 @@ def start_in_phone(
     *,
     cwd: str = "/",
     pythonpath: Sequence[str | PurePosixPath] | None = None,
-    **popen: object,
+    **popen: Any,
 ) -> subprocess.Popen:
     """Starts ``argv`` inside the arm64 phone and returns at once (a long-running phone loop).
     The Popen's pid is the phone process itself (the wrappers exec into it), so
@@ -638,7 +639,7 @@ def start_in_phone(
     return subprocess.Popen(
         _chroot_argv(Path(rootfs), argv, cwd, phone_cpuinfo(Path(rootfs), environ.get("QEMU_CPU", PHONE_CPU))),
         env=environ,
-        **popen,  # type: ignore[arg-type]
+        **popen,
     )
 
 

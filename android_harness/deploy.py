@@ -64,7 +64,7 @@ class Deployed:
     target: str
     phone_dir: str  # on the target
     bundles: tuple[str, ...]  # bundle hashes, verified on the target
-    shard_sha256: str | None
+    shard_sha256: str
     started: str | None = None  # how the runtime was started (pid or command)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from android_harness.availability import wait_while_offline
 from android_harness.link import LinkShape, LinkWindow, ShapedTransport
-from device_runtime.errors import FedkitError
+from device_runtime.errors import FedkitError, InternalError
 from device_runtime.phone_loop import Hooks, PhoneLoop
 
 # Address space the runtime maps before it holds any data (Python, numpy, ONNX Runtime, thread
@@ -70,10 +70,13 @@ def run(spec: PhoneSpec) -> int:
     limit_memory(spec.address_space_mb())
     loop: PhoneLoop | None = None
 
+    def log_offline(start: float, end: float) -> None:
+        if loop is None:  # the hooks run inside loop.run()
+            raise InternalError("the phone went offline before its loop was made")
+        loop.log.write("offline", start=round(start, 3), end=round(end, 3))
+
     def before_task() -> None:
-        wait_while_offline(
-            spec.offline, spec.t0, on_offline=lambda s, e: loop.log.write("offline", start=round(s, 3), end=round(e, 3))
-        )
+        wait_while_offline(spec.offline, spec.t0, on_offline=log_offline)
 
     def after_compute(seconds: float) -> None:
         time.sleep(max(0.0, spec.compute_factor - 1) * seconds)
