@@ -11,13 +11,13 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # 1 was the unversioned layouts before this one ("benchmark"/"results" beside "name"/"figures"),
 # so a record without the field is of schema 1.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION: Final = 2
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 UNKNOWN = "unknown"
@@ -37,7 +37,7 @@ class BenchmarkRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     name: str  # the script's name, and its results file's
-    schema_version: Literal[SCHEMA_VERSION]
+    schema_version: Literal[2]  # SCHEMA_VERSION: a Literal takes no constant's name
     commit: str = Field(pattern=r"^([0-9a-f]{40}|unknown)$")  # HEAD when it ran
     dirty: bool  # tracked files differed from that commit: the code that ran is in no commit
     machine: Machine

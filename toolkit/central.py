@@ -56,7 +56,7 @@ def feature_cache_path(
     h.update(f"stop={stop_block}".encode())
     h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     h.update(f"{images.dtype}{images.shape}".encode())
-    h.update(np.ascontiguousarray(images))
+    h.update(np.ascontiguousarray(images).data)  # its bytes (numpy types no buffer protocol before Python 3.12)
     return cache_dir() / "features" / f"{model.model_id}-{stop_block}-{h.hexdigest()[:32]}.npy"
 
 

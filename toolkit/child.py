@@ -13,7 +13,11 @@ class ChildProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
     def kill(self) -> None:
-        if self.alive():
+        if self.proc is not None and self.alive():
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()

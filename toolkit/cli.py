@@ -542,7 +542,7 @@ def profile(
     profile of a catalogue phone class (its published figures and sources; nothing measured)."""
     from rich.table import Table
 
-    from toolkit.errors import PlanError
+    from toolkit.errors import InternalError, PlanError
     from toolkit.models import load_model
     from toolkit.profiling import catalog_profiles, measure_local, probe_adb, probe_arm64
 
@@ -568,9 +568,11 @@ def profile(
             p = measure_local(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
         elif arm64:
             p = probe_arm64(quick=not full, model=splittable, aggregator=aggregator, batch=batch, name=name)
-        else:
+        elif adb is not None:
             p = probe_adb(adb, quick=not full, model=splittable, aggregator=aggregator, batch=batch, python=python)
             p = p.model_copy(update={"name": name}) if name else p
+        else:  # the options were checked above: one device
+            raise InternalError("profile with no device to profile")
     table = Table(show_header=False, title=f"profile {p.name} ({p.source})")
     table.add_column(style="bold")
     table.add_column()
@@ -683,7 +685,9 @@ def plan(
     ):
         if value is not None and not value > 0:
             raise PlanError(f"{option} must be more than 0, got {value}: give the budget per round in {unit}")
-    phones = catalog_profiles(classes.split(",") if classes else None) if catalog else load_profiles(profiles)
+    phones = (
+        load_profiles(profiles) if profiles is not None else catalog_profiles(classes.split(",") if classes else None)
+    )
     config = PlanConfig(
         samples=samples,
         local_epochs=local_epochs,
@@ -974,14 +978,14 @@ def shards_command(
     from toolkit.data import write_shards
     from toolkit.errors import ConfigError
 
-    if (plan_file is None) == (phones is None):
-        raise ConfigError("choose one of --plan PLAN.json or --phones N")
-    if plan_file is not None:
+    if plan_file is not None and phones is None:
         from toolkit.planning import load_plan
 
         names = [p.profile for p in load_plan(plan_file).phones if p.plan is not None]
-    else:
+    elif phones is not None and plan_file is None:
         names = [f"phone-{i}" for i in range(1, phones + 1)]
+    else:
+        raise ConfigError("choose one of --plan PLAN.json or --phones N")
     index = write_shards(
         out, names, partition, alpha=alpha, shards_per_phone=shards_per_phone, seed=seed, train_images=images
     )

@@ -185,7 +185,7 @@ def _pair(measured, predicted, show) -> str:
 def render_html(run: dict) -> str:
     s = run["summary"]
     ref = s.get("reference")
-    facts = [
+    facts: list[list[object]] = [
         ["model", f"{s['model']} ({_mode(s)})"],
         ["phones", len(s["phones"])],
         ["rounds", s["rounds"]],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -35,7 +36,7 @@ _STATUS_OF_CODE = {
 }
 
 
-def _error(status_code: int, reason: str, headers: dict | None = None) -> JSONResponse:
+def _error(status_code: int, reason: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         {"status": _STATUS_OF_CODE.get(status_code, "rejected"), "reason": reason}, status_code, headers
     )

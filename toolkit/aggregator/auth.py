@@ -76,7 +76,7 @@ async def principal(
 
 
 async def device(who: Annotated[Principal, Depends(principal)]) -> str:
-    if who.role != "device":
+    if who.role != "device" or who.device_id is None:  # a device credential always names its device
         raise HTTPException(403, "this route is for enrolled devices; use a device credential")
     return who.device_id
 

@@ -34,15 +34,15 @@ import json
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from toolkit.errors import ConfigError, describe
+from toolkit.errors import ConfigError, InternalError, describe
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1  # Final: its type is Literal[1], as schema_version's
 ENCODINGS = ("fp32", "fp16", "int8", "int4", "sign1", "topk")
 
 
@@ -174,6 +174,8 @@ class RunConfig(_Strict):
         """The codec-encoded initial weights: ``weights``, or the bundle's "weights" role."""
         if self.weights is not None:
             return self.weights
+        if self.bundle is None:  # _one_weights_source requires one of the two
+            raise InternalError("a run config with neither weights nor bundle")
         from device_runtime.bundle import Bundle
 
         return Bundle.load(self.bundle).path("weights")

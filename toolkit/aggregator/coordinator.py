@@ -32,8 +32,8 @@ from device_runtime.errors import CodecError
 from toolkit.aggregator import schedule
 from toolkit.aggregator.aggregation import Contribution, aggregate, l2_norm
 from toolkit.aggregator.config import RunConfig, config_json
-from toolkit.aggregator.store import RoundRow, Store
-from toolkit.errors import ConfigError, StoreError
+from toolkit.aggregator.store import RoundRow, Store, VersionRow
+from toolkit.errors import ConfigError, InternalError, StoreError
 
 log = logging.getLogger("fedkit.aggregator")
 
@@ -128,8 +128,9 @@ class Coordinator:
         found = self.store.lookup_token(token)
         if found is None or found[0] not in ("device", "admin"):
             return None
-        if found[0] == "device":
-            self.store.touch(found[1], self.clock())
+        role, device_id = found
+        if role == "device" and device_id is not None:  # a device credential always names its device
+            self.store.touch(device_id, self.clock())
         return found
 
     def enrol(self, enrol_token: str, device_id: str) -> Enrolment:
@@ -284,7 +285,7 @@ class Coordinator:
     def _staleness_problem(self, rnd: RoundRow) -> str:
         if self.config.mode == "fedavg":
             return "" if rnd.closed is None else f"round {rnd.round} closed before this update arrived"
-        latest = self.store.latest_version().version
+        latest = self._latest().version
         current = self.store.current_round()
         if current is None or current.closed is not None:
             return "the run has finished"
@@ -324,7 +325,7 @@ class Coordinator:
                 self._close(rnd, pending_round=rnd.round)
 
     def _close(self, rnd: RoundRow, pending_round: int | None) -> None:
-        latest = self.store.latest_version()
+        latest = self._latest()
         base = decode(self.store.version_blob(latest.version)).tensors
         counts = {"updates": 0, "samples": 0}
 
@@ -365,9 +366,15 @@ class Coordinator:
     def _open_round(self, round_: int, stage: int) -> None:
         now = self.clock()
         deadline = now + self.config.fedavg.deadline_s if self.config.mode == "fedavg" else None
-        base = self.store.latest_version().version
+        base = self._latest().version
         self.store.open_round(round_, stage, base, now, deadline)
         log_event("round_opened", round=round_, stage=self.config.stages[stage].name, version=base, deadline=deadline)
+
+    def _latest(self) -> VersionRow:
+        latest = self.store.latest_version()
+        if latest is None:  # version 0 is stored before anything else runs (_load_initial)
+            raise InternalError("the store holds no model version")
+        return latest
 
     def _stage_accuracies(self, stage: int) -> list[float | None]:
         # One source for the whole run, so phones' and the evaluator's numbers never mix: the

@@ -84,7 +84,7 @@ class AggregatorProcess(ChildProcess):
         raise ConfigError(f"the aggregator did not listen within {HEALTH_TIMEOUT_S:.0f} s; see {self.log}")
 
     def stop(self) -> None:
-        if self.alive():
+        if self.proc is not None and self.alive():
             self.proc.terminate()
             try:
                 self.proc.wait(10)
@@ -93,6 +93,8 @@ class AggregatorProcess(ChildProcess):
 
     def peak_rss_mb(self) -> float:
         """VmHWM of the running process (ru_maxrss is inherited across exec, so it is not used)."""
+        if self.proc is None:
+            raise RuntimeError("the aggregator has not been started: call start() first")
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024

@@ -95,7 +95,7 @@ async def get_weights(
     etag = f'"{sha}"'
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    if who.role == "device":
+    if who.role == "device" and who.device_id is not None:  # a device credential always names its device
         coordinator.store.record_download(who.device_id, version, len(blob), coordinator.clock())
     return Response(blob, media_type="application/octet-stream", headers={"ETag": etag})
 

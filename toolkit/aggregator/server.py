@@ -19,7 +19,7 @@ from toolkit.aggregator.app import create_app
 from toolkit.aggregator.config import load_config
 from toolkit.aggregator.coordinator import Coordinator, json_log_line
 from toolkit.aggregator.store import Store
-from toolkit.errors import ConfigError, FedkitError
+from toolkit.errors import ConfigError, FedkitError, InternalError
 
 if TYPE_CHECKING:
     from toolkit.splitfed.edge import SplitFedEdge
@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, "fields", None) is None:  # uvicorn's own messages
-            record.fields = {"level": record.levelname.lower(), "logger": record.name}
+            fields = {"level": record.levelname.lower(), "logger": record.name}
             if record.exc_info:
-                record.fields["exception"] = self.formatException(record.exc_info)
+                fields["exception"] = self.formatException(record.exc_info)
+            record.__dict__["fields"] = fields  # where logging's extra= puts them
         return json_log_line(record)
 
 
@@ -75,6 +76,8 @@ def open_edge(coordinator: Coordinator) -> SplitFedEdge | None:
     from toolkit.models import load_model  # torch: only a SplitFed aggregator needs it
     from toolkit.splitfed.edge import SplitFedEdge
 
+    if config.model is None:  # RunConfig requires a model for SplitFed
+        raise InternalError("a SplitFed run config without a model")
     return SplitFedEdge(coordinator, load_model(config.model), config.splitfed)
 
 
@@ -145,7 +148,7 @@ def serve(
         )
     if (certfile is None) != (keyfile is None):
         raise ConfigError("TLS needs both --certfile and --keyfile")
-    if certfile is not None:
+    if certfile is not None and keyfile is not None:  # both or neither, checked above
         check_tls(certfile, keyfile)
     configure_logging()
     sock = bind(host, port)

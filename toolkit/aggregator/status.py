@@ -82,7 +82,7 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
             )
         )
     current = rounds[-1] if rounds else None
-    latest = store.latest_version()
+    latest, newest = store.latest_version(), store.current_round()
     accepted, nbytes = store.traffic()
     accuracy = next((r.accuracy for r in reversed(rounds) if r.accuracy is not None), None)
     return RunStatus(
@@ -90,7 +90,7 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
         mode=config["mode"],
         done=store.get_meta("done") == "1",
         stage=current.stage if current else None,
-        stage_index=store.current_round().stage if current else None,
+        stage_index=newest.stage if current and newest else None,
         stages=len(stages),
         round=current.round if current else None,
         latest_version=latest.version if latest else 0,

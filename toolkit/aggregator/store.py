@@ -318,7 +318,8 @@ class Store:
             self._q("UPDATE updates SET version=? WHERE version IS NULL AND round=?", (version, round_))
 
     def updates(self, version: int | None = None, round_: int | None = None) -> list[UpdateRow]:
-        sql, args = f"SELECT {_UPDATE_COLS} FROM updates WHERE 1=1", []
+        sql = f"SELECT {_UPDATE_COLS} FROM updates WHERE 1=1"
+        args: list[int] = []
         if version is not None:
             sql, args = sql + " AND version=?", [*args, version]
         if round_ is not None:
@@ -393,9 +394,12 @@ class Store:
         rows = self._q("SELECT version FROM versions WHERE round=?", (round_,))
         return rows[0][0] if rows else None
 
-    def version_blob(self, version: int) -> bytes | None:
+    def version_blob(self, version: int) -> bytes:
+        """The codec bytes of a version that exists (get_version says which do)."""
         rows = self._q("SELECT blob FROM versions WHERE version=?", (version,))
-        return rows[0][0] if rows else None
+        if not rows:
+            raise InternalError(f"model version {version} is not in the store: check get_version first")
+        return rows[0][0]
 
     def add_evaluation(self, version: int, source: str, accuracy: float, now: float) -> None:
         self._q(

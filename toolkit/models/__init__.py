@@ -19,6 +19,7 @@ MODELS = ("mobilenet_v2", "small_cnn")
 def load_model(name: str, num_classes: int = 10, pretrained: bool = True, seed: int = 0) -> SplittableModel:
     """The named model with its pretrained backbone (when it has one) and a fresh head for
     ``num_classes``, created right after ``torch.manual_seed(seed)``. In eval mode."""
+    root: MobileNetV2 | SmallCNN
     if name == "mobilenet_v2":
         root = MobileNetV2()
         if pretrained:

@@ -54,6 +54,7 @@ once share it (processor sharing: each gets 1/load of it).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -186,7 +187,7 @@ class PartTiming:
     gflops: float
 
 
-def _features(cost: BlockCost, batch: int) -> list[float]:
+def _features(cost: BlockCost, batch: int) -> list[int]:
     return [batch * cost.flops[k] for k in KINDS] + [cost.ops]
 
 
@@ -217,7 +218,9 @@ def predict_part(costs: list[BlockCost], calibration: Calibration, gflops: float
     return (work + float(np.dot(_run_features(costs, batch), _run_coef(calibration)))) / (gflops * 1e9)
 
 
-def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts: list[PartTiming] = ()) -> Calibration:
+def fit_calibration(
+    model: SplittableModel, profiles: list[DeviceProfile], parts: Sequence[PartTiming] = ()
+) -> Calibration:
     """Fits the per-kind costs to one host's measured block latencies and kernels: one
     profile per timed batch (``measure_local(model=..., batch=b)``). Each profile's times are
     taken relative to its own dense-conv GFLOP/s, timed in the same rounds as its blocks, and
@@ -231,7 +234,11 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
     the whole model's forward as the sum of its blocks, at each timed batch, and of each part."""
     costs = block_costs(model)
     kernel_kind = {"conv": "conv", "pointwise": "pointwise", "depthwise": "depthwise", "matmul": "linear"}
-    rows, ys, groups, weights, timings = [], [], [], [], []
+    rows: list[list[float]] = []
+    ys: list[float] = []
+    row_groups: list[int] = []  # a row's block index; -1: a kernel, -2: a part
+    weights: list[float] = []
+    timings = []
     for profile in profiles:
         timing = profile.timing(model.model_id)
         if timing is None:
@@ -243,13 +250,13 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
         for i, c in enumerate(costs):
             rows.append(_features(c, timing.batch) + _run_features([c], timing.batch))
             ys.append(timing.seconds[c.name] * profile.gflops * 1e9)
-            groups.append(i)
+            row_groups.append(i)
             weights.append(1.0)
         for name, gflops in profile.kernel_gflops.items():
             # a kernel of F FLOPs runs in F / gflops seconds: in dense-conv FLOPs, F * host / gflops
             rows.append([1e9 * (k == kernel_kind[name]) for k in KINDS] + [1, 0, 0])
             ys.append(1e9 * profile.gflops / gflops)
-            groups.append(-1)
+            row_groups.append(-1)
             weights.append(1.0)
     for part in parts:
         blocks = costs[part.start : part.stop]
@@ -257,9 +264,9 @@ def fit_calibration(model: SplittableModel, profiles: list[DeviceProfile], parts
             list(np.sum([_features(c, part.batch) for c in blocks], axis=0)) + _run_features(blocks, part.batch)
         )
         ys.append(part.seconds * part.gflops * 1e9)
-        groups.append(-2)
+        row_groups.append(-2)
         weights.append(float(len(blocks)))  # a fused part weighs as much as its blocks timed alone
-    a, y, groups, w = np.array(rows, float), np.array(ys, float), np.array(groups), np.array(weights)
+    a, y, groups, w = np.array(rows, float), np.array(ys, float), np.array(row_groups), np.array(weights)
     if not parts:
         a[:, len(KINDS) + 1 :] = 0  # the run overhead cannot be told from the blocks' own work
 

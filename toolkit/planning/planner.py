@@ -30,7 +30,7 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
@@ -44,7 +44,7 @@ from toolkit.profiling.catalog import link
 from toolkit.profiling.local import measure_local
 from toolkit.profiling.profile import DeviceProfile, read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1  # Final: its type is Literal[1], as schema_version's
 FIDELITY = ("fp32", "fp16", "int8", "int4", "topk", "sign1")  # most faithful first
 
 
@@ -56,9 +56,9 @@ class PlanConfig(BaseModel):
     batch_size: PositiveInt = 32  # the reference batch; smaller ones only to fit memory
     min_batch: PositiveInt = 8
     encodings: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
-    slack: float = Field(0.10, ge=0)  # accept rounds up to (1 + slack) x the fastest
-    budget_s: float | None = Field(None, gt=0)  # instead of slack: rounds up to this
-    energy_budget_j: float | None = Field(None, gt=0)
+    slack: float = Field(default=0.10, ge=0)  # accept rounds up to (1 + slack) x the fastest
+    budget_s: float | None = Field(default=None, gt=0)  # instead of slack: rounds up to this
+    energy_budget_j: float | None = Field(default=None, gt=0)
     edge_load: PositiveInt = 1  # phones training on the edge at once
     allow_raw_upload: bool = False  # consider cut 0 (all on the edge: raw images leave the phone)
     # The run's policy. auto: any cut; federated: the whole model on every phone (transfer
@@ -163,7 +163,7 @@ class Planner:
     def engines(self, phone: DeviceProfile, cut: int, train_from: int) -> list[str]:
         """The engines that can train blocks ``train_from`` to ``cut`` on this phone: only those
         its profile lists (what its runtime trains with, torch-free), so none when it lists none."""
-        engines = [e for e in ENGINES if e in phone.engines]
+        engines: list[str] = [e for e in ENGINES if e in phone.engines]
         trains_linear_only = all(c.linear_only for c in self.cost.costs[train_from:cut])
         needs_backward_from = cut < self.n and train_from < cut
         if "executorch" in engines and not (trains_linear_only and not needs_backward_from):
@@ -241,7 +241,8 @@ class Planner:
                     plan=None,
                     reason="an energy budget needs cpu_power_w in the profile and radio_power_w in its link",
                 )
-            fits = [e for e in fits if e.energy_j <= c.energy_budget_j]
+            # every one has an energy_j: checked above
+            fits = [e for e in fits if e.energy_j is not None and e.energy_j <= c.energy_budget_j]
             if not fits:
                 return PhonePlan(
                     profile=phone.name,

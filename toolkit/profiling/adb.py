@@ -86,4 +86,4 @@ def probe_adb(
             f"the probe on {serial} printed no JSON ({out.strip()[:200]!r}): the phone needs `{python}` with numpy "
             "(e.g. Termux: `pkg install python python-numpy`); pass --python with its path"
         ) from exc
-    return profile_from_probe(result, serial, "adb", model and model.model_id, batch)
+    return profile_from_probe(result, serial, "adb", model.model_id if model else None, batch)

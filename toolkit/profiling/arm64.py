@@ -79,6 +79,6 @@ def probe_arm64(
             f"the probe in the emulated arm64 phone printed no JSON (exit {done.returncode}): {said!r}"
         ) from exc
     name = name or DEFAULT_NAME
-    profile = profile_from_probe(result, name, "arm64-emulated", model and model.model_id, batch)
+    profile = profile_from_probe(result, name, "arm64-emulated", model.model_id if model else None, batch)
     cpu = arm64.PHONE_CPU
     return profile.model_copy(update={"notes": f"{NOTE} (qemu {cpu}; {profile.notes}, {seconds:.0f} s)"})

@@ -80,7 +80,7 @@ def export_part(model: SplittableModel, start: int, stop: int, batch: int, path:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model.part(start, stop).eval(),
-            torch.zeros(shape),
+            (torch.zeros(shape),),
             str(path),
             input_names=["input"],
             output_names=["output"],

@@ -10,7 +10,7 @@ from android_harness import probe
 from toolkit.errors import PlanError
 from toolkit.models import SplittableModel
 from toolkit.profiling.kernels import write_payload
-from toolkit.profiling.profile import MEMORY_SHARE, BlockTiming, DeviceProfile, Link
+from toolkit.profiling.profile import MEMORY_SHARE, BlockTiming, DeviceProfile, Link, Source
 
 QUICK_REPEATS = 3
 FULL_REPEATS = 30
@@ -21,7 +21,7 @@ FULL_REPEATS = 30
 FULL_SECONDS = 10.0
 
 
-def profile_from_probe(result: dict, name: str, source: str, model_id: str | None, batch: int) -> DeviceProfile:
+def profile_from_probe(result: dict, name: str, source: Source, model_id: str | None, batch: int) -> DeviceProfile:
     """Turns the probe's JSON into a DeviceProfile."""
     if "error" in result:
         raise PlanError(f"the probe failed on {name}: {result['error']}")
@@ -39,7 +39,8 @@ def profile_from_probe(result: dict, name: str, source: str, model_id: str | Non
         memory_mb=result["memory_available_mb"] * MEMORY_SHARE,
         engines=tuple(result["engines"]),
         link=Link(**network) if network else None,
-        block_timings=(BlockTiming(model_id=model_id, batch=batch, seconds=blocks),) if blocks else (),
+        # blocks are timed only for a model, the one model_id names
+        block_timings=(BlockTiming(model_id=model_id, batch=batch, seconds=blocks),) if blocks and model_id else (),
         notes=f"probe v{result['probe_version']}",
     )
 
@@ -67,4 +68,6 @@ def measure_local(
             )
         except RuntimeError as exc:
             raise PlanError(f"profiling this host failed: {exc}") from exc
-    return profile_from_probe(result, name or platform.node() or "local", "local", model and model.model_id, batch)
+    return profile_from_probe(
+        result, name or platform.node() or "local", "local", model.model_id if model else None, batch
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,7 +31,8 @@ from pydantic import (
 
 from toolkit.errors import PlanError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1  # Final: its type is Literal[1], as schema_version's
+Source = Literal["local", "adb", "arm64-emulated", "catalog"]  # where a profile's figures come from
 # Share of the memory available on a device that fedkit plans to use: the rest stays for the
 # OS and the apps the owner is using, so training does not get the app killed.
 MEMORY_SHARE = 0.5
@@ -64,7 +65,7 @@ class DeviceProfile(BaseModel):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(min_length=1)
-    source: Literal["local", "adb", "arm64-emulated", "catalog"]
+    source: Source
     cpu_cores: PositiveInt
     gflops: PositiveFloat  # GFLOP/s, effective fp32 dense conv with ONNX Runtime
     kernel_gflops: dict[str, PositiveFloat] = {}  # measured per kernel: conv, pointwise, depthwise, matmul

@@ -100,7 +100,7 @@ class Monitor:
         self.accuracy: float | None = None
         self.crashed: dict[str, int] = {}
         self.armed: dict[int, float] = {}
-        self.peak_rss: dict[str, float] = {}
+        self.peak_rss: dict[str, float | None] = {}
         self.trained: dict[int, dict[str, dict]] = {}  # round → phone → its "train" event
 
     def run(self) -> None:
@@ -118,13 +118,18 @@ class Monitor:
             self._watch_processes()
             done = self.status is not None and self.status.done
             self.on_tick(self._tick(done))
-            if done and self.evaluated > self.status.latest_version and not self.pending_evals:
+            if (
+                done
+                and self.status is not None
+                and self.evaluated > self.status.latest_version
+                and not self.pending_evals
+            ):
                 done_at = done_at or now
                 if not any(p.alive() for p in self.procs.values()) or now - done_at > PHONE_EXIT_GRACE_S:
                     break
             if not self.aggregator.alive() and not self.restarts:
                 raise SimulationError(
-                    f"the aggregator exited on its own (code {self.aggregator.proc.returncode}); "
+                    f"the aggregator exited on its own (code {self.aggregator.returncode}); "
                     f"see {self.run_dir}/aggregator.log"
                 )
             if not any(p.alive() for p in self.procs.values()) and not self.restarts and not done:
@@ -232,7 +237,7 @@ class Monitor:
                 action()
                 self._log_fault({"kind": "restart", "detail": what})
         for f in list(self.todo):
-            if f.kind == "kill_phone":
+            if f.kind == "kill_phone" and f.phone is not None:  # the config requires its phone
                 started = self.training.get(f.phone)
                 if started and started[0] >= f.round and now >= started[1] + f.after_s and self.procs[f.phone].alive():
                     self.todo.remove(f)
@@ -247,12 +252,12 @@ class Monitor:
                     )
                     self.restarts.append((now + f.down_s, self.procs[f.phone].start, f"{f.phone} restarted"))
             elif f.kind == "kill_aggregator":
-                rnd = self._current()
-                if rnd and rnd.round >= f.round and rnd.open and rnd.reports and self.aggregator.alive():
+                rnd, status = self._current(), self.status  # rnd is status's newest round
+                if status and rnd and rnd.round >= f.round and rnd.open and rnd.reports and self.aggregator.alive():
                     seen = self.armed.setdefault(id(f), now)  # when the round's first update was seen
                     if now >= seen + f.after_s:
                         self.todo.remove(f)
-                        accepted = self.status.updates_accepted
+                        accepted = status.updates_accepted
                         self.aggregator.kill()
                         self.status = None  # what it said before the kill may be stale now
                         self._log_fault(

@@ -15,6 +15,7 @@ from android_harness.availability import churn
 from android_harness.link import LinkShape, LinkWindow
 from android_harness.phone import PhoneSpec
 from toolkit.child import ChildProcess
+from toolkit.errors import InternalError
 from toolkit.profiling import DeviceProfile, catalog_profiles
 from toolkit.simulation.config import SimulationConfig
 
@@ -36,9 +37,14 @@ def fleet_phones(config: SimulationConfig) -> list[Phone]:
     gets ``@cutN`` when the group pins a cut (so a class planned two ways is two profiles);
     ``engine`` other than "plan" narrows what the profile may run to that engine. An arm64
     group's profile gets ``@arm64`` and the engine its runtime has there, numpy."""
-    phones = []
+    phones: list[Phone] = []
     for group in config.phones:
-        profile = catalog_profiles([group.phone_class])[0] if group.phone_class else DeviceProfile.load(group.profile)
+        if group.phone_class:
+            profile = catalog_profiles([group.phone_class])[0]
+        elif group.profile is not None:
+            profile = DeviceProfile.load(group.profile)
+        else:  # the config requires one of the two
+            raise InternalError(f"phone group {group} names neither a class nor a profile")
         if group.cut is not None:
             profile = profile.model_copy(update={"name": f"{profile.name}@cut{group.cut}"})
         if group.arch == "arm64":
@@ -103,10 +109,6 @@ class PhoneProcess(ChildProcess):
 
     def _spawn(self, log) -> subprocess.Popen:
         return subprocess.Popen(self.command, stdout=log, stderr=log, env=self.env, start_new_session=True)
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
 
 
 class Arm64PhoneProcess(PhoneProcess):

@@ -173,11 +173,12 @@ def _run(config: SimulationConfig, run_dir: Path, network: NamespaceNetwork | No
         on_step("deploying the phones")
         for i, phone in enumerate(phones):
             phone_dir = run_dir / "phones" / phone.device_id
-            if phone.arm64:
+            on_arm64 = arm64_phone if phone.arm64 else None  # the emulated phone it runs in
+            if on_arm64 is not None:
                 phone_path = (
                     PurePosixPath("/opt/fedkit/sim") / f"{config.name}-{int(t0)}-{os.getpid()}" / phone.device_id
                 )
-                phone_dir = inside[phone.device_id] = arm64_phone.host_path(phone_path)
+                phone_dir = inside[phone.device_id] = on_arm64.host_path(phone_path)
             url, prefix, shape, link_modes[phone.device_id] = _link(config, phone, aggregator, network, t0)
             credential = run_dir / "credentials" / f"{phone.device_id}.json"
             credential.parent.mkdir(exist_ok=True)
@@ -191,8 +192,8 @@ def _run(config: SimulationConfig, run_dir: Path, network: NamespaceNetwork | No
             specs[phone.device_id] = phone_spec(config, phone, i, phone_dir, fastest, t0, shape)
             specs[phone.device_id].save(phone_dir / "spec.json")
             procs[phone.device_id] = (
-                Arm64PhoneProcess(arm64_phone, phone_path, phone_dir)
-                if phone.arm64
+                Arm64PhoneProcess(on_arm64, phone_path, phone_dir)
+                if on_arm64 is not None
                 else PhoneProcess(phone_dir / "spec.json", phone_dir, prefix)
             )
         setup_s = time.time() - t_setup

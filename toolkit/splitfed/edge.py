@@ -60,7 +60,7 @@ from device_runtime.codec import Update, UpdateHeader, decode, encode
 from device_runtime.errors import CodecError
 from toolkit.aggregator.config import EdgeConfig, Stage
 from toolkit.aggregator.coordinator import Coordinator
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, InternalError
 from toolkit.models import SplittableModel
 
 EDGE_ID = "edge"
@@ -135,6 +135,8 @@ def edge_step(
     loss = F.cross_entropy(part(x), torch.tensor(labels, dtype=torch.int64))
     loss.backward()
     optimizer.step()
+    if x.grad is None:  # backward fills it: the loss depends on x, which requires grad
+        raise InternalError("the edge's backward left no gradient at the cut")
     return loss.item(), x.grad.numpy()
 
 
@@ -231,29 +233,31 @@ class SplitFedEdge:
 
         with self._phone_lock(device_id):
             with self._lock:
-                kept = self._copies.get(device_id)
-            ongoing = kept is not None and kept.round == h.round and kept.cut == cut
-            if ongoing and batch == kept.last_batch:
-                self._count(device_id, cut, h.round, retries=1, gradient_bytes=len(kept.last_reply))
-                return BatchReply("retry", 200, body=kept.last_reply)
-            if batch > 0 and not ongoing:
+                held = self._copies.get(device_id)
+            ongoing = held if held is not None and held.round == h.round and held.cut == cut else None
+            if ongoing is not None and batch == ongoing.last_batch:
+                self._count(device_id, cut, h.round, retries=1, gradient_bytes=len(ongoing.last_reply))
+                return BatchReply("retry", 200, body=ongoing.last_reply)
+            if batch == 0:
+                kept = self._new_copy(device_id, h.round, cut, base, stage)
+                if isinstance(kept, BatchReply):
+                    return kept
+            elif ongoing is None:
                 return BatchReply(
                     "restart",
                     409,
                     f"the edge holds no state for round {h.round} of this phone past batch 0 (the aggregator "
                     "restarted, or its copy was dropped): send batch 0 to start the round over",
                 )
-            if batch > 0 and batch != kept.last_batch + 1:
+            elif batch != ongoing.last_batch + 1:
                 return BatchReply(
                     "restart",
                     409,
-                    f"batch {batch} cannot follow batch {kept.last_batch}, the edge's last this round: "
+                    f"batch {batch} cannot follow batch {ongoing.last_batch}, the edge's last this round: "
                     "send batch 0 to start the round over",
                 )
-            if batch == 0:
-                kept = self._new_copy(device_id, h.round, cut, base, stage)
-                if isinstance(kept, BatchReply):
-                    return kept
+            else:
+                kept = ongoing
             t0 = time.perf_counter()
             loss, grad = edge_step(kept.part, kept.optimizer, activation, labels)
             edge_seconds = time.perf_counter() - t0
@@ -261,7 +265,10 @@ class SplitFedEdge:
             header = UpdateHeader(EDGE_ID, h.round, h.base_version, len(labels), kind="gradient")
             rng = np.random.default_rng([h.round, batch])  # stochastic rounding: same batch, same bytes
             reply = encode(
-                header, {name: grad, LOSS: np.float32(loss)}, {name: message.encodings[name], LOSS: "fp32"}, rng=rng
+                header,
+                {name: grad, LOSS: np.asarray(loss, dtype=np.float32)},  # the loss as a 0-d tensor
+                {name: message.encodings[name], LOSS: "fp32"},
+                rng=rng,
             )
             kept.last_batch, kept.last_reply = batch, reply
         self._count(
@@ -350,7 +357,7 @@ class SplitFedEdge:
             if rnd is None or not store.is_assigned(h.round, device_id):
                 return _refused(403, f"round {h.round} was not given to this device; pull a task first")
             current = store.current_round()
-            if rnd.closed is not None or current.round != rnd.round:
+            if rnd.closed is not None or current is None or current.round != rnd.round:
                 return _refused(409, f"round {h.round} is closed; pull a new task")
             if h.base_version != rnd.base_version:
                 return _refused(
@@ -368,8 +375,7 @@ class SplitFedEdge:
         cached = self._global
         if cached is not None and cached[0] == version:
             return cached[1]
-        blob, _ = self.coordinator.weights(version)
-        tensors = decode(blob).tensors
+        tensors = decode(self.coordinator.store.version_blob(version)).tensors
         self._global = (version, tensors)
         return tensors
 
