@@ -9,12 +9,11 @@ it needs (FILES' names), and a fragment of the error line. Keep it fast: no expo
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from serving import self_signed_certificate
 from typer.testing import CliRunner
 
 from toolkit.cli import app
@@ -30,28 +29,7 @@ def _edge(folder: Path) -> Path:
 
 
 def _pem_pair(folder: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl binary to make a certificate")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=fedkit",
-            "-keyout",
-            str(folder / "key.pem"),
-            "-out",
-            str(folder / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_certificate(folder)
 
 
 def _run_config(folder: Path) -> None:  # a valid config whose initial weights are missing

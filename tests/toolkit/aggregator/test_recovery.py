@@ -5,7 +5,6 @@ and restarted on the same database."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from aggregator_helpers import delta, initial_weights, payload, run_config
+from serving import self_signed_certificate
 
 from device_runtime.client import RetryPolicy, SyncClient
 from device_runtime.codec import decode
@@ -196,31 +196,8 @@ def test_the_server_logs_one_json_line_per_event(server, tmp_path):
     assert serve["port"] == srv.port > 0 and srv.url.endswith(f":{srv.port}")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_with_a_certificate_and_key(server, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     srv = server(
         extra_args=("--certfile", str(cert), "--keyfile", str(key)), stages=[{"name": "head", "rounds": 1, "lr": 0.1}]
     )
