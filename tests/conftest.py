@@ -127,6 +127,15 @@ def arm64_phone():
 
 
 @pytest.fixture
+def fake_adb(tmp_path, monkeypatch):
+    """The stand-in for a phone over adb (``fake_adb.py``) on PATH as `adb`, serial "fake-phone";
+    returns (a function giving its argv log, the folder standing for its storage)."""
+    from fake_adb import fake_adb_on_path
+
+    return fake_adb_on_path(tmp_path, monkeypatch)
+
+
+@pytest.fixture
 def serve_run(tmp_path):
     """Serves a run on loopback (the real app, ``serving``): ``serve_run(bundle, rounds=2)``
     starts a FedAvg run whose version 0 is that bundle's weights and returns ``(url,

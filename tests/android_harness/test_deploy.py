@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -125,70 +123,6 @@ def test_a_fleet_is_checked_whole_before_any_phone_is_deployed(small_cnn_bundle,
         {"url": "http://127.0.0.1:8080", "device_id": "a", "enrol_token": "t1"},
         {"url": "http://127.0.0.1:8080", "device_id": "b", "enrol_token": "t2"},
     ]
-
-
-# A named stand-in for a physical phone over adb: a fake `adb` executable on PATH that logs its
-# argv, answers get-state for one serial, copies `push`es into a folder standing for the phone's
-# storage and runs `shell` commands there with sh, with this host's Python as the phone's
-# python3. That python3 does not run the sync loop: asked for `-m device_runtime.phone_loop`, it
-# writes where and how it was started to STORAGE/started and exits.
-FAKE_ADB = """#!{python}
-import json, os, shutil, subprocess, sys
-storage, remote_root = os.environ["FAKE_PHONE_STORAGE"], {remote_root!r}
-with open(os.environ["FAKE_ADB_LOG"], "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\\n")
-args = sys.argv[1:]
-if args[:2] != ["-s", os.environ["FAKE_ADB_SERIAL"]]:
-    sys.exit("error: device '%s' not found" % args[1])  # what adb says, exit code 1
-command, rest = args[2], args[3:]
-if command == "get-state":
-    print("device")
-elif command == "push":
-    src, dst = rest[0], storage + rest[1]
-    if os.path.isdir(src):  # adb push DIR DEST/ puts it at DEST/DIR
-        shutil.copytree(src, os.path.join(dst, os.path.basename(src)))
-    else:
-        dst = os.path.join(dst, os.path.basename(src)) if dst.endswith("/") else dst
-        shutil.copyfile(src, dst)
-        if os.path.basename(dst) == os.environ.get("FAKE_ADB_DAMAGE"):  # a bad USB link
-            with open(dst, "r+b") as f:
-                f.seek(-1, 2)
-                last = f.read(1)
-                f.seek(-1, 2)
-                f.write(bytes([last[0] ^ 1]))
-    print("%s: 1 file pushed." % src)
-elif command == "shell":
-    sys.exit(subprocess.run(["sh", "-c", rest[0].replace(remote_root, storage + remote_root)]).returncode)
-else:
-    sys.exit("fake adb: %s is not a command this stand-in answers" % command)
-"""
-
-
-@pytest.fixture
-def fake_adb(tmp_path, monkeypatch):
-    """The fake phone on PATH as `adb` (serial "fake-phone"); returns (its argv log, its storage)."""
-    bin_dir, storage, log = tmp_path / "bin", tmp_path / "phone-storage", tmp_path / "adb.log"
-    bin_dir.mkdir()
-    storage.mkdir()
-    (bin_dir / "adb").write_text(FAKE_ADB.format(python=sys.executable, remote_root=ADB_ROOT))
-    (bin_dir / "python3").write_text(  # the phone's python3
-        "#!/bin/sh\n"
-        'if [ "$1 $2" = "-m device_runtime.phone_loop" ]; then\n'
-        '  echo "$PWD $PYTHONPATH $3" > "$FAKE_PHONE_STORAGE/started"; exit 0\n'
-        "fi\n"
-        f'exec "{sys.executable}" "$@"\n'
-    )
-    for tool in ("adb", "python3"):
-        (bin_dir / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_PHONE_STORAGE", str(storage))
-    monkeypatch.setenv("FAKE_ADB_LOG", str(log))
-    monkeypatch.setenv("FAKE_ADB_SERIAL", "fake-phone")
-
-    def calls() -> list[list[str]]:
-        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-    return calls, storage
 
 
 def adb_install_calls(bundle, shard, credential) -> list[list[str]]:

@@ -23,17 +23,23 @@ REMOTE_DIR = "/data/local/tmp/fedkit-probe"
 TIMEOUT_S = 600
 
 
-def _adb(serial: str, *args: str, timeout: float = 60) -> str:
+def _run(serial: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``adb -s serial args``, whatever its exit status."""
     adb = shutil.which("adb")
     if adb is None:
         raise PlanError("adb is not installed: install it (Debian: `apt-get install adb`) and attach the phone")
     try:
-        done = subprocess.run([adb, "-s", serial, *args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([adb, "-s", serial, *args], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise PlanError(
             f"`adb {' '.join(args)}` on {serial} did not finish in {timeout:.0f} s: "
             "check the phone is awake and unlocked"
         ) from exc
+
+
+def _adb(serial: str, *args: str, timeout: float = 60) -> str:
+    """The output of ``adb -s serial args``; a failure means adb could not reach the phone."""
+    done = _run(serial, *args, timeout=timeout)
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip().splitlines()
         raise PlanError(
@@ -78,12 +84,18 @@ def probe_adb(
         command += ["--min-seconds", str(FULL_SECONDS)]
     if aggregator:
         command += ["--aggregator", aggregator]
-    out = _adb(serial, "shell", *command, timeout=TIMEOUT_S)
+    # Not _adb: adb passes on the exit status of the command it ran, so a failure here is the
+    # probe's (it reports its own errors as JSON, a missing python3 or numpy on stderr), not a
+    # phone adb lost: say what the phone said, not to attach it.
+    done = _run(serial, "shell", *command, timeout=TIMEOUT_S)
     try:
-        result = json.loads(out.strip().splitlines()[-1])
+        result = json.loads(done.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError) as exc:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()  # a traceback's last line says why
+        last = said[-1][:200] if said else "no output"
         raise PlanError(
-            f"the probe on {serial} printed no JSON ({out.strip()[:200]!r}): the phone needs `{python}` with numpy "
-            "(e.g. Termux: `pkg install python python-numpy`); pass --python with its path"
+            f"the probe on {serial} gave no result (exit {done.returncode}: {last!r}): "
+            f"the phone needs `{python}` with numpy (e.g. Termux: `pkg install python python-numpy`); "
+            "pass --python with its path"
         ) from exc
     return profile_from_probe(result, serial, "adb", model.model_id if model else None, batch)

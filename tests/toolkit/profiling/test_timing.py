@@ -5,6 +5,7 @@ time. Timed with a clock the runs advance, so nothing here depends on this host'
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -107,9 +108,10 @@ def test_a_full_adb_profile_asks_the_phone_for_full_seconds(monkeypatch, quick, 
 
     def fake_adb(serial, *args, timeout=60):
         commands.append(list(args))
-        return json.dumps(result) if args[0] == "shell" and args[1] == "python3" else ""
+        out = json.dumps(result) if args[0] == "shell" and args[1] == "python3" else ""
+        return subprocess.CompletedProcess(["adb", *args], 0, out, "")
 
-    monkeypatch.setattr(adb, "_adb", fake_adb)
+    monkeypatch.setattr(adb, "_run", fake_adb)
 
     adb.probe_adb("phone", quick=quick)
 
