@@ -42,7 +42,8 @@ import numpy as np
 if TYPE_CHECKING:
     import onnxruntime
 
-# 4: --min-seconds, the fastest run over rounds spread over that long; 3: numpy where
+# 4: --min-seconds, the fastest run over rounds spread over that long, and busy_elsewhere
+# (cores other processes kept busy while timing); 3: numpy where
 # onnxruntime imports; 2: engines are what trains without torch
 PROBE_VERSION = 4
 TRANSFER_BYTES = 1 << 20  # 1 MiB each way: long enough to see bandwidth past the RTT on 4G
@@ -145,6 +146,30 @@ def fastest(
     return best
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds used so far by the whole device (steal included: other guests of a
+    hypervisor) and by this process and its children, or None where /proc/stat cannot be read
+    (an Android app's sandbox)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system + own.children_user + own.children_system
+
+
+def cores_elsewhere(before: tuple[float, float] | None, seconds: float) -> float | None:
+    """How many cores other processes kept busy, on average, over the ``seconds`` since
+    ``before`` (``cpu_seconds()``); None when unknown. Timing cannot undo load that lasts
+    through all of it (``fastest``), so a profile says when there was some."""
+    after = cpu_seconds()
+    if before is None or after is None or seconds <= 0:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / seconds
+
+
 def session_options() -> onnxruntime.SessionOptions:
     """ONNX Runtime options for timing: quiet, and idle worker threads sleep."""
     import onnxruntime as ort
@@ -232,13 +257,17 @@ def _refusal(exc: urllib.error.HTTPError) -> str:
 
 def probe(payload_dir: str | None, repeats: int, aggregator: str | None = None, min_seconds: float = 0.0) -> dict:
     has_onnxruntime = importlib.util.find_spec("onnxruntime") is not None
+    engines = engines_present()
+    before, started = cpu_seconds(), time.perf_counter()
+    # inference is enough to time kernels, so an inference-only onnxruntime still times them
+    items = time_items(payload_dir, repeats, min_seconds) if payload_dir and has_onnxruntime else []
     result = {
         "probe_version": PROBE_VERSION,
         "cpu_cores": os.cpu_count() or 1,
         "memory_available_mb": memory_available_mb(),
-        "engines": engines_present(),
-        # inference is enough to time kernels, so an inference-only onnxruntime still times them
-        "items": time_items(payload_dir, repeats, min_seconds) if payload_dir and has_onnxruntime else [],
+        "engines": engines,
+        "items": items,
+        "busy_elsewhere": cores_elsewhere(before, time.perf_counter() - started),
         "numpy_matmul_gflops": numpy_matmul_gflops(repeats),
     }
     if aggregator:

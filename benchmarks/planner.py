@@ -27,6 +27,10 @@ at a time (edge_load 1, as Neurosurgeon measures a single client).
    the phone's time scaled by host GFLOP/s (the conv kernel, timed in the same rounds) / phone
    GFLOP/s, plus the predicted transfers: the measured round time beside the predicted one.
    The transfers count every byte (``CostModel.transfer_bytes``), shown per case.
+   Every timing (the profiles and parts of the calibration, the parts measured here) is the
+   fastest run over rounds spread over seconds, as a full profile times (``probe.fastest``),
+   and records how many cores other processes kept busy meanwhile (``cores_busy_elsewhere``):
+   no statistic undoes load that lasts through a whole timing, so a result says when it had some.
 4. Fleets: per link, the whole catalogue planned as one fleet (``Planner.plan``): every phone
    downloads the global weights from the fleet's shallowest trained block on, so the plan is
    re-priced with that download; per phone its choice and bytes, and whether it differs from
@@ -69,14 +73,27 @@ LINKS = ("3g", "4g", "wifi")
 CALIBRATION_PARTS = ((0, 21), (0, 7), (7, 14), (14, 21))  # MobileNetV2 has 21 blocks
 
 
+def busy_elsewhere(measure):
+    """``measure()``, and how many cores other processes kept busy meanwhile (None where
+    unknown): load that lasts through a whole timing skews it, so every timing says."""
+    before, started = probe.cpu_seconds(), time.perf_counter()
+    out = measure()
+    return out, probe.cores_elsewhere(before, time.perf_counter() - started)
+
+
 def calibrate(model, write: bool):
     """Measures this host, fits the cost model, and checks the shipped fit on today's data."""
-    at1 = measure_local(quick=False, model=model, batch=1, name="edge (this host)")
-    at32 = measure_local(quick=False, model=model, batch=32, name="edge (this host)")
+    busy = {}
+    at1, busy["profile_b1"] = busy_elsewhere(
+        lambda: measure_local(quick=False, model=model, batch=1, name="edge (this host)")
+    )
+    at32, busy["profile_b32"] = busy_elsewhere(
+        lambda: measure_local(quick=False, model=model, batch=32, name="edge (this host)")
+    )
     timings = [at1.timing(model.model_id), at32.timing(model.model_id)]
     with tempfile.TemporaryDirectory(prefix="fedkit-b4-cal-") as tmp:
         spans = [(start, stop, b) for b in (1, 32) for start, stop in CALIBRATION_PARTS]
-        host_gflops, seconds = time_parts(model, spans, Path(tmp))
+        (host_gflops, seconds), busy["parts"] = busy_elsewhere(lambda: time_parts(model, spans, Path(tmp)))
     parts = [PartTiming(start, stop, b, seconds[(start, stop, b)], host_gflops) for start, stop, b in spans]
     fresh = fit_calibration(model, [at1, at32], parts)
     if write:
@@ -95,7 +112,7 @@ def calibrate(model, write: bool):
     for part in parts:
         predicted = predict_part(costs[part.start : part.stop], shipped, part.gflops, part.batch)
         shipped_error[f"part_{part.start}_{part.stop}_b{part.batch}"] = predicted / part.seconds - 1
-    return at32, fresh, shipped, shipped_error
+    return at32, fresh, shipped, shipped_error, busy
 
 
 def best_at(planner, phone, depth, encoding, batch, cut):
@@ -227,7 +244,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     started = time.perf_counter()
     model = load_model("mobilenet_v2")
-    edge, fresh, shipped, shipped_error = calibrate(model, args.write_calibration)
+    edge, fresh, shipped, shipped_error, calibration_busy = calibrate(model, args.write_calibration)
     config = PlanConfig()
     planner = Planner(model, edge, config, shipped)
     n = planner.n
@@ -296,7 +313,7 @@ def main() -> None:
     fleets = {link_name: fleet_case(planner, link_name) for link_name in LINKS}
     feasible = [c for c in cases if "choice" in c]
     keys = sorted({(c["choice"]["cut"], c["choice"]["train_from"], c["choice"]["batch"]) for c in feasible})
-    host_gflops, host_seconds = measure_choices(model, keys, folder)
+    (host_gflops, host_seconds), measuring_busy = busy_elsewhere(lambda: measure_choices(model, keys, folder))
     shutil.rmtree(folder)
     for c in feasible:
         ch, predicted = c["choice"], c["predicted"]
@@ -337,6 +354,7 @@ def main() -> None:
             "latency_only_mean_speedup_vs_better": statistics.fmean(x["speedup_vs_better"] for x in latency),
             "splitfed_choices": sum(c["choice"]["cut"] < n for c in feasible),
             "median_abs_measured_vs_predicted": statistics.median(errors),
+            "cores_busy_elsewhere_while_measuring": measuring_busy,
             "max_abs_measured_vs_predicted": max(errors),
             "max_time_cost_of_depth_rule": max(c["time_cost_of_depth_rule"] for c in feasible),
             "fleet_download_mb": {name: f["down_mb"] for name, f in fleets.items()},
@@ -346,6 +364,7 @@ def main() -> None:
             "fresh_fit": fresh.model_dump(),
             "shipped_on_todays_measurements": shipped_error,
             "host_kernel_gflops": edge.kernel_gflops,
+            "cores_busy_elsewhere": calibration_busy,
         },
         "cases": cases,
         "fleets": fleets,

@@ -19,6 +19,9 @@ FULL_REPEATS = 30
 # ratio of the model's time to the conv kernel's (what the planner scales by) then drifts by
 # several percent from one profile to the next
 FULL_SECONDS = 10.0
+# Other processes keeping more than this many cores busy while the probe timed: the profile
+# says so in its notes (long runs come out slower against the conv kernel than on a quiet device)
+BUSY_ELSEWHERE = 0.25
 
 
 def profile_from_probe(result: dict, name: str, source: Source, model_id: str | None, batch: int) -> DeviceProfile:
@@ -41,7 +44,17 @@ def profile_from_probe(result: dict, name: str, source: Source, model_id: str | 
         link=Link(**network) if network else None,
         # blocks are timed only for a model, the one model_id names
         block_timings=(BlockTiming(model_id=model_id, batch=batch, seconds=blocks),) if blocks and model_id else (),
-        notes=f"probe v{result['probe_version']}",
+        notes=_notes(result),
+    )
+
+
+def _notes(result: dict) -> str:
+    busy = result.get("busy_elsewhere")  # probe v4 on
+    if busy is None or busy <= BUSY_ELSEWHERE:
+        return f"probe v{result['probe_version']}"
+    return (
+        f"probe v{result['probe_version']}; other processes kept {busy:.2f} cores busy while timing: "
+        "profile again on a quieter device"
     )
 
 
