@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from android_harness.install import pinned, source_root
+from android_harness.install import pinned, pip, source_root
 from device_runtime.errors import DeployError
 
 # What the rootfs is built from. Bump RECIPE_VERSION whenever the build changes: a rootfs with
@@ -723,28 +723,12 @@ def download_wheels(specs: Sequence[str], cache_dir: Path) -> list[Path]:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=".wheels.partial-", dir=Path(cache_dir)))
         try:
-            command = [
-                sys.executable,
-                "-m",
-                "pip",
+            pip(
                 "download",
-                "--no-deps",
-                "--only-binary=:all:",
-                "--platform",
-                WHEEL_PLATFORM,
-                "--python-version",
-                WHEEL_PYTHON,
-                "--disable-pip-version-check",
-                "-q",
-                "-d",
-                str(partial),
-                *specs,
-            ]
-            done_run = subprocess.run(command, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-            if done_run.returncode != 0:
-                raise EmulationError(
-                    f"pip could not download the aarch64 wheels {' '.join(specs)}:\n{done_run.stderr.strip()[-2000:]}"
-                )
+                ["--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON, "-d", str(partial), *specs],
+                f"pip could not download the aarch64 wheels {' '.join(specs)}",
+                EmulationError,
+            )
             (partial / ".complete").write_text("\n".join(specs) + "\n")
             if folder.exists():
                 shutil.rmtree(folder)
@@ -760,29 +744,10 @@ def _install_wheels(wheels: Sequence[Path], site: Path) -> None:
     """Unpacks the wheels into ``site`` (a host path inside the rootfs) with this host's pip. The
     .pyc files are compiled here when this host's Python is the phone's (same bytecode), else
     left to the phone."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--no-index",
-        "--only-binary=:all:",
-        "--platform",
-        WHEEL_PLATFORM,
-        "--python-version",
-        WHEEL_PYTHON,
-        "--disable-pip-version-check",
-        "-q",
-        "--target",
-        str(site),
-        *map(str, wheels),
-    ]
+    args = ["--no-index", "--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON, "--target", str(site)]
     if f"{sys.version_info[0]}.{sys.version_info[1]}" != WHEEL_PYTHON:
-        command.insert(4, "--no-compile")
-    done = subprocess.run(command, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise EmulationError(f"pip could not install the aarch64 wheels into {site}:\n{done.stderr.strip()[-2000:]}")
+        args.append("--no-compile")
+    pip("install", [*args, *map(str, wheels)], f"pip could not install the aarch64 wheels into {site}", EmulationError)
 
 
 def _check_in_phone(

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -66,28 +67,22 @@ def install_here(site: Path) -> None:
     their dependencies, and device_runtime as installed here (its C kernels built). fedkit's host
     packages, which ``pip install --no-deps fedkit`` puts beside it, are left out: a phone never
     imports them."""
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "-q",
-        "--target",
-        str(site),
-        "-r",
-        str(lock_path()),
-    ]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise DeployError(f"pip could not install the phone's lock into {site}:\n{done.stderr.strip()[-2000:]}")
+    failure = f"pip could not install the phone's lock into {site}"
+    pip("install", ["--target", str(site), "-r", str(lock_path())], failure)
     shutil.copytree(
         Path(device_runtime.__file__).parent,
         Path(site) / "device_runtime",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
+
+
+def pip(command: str, args: Sequence[str], failure: str, error: type[DeployError] = DeployError) -> None:
+    """This host's ``pip command`` (download, install) of wheels only, without their dependencies,
+    quietly; raises ``error`` saying ``failure``, with pip's last words, when it fails."""
+    argv = [sys.executable, "-m", "pip", command, "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"]
+    done = subprocess.run([*argv, "-q", *args], check=False, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise error(f"{failure}:\n{done.stderr.strip()[-2000:]}")
 
 
 def isolated_python(site: Path) -> tuple[list[str], dict[str, str]]:
