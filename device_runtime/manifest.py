@@ -23,7 +23,12 @@ ENGINES = ("ort", "executorch", "numpy")
 class DevicePlan:
     """What one phone does. Blocks ``[0, cut)`` run on the phone, ``[train_from, cut)`` of them
     train there; the edge runs ``[cut, n)``. ``cut == n`` is federated transfer learning,
-    ``cut < n`` is SplitFed."""
+    ``cut < n`` is SplitFed.
+
+    An early-exit plan (``exits`` not empty; a model with exits, ``toolkit.models.exits``) stops
+    at its last exit, ``cut``: the phone holds blocks ``[0, cut)`` and the branches at ``exits``,
+    nothing runs past it, and it trains blocks ``[train_from, cut)`` and every branch it holds
+    with the multi-exit loss ``sum_i exit_weights[i] * CE(exit i)``."""
 
     cut: int
     train_from: int
@@ -32,12 +37,32 @@ class DevicePlan:
     local_epochs: int = 1
     batch_size: int = 32
     predicted: dict[str, float] = field(default_factory=dict)  # seconds: compute, upload, download, edge, total
+    exits: tuple[int, ...] = ()  # positions of the exits the phone holds, the last one at cut
+    exit_weights: tuple[float, ...] = ()  # the loss weight of each of them
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise BundleError(f"plan engine {self.engine!r} is unknown: use one of {', '.join(ENGINES)}")
         if not 0 <= self.train_from <= self.cut:
             raise BundleError(f"plan has train_from={self.train_from} outside 0..cut={self.cut}")
+        # JSON gives lists: the plan compares equal to the one it was written from
+        object.__setattr__(self, "exits", tuple(self.exits))
+        object.__setattr__(self, "exit_weights", tuple(self.exit_weights))
+        if self.exits and (
+            list(self.exits) != sorted(set(self.exits)) or self.exits[-1] != self.cut or self.exits[0] < 1
+        ):
+            raise BundleError(
+                f"plan exits {list(self.exits)} must be increasing positions from 1, the last at cut={self.cut}"
+            )
+        if len(self.exit_weights) != len(self.exits) or not all(
+            isinstance(w, (int, float)) and w >= 0 for w in self.exit_weights
+        ):
+            raise BundleError(
+                f"plan has exit weights {list(self.exit_weights)} for exits {list(self.exits)}: "
+                "give one weight >= 0 per exit"
+            )
+        if self.exits and sum(self.exit_weights) <= 0:
+            raise BundleError("plan exit weights are all 0: at least one exit must carry the loss")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +119,11 @@ class Manifest:
 
     @property
     def is_splitfed(self) -> bool:
-        return self.plan.cut < len(self.block_names)
+        return self.plan.cut < len(self.block_names) and not self.plan.exits
+
+    @property
+    def has_exits(self) -> bool:
+        return bool(self.plan.exits)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -101,6 +101,19 @@ class SplittableModel:
         self.check_cut(stop)
         return SubModel(self.blocks[start:stop])
 
+    @property
+    def exits(self) -> tuple[int, ...]:
+        """Positions of the model's early exits (``toolkit.models.exits``): none for a plain model."""
+        return ()
+
+    def frozen_part(self, stop: int) -> nn.Module:
+        """What a phone runs once per shard before the part it trains: blocks [0, stop)."""
+        return self.part(0, stop)
+
+    def trainable_part(self, start: int, stop: int) -> nn.Module:
+        """What a phone trains, on ``frozen_part(start)``'s output: blocks [start, stop)."""
+        return self.part(start, stop)
+
     def device_part(self, cut: int) -> SubModel:
         return self.part(0, cut)
 
