@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from typer.core import TyperGroup
 
 from toolkit import __version__
 from toolkit.errors import FedkitError
+
+if TYPE_CHECKING:
+    from toolkit.models import ExitModel, SplittableModel
 
 
 class _Commands(TyperGroup):
@@ -471,11 +474,19 @@ def enrol_token(
 def export_global(
     db: Annotated[Path, typer.Option(help="The aggregator's SQLite database.")],
     out: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="Where to write the PyTorch state dict (.pt; its folder must exist, an existing file is replaced)."
         ),
-    ],
+    ] = None,
+    early_exit: Annotated[
+        Path | None,
+        typer.Option(
+            "--early-exit",
+            help="Where to write the phone's early-exit folder of a model with exits (one ONNX file per exit; "
+            "fedkit predict runs it). It must not exist, or be empty.",
+        ),
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Model zoo name. Default: the run config's 'model'.")] = None,
     version: Annotated[int | None, typer.Option(min=0, help="Model version. Default: the latest.")] = None,
     test_images: Annotated[
@@ -483,9 +494,14 @@ def export_global(
         typer.Option(min=0, max=10000, help="Evaluate on the first N Fashion-MNIST test images (0: do not evaluate)."),
     ] = 10000,
 ) -> None:
-    """Write the global model of a run as a PyTorch state dict (the zoo model with the
-    aggregated tensors merged in) and print its test accuracy."""
-    _check_file_output(out)
+    """Write the global model of a run (the zoo model with the aggregated tensors merged in) as a
+    PyTorch state dict, as the phone's early-exit folder, or both, and print its test accuracy."""
+    if out is None and early_exit is None:
+        raise FedkitError("give --out FILE (a PyTorch state dict), --early-exit DIR (an early-exit folder) or both")
+    if out is not None:
+        _check_file_output(out)
+    if early_exit is not None:
+        _check_folder_output(early_exit, "--early-exit")
     import torch
 
     from toolkit.aggregator.admin import global_tensors, merged_state_dict, model_accuracy
@@ -493,13 +509,94 @@ def export_global(
 
     name, tensors = global_tensors(db, model, version)  # read and decoded once, the model loaded once
     splittable = load_model(name)
+    exit_model = _exit_model(splittable, early_exit) if early_exit is not None else None
     state = merged_state_dict(splittable, tensors)
     # evaluated before anything is written: missing test data fails the command with no file left
     accuracy = model_accuracy(splittable, tensors, test_images) if test_images else None
-    _write_whole(out, lambda path: torch.save(state, path))
-    console.print(f"global model written to {out}")
+    if exit_model is not None and early_exit is not None:
+        from exporters.early_exit import export_early_exit
+        from toolkit.data import LABEL_NAMES
+
+        exit_model.root.load_state_dict(state)
+        index = export_early_exit(exit_model, early_exit, label_names=LABEL_NAMES)
+        flops = ", ".join(f"{s.exit}: {s.flops / 1e6:.2f}" for s in index.segments)
+        console.print(f"early-exit folder written to {early_exit} (MFLOPs per image leaving at each exit: {flops})")
+    if out is not None:
+        _write_whole(out, lambda path: torch.save(state, path))
+        console.print(f"global model written to {out}")
     if accuracy is not None:
         console.print(f"test accuracy on {test_images:,} Fashion-MNIST test images: [bold]{accuracy:.2%}[/bold]")
+
+
+def _exit_model(splittable: SplittableModel, folder: Path) -> ExitModel:
+    """The run's model, checked for an early-exit export before the evaluation, not after it."""
+    from exporters.early_exit import check_early_exit
+    from toolkit.data import LABEL_NAMES
+    from toolkit.models import ExitModel
+
+    if not isinstance(splittable, ExitModel):
+        raise FedkitError(
+            f"the run's model {splittable.model_id} has no early exits, so --early-exit has nothing to export: "
+            'use it on a run of a model with exits (e.g. model = "small_cnn+exits:1,2"), or write --out alone'
+        )
+    check_early_exit(splittable, folder, LABEL_NAMES)
+    return splittable
+
+
+@app.command()
+@fails_cleanly
+def predict(
+    early_exit: Annotated[
+        Path, typer.Option("--early-exit", help="An early-exit folder (fedkit export-global --early-exit).")
+    ],
+    threshold: Annotated[
+        list[float] | None,
+        typer.Option(help="A confidence threshold; repeat it for several. Default: a grid of 10 per criterion."),
+    ] = None,
+    criterion: Annotated[
+        Literal["max_softmax", "entropy"],
+        typer.Option(help="An image leaves at an exit when its max softmax is >= the threshold, or its entropy <= it."),
+    ] = "max_softmax",
+    test_images: Annotated[
+        int, typer.Option(min=1, max=10000, help="Predict the first N Fashion-MNIST test images.")
+    ] = 10000,
+) -> None:
+    """Early-exit inference on Fashion-MNIST's test images, on this host as on a phone: per
+    threshold, the accuracy, the mean MFLOPs per image and the share leaving at each exit,
+    against the final exit alone (the plain model, no branch run). Computed from every exit's
+    logits with the predictor's own stopping rule (device_runtime.early_exit)."""
+    from rich import box
+    from rich.table import Table
+
+    from device_runtime.early_exit import EarlyExitPredictor, early_exit_curve, final_exit_alone
+    from toolkit.data import load_fashion_mnist
+
+    predictor = EarlyExitPredictor(early_exit)
+    test = load_fashion_mnist("test")
+    images, labels = test.images[:test_images], test.labels[:test_images]
+    with _spinner(f"running {len(images):,} images through every exit"):
+        logits = predictor.logits(images)
+    index = predictor.index
+    baseline = final_exit_alone(logits, labels, index.segments[-1].alone_flops)
+    points = early_exit_curve(logits, labels, index.flops, tuple(threshold) if threshold else None, criterion)
+    table = Table(
+        title=f"early exits of {index.model_id}, {len(images):,} test images, {criterion}",
+        caption="final exit: the final exit alone (the plain model, no branch run); Δ pt and saved against it",
+        box=box.SIMPLE,
+    )
+    shares = f"% out at {'/'.join(map(str, index.exits))}"
+    for column in ("threshold", "accuracy", "Δ pt", "MFLOPs", "saved", shares):
+        table.add_column(column, justify="right", no_wrap=True)
+    for point in [baseline, *points]:
+        table.add_row(
+            "final exit" if point.threshold is None else f"{point.threshold:g}",
+            f"{point.accuracy:.2%}",
+            f"{(point.accuracy - baseline.accuracy) * 100:+.2f}",
+            f"{point.mean_mflops:.2f}",
+            f"{1 - point.mean_mflops / baseline.mean_mflops:.1%}",
+            "/".join(f"{share:.0%}".removesuffix("%") for share in point.exit_shares),
+        )
+    console.print(table)
 
 
 @app.command()
