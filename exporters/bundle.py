@@ -14,6 +14,15 @@ parameters are inputs, so the phone runs them with the global model's values (wh
 phones update) rather than the exported ones. ``frozen.onnx`` keeps only blocks
 ``[0, fed_from)``, which no phone trains: their outputs are computed once per shard, and only the
 few fed blocks run again when the global model moves.
+
+An early-exit plan (``plan.exits``, a model with exits: ``toolkit.models.exits``) exports the
+model's ``frozen_part(train_from)`` (its rows carry the activations the held branches before
+``train_from`` read, the *taps*) and ``trainable_part(train_from, cut)`` (those branches, blocks
+``[train_from, cut)`` and their branches, out to stacked logits (batch, exits, classes)), trained
+with ORT's ``"exits"`` loss, the weighted multi-exit cross-entropy. It has no fed part and
+ignores ``fed_from``: every phone of an exit run trains from ``min(T, cut)`` for one run-wide
+``T``, so no block before ``T`` is ever trained and no phone's frozen blocks are another's
+trainable ones. Exit bundles train on the ``ort`` engine only.
 """
 
 from __future__ import annotations
@@ -54,8 +63,13 @@ class SplittableModel(Protocol):
     input_shape: tuple[int, int, int]
     num_classes: int
 
+    @property
+    def exits(self) -> tuple[int, ...]: ...  # the early exits' positions (the last one n); none without exits
+
     def check_cut(self, cut: int) -> None: ...
     def part(self, start: int, stop: int) -> nn.Module: ...
+    def frozen_part(self, stop: int) -> nn.Module: ...
+    def trainable_part(self, start: int, stop: int) -> nn.Module: ...
     def content_hash(self) -> str: ...
 
 
@@ -82,8 +96,9 @@ def export_bundle(
     out_dir = Path(out_dir)
     engines = tuple(engines)
     trainable = check_request(model, plan, engines, label_names, out_dir)
-    split = fed_from if fed_from is not None and fed_from < plan.train_from else plan.train_from
-    frozen = model.part(0, split) if split > 0 else None
+    # an exit run has no fed part (see the module's doc)
+    split = plan.train_from if plan.exits or fed_from is None else min(fed_from, plan.train_from)
+    frozen = model.frozen_part(split) if split > 0 else None
     fed = model.part(split, plan.train_from) if split < plan.train_from else None
     steps = _steps(model, plan, engines, frozen, fed, trainable)
     total = len(steps) + 1  # the manifest is the last step
@@ -128,6 +143,7 @@ def check_request(
         raise ExportError(
             f"the plan runs engine {plan.engine!r}, but the bundle is exported for {', '.join(engines)}: add it"
         )
+    _check_exits(model, plan, engines)
     _check_encoding(plan.encoding)
     if plan.batch_size < 1:
         raise ExportError(f"the plan's batch size is {plan.batch_size}: it must be 1 or more")
@@ -135,7 +151,7 @@ def check_request(
         raise ExportError(f"{len(label_names)} label names given for a model with {model.num_classes} classes")
     if not is_free(out_dir):
         raise ExportError(f"{out_dir} already exists: remove it or choose another output folder")
-    trainable = model.part(plan.train_from, plan.cut)
+    trainable = model.trainable_part(plan.train_from, plan.cut)
     if not any(True for _ in trainable.parameters()):
         raise ExportError(
             f"the plan trains blocks [{plan.train_from}, {plan.cut}) of {model.model_id} on the phone, which hold no "
@@ -144,7 +160,7 @@ def check_request(
     if (
         "numpy" in engines
         and linear_layer(
-            [TensorSpec(n, tuple(p.shape)) for n, p in trainable.named_parameters()], plan.cut < len(model.block_names)
+            [TensorSpec(n, tuple(p.shape)) for n, p in trainable.named_parameters()], _mode(model, plan) != "classify"
         )
         is None
     ):
@@ -156,7 +172,7 @@ def check_request(
         # Imported only when asked for: executorch takes seconds to import and logs on the way.
         from exporters.executorch import check_trainable_on_executorch
 
-        if plan.cut < len(model.block_names):
+        if _mode(model, plan) == "splitfed":
             raise ExportError(
                 "the executorch engine cannot train a SplitFed part "
                 f"(cut {plan.cut} < {len(model.block_names)} blocks): "
@@ -164,6 +180,45 @@ def check_request(
             )
         check_trainable_on_executorch(trainable)
     return trainable
+
+
+def _check_exits(model: SplittableModel, plan: DevicePlan, engines: tuple[str, ...]) -> None:
+    # A plan and a model agree on the exits: the phone holds every branch up to its cut, no other.
+    if not plan.exits and not model.exits:
+        return
+    if not model.exits:
+        raise ExportError(
+            f"the plan holds exits at {list(plan.exits)}, but {model.model_id} has none: "
+            f"load the model with exits ({model.model_id}+exits, or {model.model_id}+exits:P,Q,…)"
+        )
+    if plan.cut not in model.exits:
+        raise ExportError(
+            f"{model.model_id} has exits at {', '.join(map(str, model.exits))}: "
+            f"a phone's cut must be one of them, not {plan.cut}"
+        )
+    held = tuple(p for p in model.exits if p <= plan.cut)
+    if not plan.exits:
+        raise ExportError(
+            f"{model.model_id} has exits: plan the phone with exits={list(held)} (those up to its cut) and their "
+            "loss weights (fedkit plan does), or export the model without exits"
+        )
+    if plan.exits != held:
+        raise ExportError(
+            f"a phone of {model.model_id} whose cut is {plan.cut} holds the exits at {list(held)}, "
+            f"but the plan names {list(plan.exits)}: plan it with exits={list(held)} (fedkit plan does)"
+        )
+    if engines != ("ort",):
+        raise ExportError(
+            f"an early-exit bundle trains with the ort engine only, not {', '.join(e for e in engines if e != 'ort')}: "
+            "executorch cannot take the multi-exit loss and numpy trains one linear layer; use --engine ort"
+        )
+
+
+def _mode(model: SplittableModel, plan: DevicePlan) -> str:
+    """The trainable part's loss (``exporters.ort_training.MODES``)."""
+    if plan.exits:
+        return "exits"
+    return "splitfed" if plan.cut < len(model.block_names) else "classify"
 
 
 def _check_encoding(encoding: str) -> None:
@@ -197,7 +252,7 @@ def _steps(
     with torch.no_grad():
         f = frozen.eval()(x) if frozen is not None else x
         h = fed.eval()(f) if fed is not None else f
-    mode = "splitfed" if plan.cut < len(model.block_names) else "classify"
+    mode = _mode(model, plan)
 
     steps = []
     if frozen is not None:

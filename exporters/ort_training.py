@@ -7,13 +7,18 @@ The pipeline is a straight chain of named steps:
 → ``_eval_model`` (forward only, parameters fed from the same checkpoint)
 → ``_write`` (the two models and the checkpoint into ``out_dir``).
 
-Two kinds of loss:
+Three kinds of loss:
 
 - ``"classify"``: mean cross-entropy of the part's logits against an int64 ``labels`` input;
 - ``"splitfed"``: the phone's part of a split model. The edge sends the gradient of its loss
   with respect to the cut activation as a ``grad_output`` input, and the loss is
   ``sum(output * grad_output)``, whose gradient for each parameter is exactly the
-  vector-Jacobian product the phone needs (the chain rule through the cut).
+  vector-Jacobian product the phone needs (the chain rule through the cut);
+- ``"exits"``: an early-exit part, whose output is the logits of every exit it holds,
+  (batch, exits, classes). The loss is ``-sum(log_softmax(output) * targets)`` with ``targets``
+  a float input shaped like the output; the phone fills it with ``lambda_e * onehot(y) / batch``
+  (``device_runtime.engines.ort``), so the loss is ``sum_e lambda_e * mean CE(exit e)``, and
+  the exit weights stay the plan's, not baked into the graph.
 
 No optimizer model is written: the optimizer step is fedkit's numpy SGD
 (``device_runtime.optim``), shared by both engines.
@@ -41,8 +46,9 @@ from torch import nn
 from exporters.errors import ExportError
 from exporters.onnx import MAX_IR_VERSION, OUTPUT_NAME, export_model
 
-MODES = ("classify", "splitfed")
+MODES = ("classify", "splitfed", "exits")
 GRAD_OUTPUT_NAME = "grad_output"
+TARGETS_NAME = "targets"
 FILES = {
     "ort.training_model": "ort_training_model.onnx",
     "ort.eval_model": "ort_eval_model.onnx",
@@ -92,7 +98,8 @@ def _training_model(
 ) -> tuple[onnx.ModelProto, tuple[list[onnx.TensorProto], list[onnx.TensorProto]]]:
     # Forward + loss + gradient graph with gradient accumulation, by ORT's onnxblock.
     _graph_utils._GRAPH_TOKEN = 0  # names of added nodes count from here: same part, same bytes
-    block = _TrainingBlock(onnxblock.loss.CrossEntropyLoss() if mode == "classify" else _VectorJacobianLoss())
+    losses = {"classify": onnxblock.loss.CrossEntropyLoss, "splitfed": _VectorJacobianLoss, "exits": _MultiExitLoss}
+    block = _TrainingBlock(losses[mode]())
     for name in sorted(trainable):
         block.requires_grad(name, True)
     for name in sorted(frozen):
@@ -128,7 +135,7 @@ def _native_log_silenced() -> Iterator[None]:
 def _eval_model(base: onnx.ModelProto, parameters: set[str]) -> onnx.ModelProto:
     # The forward graph alone, its parameters turned into graph inputs as in the training model,
     # so ORT feeds both from the one checkpoint state (ORT's own eval model would add the loss
-    # and its labels / grad_output input, which inference does not have).
+    # and its labels, grad_output or targets input, which inference does not have).
     model = copy.deepcopy(base)
     kept = []
     for init in model.graph.initializer:
@@ -180,3 +187,17 @@ class _VectorJacobianLoss(onnxblock.Block):
     def build(self, output_name: str) -> str:
         grad_output = onnxblock.blocks.InputLike(output_name)(GRAD_OUTPUT_NAME)
         return onnxblock.blocks.ReduceSum(keepdims=False)(onnxblock.blocks.Mul()(output_name, grad_output))
+
+
+class _MultiExitLoss(onnxblock.Block):
+    """``-sum(log_softmax(output, axis=-1) * targets)`` with ``targets`` a new float input shaped
+    like the output (batch, exits, classes): with ``targets = lambda_e * onehot(y) / batch`` it
+    is the weighted sum of every exit's mean cross-entropy. LogSoftmax, Mul, ReduceSum and Neg
+    all have gradients in ORT."""
+
+    def build(self, output_name: str) -> str:
+        targets = onnxblock.blocks.InputLike(output_name)(TARGETS_NAME)
+        # onnxblock 1.19 has no LogSoftmax block; its _UnaryOp adds any one-input operator
+        log_probs = onnxblock.blocks._UnaryOp("LogSoftmax", axis=-1)(output_name)
+        weighted = onnxblock.blocks.ReduceSum(keepdims=False)(onnxblock.blocks.Mul()(log_probs, targets))
+        return onnxblock.blocks.Neg()(weighted)

@@ -182,6 +182,113 @@ def test_progress_reports_every_step_in_order_then_done(tmp_path, model):
     assert {total for _, _, total in calls} == {len(calls) - 1}
 
 
+# -- early exits -----------------------------------------------------------------------------------
+
+EXITS = "small_cnn+exits:1,2"
+
+
+@pytest.fixture
+def exit_model():
+    torch.manual_seed(0)
+    return load_model(EXITS)
+
+
+def exit_plan(model, cut, train_blocks=1, **kwargs) -> DevicePlan:
+    """The plan of a phone stopping at exit ``cut``: it holds every exit up to it, each weighing 1 unless given."""
+    exits = model.held_exits(cut)
+    kwargs.setdefault("exit_weights", (1.0,) * len(exits))
+    return DevicePlan(cut=cut, train_from=model.train_from(cut, train_blocks), exits=exits, **kwargs)
+
+
+def test_an_exit_bundle_trains_every_held_branch_and_its_frozen_rows_carry_the_taps(tmp_path, exit_model):
+    # Prepare: the final exit, the classifier training; the branches at 1 and 2 read taps
+    plan = exit_plan(exit_model, 5, exit_weights=(0.5, 1.0, 2.0))
+
+    # Execute
+    manifest = export_bundle(exit_model, plan, tmp_path / "b", label_names=LABEL_NAMES, fed_from=1)
+
+    # Assert
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.manifest == manifest and manifest.plan == plan and manifest.has_exits
+    assert manifest.model_id == EXITS and manifest.model_hash == exit_model.content_hash()
+    assert set(manifest.files) == {"frozen.onnx", "trainable.onnx", "weights"} | ORT_ROLES  # fed_from ignored
+    assert manifest.engines == ("ort",) and not manifest.is_splitfed
+    trainable = [t.name for t in manifest.trainable]
+    assert trainable == [name for name, _ in exit_model.trainable_part(4, 5).named_parameters()]
+    assert {name.split(".")[1] for name in trainable if name.startswith("exits.")} == {"1", "2"}
+    assert "classifier.weight" in trainable and not any(name.startswith("features.") for name in trainable)
+    engine = open_engine(bundle)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    taps = 8 * 16 * 16 + 16 * 8 * 8  # the activations after blocks 0 and 1
+    assert engine.features(x).shape == (3, taps + 32)  # and the pooled activation the classifier reads
+    assert engine.forward(engine.features(x)).shape == (3, 3, 10)  # (batch, exits, classes)
+
+
+def test_an_early_exit_phone_trains_its_branches_and_blocks_from_train_from(tmp_path, exit_model):
+    # the exit at 2 with every block before it training: nothing frozen, two branches
+    plan = exit_plan(exit_model, 2, train_blocks=2)
+    manifest = export_bundle(exit_model, plan, tmp_path / "b", label_names=LABEL_NAMES)
+
+    assert plan.train_from == 0 and "frozen.onnx" not in manifest.files
+    assert {t.name for t in manifest.trainable} == {
+        name
+        for name, _ in exit_model.root.named_parameters()
+        if name.split(".")[:2] in (["features", "0"], ["features", "1"], ["exits", "1"], ["exits", "2"])
+    }
+
+
+def test_a_phone_training_no_block_trains_its_branches_and_exports_the_same_bytes_twice(tmp_path, exit_model):
+    a = export_bundle(exit_model, exit_plan(exit_model, 2, train_blocks=0), tmp_path / "a", label_names=LABEL_NAMES)
+    b = export_bundle(exit_model, exit_plan(exit_model, 2, train_blocks=0), tmp_path / "b", label_names=LABEL_NAMES)
+
+    assert a.plan.train_from == 2 and {t.name.rsplit(".", 2)[0] for t in a.trainable} == {"exits.1", "exits.2"}
+    assert a == b and (tmp_path / "a" / MANIFEST).read_bytes() == (tmp_path / "b" / MANIFEST).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("plan", "engines", "message"),
+    [
+        (
+            DevicePlan(cut=5, train_from=4),
+            ("ort",),
+            r"small_cnn\+exits:1,2 has exits: plan the phone with exits=\[1, 2, 5\]",
+        ),
+        (
+            DevicePlan(cut=3, train_from=3, exits=(1, 2, 3), exit_weights=(1, 1, 1)),
+            ("ort",),
+            "a phone's cut must be one of them, not 3",
+        ),
+        (
+            DevicePlan(cut=5, train_from=4, exits=(2, 5), exit_weights=(1, 1)),
+            ("ort",),
+            r"holds the exits at \[1, 2, 5\], but the plan names \[2, 5\]",
+        ),
+        (
+            DevicePlan(cut=5, train_from=4, engine="executorch", exits=(1, 2, 5), exit_weights=(1, 1, 1)),
+            ("executorch",),
+            "ort engine only, not executorch: executorch cannot take the multi-exit loss",
+        ),
+        (
+            DevicePlan(cut=5, train_from=4, exits=(1, 2, 5), exit_weights=(1, 1, 1)),
+            ("ort", "numpy"),
+            "ort engine only, not numpy: .*numpy trains one linear layer; use --engine ort",
+        ),
+    ],
+)
+def test_an_exit_request_that_does_not_fit_the_model_is_refused(tmp_path, exit_model, plan, engines, message):
+    with pytest.raises(ExportError, match=message):
+        export_bundle(exit_model, plan, tmp_path / "b", engines, label_names=LABEL_NAMES)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_plan_with_exits_for_a_model_without_them_is_refused(tmp_path, model):
+    plan = DevicePlan(cut=5, train_from=4, exits=(2, 5), exit_weights=(1, 1))
+
+    with pytest.raises(ExportError, match=r"small_cnn has none: load the model with exits \(small_cnn\+exits"):
+        export_bundle(model, plan, tmp_path / "b", label_names=LABEL_NAMES)
+    assert leftovers(tmp_path) == []
+
+
 # -- the same inputs, the same bytes ------------------------------------------------------------
 
 _EXPORT_AGAIN = """

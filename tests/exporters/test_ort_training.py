@@ -6,16 +6,29 @@ import pytest
 import torch
 
 from exporters.onnx import MAX_IR_VERSION
-from exporters.ort_training import FILES, GRAD_OUTPUT_NAME, export_ort_training
+from exporters.ort_training import FILES, GRAD_OUTPUT_NAME, TARGETS_NAME, export_ort_training
 from toolkit.errors import ExportError
+from toolkit.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def small_exits():
+    return load_model("small_cnn+exits:1,2")
 
 
 def part_and_example(model, start: int, stop: int):
     x = torch.randn(4, *model.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        return model.part(start, stop), model.part(0, start)(x)
+        return model.trainable_part(start, stop), model.frozen_part(start)(x)
+
+
+def mode_part(mode: str, small_cnn, small_exits):
+    """The part each mode trains: small_cnn's last blocks, a split part, an exit part of blocks 1..4 and 3 branches."""
+    if mode == "exits":
+        return part_and_example(small_exits, 1, 5)
+    return part_and_example(small_cnn, 1, 3 if mode == "splitfed" else 5)
 
 
 def input_names(path) -> list[str]:
@@ -23,11 +36,16 @@ def input_names(path) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "mode, user_inputs", [("classify", ["input", "labels"]), ("splitfed", ["input", GRAD_OUTPUT_NAME])]
+    "mode, user_inputs",
+    [
+        ("classify", ["input", "labels"]),
+        ("splitfed", ["input", GRAD_OUTPUT_NAME]),
+        ("exits", ["input", TARGETS_NAME]),
+    ],
 )
-def test_writes_the_three_roles(tmp_path, small_cnn, mode, user_inputs):
-    # Prepare: blocks 1..2 of small_cnn (conv + BatchNorm) train
-    part, h = part_and_example(small_cnn, 1, 3 if mode == "splitfed" else 5)
+def test_writes_the_three_roles(tmp_path, small_cnn, small_exits, mode, user_inputs):
+    # Prepare: blocks 1..2 of small_cnn (conv + BatchNorm) train, and the branches of an exit part
+    part, h = mode_part(mode, small_cnn, small_exits)
     params = [name for name, _ in part.named_parameters()]
 
     # Execute
@@ -60,9 +78,21 @@ def test_splitfed_grad_output_is_shaped_like_the_output(tmp_path, small_cnn):
     assert dims == ["batch", *part(h).shape[1:]]
 
 
-@pytest.mark.parametrize("mode", ["classify", "splitfed"])
-def test_exporting_twice_gives_the_same_bytes(tmp_path, small_cnn, mode):
-    part, h = part_and_example(small_cnn, 1, 3 if mode == "splitfed" else 5)
+def test_exits_targets_are_float_and_shaped_like_the_stacked_logits(tmp_path, small_exits):
+    part, h = part_and_example(small_exits, 1, 5)
+
+    training = onnx.load(str(export_ort_training(part, h, tmp_path, mode="exits")["ort.training_model"]))
+
+    targets = next(i for i in training.graph.input if i.name == TARGETS_NAME)
+    dims = [d.dim_param or d.dim_value for d in targets.type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 10]  # (batch, exits, classes)
+    assert targets.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert "LogSoftmax" in {n.op_type for n in training.graph.node}
+
+
+@pytest.mark.parametrize("mode", ["classify", "splitfed", "exits"])
+def test_exporting_twice_gives_the_same_bytes(tmp_path, small_cnn, small_exits, mode):
+    part, h = mode_part(mode, small_cnn, small_exits)
 
     first = export_ort_training(part, h, tmp_path / "a", mode=mode)
     second = export_ort_training(part, h, tmp_path / "b", mode=mode)
