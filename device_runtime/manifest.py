@@ -113,9 +113,10 @@ class Manifest:
     @property
     def engines(self) -> tuple[str, ...]:
         """The engines with files in the bundle, and numpy when what it trains is one linear layer
-        (it needs no files of its own)."""
+        (it needs no files of its own) and no early exits (a lone linear branch is not a head)."""
         with_files = tuple(e for e in ENGINES if any(role.startswith(e + ".") for role in self.files))
-        return with_files + (("numpy",) if linear_layer(self.trainable, self.is_splitfed) else ())
+        numpy = not self.has_exits and linear_layer(self.trainable, self.is_splitfed) is not None
+        return with_files + (("numpy",) if numpy else ())
 
     @property
     def is_splitfed(self) -> bool:

@@ -17,10 +17,12 @@ class Engine(Protocol):
         """The frozen blocks on prepared inputs (float32 NCHW); identity when nothing is frozen."""
 
     def forward(self, h: np.ndarray) -> np.ndarray:
-        """The trainable blocks on features, inference mode: logits, or activations at a SplitFed cut."""
+        """The trainable blocks on features, inference mode: logits, activations at a SplitFed
+        cut, or every held exit's logits (batch, exits, classes) for an early-exit bundle."""
 
     def gradients(self, h: np.ndarray, labels: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Mean cross-entropy loss of a batch and its gradient for every trainable parameter."""
+        """Mean cross-entropy loss of a batch and its gradient for every trainable parameter; for an
+        early-exit bundle, the plan's weighted sum of every held exit's mean cross-entropy."""
 
     def backward_from(self, h: np.ndarray, grad_out: np.ndarray) -> dict[str, np.ndarray]:
         """SplitFed: parameter gradients given the gradient of the loss at the cut (from the edge)."""

@@ -4,7 +4,8 @@
 ``gradients`` run the forward-backward program ``"executorch.train"`` through ExecuTorch's
 ``TrainingModule``; the weights are that program's own parameter tensors, written in place.
 SplitFed is not possible here: the training program starts from a loss, not from a gradient
-at the cut (use the ort engine).
+at the cut (use the ort engine); nor are early-exit bundles, whose multi-exit loss the program
+does not compute.
 
 Host-only in this Python form: ExecuTorch 1.5's Python runtime bindings link libtorch, import
 torch and executorch.exir when loaded (about 6 s and 360 MB), and take and return only torch
@@ -60,6 +61,11 @@ class ExecuTorchEngine:
     name = "executorch"
 
     def __init__(self, bundle: Bundle):
+        if bundle.manifest.has_exits:
+            raise EngineError(
+                f"bundle {bundle.root} holds early exits {list(bundle.manifest.plan.exits)}: the executorch training "
+                "program computes one cross-entropy, not the multi-exit loss; train it with --engine ort"
+            )
         self._rt = _load_runtime()
         self._frozen = self._load(bundle, FROZEN, self._rt.load) if bundle.has(FROZEN) else None
         self._train = self._load(bundle, TRAIN, self._rt.load_for_training)

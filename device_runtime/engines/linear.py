@@ -29,6 +29,11 @@ class NumpyEngine:
 
     def __init__(self, bundle: Bundle):
         manifest = bundle.manifest
+        if manifest.has_exits:
+            raise EngineError(
+                f"bundle {bundle.root} holds early exits {list(manifest.plan.exits)}: their multi-exit loss trains on "
+                "the ort engine only; plan the ort engine for this phone"
+            )
         shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
         layer = linear_layer(manifest.trainable, manifest.is_splitfed)
         if layer is None:

@@ -6,6 +6,11 @@ training artifacts ``ort.training_model``, ``ort.eval_model`` and ``ort.checkpoi
 training step, their gradients; the optimizer step is fedkit's numpy SGD, outside the engine.
 It needs ONNX Runtime's training build (``onnxruntime-training-cpu``, x86-64 only); where only
 the inference build installs (arm64), a phone trains its head with the ``numpy`` engine.
+
+An early-exit bundle (``manifest.has_exits``) is trained by this engine alone: ``forward``
+gives every held exit's logits, (batch, exits, classes), and ``gradients`` the weighted
+multi-exit loss ``sum_e exit_weights[e] * mean CE(exit e)`` (the plan's weights) and its
+gradients, through the training graph's ``targets`` input (``exporters.ort_training``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class OrtEngine:
     def __init__(self, bundle: Bundle):
         manifest = bundle.manifest
         self._splitfed = manifest.is_splitfed
+        self._exits = manifest.has_exits
+        # per exit, its loss weight: the training graph's targets are weight * onehot(label) / batch
+        self._exit_weights = np.asarray(manifest.plan.exit_weights, np.float32)
+        self._num_classes = len(manifest.label_names)
         self._shapes = {t.name: tuple(t.shape) for t in manifest.trainable}
         training_api = load_training_api()
         self._frozen = FrozenPart(bundle.path("frozen.onnx")) if bundle.has("frozen.onnx") else None
@@ -95,13 +104,14 @@ class OrtEngine:
                 "this bundle is SplitFed: its loss is computed on the edge, call backward_from with the edge's gradient"
             )
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        loss = self._train_step(float32(h), labels)
+        loss = self._train_step(float32(h), self._targets(labels) if self._exits else labels)
         return float(loss), self._gradients()
 
     def backward_from(self, h: np.ndarray, grad_out: np.ndarray) -> dict[str, np.ndarray]:
         if not self._splitfed:
             raise EngineError(
-                "this bundle trains the whole model on the phone: call gradients with labels, not backward_from"
+                "this bundle's loss is computed on the phone (it holds the whole model, or stops at an early exit): "
+                "call gradients with labels, not backward_from"
             )
         self._train_step(float32(h), float32(grad_out))
         return self._gradients()
@@ -113,6 +123,16 @@ class OrtEngine:
         check_weights(weights, self._shapes)
         for name, value in weights.items():
             self._state.parameters[name].data = float32(value)
+
+    def _targets(self, labels: np.ndarray) -> np.ndarray:
+        # (batch, exits, classes): -sum(log_softmax(logits) * targets) = sum_e w_e * mean CE(exit e)
+        if labels.ndim != 1 or labels.min(initial=0) < 0 or labels.max(initial=0) >= self._num_classes:
+            raise EngineError(
+                f"labels must be one integer in 0..{self._num_classes - 1} per sample, shape (batch,); "
+                f"got shape {labels.shape} with values in {labels.min(initial=0)}..{labels.max(initial=0)}"
+            )
+        onehot = np.eye(self._num_classes, dtype=np.float32)[labels]
+        return float32(self._exit_weights[None, :, None] * onehot[:, None, :] / np.float32(len(labels)))
 
     def _train_step(self, *inputs: np.ndarray) -> np.ndarray:
         # Gradients accumulate across ORT train steps unless reset: every call starts from zero.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bundle_helpers import edited_copy
 
 from device_runtime.bundle import Bundle
 from device_runtime.engines import open_engine
@@ -66,3 +67,27 @@ def test_every_engine_computes_the_same_numbers(bundle, batch):
         assert other_loss == pytest.approx(loss, rel=1e-5), name
         for k in grads:
             np.testing.assert_allclose(other_grads[k], grads[k], rtol=1e-3, atol=1e-6, err_msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("executorch", r"holds early exits \[5\]: the executorch training program .* --engine ort"),
+        ("numpy", r"holds early exits \[5\]: .*ort engine only"),
+    ],
+)
+def test_only_ort_opens_an_early_exit_bundle(name, message, bundle, tmp_path):
+    # Prepare: the same files, the plan an early-exit one (a lone linear layer then is a branch, no numpy head)
+    from device_runtime.engines.executorch import ExecuTorchEngine
+    from device_runtime.engines.linear import NumpyEngine
+
+    def with_exits(manifest: dict) -> None:
+        manifest["plan"].update(exits=[5], exit_weights=[1.0])
+
+    exits = edited_copy(bundle.root, tmp_path / "exits", edit=with_exits)
+    engine = {"executorch": ExecuTorchEngine, "numpy": NumpyEngine}[name]
+
+    # Execute, Assert
+    assert exits.manifest.has_exits and exits.manifest.engines == ("ort", "executorch")
+    with pytest.raises(EngineError, match=message):
+        engine(exits)

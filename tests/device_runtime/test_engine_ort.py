@@ -1,6 +1,6 @@
 """The ort engine trains as eager PyTorch does: head only, last blocks + head (conv, BatchNorm
-with running statistics, pooling), and SplitFed from the edge's gradient; without torch, in a
-small process."""
+with running statistics, pooling), SplitFed from the edge's gradient, and early exits with the
+weighted multi-exit loss; without torch, in a small process."""
 
 import json
 import subprocess
@@ -21,7 +21,7 @@ from device_runtime.manifest import DevicePlan
 from device_runtime.optim import SGD
 from exporters.bundle import export_bundle
 from toolkit.data import LABEL_NAMES
-from toolkit.models import SplittableModel
+from toolkit.models import SplittableModel, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -232,6 +232,96 @@ def test_a_checkpoint_of_another_part_is_refused(tmp_path, bundles):
 
     with pytest.raises(EngineError, match=r"lacks trainable tensors \['features\.1\.0\.weight'"):
         OrtEngine(bundle)
+
+
+# -- early exits -----------------------------------------------------------------------------------
+
+EXITS = "small_cnn+exits:1,2"
+
+
+@pytest.fixture(scope="module")
+def exit_model():
+    torch.manual_seed(0)
+    return load_model(EXITS)
+
+
+@pytest.fixture(scope="module")
+def exit_bundles(tmp_path_factory, exit_model):
+    """ort bundles of small_cnn+exits:1,2 stopping at exit ``cut``, training [train_from, cut) and
+    every held branch, with the loss weights ``weights``, by (train_from, cut, weights)."""
+    made = {}
+
+    def get(train_from: int, cut: int, weights: tuple[float, ...]) -> Bundle:
+        if (train_from, cut, weights) not in made:
+            out = tmp_path_factory.mktemp("exit_bundle") / "b"
+            plan = DevicePlan(cut=cut, train_from=train_from, exits=exit_model.held_exits(cut), exit_weights=weights)
+            export_bundle(exit_model, plan, out, ("ort",), label_names=LABEL_NAMES)
+            made[train_from, cut, weights] = Bundle.load(out)
+        return made[train_from, cut, weights]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "train_from, cut, weights",
+    [
+        pytest.param(2, 5, (1.0, 1.0, 1.0), id="final-exit-default-weights"),
+        pytest.param(4, 5, (0.25, 0.0, 2.0), id="final-exit-classifier-and-branches-other-weights"),
+        pytest.param(0, 2, (3.0, 0.5), id="early-exit-everything-trains"),
+        pytest.param(2, 2, (1.0, 1.0), id="early-exit-branches-only"),
+    ],
+)
+def test_exit_loss_and_gradients_are_the_weighted_multi_exit_cross_entropy(
+    exit_bundles, exit_model, train_from, cut, weights
+):
+    # Prepare
+    engine = OrtEngine(exit_bundles(train_from, cut, weights))
+    x, labels = batch(exit_model, seed=3)
+    part = exit_model.trainable_part(train_from, cut)
+    params = dict(part.named_parameters())
+
+    # Execute
+    h = engine.features(x)
+    loss, grads = engine.gradients(h, labels.numpy())
+
+    # Assert: sum_e w_e * mean CE(exit e), and PyTorch's gradients of it for every held branch and block
+    with torch.no_grad():  # the frozen rows (the images themselves when nothing is frozen)
+        rows = exit_model.frozen_part(train_from)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(h.reshape(len(h), -1), rows, rtol=1e-5, atol=1e-5)
+    logits = part(torch.from_numpy(h))
+    expected = sum(w * F.cross_entropy(logits[:, e], labels) for e, w in enumerate(weights))
+    np.testing.assert_allclose(engine.forward(h), logits.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, expected.item(), rtol=1e-5)
+    assert grads.keys() == params.keys() and {n.split(".")[1] for n in grads if n.startswith("exits.")} == {
+        str(p) for p in exit_model.held_exits(cut) if p < 5
+    }
+    expected_grads = torch.autograd.grad(expected, list(params.values()), allow_unused=True)
+    for (name, p), g in zip(params.items(), expected_grads, strict=True):
+        g = torch.zeros_like(p) if g is None else g  # an exit of weight 0 gets no gradient at all
+        scale = max(float(g.abs().max()), 1e-3)
+        np.testing.assert_allclose(grads[name], g.numpy(), rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+def test_exit_forward_gives_every_held_exit_and_uses_the_current_weights(exit_bundles, exit_model):
+    engine = OrtEngine(exit_bundles(2, 5, (1.0, 1.0, 1.0)))
+    h = engine.features(batch(exit_model)[0])
+    weights = engine.get_weights()
+
+    engine.set_weights({**weights, "exits.2.4.weight": 0 * weights["exits.2.4.weight"]})
+    logits = engine.forward(h)
+
+    assert logits.shape == (BATCH, 3, 10)
+    np.testing.assert_allclose(logits[:, 1], np.broadcast_to(weights["exits.2.4.bias"], (BATCH, 10)), atol=1e-6)
+
+
+def test_exit_bundles_refuse_backward_from_and_labels_outside_the_classes(exit_bundles, exit_model):
+    engine = OrtEngine(exit_bundles(2, 5, (1.0, 1.0, 1.0)))
+    h = engine.features(batch(exit_model)[0])
+
+    with pytest.raises(EngineError, match="call gradients with labels"):
+        engine.backward_from(h, np.zeros((BATCH, 3, 10), np.float32))
+    with pytest.raises(EngineError, match=r"labels must be one integer in 0\.\.9 per sample"):
+        engine.gradients(h, np.full(BATCH, 10))
 
 
 # Runs in a child process, as a phone would: optionally with torch made unimportable, then one
