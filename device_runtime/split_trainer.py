@@ -125,7 +125,8 @@ class SplitTrainer(RoundTrainer):
         manifest = bundle.manifest
         if not manifest.is_splitfed:
             raise BundleError(
-                f"bundle {bundle.root} holds the whole model (no cut before the last block): train it with LocalTrainer"
+                f"bundle {bundle.root} has no edge part (it holds the whole model, or stops at an early exit): "
+                "train it with LocalTrainer"
             )
         if encoding not in ENCODINGS:
             raise CodecError(f"activation encoding {encoding!r} is unknown: use one of {', '.join(ENCODINGS)}")

@@ -5,6 +5,10 @@ work folder, keyed by the bundle hash and the shard digest, so every later round
 trainable part only. What a round starts from, how it is shuffled and encoded, and how it is
 checkpointed and resumed is ``device_runtime.local_round``'s, shared with SplitTrainer.
 
+An early-exit bundle trains the same way, its engine's loss being the weighted multi-exit one
+(``train_loss`` is that sum); the local evaluation on the held-out slice reports the loss and
+accuracy of the phone's deepest exit, the one it answers with when it runs the whole way.
+
 Checkpoints: every ``checkpoint_every`` steps, at the end of the round, and once more with the
 encoded update and its idempotency key before it is handed out for pushing. A killed trainer
 resumes at the last checkpoint and ends with the same weights, bit for bit.
@@ -45,8 +49,9 @@ class RoundResult:
     update: dict[str, np.ndarray]  # new weights − base weights
     num_samples: int  # training samples (the held-out slice excluded)
     steps: int
-    train_loss: float  # mean cross-entropy over the round's batches, per sample
-    eval_loss: float | None  # on the held-out slice after training; None when nothing is held out
+    train_loss: float  # mean cross-entropy over the round's batches, per sample (exits: the weighted sum)
+    # on the held-out slice after training (an exit bundle: its deepest exit); None when nothing is held out
+    eval_loss: float | None
     eval_accuracy: float | None
     feature_seconds: float  # frozen-part features: computed, or read from the cache
     train_seconds: float  # the optimisation steps, summed over restarts
@@ -130,6 +135,8 @@ class LocalTrainer(RoundTrainer):
                 for i in range(0, len(self.eval_index), FEATURE_BATCH)
             ]
         ).astype(np.float64)
+        if self.bundle.manifest.has_exits:  # (batch, exits, classes): the deepest exit's
+            logits = logits[:, -1]
         y = self.labels[self.eval_index]
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))

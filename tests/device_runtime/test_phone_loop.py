@@ -6,6 +6,7 @@ import json
 import re
 from itertools import pairwise
 
+import numpy as np
 import pytest
 
 from android_harness.deploy import LocalTarget
@@ -115,3 +116,35 @@ def test_a_bundle_the_run_does_not_fit_fails_with_the_reason_after_backing_off(
     assert [e["failures"] for e in errors] == [1, 2, 3, 4, 5]
     gaps = [b["t"] - a["t"] for a, b in pairwise(errors)]
     assert all(g >= 0.05 * 2 ** (i + 1) * 0.9 for i, g in enumerate(gaps)), gaps
+
+
+def test_an_early_exit_phone_trains_and_pushes_every_round(serve_run, fashion_train, tmp_path):
+    # Prepare: a bundle stopping at small_cnn+exits:1,2's exit after block 1, training both branches and block 1
+    from device_runtime.codec import decode
+    from device_runtime.manifest import DevicePlan
+    from exporters.bundle import export_bundle
+    from toolkit.data import LABEL_NAMES
+    from toolkit.models import load_model
+
+    out = tmp_path / "exit-bundle"
+    plan = DevicePlan(cut=2, train_from=1, batch_size=16, exits=(1, 2), exit_weights=(1.0, 1.0))
+    export_bundle(load_model("small_cnn+exits:1,2"), plan, out, ("ort",), label_names=LABEL_NAMES)
+    server = serve_run(out)
+    phone = _deployed_phone(server, out, fashion_train, tmp_path)
+
+    # Execute
+    pushed = PhoneLoop(phone, max_wait_s=0.2).run()
+
+    # Assert: both rounds pushed, each an update of the branches and the block the bundle trains
+    _, coordinator = server
+    assert pushed == 2 and coordinator.store.get_meta("done") == "1"
+    events = [json.loads(line) for line in (phone / "events.jsonl").read_text().splitlines()]
+    trains = [e for e in events if e["event"] == "train"]
+    assert len(trains) == 2 and all(0 <= e["accuracy"] <= 1 for e in trains)
+    latest_version = coordinator.store.latest_version()
+    assert latest_version is not None and latest_version.version == 2
+    latest = decode(coordinator.store.version_blob(latest_version.version)).tensors
+    initial = decode((out / "weights.bin").read_bytes()).tensors
+    assert set(initial) == {t.name for t in Bundle.load(out).manifest.trainable} == set(latest)
+    assert {n.rsplit(".", 2)[0] for n in initial if n.startswith("exits.")} == {"exits.1", "exits.2"}
+    assert all(not np.array_equal(latest[n], initial[n]) for n in initial)

@@ -38,6 +38,17 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def exit_bundle(tmp_path_factory):
+    # small_cnn with exits after blocks 0 and 1, stopping at the final one: the last conv block,
+    # pool, the classifier and both branches (on the frozen blocks' taps) train
+    out = tmp_path_factory.mktemp("exit_bundle") / "b"
+    model = load_model("small_cnn+exits:1,2")
+    plan = DevicePlan(cut=5, train_from=2, batch_size=16, exits=(1, 2, 5), exit_weights=(1.0, 1.0, 1.0))
+    export_bundle(model, plan, out, ("ort",), label_names=LABEL_NAMES)
+    return Bundle.load(out)
+
+
+@pytest.fixture(scope="module")
 def shard(tmp_path_factory, fashion_train):
     return write_shard(
         tmp_path_factory.mktemp("shard") / "shard.npz", fashion_train.images[:240], fashion_train.labels[:240]
@@ -100,6 +111,36 @@ def test_rounds_lower_the_loss(bundle, shard, tmp_path):
 
     assert losses[2] < losses[0]
     assert result.eval_accuracy is None and result.num_samples == 240
+
+
+def test_rounds_on_an_exit_bundle_lower_the_multi_exit_loss_and_update_every_branch(exit_bundle, shard, tmp_path):
+    # Prepare
+    weights = base_weights(exit_bundle)
+    t = trainer(exit_bundle, shard, tmp_path, holdout_fraction=0.25)
+    losses, updates = [], []
+
+    # Execute
+    for r in range(3):
+        task = Task(round=r, base_version=r, lr=0.05, local_epochs=1, batch_size=16, encoding="fp32", seed=0)
+        result = t.run_round(task, weights)
+        weights = {k: weights[k] + result.update[k] for k in weights}
+        losses.append(result.train_loss)
+        updates.append(result.update)
+
+    # Assert: the loss falls; every tensor, each branch's among them, moves; the local evaluation is the deepest exit's
+    assert losses[2] < losses[0]
+    branches = {t.name for t in exit_bundle.manifest.trainable if t.name.startswith("exits.")}
+    assert {n.split(".")[1] for n in branches} == {"1", "2"} and branches <= updates[0].keys()
+    assert all(np.abs(u[n]).max() > 0 for u in updates for n in u)
+    engine = open_engine(exit_bundle)
+    engine.set_weights(weights)
+    logits = engine.forward(t.features()[t.eval_index]).astype(np.float64)
+    assert logits.shape == (60, 3, 10)
+    final, y = logits[:, -1], t.labels[t.eval_index]
+    log_p = final - final.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    assert result.eval_loss == pytest.approx(-log_p[np.arange(60), y].mean(), rel=1e-5)
+    assert result.eval_accuracy == pytest.approx((final.argmax(axis=1) == y).mean())
 
 
 def test_training_is_reproducible_and_seeded_per_device_and_round(bundle, shard, tmp_path):
@@ -366,8 +407,10 @@ def test_cli_fails_with_one_line(bundle, tmp_path):
 STEPS = 2 * 90  # the killed run: 800 images, 10% held out, batch 8, 2 epochs
 
 
-def test_a_killed_trainer_resumes_to_the_same_weights(bundle, tmp_path, fashion_train, wait_for_checkpoint):
+@pytest.mark.parametrize("kind", ["whole-model", "early-exit"])
+def test_a_killed_trainer_resumes_to_the_same_weights(request, kind, tmp_path, fashion_train, wait_for_checkpoint):
     # Prepare: one run uninterrupted, for reference; a checkpoint every 7 steps
+    bundle = request.getfixturevalue("bundle" if kind == "whole-model" else "exit_bundle")
     shard = write_shard(tmp_path / "shard.npz", fashion_train.images[:800], fashion_train.labels[:800])
     out = tmp_path / "update.bin"
 
