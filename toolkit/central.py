@@ -39,9 +39,10 @@ def cache_dir() -> Path:
 
 
 def _part_hash(model: SplittableModel, stop_block: int) -> str:
-    # Only blocks [0, stop_block) shape the features: a retrained head must not void the cache.
+    # Only the frozen part shapes the features: a retrained head must not void the cache. The
+    # model id goes in too: an exit model's rows hold its taps, so its exits change them.
     h = hashlib.sha256(model.model_id.encode())
-    for name, tensor in sorted(model.part(0, stop_block).state_dict().items()):
+    for name, tensor in sorted(model.frozen_part(stop_block).state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -69,9 +70,10 @@ def features(
     batch_size: int = 256,
     use_cache: bool = True,
 ) -> np.ndarray:
-    """float32 outputs of blocks [0, stop_block) for uint8 ``images`` (N, H, W), in eval mode,
-    read from the cache when they were computed before (``use_cache=False`` neither reads nor
-    writes it)."""
+    """float32 outputs of ``model.frozen_part(stop_block)`` for uint8 ``images`` (N, H, W), in
+    eval mode: blocks [0, stop_block)'s activations, or an exit model's flat rows (its taps, then
+    the activation). Read from the cache when they were computed before (``use_cache=False``
+    neither reads nor writes it)."""
     if len(images) == 0:
         raise DataError("no images to compute features of: pass at least one image")
     path = feature_cache_path(model, images, stop_block, spec)
@@ -89,7 +91,7 @@ def features(
 
 
 def _compute(model: SplittableModel, images: np.ndarray, stop_block: int, spec: InputSpec, batch_size: int):
-    part = model.part(0, stop_block)
+    part = model.frozen_part(stop_block)
     modes = [(m, m.training) for m in part.modules()]
     part.eval()
     out = None

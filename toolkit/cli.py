@@ -393,7 +393,8 @@ def status(
     ] = None,
 ) -> None:
     """Show a run: stage, round, reports, accuracy, traffic, the last rounds, and per phone its
-    rounds, seconds and bytes (beside the plan's prediction with --plan)."""
+    rounds, seconds and bytes (beside the plan's prediction with --plan). An exit model's run also
+    shows its best exit-point model: accuracy per exit and total loss."""
     from rich.table import Table
 
     from toolkit.aggregator.status import against_plan, read_status
@@ -413,7 +414,20 @@ def status(
     summary.add_row("accuracy", "–" if s.accuracy is None else f"{s.accuracy:.2%}")
     summary.add_row("devices enrolled", str(s.devices))
     summary.add_row("updates accepted", f"{s.updates_accepted:,} ({_size(s.bytes_received)})")
+    if s.best is not None:
+        summary.add_row("versions evaluated per exit", str(s.best.evaluated))
+        summary.add_row(
+            "best exit-point model",
+            f"version {s.best.version}: {s.best.mean_accuracy:.2%} mean over exits, loss {s.best.loss:.4f}",
+        )
     console.print(summary)
+    if s.best is not None:
+        exits = Table(title="best model, per exit")
+        for column in ("exit", "accuracy", "loss"):
+            exits.add_column(column, justify="right")
+        for e in s.best.exits:
+            exits.add_row(str(e.position), f"{e.accuracy:.2%}", f"{e.loss:.4f}")
+        console.print(exits)
     rounds = Table(title="last rounds")
     for column in ("round", "stage", "from version", "state", "assigned", "reports", "version", "accuracy"):
         rounds.add_column(column, justify="left" if column in ("stage", "state") else "right")
@@ -489,6 +503,10 @@ def export_global(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model zoo name. Default: the run config's 'model'.")] = None,
     version: Annotated[int | None, typer.Option(min=0, help="Model version. Default: the latest.")] = None,
+    best: Annotated[
+        bool,
+        typer.Option("--best", help="Export an exit model's best exit-point version (fedkit status shows it)."),
+    ] = False,
     test_images: Annotated[
         int,
         typer.Option(min=0, max=10000, help="Evaluate on the first N Fashion-MNIST test images (0: do not evaluate)."),
@@ -507,6 +525,12 @@ def export_global(
     from toolkit.aggregator.admin import global_tensors, merged_state_dict, model_accuracy
     from toolkit.models import load_model
 
+    if best:
+        from toolkit.aggregator.admin import best_version
+
+        if version is not None:
+            raise FedkitError("--best and --version both choose the version: pass one of them")
+        version = best_version(db)
     name, tensors = global_tensors(db, model, version)  # read and decoded once, the model loaded once
     splittable = load_model(name)
     exit_model = _exit_model(splittable, early_exit) if early_exit is not None else None

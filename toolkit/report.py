@@ -6,6 +6,12 @@ class; a timeline per phone (train, upload, download, wait, offline, killed); an
 table. Per round: the slowest phone's own compute and, SplitFed, the edge's compute and the
 activation and gradient bytes. Everything is read from ``summary.json``, ``metrics.jsonl``, ``plan.json``,
 ``faults.jsonl`` and ``phones/*/events.jsonl``.
+
+An exit model's run adds an "Exits" section: accuracy per exit per round, each phone's exit, the
+best exit-point version the aggregator kept (the patent's S5.5), and the accuracy-vs-compute
+curve of early-exit inference over confidence thresholds (``device_runtime.early_exit``'s
+``early_exit_curve``, on the final global model's test logits in ``exit_logits.npz``) beside
+the final exit alone.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
 
-from toolkit.simulation.summary import RunSummary
+from toolkit.simulation.summary import ExitLogits, RunSummary
 
 SPAN_COLOURS = {
     "train": "tab:blue",
@@ -43,13 +49,20 @@ def load_run(run_dir: Path) -> dict:
     summary = RunSummary.load(run_dir).model_dump()
     events = {p.parent.name: _jsonl(p) for p in sorted((run_dir / "phones").glob("*/events.jsonl"))}
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else None
+    logits = ExitLogits.load(run_dir)
     return {
         "summary": summary,
         "metrics": _jsonl(run_dir / "metrics.jsonl"),
         "events": events,
         "plan": plan,
         "faults": _jsonl(run_dir / "faults.jsonl"),
+        "exit_logits": logits,
+        "early_exit": early_exit_points(logits) if logits is not None else None,
     }
+
+
+def is_exit_run(run: dict) -> bool:
+    return run["early_exit"] is not None or any("exit_accuracy" in m for m in run["metrics"])
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -61,6 +74,10 @@ def build_report(run_dir: str | Path) -> Path:
     plot_accuracy(run, out / "accuracy.png")
     plot_bytes(run, out / "bytes.png")
     plot_timeline(run, out / "timeline.png")
+    if is_exit_run(run):
+        plot_exit_accuracy(run, out / "exit_accuracy.png")
+        if run["early_exit"] is not None:
+            plot_early_exit(run["early_exit"], out / "early_exit.png")
     page = out / "index.html"
     page.write_text(render_html(run))
     return page
@@ -80,6 +97,71 @@ def plot_accuracy(run: dict, path: Path) -> None:
     ax.set_title(f"{run['summary']['name']}: accuracy on {run['summary'].get('test_images', 'the')} test images")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def exit_accuracy(run: dict) -> dict[int, list[tuple[int, float]]]:
+    """Per exit position: (model version, test accuracy) of every version evaluated per exit."""
+    out: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for m in run["metrics"]:
+        for position, accuracy in m.get("exit_accuracy", {}).items():
+            out[int(position)].append((m["version"], accuracy))
+    return dict(sorted(out.items()))
+
+
+def plot_exit_accuracy(run: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    per_exit = exit_accuracy(run)
+    final = max(per_exit, default=None)
+    for position, points in per_exit.items():
+        label = f"exit {position}" + (" (final)" if position == final else "")
+        ax.plot([v for v, _ in points], [100 * a for _, a in points], marker="o", markersize=3, label=label)
+    best = run["summary"].get("best_exit")
+    if best:
+        ax.axvline(best["version"], color="grey", linestyle=":", label=f"best exit-point model (v{best['version']})")
+    ax.set_xlabel("round (model version; 0 = initial)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy per exit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def early_exit_points(logits: ExitLogits) -> dict[str, list]:
+    """Per criterion (and "final exit alone"): the early-exit curve's points over the default
+    thresholds, from the final global model's test logits."""
+    from device_runtime.early_exit import CRITERIA, early_exit_curve, final_exit_alone
+
+    curves: dict[str, list] = {
+        criterion: early_exit_curve(logits.logits, logits.labels, logits.flops, criterion=criterion)
+        for criterion in CRITERIA
+    }
+    curves["final exit alone"] = [final_exit_alone(logits.logits, logits.labels, logits.alone_flops)]
+    return curves
+
+
+def plot_early_exit(curves: dict[str, list], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for criterion, points in curves.items():
+        if criterion == "final exit alone":
+            (alone,) = points
+            ax.plot(alone.mean_mflops, 100 * alone.accuracy, "r*", markersize=14, label=criterion)
+            continue
+        ax.plot(
+            [p.mean_mflops for p in points],
+            [100 * p.accuracy for p in points],
+            marker="o",
+            label=f"early exit: {criterion}",
+        )
+    ax.set_xlabel("mean forward MFLOPs per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("early-exit inference over confidence thresholds (final global model)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -163,6 +245,8 @@ def _pct(x) -> str:
 
 
 def _mode(s: dict) -> str:
+    if "+exits" in s["model"]:
+        return "early exits: each phone holds the blocks and branches up to its exit and trains them"
     if s.get("mode") == "splitfed":
         return "SplitFed: each phone's cut from the planner, the edge trains the blocks past it"
     return "classifier only" if s["depth"] == "head" else "head, then the planner depth per phone"
@@ -180,6 +264,86 @@ def _kib(n) -> str:
 
 def _pair(measured, predicted, show) -> str:
     return f"{'–' if measured is None else show(measured)} / {'–' if predicted is None else show(predicted)}"
+
+
+def _exit_section(run: dict) -> str:
+    """The "Exits" section of an exit model's run ("" for any other run)."""
+    if not is_exit_run(run):
+        return ""
+    s = run["summary"]
+    plans = {p["profile"]: p.get("plan") or {} for p in (run["plan"] or {}).get("phones", [])}
+    phones = []
+    for p in s["phones"]:
+        plan = plans.get(p["phone_class"], {})
+        held = ", ".join(map(str, plan.get("exits", []))) or "–"
+        phones.append([p["device_id"], p["phone_class"], plan.get("cut", "–"), held, plan.get("train_from", "–")])
+    per_exit = exit_accuracy(run)
+    versions = sorted({v for points in per_exit.values() for v, _ in points})
+    by_exit = {position: dict(points) for position, points in per_exit.items()}
+    rounds = [[v] + [_pct(by_exit[position].get(v)) for position in per_exit] for v in versions]
+    best = s.get("best_exit")
+    if best:
+        best_html = (
+            f"<p>Version {best['version']} (round {best['round'] if best['round'] is not None else '–'}) of "
+            f"{best['evaluated']} evaluated per exit: mean exit accuracy {_pct(best['mean_accuracy'])}, total loss "
+            f"{best['loss']:.4f}. The rule: the highest mean accuracy over the exits; among the versions within "
+            "0.1 point of it, the lowest total loss (toolkit/aggregator/best.py).</p>"
+            + _table(
+                ["exit", "accuracy", "loss (mean cross-entropy)"],
+                [[e["position"], _pct(e["accuracy"]), f"{e['loss']:.4f}"] for e in best["exits"]],
+            )
+        )
+    else:
+        best_html = "<p>no version was evaluated per exit at the aggregator</p>"
+    curve_html = "<p>no test logits of the final model (exit_logits.npz) in the run folder</p>"
+    if run["early_exit"] is not None:
+        (alone,) = run["early_exit"]["final exit alone"]
+        rows = [["final exit alone", "–", _pct(alone.accuracy), f"{alone.mean_mflops:.2f}", "–", "–", "–"]]
+        for criterion, points in run["early_exit"].items():
+            if criterion == "final exit alone":
+                continue
+            rows += [
+                [
+                    criterion,
+                    f"{p.threshold:g}",
+                    _pct(p.accuracy),
+                    f"{p.mean_mflops:.2f}",
+                    f"{100 * (p.accuracy - alone.accuracy):+.2f}",
+                    f"{100 * (p.mean_mflops / alone.mean_mflops - 1):+.1f} %",
+                    " / ".join(f"{100 * share:.0f}" for share in p.exit_shares),
+                ]
+                for p in points
+            ]
+        curve_html = _table(
+            [
+                "criterion",
+                "threshold",
+                "accuracy",
+                "mean MFLOPs / image",
+                "accuracy vs final exit alone (points)",
+                "MFLOPs vs final exit alone",
+                "% of images leaving at each exit",
+            ],
+            rows,
+        )
+    exits = list(per_exit)
+    version = run["exit_logits"].version if run["exit_logits"] is not None else "–"
+    return f"""<h2>Exits</h2>
+<p>Exits at positions {", ".join(map(str, exits)) or "–"} (position p: after block p − 1; the last is the model's
+own classifier). Accuracy is each exit's on the test images; the global model's accuracy above is its final exit's.</p>
+<img src="exit_accuracy.png" alt="accuracy per exit per round">
+{_table(["version"] + [f"exit {p}" for p in exits], rounds)}
+<h3>Each phone's exit</h3>
+{_table(["phone", "class", "exit (cut)", "exits held", "train_from"], phones)}
+<h3>Best exit-point model</h3>
+{best_html}
+<h3>Early-exit inference: accuracy against compute</h3>
+<p>The final global model (version {version}): an image leaves at the first exit whose confidence passes the
+threshold (max softmax at least it, or softmax entropy at most it, in nats), the last exit taking the rest; its
+cost is the blocks and branches it ran. The star is the final exit alone (the plain model's forward, no branch).</p>
+{'<img src="early_exit.png" alt="accuracy against MFLOPs">' if run["early_exit"] is not None else ""}
+{curve_html}
+"""
 
 
 def render_html(run: dict) -> str:
@@ -287,6 +451,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:90%}} img
             rounds,
         )
     }
+{_exit_section(run)}
 <h2>Uplink bytes per round by phone class</h2><img src="bytes.png" alt="bytes per round">
 <h2>Per-phone timeline</h2><img src="timeline.png" alt="timeline">
 <h2>Phones</h2>

@@ -66,6 +66,22 @@ def test_cache_key_follows_everything_that_changes_the_features(cache, small_cnn
     assert feature_cache_path(other, images, stop_block=3) == base
 
 
+def test_an_exit_models_features_are_its_frozen_parts_rows_cached_apart(cache, fashion_test):
+    images = fashion_test.images[:50]
+    model = load_model("small_cnn+exits:1,2")
+
+    got = features(model, images, stop_block=3)
+
+    with torch.no_grad():
+        expected = model.frozen_part(3)(torch.from_numpy(transform(images))).numpy()
+    assert got.shape == (50, 8 * 16 * 16 + 16 * 8 * 8 + 32 * 4 * 4)  # the taps at 1 and 2, then the activation
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # the same backbone, other exits: other rows, so another cache entry
+    plain, other = load_model("small_cnn"), load_model("small_cnn+exits:2")
+    paths = {feature_cache_path(m, images, stop_block=3) for m in (model, plain, other)}
+    assert len(paths) == 3
+
+
 def test_unreadable_cache_file_is_recomputed(cache, small_cnn, fashion_test):
     images = fashion_test.images[:20]
     expected = features(small_cnn, images, stop_block=4, use_cache=False)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from toolkit.aggregator.status import BestExitModel, ExitStatus
 from toolkit.cli import app
 from toolkit.errors import FedkitError
-from toolkit.report import build_report, bytes_by_round, load_run, spans
-from toolkit.simulation.summary import PhoneSummary, Reference, RunSummary
+from toolkit.report import build_report, bytes_by_round, exit_accuracy, load_run, spans
+from toolkit.simulation.summary import ExitLogits, PhoneSummary, Reference, RunSummary
 
 
 @pytest.fixture
@@ -154,3 +156,91 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
         build_report(tmp_path)
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 1
+
+
+@pytest.fixture
+def exit_run_dir(run_dir):
+    """run_dir as a small_cnn+exits:1,2 run: metrics per exit, the plan's exits, the aggregator's
+    best exit-point model and the final model's test logits."""
+    summary = RunSummary.load(run_dir)
+    best = BestExitModel(
+        version=1,
+        round=1,
+        mean_accuracy=0.3,
+        loss=6.5,
+        exits=[ExitStatus(position=p, accuracy=a, loss=2.0) for p, a in ((1, 0.2), (2, 0.3), (5, 0.4))],
+        evaluated=3,
+    )
+    summary.model_copy(update={"model": "small_cnn+exits:1,2", "best_exit": best}).save(run_dir)
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "version": v,
+                    "round": v or None,
+                    "accuracy": final,
+                    "updates": 1,
+                    "exit_accuracy": {"1": early, "2": middle, "5": final},
+                    "exit_loss": {"1": 2.0, "2": 2.0, "5": 2.0},
+                    "loss": 6.0,
+                }
+            )
+            + "\n"
+            for v, early, middle, final in ((0, 0.1, 0.1, 0.1), (1, 0.2, 0.3, 0.4), (2, 0.25, 0.29, 0.38))
+        )
+    )
+    plan = {"profile": "fast", "reason": "r", "plan": {"cut": 5, "train_from": 2, "exits": [1, 2, 5]}}
+    weak = {"profile": "slow", "reason": "r", "plan": {"cut": 2, "train_from": 2, "exits": [1, 2]}}
+    (run_dir / "plan.json").write_text(json.dumps({"phones": [plan, weak]}))
+    # 4 images: exit 1 is sure and right on images 0-1, exit 2 sure and right on image 2, the
+    # final exit right on all but image 3
+    labels = np.array([0, 1, 2, 3])
+    logits = np.zeros((4, 3, 10), np.float32)
+    logits[[0, 1], 0, [0, 1]] = 20.0
+    logits[2, 1, 2] = 20.0
+    logits[np.arange(4), 2, [0, 1, 2, 4]] = 1.0
+    ExitLogits(2, np.array([1, 2, 5]), np.array([10_000_000, 30_000_000, 60_000_000]), 50_000_000, logits, labels).save(
+        run_dir
+    )
+    return run_dir
+
+
+def test_an_exit_runs_report_has_the_exit_sections(exit_run_dir):
+    page = build_report(exit_run_dir)
+    text = page.read_text()
+    for name in ("exit_accuracy.png", "early_exit.png"):
+        assert (exit_run_dir / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert name in text
+    assert "<h2>Exits</h2>" in text and "Exits at positions 1, 2, 5" in text
+    # accuracy per exit per round: version 1's row
+    assert "<tr><td>1</td><td>20.00 %</td><td>30.00 %</td><td>40.00 %</td></tr>" in text
+    # each phone's exit, with its class, held exits and train_from
+    assert "<tr><td>phone-1</td><td>fast</td><td>5</td><td>1, 2, 5</td><td>2</td></tr>" in text
+    assert "<tr><td>phone-2</td><td>slow</td><td>2</td><td>1, 2</td><td>2</td></tr>" in text
+    # the best exit-point model
+    assert "Version 1 (round 1) of 3 evaluated per exit: mean exit accuracy 30.00 %, total loss 6.5000" in text
+    # the curve: the final exit alone (3 of 4 right at 50 MFLOPs), and at max softmax 0.9 images 0-2 leave
+    # early (at 10, 10, 30 MFLOPs), image 3 at the final exit (60): 3 of 4 right, 27.5 MFLOPs, 45 % fewer
+    assert "<tr><td>final exit alone</td><td>–</td><td>75.00 %</td><td>50.00</td>" in text
+    assert "<tr><td>max_softmax</td><td>0.9</td><td>75.00 %</td><td>27.50</td><td>+0.00</td><td>-45.0 %</td>" in text
+    assert "<td>50 / 25 / 25</td>" in text  # the share of images leaving at each exit
+
+
+def test_the_early_exit_curve_is_early_exit_curves(exit_run_dir):
+    from device_runtime.early_exit import early_exit_curve
+
+    run = load_run(exit_run_dir)
+    logits = run["exit_logits"]
+    assert run["early_exit"]["entropy"] == early_exit_curve(logits.logits, logits.labels, logits.flops, None, "entropy")
+    (alone,) = run["early_exit"]["final exit alone"]
+    assert (alone.threshold, alone.accuracy, alone.mean_mflops) == (None, 0.75, 50.0)
+    assert exit_accuracy(run) == {
+        1: [(0, 0.1), (1, 0.2), (2, 0.25)],
+        2: [(0, 0.1), (1, 0.3), (2, 0.29)],
+        5: [(0, 0.1), (1, 0.4), (2, 0.38)],
+    }
+
+
+def test_a_run_without_exits_has_no_exit_section(run_dir):
+    text = build_report(run_dir).read_text()
+    assert "Exits" not in text and not (run_dir / "report" / "exit_accuracy.png").exists()

@@ -82,6 +82,19 @@ def global_tensors(db: str | Path, model: str | None = None, version: int | None
     return model, tensors
 
 
+def best_version(db: str | Path) -> int:
+    """The run's best exit-point model version (``toolkit.aggregator.best``)."""
+    from toolkit.aggregator.status import read_status
+
+    best = read_status(db).best
+    if best is None:
+        raise StoreError(
+            f"no model version in {db} has figures per exit: --best needs an exit model's run whose evaluator "
+            "posted them (fedkit simulate's does); pass --version instead"
+        )
+    return best.version
+
+
 def _open(db: str | Path) -> Store:
     if not Path(db).is_file():
         raise StoreError(f"no aggregator database at {db}; pass the --db that fedkit serve uses")

@@ -31,8 +31,9 @@ from device_runtime.codec import Update, UpdateHeader, decode, encode
 from device_runtime.errors import CodecError
 from toolkit.aggregator import schedule
 from toolkit.aggregator.aggregation import Contribution, aggregate, l2_norm
+from toolkit.aggregator.best import best_exit_model
 from toolkit.aggregator.config import RunConfig, config_json
-from toolkit.aggregator.store import RoundRow, Store, VersionRow
+from toolkit.aggregator.store import ExitScore, RoundRow, Store, VersionRow
 from toolkit.errors import ConfigError, InternalError, StoreError
 
 log = logging.getLogger("fedkit.aggregator")
@@ -296,12 +297,26 @@ class Coordinator:
         return ""
 
     # -- evaluations ------------------------------------------------------------------------
-    def record_evaluation(self, version: int, accuracy: float, source: str = "evaluator") -> bool:
-        """Records an evaluator's accuracy for a model version; False if there is no such version."""
+    def record_evaluation(
+        self,
+        version: int,
+        accuracy: float,
+        source: str = "evaluator",
+        loss: float | None = None,
+        exits: tuple[ExitScore, ...] = (),
+    ) -> bool:
+        """Records an evaluator's accuracy for a model version (an exit model's: its final exit's)
+        and, for an exit model, its total loss and figures per exit; False if there is no such
+        version. The best exit-point model (``toolkit.aggregator.best``) is chosen again from the
+        stored evaluations, so it is logged when this one becomes it."""
         if self.store.get_version(version) is None:
             return False
-        self.store.add_evaluation(version, source, accuracy, self.clock())
-        log_event("evaluation", version=version, accuracy=accuracy, source=source)
+        with self.store.transaction():
+            self.store.add_evaluation(version, source, accuracy, self.clock(), loss, exits)
+            best = best_exit_model(self.store.exit_evaluations()) if exits else None
+        log_event("evaluation", version=version, accuracy=accuracy, source=source, loss=loss)
+        if best is not None and best.version == version:
+            log_event("best_exit_model", version=version, mean_accuracy=best.mean_accuracy, loss=best.loss)
         return True
 
     # -- closing rounds ---------------------------------------------------------------------

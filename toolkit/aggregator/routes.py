@@ -11,7 +11,7 @@ through Depends; ``toolkit.aggregator.app`` assembles them.
 |                      |                 | 304 if If-None-Match has that ETag; 404 unknown version |
 | POST /v1/updates     | device          | 200 accepted / duplicate; 409 stale, or restart |
 |                      |                 | (SplitFed: the edge lost its part); 400, 403, 422 rejected; 413 too large |
-| POST /v1/evaluations | admin           | 200 {"status": "recorded"}; 404 unknown version |
+| POST /v1/evaluations | admin           | 200 {"status": "recorded"}; 404 unknown version; 422 invalid |
 | GET  /v1/status      | admin           | 200 the run's status |
 | /v1/splitfed/...     |                 | with a SplitFed edge only: toolkit/splitfed/routes.py |
 | GET/POST /probe/echo | none            | `fedkit profile --aggregator`'s link probe: toolkit/aggregator/probe.py |
@@ -25,17 +25,18 @@ Authentication, principals, rate limits and body reading: ``toolkit.aggregator.a
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Self
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from toolkit import __version__
 from toolkit.aggregator.auth import CoordinatorDep, Principal, admin, bearer, device, principal, read_body
 from toolkit.aggregator.coordinator import DEVICE_ID
 from toolkit.aggregator.status import run_status
+from toolkit.aggregator.store import ExitScore
 
 health = APIRouter(tags=["health"])
 
@@ -121,19 +122,50 @@ async def post_update(
 evaluations = APIRouter(tags=["evaluations"])
 
 
-class EvaluationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0)
+def _position(key: object) -> object:
+    # JSON object keys are strings: "7" is exit position 7; " 7", "+7" or "7.0" stay strings
+    # and are refused (the models are strict), as lax int parsing would not.
+    return int(key) if isinstance(key, str) and key.isascii() and key.isdecimal() else key
+
+
+Position = Annotated[int, BeforeValidator(_position), Field(ge=1)]
+
+
+class ExitResult(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     accuracy: float = Field(ge=0, le=1)
+    loss: float = Field(ge=0, allow_inf_nan=False)  # mean cross-entropy
+
+
+class EvaluationRequest(BaseModel):
+    """Strict: a bool or a string where a number belongs is refused, not converted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: int = Field(ge=0)
+    accuracy: float = Field(ge=0, le=1)  # an exit model's: its final exit's
     source: str = Field(default="evaluator", max_length=64)
+    # an exit model's figures: per exit position, and the weighted total loss over the exits
+    exits: dict[Position, ExitResult] | None = Field(default=None, min_length=1, max_length=1000)
+    loss: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _exits_with_their_loss(self) -> Self:
+        if (self.exits is None) != (self.loss is None):
+            raise ValueError("send 'exits' and 'loss' (the total over the exits) together, or neither")
+        return self
+
+    def exit_scores(self) -> tuple[ExitScore, ...]:
+        return tuple(ExitScore(p, e.accuracy, e.loss) for p, e in sorted((self.exits or {}).items()))
 
 
 @evaluations.post("/v1/evaluations")
 async def post_evaluation(
     req: EvaluationRequest, _: Annotated[Principal, Depends(admin)], coordinator: CoordinatorDep
 ) -> dict:
-    """Records a validation accuracy for a model version (the evaluator hook)."""
-    if not coordinator.record_evaluation(req.version, req.accuracy, req.source):
+    """Records a validation accuracy for a model version (the evaluator hook); for an exit
+    model also its accuracy and loss per exit and the total loss, from which the run's best
+    exit-point model is chosen (GET /v1/status's ``best``)."""
+    if not coordinator.record_evaluation(req.version, req.accuracy, req.source, req.loss, req.exit_scores()):
         raise HTTPException(404, f"model version {req.version} does not exist")
     return {"status": "recorded"}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from toolkit.aggregator.best import best_exit_model
 from toolkit.aggregator.store import Store
 from toolkit.errors import StoreError
 
@@ -37,6 +38,23 @@ class PhoneStatus(BaseModel):
     round_s: float | None  # median seconds from a round's assignment to the device's update
 
 
+class ExitStatus(BaseModel):
+    position: int
+    accuracy: float
+    loss: float  # mean cross-entropy
+
+
+class BestExitModel(BaseModel):
+    """An exit-model run's best version so far (``toolkit.aggregator.best``'s rule)."""
+
+    version: int
+    round: int | None
+    mean_accuracy: float  # over the exits: the exit-point model's accuracy
+    loss: float  # the weighted total over the exits
+    exits: list[ExitStatus]
+    evaluated: int  # versions evaluated per exit, it among them
+
+
 class RunStatus(BaseModel):
     schema_version: int = 1
     name: str
@@ -53,6 +71,7 @@ class RunStatus(BaseModel):
     bytes_received: int
     rounds: list[RoundStatus]
     phones: list[PhoneStatus]
+    best: BestExitModel | None = None  # exit models, once an evaluator posted figures per exit
 
 
 def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
@@ -85,6 +104,8 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
     latest, newest = store.latest_version(), store.current_round()
     accepted, nbytes = store.traffic()
     accuracy = next((r.accuracy for r in reversed(rounds) if r.accuracy is not None), None)
+    evaluated = store.exit_evaluations()
+    best = best_exit_model(evaluated)
     return RunStatus(
         name=config["name"],
         mode=config["mode"],
@@ -110,6 +131,16 @@ def run_status(store: Store, last_rounds: int = 10) -> RunStatus:
             )
             for t in store.phone_traffic()
         ],
+        best=None
+        if best is None
+        else BestExitModel(
+            version=best.version,
+            round=best.round,
+            mean_accuracy=best.mean_accuracy,
+            loss=best.loss,
+            exits=[ExitStatus(position=e.position, accuracy=e.accuracy, loss=e.loss) for e in best.exits],
+            evaluated=len(evaluated),
+        ),
     )
 
 

@@ -6,6 +6,12 @@ Every method runs in a transaction; ``with store.transaction():`` groups several
 (aggregation reads the round's updates and writes the new version, the closed round and the
 next round atomically). One connection, one lock: the server is one process and SQLite
 serialises writers anyway.
+
+**Schema versions.** ``_SCHEMA`` creates every table a database lacks; ``_MIGRATIONS[v]``
+changes the tables a version-``v`` database has into version ``v + 1``'s, in the transaction that
+records the new version, so a database of any earlier version opens (one of a later version,
+written by a newer fedkit, is refused). Version 2 added the evaluations' total loss and the
+``exit_evaluations`` table (an exit model's figures per exit).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 
 from toolkit.errors import InternalError, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,10 +57,20 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS downloads (
     id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, version INTEGER NOT NULL, nbytes INTEGER NOT NULL,
     at REAL NOT NULL);
+-- loss: an exit model's weighted total loss over its exits (NULL: the evaluator gave accuracy alone)
 CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY, version INTEGER NOT NULL, source TEXT NOT NULL,
-    accuracy REAL NOT NULL, recorded REAL NOT NULL);
+    accuracy REAL NOT NULL, recorded REAL NOT NULL, loss REAL);
+-- an exit model's evaluation, per exit position: accuracy and mean cross-entropy
+CREATE TABLE IF NOT EXISTS exit_evaluations (
+    evaluation INTEGER NOT NULL, position INTEGER NOT NULL, accuracy REAL NOT NULL, loss REAL NOT NULL,
+    PRIMARY KEY (evaluation, position));
 """
+
+# version → the statements that make a database of that version the next one's
+_MIGRATIONS = {
+    1: ("ALTER TABLE evaluations ADD COLUMN loss REAL",),  # exit_evaluations: created by _SCHEMA
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,29 @@ class UpdateRow:
 
 
 @dataclass(frozen=True)
+class ExitScore:
+    position: int
+    accuracy: float
+    loss: float  # mean cross-entropy
+
+
+@dataclass(frozen=True)
+class ExitEvaluation:
+    """An evaluator's figures for one model version of an exit model."""
+
+    version: int
+    round: int | None  # the round that produced it (None: the initial weights)
+    accuracy: float  # the final exit's, as the evaluator reported it
+    loss: float  # the weighted total loss over the exits
+    exits: tuple[ExitScore, ...]  # by position
+
+    @property
+    def mean_accuracy(self) -> float:
+        """The exit-point model's accuracy: the mean over its exits."""
+        return sum(e.accuracy for e in self.exits) / len(self.exits)
+
+
+@dataclass(frozen=True)
 class VersionRow:
     version: int
     round: int | None
@@ -124,9 +163,21 @@ class Store:
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif version != str(SCHEMA_VERSION):
+            self._migrate(version)
+
+    def _migrate(self, found: str) -> None:
+        if not (found.isdecimal() and 1 <= int(found) < SCHEMA_VERSION):
             raise StoreError(
-                f"{self.path} has schema version {version}, this fedkit reads {SCHEMA_VERSION}: use a new --db"
+                f"{self.path} has schema version {found}, this fedkit reads {SCHEMA_VERSION} and earlier: "
+                "use a new --db, or the fedkit that wrote it"
             )
+        for version in range(int(found), SCHEMA_VERSION):
+            with self.transaction():
+                if self.get_meta("schema_version") != str(version):
+                    continue  # another process opening it migrated it meanwhile
+                for statement in _MIGRATIONS[version]:
+                    self._q(statement)
+                self.set_meta("schema_version", str(version + 1))
 
     def close(self) -> None:
         with self._lock:
@@ -401,11 +452,45 @@ class Store:
             raise InternalError(f"model version {version} is not in the store: check get_version first")
         return rows[0][0]
 
-    def add_evaluation(self, version: int, source: str, accuracy: float, now: float) -> None:
-        self._q(
-            "INSERT INTO evaluations(version, source, accuracy, recorded) VALUES(?, ?, ?, ?)",
-            (version, source, accuracy, now),
+    def add_evaluation(
+        self,
+        version: int,
+        source: str,
+        accuracy: float,
+        now: float,
+        loss: float | None = None,
+        exits: tuple[ExitScore, ...] = (),
+    ) -> None:
+        """``loss`` and ``exits``: an exit model's total loss and figures per exit."""
+        with self.transaction():
+            rows = self._q(
+                "INSERT INTO evaluations(version, source, accuracy, recorded, loss) VALUES(?, ?, ?, ?, ?) RETURNING id",
+                (version, source, accuracy, now, loss),
+            )
+            for e in exits:
+                self._q(
+                    "INSERT INTO exit_evaluations(evaluation, position, accuracy, loss) VALUES(?, ?, ?, ?)",
+                    (rows[0][0], e.position, e.accuracy, e.loss),
+                )
+
+    def exit_evaluations(self) -> list[ExitEvaluation]:
+        """Per model version, the latest evaluation with figures per exit, by version."""
+        latest = self._q(
+            "SELECT e.id, e.version, v.round, e.accuracy, e.loss FROM evaluations e "
+            "JOIN versions v ON v.version = e.version "
+            "WHERE e.id = (SELECT MAX(id) FROM evaluations WHERE version = e.version AND loss IS NOT NULL) "
+            "ORDER BY e.version"
         )
+        scores: dict[int, list[ExitScore]] = {}
+        for evaluation, position, accuracy, loss in self._q(
+            "SELECT evaluation, position, accuracy, loss FROM exit_evaluations ORDER BY evaluation, position"
+        ):
+            scores.setdefault(evaluation, []).append(ExitScore(position, accuracy, loss))
+        return [
+            ExitEvaluation(version, round_, accuracy, loss, tuple(scores[id_]))
+            for id_, version, round_, accuracy, loss in latest
+            if id_ in scores
+        ]
 
     def has_evaluations(self) -> bool:
         return bool(self._q("SELECT 1 FROM evaluations LIMIT 1"))

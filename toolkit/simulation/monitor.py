@@ -2,7 +2,12 @@
 token (``GET /v1/status``, ``GET /v1/weights/{v}``, ``POST /v1/evaluations``, and SplitFed's
 ``GET /v1/splitfed/status``), as any operator's tool would: evaluates every new global model
 version on the test images, injects the configured faults, and follows the phones' events.
-While the aggregator is down (a kill fault), polls simply find nothing new."""
+While the aggregator is down (a kill fault), polls simply find nothing new.
+
+An exit model is evaluated at every exit (``Evaluator.exit_metrics``): each version's accuracy
+and loss per exit and total loss go to the aggregator (which keeps the best exit-point model)
+and into ``metrics.jsonl`` (``exit_accuracy``, ``exit_loss``, ``loss``), its ``accuracy``
+staying the final exit's; the last version's test logits are left in ``exit_logits.npz``."""
 
 from __future__ import annotations
 
@@ -11,17 +16,22 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+import numpy as np
 
 from device_runtime.codec import decode
 from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.status import RunStatus
-from toolkit.errors import SimulationError
-from toolkit.evaluation import Evaluator
+from toolkit.errors import InternalError, SimulationError
+from toolkit.evaluation import Evaluator, ExitMetrics
 from toolkit.simulation.config import SimulationConfig
 from toolkit.simulation.phones import PhoneProcess
-from toolkit.simulation.summary import Tick
+from toolkit.simulation.summary import ExitLogits, Tick
+
+if TYPE_CHECKING:
+    from toolkit.models import SplittableModel
 
 POLL_S = 0.25  # a kill fault lands within a quarter second of what it waits for
 PHONE_EXIT_GRACE_S = 30.0
@@ -54,11 +64,10 @@ class AdminClient:
         r = self._get("/v1/splitfed/status")
         return None if r is None else r.json()
 
-    def post_evaluation(self, version: int, accuracy: float) -> bool:
+    def post_evaluation(self, body: dict) -> bool:
+        """``body``: POST /v1/evaluations' (version, accuracy, and an exit model's exits and loss)."""
         try:
-            self.http.post(
-                "/v1/evaluations", json={"version": version, "accuracy": accuracy, "source": "simulation"}
-            ).raise_for_status()
+            self.http.post("/v1/evaluations", json={**body, "source": "simulation"}).raise_for_status()
             return True
         except httpx.HTTPError:
             return False
@@ -86,7 +95,8 @@ class Monitor:
         self.status: RunStatus | None = None  # the last one the aggregator answered
         self.final_status: RunStatus | None = None  # asked once more at the end
         self.evaluated = 0  # versions evaluated (version 0 first)
-        self.pending_evals: list[tuple[int, float]] = []  # posted once the aggregator answers
+        self.pending_evals: list[dict] = []  # evaluation bodies, posted once the aggregator answers
+        self.last_exits: tuple[int, ExitMetrics] | None = None  # an exit model's last version, its figures
         self.offsets = {d: 0 for d in procs}
         self.training: dict[str, tuple[int, float]] = {}  # phone → (round, when it started training)
         self.accepted: set[tuple[str, int]] = set()  # (phone, round) the phones were told "accepted"
@@ -169,8 +179,10 @@ class Monitor:
             if tensors is None:
                 break  # down: evaluated on a later poll
             v = self.evaluated
-            accuracy = self.evaluator.accuracy(tensors)
-            self.accuracy = accuracy
+            body, exit_metrics = evaluation_body(self.evaluator, v, tensors)
+            if exit_metrics is not None:
+                self.last_exits = (v, exit_metrics)
+            accuracy = self.accuracy = body["accuracy"]
             rnd = by_version.get(v)
             self.metrics.write(
                 json.dumps(
@@ -179,6 +191,7 @@ class Monitor:
                         "round": rnd.round if rnd else None,
                         "stage": rnd.stage if rnd else None,
                         "accuracy": accuracy,
+                        **exit_fields(body),
                         "updates": rnd.reports if rnd else 0,
                         "samples": rnd.samples if rnd else 0,
                         "elapsed_s": round((rnd.closed if rnd and rnd.closed else time.time()) - self.t0, 2),
@@ -188,9 +201,9 @@ class Monitor:
                 )
                 + "\n"
             )
-            self.pending_evals.append((v, accuracy))
+            self.pending_evals.append(body)
             self.evaluated += 1
-        self.pending_evals = [(v, a) for v, a in self.pending_evals if not self.admin.post_evaluation(v, a)]
+        self.pending_evals = [b for b in self.pending_evals if not self.admin.post_evaluation(b)]
 
     def _round_costs(self, round_: int | None) -> dict:
         """Each phone's own compute in the round (its "train" event) and, SplitFed, the bytes of
@@ -285,6 +298,8 @@ class Monitor:
         lost = sorted(self.accepted - in_db)
         self.metrics.close()
         self.faults_file.close()
+        if self.last_exits is not None:
+            exit_logits(self.evaluator.model, *self.last_exits).save(self.run_dir)
         self.final_status = status
         out = {
             "rounds": max((r.round for r in status.rounds if r.version is not None), default=0) if status else 0,
@@ -296,9 +311,53 @@ class Monitor:
             "faults": self.fault_log,
             "crashed_phones": self.crashed,
             "splitfed": self.admin.edge_status() if self.config.mode != "federated" else None,
+            "best_exit": status.best if status else None,
         }
         self.admin.close()
         return out
+
+
+def evaluation_body(evaluator: Evaluator, version: int, tensors: dict) -> tuple[dict, ExitMetrics | None]:
+    """POST /v1/evaluations' body for a version: its accuracy and, for an exit model, every
+    exit's accuracy and loss and the total loss; and the exit model's figures, logits included."""
+    if not evaluator.exits:
+        return {"version": version, "accuracy": evaluator.accuracy(tensors)}, None
+    m = evaluator.exit_metrics(tensors, logits=True)
+    body = {
+        "version": version,
+        "accuracy": m.accuracy[evaluator.exits[-1]],
+        "exits": {str(p): {"accuracy": m.accuracy[p], "loss": m.loss[p]} for p in evaluator.exits},
+        "loss": m.total_loss,
+    }
+    return body, m
+
+
+def exit_logits(model: SplittableModel, version: int, m: ExitMetrics) -> ExitLogits:
+    """``exit_logits.npz``'s content: ``m``'s test logits with what inference to each exit costs."""
+    from toolkit.models import ExitModel
+
+    if not isinstance(model, ExitModel) or m.logits is None or m.labels is None:
+        raise InternalError("exit logits are kept for an exit model's evaluations with logits only")
+    stats = model.exit_stats()
+    return ExitLogits(
+        version=version,
+        positions=np.array([e.position for e in stats], dtype=np.int64),
+        flops=np.array([e.flops for e in stats], dtype=np.int64),
+        alone_flops=sum(s.flops for s in model.stats),
+        logits=m.logits,
+        labels=m.labels,
+    )
+
+
+def exit_fields(body: dict) -> dict:
+    """An exit model's evaluation as metrics.jsonl has it (nothing for another model)."""
+    if "exits" not in body:
+        return {}
+    return {
+        "exit_accuracy": {p: e["accuracy"] for p, e in body["exits"].items()},
+        "exit_loss": {p: e["loss"] for p, e in body["exits"].items()},
+        "loss": body["loss"],
+    }
 
 
 def _events(path: Path, offset: int) -> tuple[list[dict], int]:

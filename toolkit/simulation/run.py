@@ -149,8 +149,12 @@ def _run(config: SimulationConfig, run_dir: Path, network: NamespaceNetwork | No
 
     on_step("test-set features for evaluation")
     model = load_model(config.model)
-    stop_block = min(p.train_from for plans in phone_bundles(fleet, model).values() for p in plans)
-    evaluator = Evaluator(model, stop_block, config.test_images)
+    plans = [p for phone_plans in phone_bundles(fleet, model).values() for p in phone_plans]
+    # an exit model's λ: the weight the plans give each exit (1 where no phone holds it)
+    weights = {e: w for p in plans for e, w in zip(p.exits, p.exit_weights, strict=True)}
+    evaluator = Evaluator(
+        model, min(p.train_from for p in plans), config.test_images, [weights.get(e, 1.0) for e in model.exits]
+    )
 
     db = run_dir / "aggregator.sqlite"
     store = Store(db)

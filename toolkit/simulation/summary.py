@@ -1,5 +1,7 @@
 """What a simulated run leaves for `fedkit simulate`'s last line, the report and the benchmarks:
-``summary.json``, a typed record with a schema version; and the live display's ``Tick``."""
+``summary.json``, a typed record with a schema version; an exit model's ``exit_logits.npz`` (the
+final global model's test logits at every exit, for the early-exit curve); and the live
+display's ``Tick``."""
 
 from __future__ import annotations
 
@@ -7,12 +9,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from toolkit.aggregator.status import BestExitModel
 from toolkit.errors import FedkitError
 
 SCHEMA_VERSION = 2
 SUMMARY = "summary.json"
+EXIT_LOGITS = "exit_logits.npz"
 
 
 @dataclass
@@ -85,6 +90,7 @@ class RunSummary(BaseModel):
     faults: list[dict]
     crashed_phones: dict[str, int]
     splitfed: dict | None = None  # the edge's status (GET /v1/splitfed/status) at the end
+    best_exit: BestExitModel | None = None  # an exit model's best exit-point version (GET /v1/status)
     report: str | None = None  # index.html, once written
 
     def save(self, run_dir: Path) -> None:
@@ -103,6 +109,46 @@ class RunSummary(BaseModel):
                 f"{SCHEMA_VERSION}: run the simulation again with this fedkit"
             )
         return cls.model_validate(data)
+
+
+@dataclass(frozen=True)
+class ExitLogits:
+    """An exit model's global version on the test images: every exit's logits, what inference
+    up to each exit costs, and the labels; ``exit_logits.npz`` in the run folder."""
+
+    version: int
+    positions: np.ndarray  # (exits,) int64
+    flops: np.ndarray  # (exits,) int64: an image leaving there, forward (ExitStats.flops)
+    alone_flops: int  # the final exit alone, no branch run: the plain model's forward
+    logits: np.ndarray  # (images, exits, classes) float32
+    labels: np.ndarray  # (images,) int64
+
+    def save(self, run_dir: Path) -> None:
+        np.savez(
+            Path(run_dir) / EXIT_LOGITS,
+            version=self.version,
+            positions=self.positions,
+            flops=self.flops,
+            alone_flops=self.alone_flops,
+            logits=self.logits,
+            labels=self.labels,
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ExitLogits | None:
+        """The run folder's, or None when it has none (not an exit model's run)."""
+        path = Path(run_dir) / EXIT_LOGITS
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            return cls(
+                version=int(data["version"]),
+                positions=data["positions"],
+                flops=data["flops"],
+                alone_flops=int(data["alone_flops"]),
+                logits=data["logits"],
+                labels=data["labels"],
+            )
 
 
 def central_reference(model: str) -> Reference | None:

@@ -1,10 +1,14 @@
 """The round state machine, driven directly (the HTTP mapping is tested in test_http_api)."""
 
+import logging
+
 import numpy as np
 import pytest
 from aggregator_helpers import SHAPES, delta, enrol, initial_weights, make_coordinator, payload
 
 from device_runtime.codec import UpdateHeader, decode, encode
+from toolkit.aggregator.status import run_status
+from toolkit.aggregator.store import ExitScore
 from toolkit.errors import ConfigError, StoreError
 
 
@@ -313,3 +317,22 @@ def test_a_robust_round_ignores_one_poisoned_update(tmp_path, clock):
     new, base = weights_of(co, 1), initial_weights()
     for name in SHAPES:
         np.testing.assert_allclose(new[name], base[name] + 1.0, rtol=1e-6)
+
+
+def test_the_best_exit_point_model_follows_the_evaluations_and_is_logged(tmp_path, clock, caplog):
+    co = make_coordinator(tmp_path, clock, fedavg={"min_reports": 1})
+    enrol(co, "a")
+    for i in range(3):
+        task = co.task_for("a")
+        co.push("a", f"k{i}", payload("a", task["round"], task["base_version"], delta(0.1)), None)
+    figures = {1: (0.60, 0.70, 2.0), 2: (0.70, 0.80, 3.0), 3: (0.70, 0.7995, 2.5)}  # v3: 0.05 point below v2
+    best = []
+    with caplog.at_level(logging.INFO, logger="fedkit.aggregator"):
+        for version, (early, final, loss) in figures.items():
+            exits = (ExitScore(2, early, 1.0), ExitScore(5, final, 1.0))
+            assert co.record_evaluation(version, final, "test", loss, exits)
+            best.append(run_status(co.store).best.version)
+    assert best == [1, 2, 3]  # v3 is within 0.1 point of v2 with a lower total loss
+    logged = [r.fields["version"] for r in caplog.records if r.getMessage() == "best_exit_model"]
+    assert logged == [1, 2, 3]
+    assert not co.record_evaluation(99, 0.5, "test", 1.0, exits)

@@ -122,3 +122,79 @@ def test_a_device_over_its_rate_gets_429_with_retry_after(tmp_path, clock):
     assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
     r = client.get("/v1/task", headers=a)
     assert int(r.headers["Retry-After"]) >= 1 and r.json()["status"] == "rate_limited"
+
+
+EXITS = {"7": {"accuracy": 0.5, "loss": 1.25}, "19": {"accuracy": 0.75, "loss": 0.5}}
+
+
+def admin_headers(coordinator):
+    (token,) = issue_tokens(coordinator.store, 1, "admin")
+    return bearer(token)
+
+
+def test_an_exit_models_evaluation_is_recorded_per_exit_and_its_best_shown(client, coordinator):
+    admin = admin_headers(coordinator)
+    body = {"version": 0, "accuracy": 0.75, "exits": EXITS, "loss": 1.75}
+    assert client.post("/v1/evaluations", json=body, headers=admin).json() == {"status": "recorded"}
+    (evaluation,) = coordinator.store.exit_evaluations()
+    assert [(e.position, e.accuracy, e.loss) for e in evaluation.exits] == [(7, 0.5, 1.25), (19, 0.75, 0.5)]
+    assert (evaluation.accuracy, evaluation.loss) == (0.75, 1.75)
+    best = client.get("/v1/status", headers=admin).json()["best"]
+    assert best == {
+        "version": 0,
+        "round": None,
+        "mean_accuracy": 0.625,
+        "loss": 1.75,
+        "exits": [{"position": 7, "accuracy": 0.5, "loss": 1.25}, {"position": 19, "accuracy": 0.75, "loss": 0.5}],
+        "evaluated": 1,
+    }
+    unknown = client.post("/v1/evaluations", json={**body, "version": 9}, headers=admin)
+    assert unknown.status_code == 404 and "version 9 does not exist" in unknown.json()["reason"]
+
+
+def test_the_status_has_no_best_without_figures_per_exit(client, coordinator):
+    admin = admin_headers(coordinator)
+    client.post("/v1/evaluations", json={"version": 0, "accuracy": 0.5}, headers=admin)
+    assert client.get("/v1/status", headers=admin).json()["best"] is None
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"accuracy": True}, "accuracy"),  # a bool is no number
+        ({"accuracy": "0.5"}, "accuracy"),  # nor is a string
+        ({"version": "0"}, "version"),
+        ({"loss": -1.0}, "loss"),
+        ({"loss": "1"}, "loss"),
+        ({"exits": {"x": {"accuracy": 0.5, "loss": 1.0}}}, "exits"),  # positions are integers
+        ({"exits": {"7.0": {"accuracy": 0.5, "loss": 1.0}}}, "exits"),
+        ({"exits": {" 7": {"accuracy": 0.5, "loss": 1.0}}}, "exits"),
+        ({"exits": {"0": {"accuracy": 0.5, "loss": 1.0}}}, "exits"),  # position 0 is the input: no exit
+        ({"exits": {"7": {"accuracy": 1.5, "loss": 1.0}}}, "accuracy"),
+        ({"exits": {"7": {"accuracy": False, "loss": 1.0}}}, "accuracy"),
+        ({"exits": {"7": {"accuracy": 0.5, "loss": "1"}}}, "loss"),
+        ({"exits": {"7": {"accuracy": 0.5}}}, "loss"),
+        ({"exits": {"7": {"accuracy": 0.5, "loss": 1.0, "extra": 1}}}, "extra"),
+        ({"exits": {}}, "exits"),
+        ({"exits": None}, "together"),  # a total loss without its exits
+        ({"loss": None}, "together"),  # exits without their total
+    ],
+)
+def test_an_invalid_exit_evaluation_is_422_and_stores_nothing(client, coordinator, change, field):
+    body = {"version": 0, "accuracy": 0.75, "exits": EXITS, "loss": 1.75, **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    r = client.post("/v1/evaluations", json=body, headers=admin_headers(coordinator))
+    assert r.status_code == 422 and r.json()["status"] == "rejected" and field in r.json()["reason"], r.text
+    assert coordinator.store.evaluation(0) is None
+
+
+@pytest.mark.parametrize("loss", ["NaN", "Infinity", "-Infinity"])
+def test_a_loss_that_is_not_finite_is_422(client, coordinator, loss):
+    # json.dumps writes NaN and Infinity as these bare words, which Python's JSON parser reads back
+    headers = {**admin_headers(coordinator), "Content-Type": "application/json"}
+    for exit_loss, total in ((loss, "1.0"), ("1.0", loss)):
+        exits = f'{{"7": {{"accuracy": 0.5, "loss": {exit_loss}}}}}'
+        content = f'{{"version": 0, "accuracy": 0.5, "exits": {exits}, "loss": {total}}}'
+        r = client.post("/v1/evaluations", content=content, headers=headers)
+        assert r.status_code == 422 and "loss" in r.json()["reason"], r.text
+    assert coordinator.store.evaluation(0) is None
