@@ -200,11 +200,14 @@ def train_central(
 @fails_cleanly
 def export(
     out: Annotated[Path, typer.Option(help="Folder to create for the bundle (must not exist, or be empty).")],
-    model: Annotated[str, typer.Option(help="Model: mobilenet_v2 or small_cnn.")] = "mobilenet_v2",
+    model: Annotated[
+        str, typer.Option(help="Model: mobilenet_v2 or small_cnn; NAME+exits[:P,Q] with early exits.")
+    ] = "mobilenet_v2",
     cut: Annotated[
         int | None,
         typer.Option(
-            help="Blocks [0, CUT) run on the phone, the rest on the edge (SplitFed). Default: all on the phone."
+            help="Blocks [0, CUT) run on the phone, the rest on the edge (SplitFed). Default: all on the phone. "
+            "A model with exits: the phone's exit (its model ends there, trained with every exit up to it)."
         ),
     ] = None,
     train_blocks: Annotated[
@@ -247,6 +250,11 @@ def export(
         return
     splittable = load_model(model)
     cut = len(splittable.block_names) if cut is None else cut
+    if splittable.exits and cut not in splittable.exits:
+        raise FedkitError(
+            f"{splittable.model_id} has exits at {', '.join(map(str, splittable.exits))}: --cut one of them"
+        )
+    exits = tuple(p for p in splittable.exits if p <= cut)
     engines = ("ort", "executorch") if engine == "both" else (engine,)
     plan = DevicePlan(
         cut=cut,
@@ -254,6 +262,8 @@ def export(
         engine=engines[0],
         encoding=encoding,
         batch_size=batch_size,
+        exits=exits,
+        exit_weights=(1.0,) * len(exits),
     )
     with _step_progress() as progress:
         manifest = export_bundle(splittable, plan, out, engines, label_names=LABEL_NAMES, progress=progress)
@@ -304,8 +314,9 @@ def _export_plan(plan_file: Path, out: Path) -> None:
         table.add_column(column)
     for b in bundles:
         p = b.plan
+        cut = f"exit {p.cut}" if p.exits else str(p.cut)
         table.add_row(
-            b.folder.name, str(p.cut), str(p.train_from), p.engine, p.encoding, str(p.batch_size), ", ".join(b.phones)
+            b.folder.name, cut, str(p.train_from), p.engine, p.encoding, str(p.batch_size), ", ".join(b.phones)
         )
     console.print(table)
     for phone in fleet.infeasible:
@@ -343,6 +354,10 @@ def _print_bundle(out: Path, manifest, stats) -> None:
             f"{_size(per_sample)} per sample, "
             f"{_size(per_sample * plan.batch_size)} per batch of {plan.batch_size} (fp32)",
         )
+    elif plan.exits:
+        weights = ", ".join(f"{w:g}" for w in plan.exit_weights)
+        summary.add_row("exits", f"{', '.join(map(str, plan.exits))}, trained with loss weights {weights}")
+        summary.add_row("activation at the cut", "none: the phone's model ends at its exit, only weights travel")
     else:
         summary.add_row("activation at the cut", "none: the whole model is on the phone, only weights travel")
     summary.add_row("engines", ", ".join(manifest.engines) + f" (the phone runs {plan.engine})")
@@ -732,7 +747,13 @@ def plan(
         str | None, typer.Option(help="With --catalog: comma-separated class names. Default: all.")
     ] = None,
     link: Annotated[str | None, typer.Option(help="Put every phone on this link: 3g, 4g, 5g or wifi.")] = None,
-    model: Annotated[str, typer.Option(help="Model: mobilenet_v2 or small_cnn.")] = "mobilenet_v2",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Model: mobilenet_v2 or small_cnn; NAME+exits adds early exits (default positions), "
+            "NAME+exits:P,Q at those: the planner then chooses each phone's exit."
+        ),
+    ] = "mobilenet_v2",
     edge: Annotated[
         Path | None, typer.Option(help="The edge's profile JSON. Default: this host, profiled now.")
     ] = None,
@@ -782,9 +803,34 @@ def plan(
             help="Depths a stage may name, e.g. 1 (a head-only warm-up): whole-model phones also get these bundles."
         ),
     ] = None,
+    exit_policy: Annotated[
+        Literal["plan", "random"],
+        typer.Option(
+            help="A model with exits: plan: each phone's deepest exit within the round budget that fits it; "
+            "random: an exit drawn among those that fit it (the baseline; --seed)."
+        ),
+    ] = "plan",
+    exit_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Loss weight of each exit: POSITION=WEIGHT pairs (others 1), e.g. 7=0.5,21=2, "
+            "or one weight per exit in order. Default: 1 each."
+        ),
+    ] = None,
+    exit_accuracy: Annotated[
+        str | None,
+        typer.Option(
+            help="Validation accuracy of each exit (fractions), e.g. from a previous run: POSITION=ACCURACY "
+            "pairs or one per exit in order, every exit. Each phone stops at the shallowest exit within 0.5 point "
+            "of the best it can afford."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of --exit-policy random (with each phone's name).")] = 0,
 ) -> None:
     """Choose per phone the cut, trainable depth, engine, update encoding and batch size, and
     predict its round time: the deepest training within the slack (or budget) of the fastest.
+    A model with exits (--model NAME+exits): each phone's exit instead, the deepest within the
+    budget (default: 1 + slack times the fastest phone's round at the final exit).
 
     A phone where nothing fits is listed as infeasible with the reason (a warning; the plan is
     written and the exit code is 0). When no phone fits, nothing is written and the exit code is 1."""
@@ -823,6 +869,10 @@ def plan(
         max_train_blocks=max_train_blocks,
         train_blocks=train_blocks,
         stage_depths=_integers(stage_depths, "--stage-depths") if stage_depths else (),
+        exit_policy=exit_policy,
+        exit_weights=_per_exit(exit_weights, "--exit-weights") if exit_weights else None,
+        exit_accuracy=_per_exit(exit_accuracy, "--exit-accuracy") if exit_accuracy else None,
+        seed=seed,
     )
     cuts, depths = _phone_numbers(cut, "--cut"), _phone_numbers(depth, "--depth")
     pins = {phone: Pin(cut=cuts.get(phone), depth=depths.get(phone)) for phone in cuts.keys() | depths.keys()}
@@ -846,8 +896,14 @@ def plan(
             table.add_row(p.profile, "[red]infeasible[/red]")
             continue
         d, t = p.plan, p.plan.predicted
-        where = "all on phone" if d.cut == len(fleet.block_names) else f"cut {d.cut}"
-        choice = f"{where}, trains {p.trainable_blocks}, {d.engine}, {d.encoding}, b{d.batch_size}"
+        if d.exits:  # the branches it trains besides its blocks: one per exit held, the final one a block
+            branches = len(d.exits) - (d.cut == len(fleet.block_names))
+            trains = f"{p.trainable_blocks} block(s) + {branches} branch(es)"
+            where = f"exit {d.cut}"
+        else:
+            trains = str(p.trainable_blocks)
+            where = "all on phone" if d.cut == len(fleet.block_names) else f"cut {d.cut}"
+        choice = f"{where}, trains {trains}, {d.engine}, {d.encoding}, b{d.batch_size}"
         # every byte of the round: the update and SplitFed activations up, the weights and gradients down
         mb_up = (t.get("up_bytes", 0) + t.get("activation_bytes", 0)) / 1e6
         mb_down = (t.get("down_bytes", 0) + t.get("gradient_bytes", 0)) / 1e6
@@ -884,6 +940,27 @@ def _phone_numbers(pins: list[str] | None, option: str) -> dict[str, int]:
             raise PlanError(f"{option} takes PHONE=N with N of 1 or more (e.g. {option} weak=3), got {pin!r}")
         out[phone] = int(n)
     return out
+
+
+def _per_exit(text: str, option: str) -> dict[int, float] | tuple[float, ...]:
+    """``7=0.5,11=1`` as {7: 0.5, 11: 1.0}; ``0.5,1,1`` (one per exit, in order) as a tuple."""
+    from toolkit.errors import PlanError
+
+    items = text.split(",")
+    try:
+        if all("=" in item for item in items):
+            pairs = [item.split("=", 1) for item in items]
+            out = {int(position): float(value) for position, value in pairs}
+            if len(out) == len(pairs):
+                return out
+        elif not any("=" in item for item in items):
+            return tuple(float(item) for item in items)
+    except ValueError:
+        pass
+    raise PlanError(
+        f"{option} takes POSITION=VALUE pairs (e.g. 7=0.5,11=1), each exit once, or one value per exit "
+        f"(e.g. 0.5,1,1); got {text!r}"
+    )
 
 
 def _integers(text: str, option: str) -> tuple[int, ...]:
@@ -1137,12 +1214,15 @@ def run_config_command(
     deadline_s: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for its reports.")] = 120.0,
 ) -> None:
     """Write a run's config (run.toml) and its version-0 weights for `fedkit serve`: every block
-    any phone of the plan trains, the SplitFed edge's too. Each phone trains its own plan
-    (encoding, batch, depth); edit run.toml's stages to override what a stage names."""
+    any phone of the plan trains, the SplitFed edge's too, and every branch of a model with
+    exits. Each phone trains its own plan (encoding, batch, depth); edit run.toml's stages to
+    override what a stage names."""
     from toolkit.planning import load_plan
     from toolkit.runs import run_config, write_run
 
     fleet = load_plan(plan_file)
+    if head_rounds and any(p.plan is not None and p.plan.exits for p in fleet.phones):
+        raise FedkitError("an exit run trains one depth on every phone (the plan's train_blocks): drop --head-rounds")
     stages = [{"name": "head", "rounds": head_rounds, "lr": lr, "trainable_blocks": 1}] if head_rounds else []
     stages.append({"name": "train", "rounds": rounds, "lr": lr})
     config = run_config(fleet, name, stages, fedavg={"min_reports": min_reports, "deadline_s": deadline_s})

@@ -4,8 +4,10 @@
 
 Version 0 holds every parameter from the fleet's shallowest trained block to the end of the
 model (``toolkit.splitfed.initial_weights``): what any phone trains, at any of its bundles'
-depths, and what the edge trains past any SplitFed cut. A fleet with a SplitFed phone gets a
-``[splitfed]`` section, so ``fedkit serve`` serves the edge too.
+depths, and what the edge trains past any SplitFed cut. An exit run's holds every branch and
+blocks from its one T on (``toolkit.planning.planner.exit_train_from``): a phone at an exit
+before T trains its branches only. A fleet with a SplitFed phone gets a ``[splitfed]``
+section, so ``fedkit serve`` serves the edge too.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from device_runtime.folders import is_free, new_folder
 from toolkit.aggregator.config import RunConfig, parse_config
 from toolkit.errors import ConfigError
 from toolkit.planning.export import phone_bundles
-from toolkit.planning.planner import FleetPlan
+from toolkit.planning.planner import FleetPlan, exit_train_from
 
 RUN_CONFIG = "run.toml"
 WEIGHTS = "weights.bin"
 
 
 def has_splitfed(fleet: FleetPlan) -> bool:
-    return any(p.plan is not None and p.plan.cut < len(fleet.block_names) for p in fleet.phones)
+    """Some phone cuts before the end of a model without exits (an exit is no cut: nothing runs past it)."""
+    return any(p.plan is not None and p.plan.cut < len(fleet.block_names) and not p.plan.exits for p in fleet.phones)
 
 
 def run_config(fleet: FleetPlan, name: str, stages: list[dict[str, Any]], **sections: Any) -> RunConfig:
@@ -58,7 +61,8 @@ def write_run(config: RunConfig, fleet: FleetPlan, out_dir: str | Path) -> Path:
     plans = [p for ps in phone_bundles(fleet, model).values() for p in ps]
     if not plans:
         raise ConfigError("the plan has no feasible phone: nothing would train (see `fedkit plan` for the reasons)")
-    weights = initial_weights(model, min(p.train_from for p in plans))
+    first = exit_train_from(model, fleet.config) if model.exits else min(p.train_from for p in plans)
+    weights = initial_weights(model, first)
     with new_folder(out_dir) as staging:
         (staging / WEIGHTS).write_bytes(weights)
         (staging / RUN_CONFIG).write_text(config_toml(config))

@@ -49,6 +49,17 @@ many of the compute seconds that is.
 
 Edge. The edge's blocks run at the edge profile's speed; ``edge_load`` phones training at
 once share it (processor sharing: each gets 1/load of it).
+
+Early exits (a model with exits, ``toolkit.models.exits``). A choice's cut is one of the
+model's exits and the phone holds every branch up to it. Its trainable part runs blocks
+``[train_from, cut)`` and every branch it holds (those before ``train_from`` on the frozen
+part's taps), so the training compute, memory, update and weights held count the branches as
+well as the blocks (``branch_costs``: each branch measured as a block is, on the activation at
+its position); the frozen part's output row is its taps and its activation (``row_bytes``) and
+the trainable part returns every held exit's logits (``out_bytes``). Nothing runs on the edge.
+The version blob holds every branch and blocks ``[T, n)`` for the run's one T
+(``planner.exit_train_from``), and a phone downloads all of it as any phone does: the branches
+past its exit too, a few hundred KB for MobileNetV2's.
 """
 
 from __future__ import annotations
@@ -67,7 +78,8 @@ from torch import nn
 from device_runtime.codec import encoded_size
 from device_runtime.split_trainer import LABELS, LOSS
 from toolkit.errors import PlanError
-from toolkit.models import SplittableModel
+from toolkit.models import ExitModel, SplittableModel
+from toolkit.models.exits import EXITS_ROOT, split_spec
 from toolkit.profiling.profile import DeviceProfile, Link
 
 KINDS = ("conv", "pointwise", "depthwise", "linear", "elementwise", "weight_reads")
@@ -122,36 +134,58 @@ class _Tally:
             self.ops += isinstance(m, nn.AdaptiveAvgPool2d)
 
 
+def _measure(name: str, module: nn.Module, x: torch.Tensor) -> tuple[BlockCost, torch.Tensor]:
+    """What ``module`` costs per sample on input ``x`` (one sample), from a forward with hooks on
+    every leaf module; returns its cost and its output."""
+    tally = _Tally()
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(tally) for m in leaves]
+    in_bytes = x.numel() * 4
+    y = module(x)
+    for h in handles:
+        h.remove()
+    parameterised = [m for m in leaves if any(True for _ in m.parameters(recurse=False))]
+    cost = BlockCost(
+        name=name,
+        flops=tally.flops,
+        ops=tally.ops,
+        params=sum(p.numel() for p in module.parameters()),
+        param_shapes={f"{name}.{n}": tuple(p.shape) for n, p in module.named_parameters()},
+        in_bytes=in_bytes,
+        out_shape=tuple(y.shape[1:]),
+        peak_bytes=in_bytes + max(tally.outputs, default=0),
+        saved_bytes=in_bytes + sum(tally.outputs),
+        linear_only=all(isinstance(m, nn.Linear) for m in parameterised),
+    )
+    return cost, y
+
+
 def block_costs(model: SplittableModel) -> list[BlockCost]:
-    """Per-block costs from one forward of a single sample with hooks on every leaf module."""
+    """Per-block costs, in order, each block on the previous one's output."""
     costs = []
     x = torch.zeros(1, *model.input_shape)
     was_training = model.root.training
     model.root.eval()
     with torch.no_grad():
         for name, block in model.blocks:
-            tally = _Tally()
-            leaves = [m for m in block.modules() if not list(m.children())]
-            handles = [m.register_forward_hook(tally) for m in leaves]
-            in_bytes = x.numel() * 4
-            x = block(x)
-            for h in handles:
-                h.remove()
-            parameterised = [m for m in leaves if any(True for _ in m.parameters(recurse=False))]
-            costs.append(
-                BlockCost(
-                    name=name,
-                    flops=tally.flops,
-                    ops=tally.ops,
-                    params=sum(p.numel() for p in block.parameters()),
-                    param_shapes={f"{name}.{n}": tuple(p.shape) for n, p in block.named_parameters()},
-                    in_bytes=in_bytes,
-                    out_shape=tuple(x.shape[1:]),
-                    peak_bytes=in_bytes + max(tally.outputs, default=0),
-                    saved_bytes=in_bytes + sum(tally.outputs),
-                    linear_only=all(isinstance(m, nn.Linear) for m in parameterised),
-                )
-            )
+            cost, x = _measure(name, block, x)
+            costs.append(cost)
+    model.root.train(was_training)
+    return costs
+
+
+def branch_costs(model: SplittableModel) -> list[BlockCost]:
+    """Per-branch costs of a model with early exits, in exit order, each branch on the activation
+    at its position (none for a plain model)."""
+    if not isinstance(model, ExitModel):
+        return []
+    was_training = model.root.training
+    model.root.eval()
+    with torch.no_grad():
+        costs = [
+            _measure(f"{EXITS_ROOT}.{p}", model.branch_module(p), torch.zeros(1, *model.shape_at(p)))[0]
+            for p in model.branch_positions
+        ]
     model.root.train(was_training)
     return costs
 
@@ -191,10 +225,15 @@ def _features(cost: BlockCost, batch: int) -> list[int]:
     return [batch * cost.flops[k] for k in KINDS] + [cost.ops]
 
 
+def _io_features(in_bytes: int, out_bytes: int, batch: int) -> list[float]:
+    """One run of a part reading ``in_bytes`` and returning ``out_bytes`` per sample (fp32):
+    the call, and its feed and result copied."""
+    return [1.0, batch * (in_bytes + out_bytes)]
+
+
 def _run_features(costs: list[BlockCost], batch: int) -> list[float]:
-    """One run of the part ``costs``: the call, and its feed and result copied (fp32)."""
-    out_bytes = 4 * math.prod(costs[-1].out_shape)
-    return [1.0, batch * (costs[0].in_bytes + out_bytes)]
+    """One run of the part of consecutive blocks ``costs``."""
+    return _io_features(costs[0].in_bytes, 4 * math.prod(costs[-1].out_shape), batch)
 
 
 def _coef(calibration: Calibration) -> np.ndarray:
@@ -321,55 +360,114 @@ class Choice:
 
 
 class CostModel:
-    """Predicts round time, energy and memory of a choice for one model."""
+    """Predicts round time, energy and memory of a choice for one model.
+
+    Its *units* are the model's blocks, in order, then its early-exit branches, in exit order
+    (none for a plain model): ``forward_seconds`` and the byte counts index them alike."""
 
     def __init__(self, model: SplittableModel, calibration: Calibration | None = None):
         self.model = model
         self.calibration = calibration or shipped_calibration()
         self.costs = block_costs(model)
         self.n = len(self.costs)
+        self.exits = model.exits  # every exit's position, the final one included (none: a plain model)
+        self.branches = branch_costs(model)
+        self.units = [*self.costs, *self.branches]
+        # the blocks are the base model's: a profile's block timings of it apply to its exit models
+        self.timing_id = split_spec(model.model_id)[0]
         # the planner asks for the same byte counts over and over; memos of this instance (a
         # functools.cache on the methods would keep every CostModel alive)
-        self._update_memo: dict[tuple[int, int, str], int] = {}
+        self._bytes_memo: dict[tuple[tuple[int, ...], str], int] = {}
         self._exchange_memo: dict[tuple[int, int], tuple[int, int]] = {}
 
+    # -- what a choice holds ---------------------------------------------------------------
+    def splitfed(self, cut: int) -> bool:
+        """The edge trains blocks [cut, n): a cut before the end of a model without exits (a
+        phone at an early exit holds the whole model it runs)."""
+        return cut < self.n and not self.exits
+
+    def branch_units(self, cut: int) -> list[int]:
+        """The units of the branches a phone whose plan stops at ``cut`` holds."""
+        return [self.n + i for i, p in enumerate(self.exits[:-1]) if p <= cut]
+
+    def trainable_units(self, cut: int, train_from: int) -> list[int]:
+        """What the phone trains: blocks [train_from, cut), and every branch it holds."""
+        return [*range(train_from, cut), *self.branch_units(cut)]
+
+    def blob_from(self, train_from: int, fed_from: int | None) -> int:
+        """The first block of the global version blob the phone downloads. With ``fed_from``
+        the fleet's shallowest train_from; alone, the phone's own. An exit run's ``fed_from`` is
+        its one T (``planner.exit_train_from``): a phone whose exit comes before T trains from
+        its exit and downloads blocks [T, n) all the same."""
+        if fed_from is None:
+            return train_from
+        return fed_from if self.exits else min(fed_from, train_from)
+
+    def row_bytes(self, position: int) -> int:
+        """fp32 bytes per sample of the frozen part's output at ``position`` (the trainable
+        part's input): the taps at the exits before it, then the activation at it."""
+        taps = [p for p in self.exits[:-1] if p < position]
+        return 4 * sum(math.prod(self.activation_shape(p)) for p in (*taps, position))
+
+    def out_bytes(self, cut: int) -> int:
+        """fp32 bytes per sample of the phone's trainable part's output: the activation at the
+        cut, or the logits of every exit held."""
+        if self.exits:
+            return 4 * self.model.num_classes * sum(1 for p in self.exits if p <= cut)
+        return 4 * math.prod(self.activation_shape(cut))
+
+    def activation_shape(self, cut: int) -> tuple[int, ...]:
+        return tuple(self.model.input_shape) if cut == 0 else self.costs[cut - 1].out_shape
+
+    # -- compute ---------------------------------------------------------------------------
     def _work_seconds(self, gflops: float, batch: int) -> np.ndarray:
         coef = _coef(self.calibration)
-        return np.array([float(np.dot(_features(c, batch), coef)) for c in self.costs]) / (gflops * 1e9)
+        return np.array([float(np.dot(_features(c, batch), coef)) for c in self.units]) / (gflops * 1e9)
 
     def forward_seconds(self, profile: DeviceProfile, batch: int) -> np.ndarray:
-        """Forward seconds of each block at ``batch`` on the device inside a part (its work, not
-        the part's run: ``run_seconds``); rescaled per block to the profile's own measurement
-        of this model when it has one (the measurement's own run taken out)."""
+        """Forward seconds of each unit at ``batch`` on the device inside a part (its work, not
+        the part's run: ``run_seconds``); each block rescaled to the profile's own measurement
+        of the model's blocks when it has one (the measurement's own run taken out). Branches
+        are never timed alone: theirs are the calibration's."""
         predicted = self._work_seconds(profile.gflops, batch)
-        timing = profile.timing(self.model.model_id)
+        timing = profile.timing(self.timing_id)
         if timing is None:
             return predicted
         if set(timing.seconds) != {c.name for c in self.costs}:
             raise PlanError(
-                f"profile {profile.name!r} has timings of {self.model.model_id} blocks that do not match the model's: "
-                f"re-run `fedkit profile --model {self.model.model_id}`"
+                f"profile {profile.name!r} has timings of {self.timing_id} blocks that do not match the model's: "
+                f"re-run `fedkit profile --model {self.timing_id}`"
             )
         at_measured = np.array([predict_block(c, self.calibration, profile.gflops, timing.batch) for c in self.costs])
         measured = np.array([timing.seconds[c.name] for c in self.costs])
+        blocks = predicted[: self.n]
         # a block the model prices at nothing scales with the batch
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(at_measured > 0, predicted * measured / at_measured, measured * batch / timing.batch)
+            rescaled = np.where(at_measured > 0, blocks * measured / at_measured, measured * batch / timing.batch)
+        return np.concatenate([rescaled, predicted[self.n :]])
 
-    def run_seconds(self, profile: DeviceProfile, start: int, stop: int, batch: int) -> float:
-        """Seconds one run of the part [start, stop) costs beyond its blocks (0 for no blocks)."""
-        if start >= stop:
-            return 0.0
-        features = _run_features(self.costs[start:stop], batch)
+    def run_seconds(self, profile: DeviceProfile, in_bytes: int, out_bytes: int, batch: int) -> float:
+        """Seconds one run of a part costs beyond its units' work, for a part reading
+        ``in_bytes`` and returning ``out_bytes`` per sample."""
+        features = _io_features(in_bytes, out_bytes, batch)
         return float(np.dot(features, _run_coef(self.calibration))) / (profile.gflops * 1e9)
 
-    def _update_bytes(self, start: int, stop: int, encoding: str) -> int:
-        """Encoded bytes of the weights of blocks [start, stop) (0 when they have none: nothing is sent)."""
-        key = (start, stop, encoding)
-        if key not in self._update_memo:
-            shapes = {name: shape for c in self.costs[start:stop] for name, shape in c.param_shapes.items()}
-            self._update_memo[key] = encoded_size(shapes, encoding) if shapes else 0
-        return self._update_memo[key]
+    def _part_seconds(
+        self, profile: DeviceProfile, fwd: np.ndarray, units: Sequence[int], in_bytes: int, out_bytes: int, batch: int
+    ) -> float:
+        """Forward seconds of one run of the part made of ``units`` (0 for none)."""
+        if not units:
+            return 0.0
+        return float(fwd[list(units)].sum()) + self.run_seconds(profile, in_bytes, out_bytes, batch)
+
+    # -- bytes -----------------------------------------------------------------------------
+    def _bytes(self, units: Sequence[int], encoding: str) -> int:
+        """Encoded bytes of the weights of ``units`` (0 when they have none: nothing is sent)."""
+        key = (tuple(units), encoding)
+        if key not in self._bytes_memo:
+            shapes = {name: shape for i in units for name, shape in self.units[i].param_shapes.items()}
+            self._bytes_memo[key] = encoded_size(shapes, encoding) if shapes else 0
+        return self._bytes_memo[key]
 
     def _exchange_bytes(self, cut: int, batch: int) -> tuple[int, int]:
         """Encoded bytes of one SplitFed batch of ``batch`` samples: (the activation at the cut
@@ -386,17 +484,17 @@ class CostModel:
     def transfer_bytes(
         self, choice: Choice, samples: int, local_epochs: int = 1, fed_from: int | None = None
     ) -> dict[str, int]:
-        """Bytes one round moves: ``down_bytes`` (the global weights from the fleet's shallowest
-        trained block ``fed_from`` on, fp32, the whole version blob the phone pulls),
-        ``up_bytes`` (the update), and for SplitFed ``activation_bytes`` up and
+        """Bytes one round moves: ``down_bytes`` (the global weights: blocks from ``blob_from``
+        on and every branch, fp32, the whole version blob the phone pulls), ``up_bytes`` (the
+        update of what it trains), and for SplitFed ``activation_bytes`` up and
         ``gradient_bytes`` down over the round's batches."""
         cut, train_from = choice.cut, min(choice.train_from, choice.cut)
-        first = train_from if fed_from is None else min(fed_from, train_from)
+        blob = [*range(self.blob_from(train_from, fed_from), self.n), *self.branch_units(self.n)]
         out = {
-            "down_bytes": self._update_bytes(first, self.n, "fp32"),
-            "up_bytes": self._update_bytes(train_from, cut, choice.encoding),
+            "down_bytes": self._bytes(blob, "fp32"),
+            "up_bytes": self._bytes(self.trainable_units(cut, train_from), choice.encoding),
         }
-        if cut < self.n:
+        if self.splitfed(cut):
             full, rest = divmod(samples, choice.batch)  # the last batch of an epoch holds the rest
             per_batch = np.array(self._exchange_bytes(cut, choice.batch)) * full
             if rest:
@@ -404,19 +502,16 @@ class CostModel:
             out["activation_bytes"], out["gradient_bytes"] = (int(b) * local_epochs for b in per_batch)
         return out
 
-    def activation_shape(self, cut: int) -> tuple[int, ...]:
-        return tuple(self.model.input_shape) if cut == 0 else self.costs[cut - 1].out_shape
-
     def memory_mb(self, choice: Choice) -> float:
-        """Peak memory on the phone: runtime, the phone part's fp32 weights, frozen-part
-        activations of one batch, and for the trainable blocks their saved activations plus
-        gradients and momentum (the optimizer state) and the engine's copy of the weights."""
+        """Peak memory on the phone: runtime, the fp32 weights it holds (blocks and branches),
+        frozen-part activations of one batch, and for what it trains their saved activations
+        plus gradients and momentum (the optimizer state) and the engine's copy of the weights."""
         cut, train_from, batch = choice.cut, min(choice.train_from, choice.cut), choice.batch
-        weights = 4 * sum(c.params for c in self.costs[:cut])
+        weights = 4 * sum(self.units[i].params for i in (*range(cut), *self.branch_units(cut)))
         frozen = batch * max((c.peak_bytes for c in self.costs[:train_from]), default=0)
-        trainable = self.costs[train_from:cut]
+        trainable = [self.units[i] for i in self.trainable_units(cut, train_from)]
         training = batch * sum(c.saved_bytes for c in trainable) + 3 * 4 * sum(c.params for c in trainable)
-        buffers = 2 * batch * 4 * math.prod(self.activation_shape(cut)) if cut < self.n else 0
+        buffers = 2 * batch * 4 * math.prod(self.activation_shape(cut)) if self.splitfed(cut) else 0
         return ENGINE_MEMORY_MB[choice.engine] + (weights + frozen + training + buffers) / MB
 
     def round_time(
@@ -433,38 +528,45 @@ class CostModel:
     ) -> dict[str, float]:
         """One round: seconds of compute, upload, download, edge and total, of which
         ``features`` the frozen part's (first round only), and the bytes of ``transfer_bytes``.
-        ``fed_from`` is the fleet's shallowest train_from (None: this phone's own).
-        ``phone_fwd`` / ``edge_fwd`` pass precomputed forward_seconds at this batch."""
+        ``fed_from`` is the fleet's shallowest train_from (None: this phone's own; an exit
+        run's T, see ``blob_from``). ``phone_fwd`` / ``edge_fwd`` pass precomputed
+        forward_seconds at this batch."""
         link = _require_link(phone)
         cut, train_from, batch = choice.cut, min(choice.train_from, choice.cut), choice.batch
-        fed = train_from if fed_from is None else min(fed_from, train_from)
+        # the fed part [fed, train_from): what others train of this phone's frozen blocks (none
+        # in an exit run, whose blob starts at or after every phone's train_from)
+        fed = min(self.blob_from(train_from, fed_from), train_from)
         phone_fwd = self.forward_seconds(phone, batch) if phone_fwd is None else phone_fwd
         edge_fwd = self.forward_seconds(edge, batch) if edge_fwd is None else edge_fwd
         per_epoch = math.ceil(samples / batch)
         batches = local_epochs * per_epoch
+        rows = self.row_bytes
         # the frozen part [0, fed) and the fed part [fed, train_from): one run each per batch of
         # features, once a round; the trainable part one training run per batch, every epoch
-        features = per_epoch * (float(phone_fwd[:fed].sum()) + self.run_seconds(phone, 0, fed, batch))
-        fed_part = per_epoch * (
-            float(phone_fwd[fed:train_from].sum()) + self.run_seconds(phone, fed, train_from, batch)
+        features = per_epoch * self._part_seconds(phone, phone_fwd, range(fed), rows(0), rows(fed), batch)
+        fed_part = per_epoch * self._part_seconds(
+            phone, phone_fwd, range(fed, train_from), rows(fed), rows(train_from), batch
         )
         training = (
             batches
             * TRAIN_FACTOR
-            * (float(phone_fwd[train_from:cut].sum()) + self.run_seconds(phone, train_from, cut, batch))
+            * self._part_seconds(
+                phone, phone_fwd, self.trainable_units(cut, train_from), rows(train_from), self.out_bytes(cut), batch
+            )
         )
         compute = features + fed_part + training
+        edge_blocks = range(cut, self.n) if self.splitfed(cut) else range(0)
         edge_time = (
             batches
             * TRAIN_FACTOR
-            * (float(edge_fwd[cut:].sum()) + self.run_seconds(edge, cut, self.n, batch))
+            * self._part_seconds(edge, edge_fwd, edge_blocks, rows(cut), self.out_bytes(self.n), batch)
             * edge_load
         )
         rtt = link.rtt_ms / 1000
         sizes = self.transfer_bytes(choice, samples, local_epochs, fed_from)
         upload = rtt / 2 + _seconds(sizes["up_bytes"], link.uplink_mbps)
         download = rtt / 2 + _seconds(sizes["down_bytes"], link.downlink_mbps)
-        if cut < self.n:  # one request per batch: half its RTT each way
+        if self.splitfed(cut):  # one request per batch: half its RTT each way
             upload += batches * rtt / 2 + _seconds(sizes["activation_bytes"], link.uplink_mbps)
             download += batches * rtt / 2 + _seconds(sizes["gradient_bytes"], link.downlink_mbps)
         total = compute + upload + download + edge_time

@@ -5,7 +5,10 @@ phone gets which bundles (what `fedkit deploy --fleet` reads). `fedkit export --
 Every phone gets the bundle of its plan; a whole-model phone also gets a shallower bundle for
 each of the plan's ``stage_depths`` (a stage naming that trainable depth, e.g. a head-only
 warm-up). Every frozen part is fed the global values of the blocks some phone of the fleet
-trains (``fed_from``: the fleet's shallowest ``train_from``).
+trains (``fed_from``: the fleet's shallowest ``train_from``). An exit plan (a model with early
+exits) has no fed part: every phone of an exit run trains from min(T, its exit) for one
+run-wide T (``planner.exit_train_from``), so no block a phone runs frozen is trained by any
+other; and no stage-depth bundles, the run's depth being one for all.
 
 Bundles are exported once into the host cache (``$FEDKIT_CACHE_DIR/bundles``), keyed by the
 choice, ``fed_from``, the export format and the model's hash, and copied from there; a cache
@@ -45,7 +48,11 @@ class PlannedBundle:
 
 
 def bundle_folder_name(plan: DevicePlan) -> str:
-    return f"cut{plan.cut}-from{plan.train_from}-{plan.engine}-{plan.encoding}-b{plan.batch_size}"
+    """The choice as a folder name; an exit plan's names its exit, and its weights unless all 1."""
+    if not plan.exits:
+        return f"cut{plan.cut}-from{plan.train_from}-{plan.engine}-{plan.encoding}-b{plan.batch_size}"
+    weights = "" if set(plan.exit_weights) == {1.0} else "-w" + "_".join(f"{w:g}" for w in plan.exit_weights)
+    return f"exit{plan.cut}-from{plan.train_from}-{plan.engine}-{plan.encoding}-b{plan.batch_size}{weights}"
 
 
 def phone_bundles(fleet: FleetPlan, model: SplittableModel) -> dict[str, list[DevicePlan]]:
@@ -58,7 +65,7 @@ def phone_bundles(fleet: FleetPlan, model: SplittableModel) -> dict[str, list[De
             continue
         own = replace(phone.plan, predicted={})
         plans = [own]
-        if own.cut == n:
+        if own.cut == n and not own.exits:
             for depth in sorted(set(fleet.config.stage_depths), reverse=True):
                 train_from = model.train_from(n, min(depth, len(model.parameterised_blocks(n))))
                 if train_from > own.train_from:
@@ -96,10 +103,11 @@ def export_plan_bundles(fleet: FleetPlan, out_dir: str | Path, progress: Progres
                 f"the plan's choice for {', '.join(phones)} cannot be exported ({exc}): re-run `fedkit plan`"
             ) from exc
 
-    fed_from = min(plan.train_from for plan, _ in distinct.values())
+    shallowest = min(plan.train_from for plan, _ in distinct.values())
     made = []
     with new_folder(out_dir) as staging:
         for name, (plan, phones) in sorted(distinct.items()):
+            fed_from = plan.train_from if plan.exits else shallowest
             shutil.copytree(cached_bundle(model, plan, fed_from, progress), staging / name)
             made.append(PlannedBundle(out_dir / name, plan, tuple(phones)))
         index = {phone: [bundle_folder_name(p) for p in plans] for phone, plans in per_phone.items()}
@@ -117,9 +125,10 @@ def cached_bundle(model: SplittableModel, plan: DevicePlan, fed_from: int, progr
     from toolkit.data import LABEL_NAMES
 
     fed = f"-fed{fed_from}" if fed_from < plan.train_from else ""
-    # local_epochs is not in the folder name of an export, but a phone's bundle carries it
+    # local_epochs is not in the folder name of an export, but a phone's bundle carries it; an
+    # exit model's id names its exits after a colon, which some file systems refuse
     name = (
-        f"{model.model_id}-{bundle_folder_name(plan)}-e{plan.local_epochs}{fed}"
+        f"{model.model_id.replace(':', '@')}-{bundle_folder_name(plan)}-e{plan.local_epochs}{fed}"
         f"-x{EXPORT_FORMAT}-{model.content_hash()[:12]}"
     )
     path = cache_dir() / "bundles" / name

@@ -22,11 +22,35 @@ is reported infeasible with the reason, never dropped.
 
 Trainable depth counts parameterised blocks from ``train_from`` to the end of the model, on
 the phone or on the edge: in SplitFed the edge trains every block behind the cut.
+
+Early exits (a model with exits, ``toolkit.models.exits``). The candidates are the model's
+exits, never SplitFed (the edge would need the blocks and branches past each phone's exit,
+which is where that phone's model ends): a phone at exit ``p`` holds blocks ``[0, p)`` and the
+branches up to it, and trains every branch it holds and blocks ``[min(T, p), p)`` for one
+run-wide T, the first of the model's last ``train_blocks`` parameterised blocks (default 1:
+the classifier; ``exit_train_from``). So no block before T is trained by anyone and no phone
+needs a fed part. Exit bundles train with ``ort``. Each exit's loss weight is
+``exit_weights`` (position → weight, the others 1; or one weight per exit; default 1 each:
+every branch learns as if alone).
+
+Rule for exits (``exit_policy = "plan"``). A phone's exit is the deepest exit that fits its
+memory (and ``energy_budget_j``) and whose predicted round is within the fleet's round budget:
+``budget_s`` if given, else (1 + ``slack``) × the round of the fleet's fastest phone at the
+final exit. Deeper is more accurate until it is not: with ``exit_accuracy`` (position →
+validation accuracy, e.g. a previous run's evaluations), the phone stops at the shallowest
+exit within 0.5 point of the best exit it can afford, since deeper exits that add nothing are
+not worth their compute. Within its exit, the usual preference (encoding, batch, round,
+memory). A phone for which no exit fits is infeasible with the reason. ``exit_policy =
+"random"`` is the patent's baseline: an exit drawn uniformly among those that fit the phone's
+memory (and energy budget), seeded by ``seed`` and the phone's name (the same plan every
+time), with no round budget.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +70,7 @@ from toolkit.profiling.profile import DeviceProfile, read_json
 
 SCHEMA_VERSION: Final = 1  # Final: its type is Literal[1], as schema_version's
 FIDELITY = ("fp32", "fp16", "int8", "int4", "topk", "sign1")  # most faithful first
+ACCURACY_MARGIN = 0.005  # half a point: a deeper exit that adds less is not worth its compute
 
 
 class PlanConfig(BaseModel):
@@ -69,11 +94,23 @@ class PlanConfig(BaseModel):
     # Depths a stage may name (e.g. 1: a head-only warm-up stage): every whole-model phone also
     # gets a bundle training that many blocks, when it is shallower than its planned depth.
     stage_depths: tuple[PositiveInt, ...] = ()
+    # A model with early exits: how each phone's exit is chosen (plan: the rule above; random:
+    # the patent's baseline), each exit's loss weight (position → weight, others 1; or one per
+    # exit of the model; None: 1 each), and each exit's validation accuracy (fractions, position
+    # → accuracy for every exit or one per exit; None: deeper is better).
+    exit_policy: Literal["plan", "random"] = "plan"
+    exit_weights: dict[int, float] | tuple[float, ...] | None = None
+    exit_accuracy: dict[int, float] | tuple[float, ...] | None = None
+    seed: int = 0  # the random exit policy's
 
     def model_post_init(self, _context) -> None:
         unknown = [e for e in self.encodings if e not in ENCODINGS]
         if unknown or not self.encodings:
             raise PlanError(f"unknown or no update encodings {unknown}: choose from {', '.join(ENCODINGS)}")
+        if not all(math.isfinite(w) and w >= 0 for w in _values(self.exit_weights)):
+            raise PlanError(f"exit weights {self.exit_weights}: every weight must be a number of 0 or more")
+        if not all(0 <= a <= 1 for a in _values(self.exit_accuracy)):
+            raise PlanError(f"exit accuracies {self.exit_accuracy}: give fractions between 0 and 1 (0.85, not 85)")
 
     @property
     def batches(self) -> list[int]:
@@ -82,6 +119,10 @@ class PlanConfig(BaseModel):
             sizes.append(b)
             b //= 2
         return sizes or [self.batch_size]
+
+
+def _values(per_exit: dict[int, float] | tuple[float, ...] | None) -> Iterable[float]:
+    return per_exit.values() if isinstance(per_exit, dict) else per_exit or ()
 
 
 class PhonePlan(BaseModel):
@@ -119,7 +160,7 @@ class FleetPlan(BaseModel):
 class Pin:
     """What the user fixes for one phone; the planner chooses the rest."""
 
-    cut: int | None = None  # blocks [0, cut) on the phone
+    cut: int | None = None  # blocks [0, cut) on the phone (a model with exits: its exit)
     depth: int | None = None  # trainable blocks (a SplitFed phone's count the edge's too)
 
 
@@ -129,7 +170,7 @@ class Evaluated:
     predicted: dict[str, float]
     memory_mb: float
     energy_j: float | None
-    depth: int  # trainable parameterised blocks, phone and edge together
+    depth: int  # trainable parameterised blocks, phone and edge together (an exit plan: the phone's)
 
     def key(self) -> tuple:
         """The rule's preference among acceptable choices: greater is better."""
@@ -155,15 +196,36 @@ class Planner:
         self.n = len(model.block_names)
         self.parameterised = model.parameterised_blocks()
         self._edge_fwd = {b: self.cost.forward_seconds(edge, b) for b in self.config.batches}
+        # a model with exits: T, every exit's loss weight and, when given, its accuracy
+        self.exit_from: int | None = None
+        self.exit_weights: dict[int, float] = {}
+        self.exit_accuracy: dict[int, float] | None = None
+        if model.exits:
+            _check_exit_policy(model, self.config)
+            self.exit_from = exit_train_from(model, self.config)
+            self.exit_weights = weights_by_exit(model, self.config)
+            if self.config.exit_accuracy is not None:
+                self.exit_accuracy = per_exit(model, self.config.exit_accuracy, "exit accuracies", complete=True)
+        elif (self.config.exit_policy, self.config.exit_weights, self.config.exit_accuracy) != ("plan", None, None):
+            raise PlanError(
+                f"{model.model_id} has no early exits, so an exit policy, weights or accuracies do not apply: "
+                f"plan {model.model_id}+exits, or drop them"
+            )
 
     # -- the pieces ------------------------------------------------------------------------
-    def depth(self, train_from: int) -> int:
-        return sum(1 for i in self.parameterised if i >= train_from)
+    def depth(self, train_from: int, cut: int | None = None) -> int:
+        """Trainable parameterised blocks from ``train_from`` to the end of the model (the
+        edge's too); for an exit plan, to its exit ``cut``."""
+        stop = cut if cut is not None and self.model.exits else self.n
+        return sum(1 for i in self.parameterised if train_from <= i < stop)
 
     def engines(self, phone: DeviceProfile, cut: int, train_from: int) -> list[str]:
         """The engines that can train blocks ``train_from`` to ``cut`` on this phone: only those
-        its profile lists (what its runtime trains with, torch-free), so none when it lists none."""
+        its profile lists (what its runtime trains with, torch-free), so none when it lists none.
+        Exit bundles train with ort alone (its loss over several exits)."""
         engines: list[str] = [e for e in ENGINES if e in phone.engines]
+        if self.model.exits:
+            return [e for e in engines if e == "ort"]
         trains_linear_only = all(c.linear_only for c in self.cost.costs[train_from:cut])
         needs_backward_from = cut < self.n and train_from < cut
         if "executorch" in engines and not (trains_linear_only and not needs_backward_from):
@@ -175,6 +237,20 @@ class Planner:
         return engines
 
     def candidates(self, phone: DeviceProfile) -> Iterable[Choice]:
+        for cut, train_from in self._spans():
+            for engine in self.engines(phone, cut, train_from):
+                for batch in self.config.batches:
+                    for encoding in self.config.encodings:
+                        yield Choice(cut, train_from, engine, encoding, batch)
+
+    def _spans(self) -> Iterable[tuple[int, int]]:
+        """Every (cut, train_from) to consider."""
+        if self.exit_from is not None:
+            # an exit whose held exits all weigh 0 would train on no loss
+            for cut in self.model.exits:
+                if sum(self.exit_weights[p] for p in self.model.exits if p <= cut) > 0:
+                    yield cut, min(self.exit_from, cut)
+            return
         first_cut = 0 if self.config.allow_raw_upload else 1
         for cut in range(first_cut, self.n + 1):
             with_params = self.model.parameterised_blocks(cut)
@@ -183,10 +259,7 @@ class Planner:
             # Cut 0 (raw upload, a baseline) has no phone blocks at all.
             depths = range(0 if cut == 0 else 1, len(with_params) + 1)
             for train_from in sorted({self.model.train_from(cut, k) for k in depths}, reverse=True):
-                for engine in self.engines(phone, cut, train_from):
-                    for batch in self.config.batches:
-                        for encoding in self.config.encodings:
-                            yield Choice(cut, train_from, engine, encoding, batch)
+                yield cut, train_from
 
     def evaluate(self, choice: Choice, phone: DeviceProfile, phone_fwd=None, fed_from: int | None = None) -> Evaluated:
         """``fed_from``: the fleet's shallowest train_from, which sets the download (None: alone)."""
@@ -207,7 +280,7 @@ class Planner:
             predicted,
             self.cost.memory_mb(choice),
             self.cost.energy_j(predicted, phone),
-            self.depth(choice.train_from),
+            self.depth(choice.train_from, choice.cut),
         )
 
     def evaluate_all(
@@ -217,38 +290,31 @@ class Planner:
         return [self.evaluate(ch, phone, fwd.get(ch.batch), fed_from) for ch in choices]
 
     # -- the rule --------------------------------------------------------------------------
-    def choose(self, phone: DeviceProfile, evaluated: list[Evaluated]) -> PhonePlan:
+    def fitting(self, phone: DeviceProfile, evaluated: list[Evaluated]) -> tuple[list[Evaluated], str]:
+        """The choices within the phone's memory and the energy budget, or none and why."""
         c = self.config
         if not evaluated:
-            return PhonePlan(
-                profile=phone.name,
-                plan=None,
-                reason=f"no engine: the profile lists {list(phone.engines) or 'none'}; fedkit needs ort or executorch",
-            )
+            needs = "ort (exit bundles train with it alone)" if self.model.exits else "ort or executorch"
+            return [], f"no engine: the profile lists {list(phone.engines) or 'none'}; fedkit needs {needs}"
         fits = [e for e in evaluated if e.memory_mb <= phone.memory_mb]
         if not fits:
             least = min(e.memory_mb for e in evaluated)
-            return PhonePlan(
-                profile=phone.name,
-                plan=None,
-                reason=f"nothing fits memory: the smallest choice needs {least:.0f} MB, "
-                f"the phone has {phone.memory_mb:.0f} MB",
+            return [], (
+                f"nothing fits memory: the smallest choice needs {least:.0f} MB, the phone has {phone.memory_mb:.0f} MB"
             )
-        if c.energy_budget_j is not None:
-            if any(e.energy_j is None for e in fits):
-                return PhonePlan(
-                    profile=phone.name,
-                    plan=None,
-                    reason="an energy budget needs cpu_power_w in the profile and radio_power_w in its link",
-                )
-            # every one has an energy_j: checked above
-            fits = [e for e in fits if e.energy_j is not None and e.energy_j <= c.energy_budget_j]
-            if not fits:
-                return PhonePlan(
-                    profile=phone.name,
-                    plan=None,
-                    reason=f"no choice within the energy budget of {c.energy_budget_j:g} J",
-                )
+        if c.energy_budget_j is None:
+            return fits, ""
+        if any(e.energy_j is None for e in fits):
+            return [], "an energy budget needs cpu_power_w in the profile and radio_power_w in its link"
+        # every one has an energy_j: checked above
+        fits = [e for e in fits if e.energy_j is not None and e.energy_j <= c.energy_budget_j]
+        return fits, "" if fits else f"no choice within the energy budget of {c.energy_budget_j:g} J"
+
+    def choose(self, phone: DeviceProfile, evaluated: list[Evaluated]) -> PhonePlan:
+        c = self.config
+        fits, why = self.fitting(phone, evaluated)
+        if not fits:
+            return PhonePlan(profile=phone.name, plan=None, reason=why)
         fastest = min(e.predicted["total"] for e in fits)
         limit = c.budget_s if c.budget_s is not None else fastest * (1 + c.slack)
         within = [e for e in fits if e.predicted["total"] <= limit]
@@ -273,8 +339,73 @@ class Planner:
             energy_j=None if best.energy_j is None else round(best.energy_j, 1),
         )
 
+    def choose_exit(
+        self, phone: DeviceProfile, evaluated: list[Evaluated], reference: tuple[str, float] | None
+    ) -> PhonePlan:
+        """The exit rule (the module's doc) for one phone; ``reference``: the fleet's fastest
+        phone at the final exit and its round (None: no phone of the fleet holds it)."""
+        c = self.config
+        fits, why = self.fitting(phone, evaluated)
+        if not fits:
+            return PhonePlan(profile=phone.name, plan=None, reason=why)
+        memory = f"{phone.memory_mb:.0f} MB"
+        if c.exit_policy == "random":
+            held = sorted({e.choice.cut for e in fits})
+            cut = random.Random(f"{c.seed}:{phone.name}").choice(held)
+            return self._exit_plan(
+                phone,
+                fits,
+                cut,
+                f"exit {cut} drawn at random (seed {c.seed}) among the exits that fit {memory}: {held}",
+            )
+        if c.budget_s is not None:
+            limit, rule = c.budget_s, f"the round budget of {c.budget_s:g} s"
+        elif reference is not None:
+            limit = (1 + c.slack) * reference[1]
+            rule = f"{1 + c.slack:.2f} × the round of {reference[0]} at the final exit ({reference[1]:.1f} s)"
+        else:
+            return PhonePlan(
+                profile=phone.name,
+                plan=None,
+                reason="no phone of the fleet holds the final exit, so there is no reference round: give a budget_s",
+            )
+        within = [e for e in fits if e.predicted["total"] <= limit]
+        if not within:
+            fastest = min(fits, key=lambda e: e.predicted["total"])
+            return PhonePlan(
+                profile=phone.name,
+                plan=None,
+                reason=f"its fastest exit ({fastest.choice.cut}) takes {fastest.predicted['total']:.1f} s, over {rule}",
+            )
+        affordable = sorted({e.choice.cut for e in within})
+        cut, why = affordable[-1], f"deepest exit within {rule} that fits {memory}"
+        if self.exit_accuracy is not None:
+            accuracy = self.exit_accuracy
+            best = max(affordable, key=lambda p: (accuracy[p], -p))
+            enough = min(p for p in affordable if accuracy[p] >= accuracy[best] - ACCURACY_MARGIN)
+            if enough != cut:
+                cut = enough
+                why = (
+                    f"shallowest exit within {ACCURACY_MARGIN * 100:g} point of the best it can afford within {rule} "
+                    f"(exit {best}, accuracy {accuracy[best]:.1%}; exit {cut}: {accuracy[cut]:.1%}), fits {memory}"
+                )
+        return self._exit_plan(phone, within, cut, why)
+
+    def _exit_plan(self, phone: DeviceProfile, evaluated: list[Evaluated], cut: int, reason: str) -> PhonePlan:
+        """The preferred of ``evaluated`` at exit ``cut``, as the phone's plan."""
+        best = max((e for e in evaluated if e.choice.cut == cut), key=Evaluated.key)
+        return PhonePlan(
+            profile=phone.name,
+            plan=self.device_plan(best),
+            reason=reason,
+            trainable_blocks=best.depth,
+            memory_mb=round(best.memory_mb, 1),
+            energy_j=None if best.energy_j is None else round(best.energy_j, 1),
+        )
+
     def device_plan(self, e: Evaluated) -> DevicePlan:
         ch = e.choice
+        exits = tuple(p for p in self.model.exits if p <= ch.cut)
         return DevicePlan(
             cut=ch.cut,
             train_from=min(ch.train_from, ch.cut),
@@ -283,12 +414,17 @@ class Planner:
             local_epochs=self.config.local_epochs,
             batch_size=ch.batch,
             predicted=dict(e.predicted),
+            exits=exits,
+            exit_weights=tuple(self.exit_weights[p] for p in exits),
         )
 
     # -- entry points ----------------------------------------------------------------------
     def plan_phone(self, phone: DeviceProfile, pin: Pin = Pin(), fed_from: int | None = None) -> PhonePlan:
         """The rule over the choices the run's policy (``mode``, ``max_train_blocks``,
-        ``train_blocks``) and the phone's ``pin`` allow."""
+        ``train_blocks``) and the phone's ``pin`` allow. A model with exits: the phone planned
+        as a fleet of one (its download always starts at the run's T, whatever ``fed_from``)."""
+        if self.exit_from is not None:
+            return self._plan_exits([phone], {phone.name: pin})[0]
         evaluated = self.evaluate_all(phone, self.candidates(phone), fed_from)
         allowed = [e for e in evaluated if self._allowed(e.choice.cut, e.depth, pin)]
         if evaluated and not allowed:
@@ -315,9 +451,32 @@ class Planner:
             and (pin.depth is None or depth == pin.depth)
         )
 
+    def _plan_exits(self, phones: list[DeviceProfile], pins: dict[str, Pin]) -> list[PhonePlan]:
+        """The exit rule over a fleet: every choice priced with the run's blob (from T on), the
+        fastest phone at the final exit found, then each phone's exit."""
+        _check_exit_pins(self.model, pins)
+        evaluated = {p.name: self.evaluate_all(p, self.candidates(p), self.exit_from) for p in phones}
+        at_final = [
+            (e.predicted["total"], p.name)
+            for p in phones
+            for e in evaluated[p.name]
+            if e.choice.cut == self.n and e.memory_mb <= p.memory_mb
+        ]
+        reference = None
+        if at_final:
+            seconds, name = min(at_final)
+            reference = (name, seconds)
+        planned = []
+        for phone in phones:
+            pin = pins.get(phone.name, Pin())
+            allowed = [e for e in evaluated[phone.name] if pin.cut is None or e.choice.cut == pin.cut]
+            planned.append(self.choose_exit(phone, allowed, reference))
+        return planned
+
     def oracle(self, phone: DeviceProfile) -> PhonePlan:
         """The same rule over the raw product of every field (any train_from, every engine the
-        phone has where it can run): a brute force to check the planner's search against."""
+        phone has where it can run): a brute force to check the planner's search against, for
+        a model without exits."""
         first_cut = 0 if self.config.allow_raw_upload else 1
         raw = (
             Choice(cut, train_from, engine, encoding, batch)
@@ -336,6 +495,8 @@ class Planner:
         if duplicates:
             raise PlanError(f"profile names must be unique, {', '.join(duplicates)} repeat: rename the profiles")
         pins = pins or {}
+        if self.exit_from is not None:
+            return self._fleet(self._plan_exits(phones, pins))
         # Every phone downloads the whole global blob: every block from the fleet's shallowest
         # train_from on. Plan each phone alone, then re-price every choice with the fleet's
         # download and choose again, until the shallowest train_from holds. It never moves up
@@ -348,6 +509,9 @@ class Planner:
             if shallowest is None or shallowest == fed_from:
                 break
             fed_from = shallowest
+        return self._fleet(planned)
+
+    def _fleet(self, planned: list[PhonePlan]) -> FleetPlan:
         return FleetPlan(
             model_id=self.model.model_id,
             block_names=self.model.block_names,
@@ -355,6 +519,68 @@ class Planner:
             config=self.config,
             phones=planned,
         )
+
+
+def exit_train_from(model: SplittableModel, config: PlanConfig) -> int:
+    """T, the first block an exit run trains: the first of the model's last ``train_blocks``
+    parameterised blocks (default 1: the classifier). A phone trains from min(T, its exit)."""
+    return model.train_from(len(model.block_names), config.train_blocks or 1)
+
+
+def weights_by_exit(model: SplittableModel, config: PlanConfig) -> dict[int, float]:
+    """Every exit's loss weight from ``config.exit_weights`` (default 1)."""
+    if config.exit_weights is None:
+        return dict.fromkeys(model.exits, 1.0)
+    weights = per_exit(model, config.exit_weights, "exit weights")
+    if sum(weights.values()) <= 0:
+        raise PlanError("exit weights are all 0: at least one exit must carry the loss")
+    return weights
+
+
+def per_exit(
+    model: SplittableModel, given: dict[int, float] | tuple[float, ...], what: str, complete: bool = False
+) -> dict[int, float]:
+    """``given`` (position → value, or one value per exit in order) as every exit's value,
+    checked against the model's exits. A position a mapping leaves out gets 1, unless
+    ``complete`` (then it may leave out none)."""
+    exits = model.exits
+    where = f"{model.model_id} has exits at {', '.join(map(str, exits))}"
+    if not isinstance(given, dict):
+        if len(given) != len(exits):
+            raise PlanError(f"{len(given)} {what} for {len(exits)} exits: {where}; give one per exit")
+        return dict(zip(exits, map(float, given), strict=True))
+    unknown = sorted(set(given) - set(exits))
+    if unknown:
+        raise PlanError(f"{what} for positions {unknown}, which are no exits: {where}")
+    missing = [p for p in exits if p not in given]
+    if complete and missing:
+        raise PlanError(f"{what} leave out exits {missing}: {where}; give one for each")
+    return {p: float(given.get(p, 1.0)) for p in exits}
+
+
+def _check_exit_policy(model: SplittableModel, config: PlanConfig) -> None:
+    """What an exit run cannot do: SplitFed, or depths per phone."""
+    if config.mode == "splitfed":
+        raise PlanError(
+            f"mode splitfed with {model.model_id}: SplitFed + exits is not supported, since the edge would need "
+            "the blocks and branches past each phone's exit, where its model ends; use mode federated"
+        )
+    if config.max_train_blocks is not None or config.stage_depths:
+        raise PlanError(
+            "an exit run trains one depth on every phone: give train_blocks, not max_train_blocks or stage_depths"
+        )
+
+
+def _check_exit_pins(model: SplittableModel, pins: dict[str, Pin]) -> None:
+    for phone, pin in pins.items():
+        if pin.depth is not None:
+            raise PlanError(
+                f"{phone}: an exit run trains one depth on every phone (train_blocks): pin its exit (cut), not a depth"
+            )
+        if pin.cut is not None and pin.cut not in model.exits:
+            raise PlanError(
+                f"{phone}: cut {pin.cut} is no exit of {model.model_id}; pin one of {', '.join(map(str, model.exits))}"
+            )
 
 
 def load_plan(path: Path) -> FleetPlan:

@@ -1,7 +1,11 @@
 """The simulation's configuration: a TOML file validated by pydantic.
 
     name = "demo"
-    model = "mobilenet_v2"         # or "small_cnn"
+    model = "mobilenet_v2"         # or "small_cnn"; "NAME+exits" (or "NAME+exits:P,Q") adds early
+                                   # exits: the planner chooses each phone's exit (mode federated)
+    # exit_policy = "plan"         # exits: "plan" (the planner's rule) or "random" (the baseline)
+    # exit_weights = [0.5, 1, 1, 1, 1]   # exits: each exit's loss weight, or {7 = 0.5} (others 1)
+    # exit_accuracy = {7 = 0.81, 11 = 0.85, 14 = 0.84, 17 = 0.82, 21 = 0.80}  # stop where deeper adds nothing
     mode = "federated"             # or "splitfed" (each phone's cut from the planner, the edge on the
                                    # aggregator), or "auto" (the planner decides per phone)
     # edge = "edge.json"           # the edge's profile; default: this host, profiled at the start
@@ -40,10 +44,12 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.aggregator.config import Stage, load_toml
-from toolkit.errors import ConfigError, describe
+from toolkit.errors import ConfigError, ModelError, describe
+from toolkit.models import MODELS
+from toolkit.models.exits import split_spec
 
 
 class _Strict(BaseModel):
@@ -115,7 +121,7 @@ class Fault(_Strict):
 
 class SimulationConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    model: Literal["mobilenet_v2", "small_cnn"] = "mobilenet_v2"
+    model: str = "mobilenet_v2"  # a zoo name, or NAME+exits[:P,Q,…] with early exits
     # The planning policy (toolkit.planning.PlanConfig.mode). federated: every phone holds the
     # whole model (depth below); splitfed: every phone runs the planner's best SplitFed choice (a
     # cut before the last block, depth capped at max_train_blocks); auto: the planner's choice
@@ -132,6 +138,13 @@ class SimulationConfig(_Strict):
     planner_slack: float = Field(default=0.10, ge=0)  # the planner's rule: rounds within (1 + slack) x the fastest
     max_train_blocks: int | None = Field(default=None, ge=1)  # caps the planner's depth (deeper can diverge)
     encoding: Literal["fp32", "fp16", "int8", "int4", "sign1", "topk"] = "int8"  # the plan's (a stage may name another)
+    # A model with exits (toolkit.planning.PlanConfig): how each phone's exit is chosen, each
+    # exit's loss weight (position → weight, others 1, or one per exit; default 1 each), and
+    # each exit's validation accuracy (fractions, every exit; the planner stops a phone where a
+    # deeper exit adds under half a point).
+    exit_policy: Literal["plan", "random"] = "plan"
+    exit_weights: dict[int, float] | tuple[float, ...] | None = None
+    exit_accuracy: dict[int, float] | tuple[float, ...] | None = None
     batch_size: int = Field(default=32, ge=1)
     seed: int = 0
     train_images: int = Field(default=60000, ge=10, le=60000)
@@ -152,6 +165,35 @@ class SimulationConfig(_Strict):
     @property
     def num_phones(self) -> int:
         return sum(g.count for g in self.phones)
+
+    @property
+    def has_exits(self) -> bool:
+        return split_spec(self.model)[1] is not None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        try:
+            base, _ = split_spec(model)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from exc
+        if base not in MODELS:
+            raise ValueError(f"unknown model {base!r}: choose one of {', '.join(MODELS)}, optionally with +exits")
+        return model
+
+    @model_validator(mode="after")
+    def _exits_are_federated(self):
+        if self.has_exits and self.mode != "federated":
+            raise ValueError(
+                f"mode {self.mode!r} with {self.model}: SplitFed + exits is not supported, since the edge would need "
+                'the blocks and branches past each phone\'s exit, where its model ends; set mode = "federated"'
+            )
+        if not self.has_exits and (self.exit_policy, self.exit_weights, self.exit_accuracy) != ("plan", None, None):
+            raise ValueError(
+                f"exit_policy, exit_weights and exit_accuracy are for a model with exits: "
+                f'set model = "{self.model}+exits", or drop them'
+            )
+        return self
 
     @model_validator(mode="after")
     def _splitfed_engines(self):

@@ -60,7 +60,8 @@ def plan_config(config: SimulationConfig, num_phones: int) -> PlanConfig:
     for whole-model phones: with depth "head" a federated run trains exactly ``train_blocks``; a
     SplitFed or mixed run is capped by ``max_train_blocks`` alone (a SplitFed phone's depth
     counts the edge's blocks too)."""
-    head_only = config.mode == "federated" and config.depth == "head"
+    # an exit run trains train_blocks on every phone, whatever its depth policy; its exit is the planner's
+    head_only = config.mode == "federated" and (config.depth == "head" or config.has_exits)
     return PlanConfig(
         samples=max(1, config.train_images // num_phones),
         batch_size=config.batch_size,
@@ -69,7 +70,11 @@ def plan_config(config: SimulationConfig, num_phones: int) -> PlanConfig:
         mode=config.mode,
         max_train_blocks=None if head_only else config.max_train_blocks,
         train_blocks=config.train_blocks if head_only else None,
-        stage_depths=(config.train_blocks,) if config.depth == "plan" else (),
+        stage_depths=(config.train_blocks,) if config.depth == "plan" and not config.has_exits else (),
+        exit_policy=config.exit_policy,
+        exit_weights=config.exit_weights,
+        exit_accuracy=config.exit_accuracy,
+        seed=config.seed,
     )
 
 

@@ -141,10 +141,10 @@ def edge_step(
 
 
 def initial_weights(model: SplittableModel, train_from: int) -> bytes:
-    """A SplitFed run's version 0 (codec fp32, kind "weights"): every parameter of blocks
-    [train_from, n), so it holds what any phone training from ``train_from`` or later trains,
-    and what the edge trains past any cut."""
-    part = model.part(train_from, len(model.block_names))
+    """A run's version 0 (codec fp32, kind "weights"): every parameter of blocks [train_from,
+    n), and of every early-exit branch of a model with exits, so it holds what any phone
+    training from ``train_from`` or later trains, and what the edge trains past any cut."""
+    part = model.trainable_part(train_from, len(model.block_names))
     tensors = {name: p.detach().cpu().numpy().copy() for name, p in part.named_parameters()}
     return encode(UpdateHeader(EDGE_ID, 0, 0, 0, kind="weights"), tensors, "fp32")
 

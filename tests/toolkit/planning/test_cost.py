@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 
 import numpy as np
 import pytest
@@ -310,3 +311,64 @@ def test_the_planner_prices_every_phone_with_the_fleets_download():
         assert planned[phone.name] == planner.plan_phone(phone, pins.get(phone.name, Pin()), fed_from=fed_from)
     # a fleet of one is priced as the phone alone
     assert planner.plan([head]).phones[0].plan == alone["head"]
+
+
+# -- early exits ----------------------------------------------------------------------------
+
+EXIT_MODEL = load_model("small_cnn+exits:1,2")  # exits 1, 2 and the final one, 5
+EXIT_COST = CostModel(EXIT_MODEL)
+T = EXIT_MODEL.train_from(N, 1)  # the run's first trained block: the classifier
+
+
+def test_branches_are_priced_with_the_flops_and_parameters_the_model_counts():
+    stats = EXIT_MODEL.exit_stats()
+
+    assert [c.name for c in EXIT_COST.branches] == ["exits.1", "exits.2"]
+    for cost, exit_stats in zip(EXIT_COST.branches, stats[:-1], strict=True):
+        assert sum(cost.flops[k] for k in ("conv", "pointwise", "depthwise", "linear")) == exit_stats.branch_flops
+        assert cost.params == exit_stats.branch_params > 0
+    assert EXIT_COST.costs == COST.costs  # the blocks are the plain model's
+
+
+@pytest.mark.parametrize("cut, t", [(1, T), (2, T), (N, T), (N, 2)])
+def test_an_exit_plan_uploads_its_trainable_tensors_and_downloads_the_runs_blob(cut, t):
+    # Prepare: the tensors the phone trains, as the exporter's trainable part holds them, and
+    # the run's version 0 (every branch, blocks from T on)
+    train_from = min(t, cut)
+    trainable = {n: p.detach().numpy() for n, p in EXIT_MODEL.trainable_part(train_from, cut).named_parameters()}
+    header = UpdateHeader("phone-7", 3, 2, 1000)
+    update = encode(header, trainable, "int8", rng=np.random.default_rng(0))
+    blob = _weights_blob(EXIT_MODEL, t)
+
+    # Execute
+    sizes = EXIT_COST.transfer_bytes(Choice(cut, train_from, "ort", "int8", 32), samples=1000, fed_from=t)
+
+    # Assert: every branch it holds is in its update; nothing crosses to an edge
+    assert sum(name.startswith("exits.") for name in trainable) == 4 * sum(1 for p in (1, 2) if p <= cut)
+    assert sizes["up_bytes"] == len(update) - _header_bytes(header)
+    assert sizes["down_bytes"] == len(blob) - _header_bytes(decode(blob).header)
+    assert set(sizes) == {"up_bytes", "down_bytes"}
+
+
+def test_an_exit_plan_trains_its_branches_on_the_phone_and_nothing_on_the_edge():
+    # Prepare: the classifier trained at the final exit, with the branches of exits 1 and 2 or
+    # on the plain model
+    final = Choice(N, T, "ort", "int8", 32)
+    branches_only = Choice(2, 2, "ort", "int8", 32)  # exit 2 before T: no block trains
+
+    # Execute
+    exit_time = EXIT_COST.round_time(final, _phone(), EDGE, samples=1000, fed_from=T)
+    plain_time = COST.round_time(final, _phone(), EDGE, samples=1000)
+    early = EXIT_COST.round_time(branches_only, _phone(), EDGE, samples=1000, fed_from=T)
+    early_alone = EXIT_COST.round_time(branches_only, _phone(), EDGE, samples=1000)
+
+    # Assert: the branches' training (3 forwards a batch) on top of the blocks', and their memory
+    branch_fwd = EXIT_COST.forward_seconds(_phone(), 32)[N:].sum()
+    assert exit_time["compute"] - plain_time["compute"] >= 3 * math.ceil(1000 / 32) * branch_fwd
+    branch_bytes = sum(4 * c.params + 32 * c.saved_bytes + 12 * c.params for c in EXIT_COST.branches)
+    assert EXIT_COST.memory_mb(final) - COST.memory_mb(final) == pytest.approx(branch_bytes / 1e6)
+    assert early["edge"] == exit_time["edge"] == 0 and early["compute"] > early["features"] > 0
+    assert early["features"] < exit_time["features"]  # blocks [0, 2) frozen, not [0, 4)
+    # exit 2 comes before T: the phone has no fed part, and still downloads the run's blob from T
+    assert early["compute"] == early_alone["compute"]
+    assert early["down_bytes"] == exit_time["down_bytes"] < early_alone["down_bytes"]

@@ -9,12 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from device_runtime.bundle import Bundle
+from device_runtime.codec import encoded_size
 from device_runtime.manifest import DevicePlan
 from toolkit.cli import app
 from toolkit.data import LABEL_NAMES
 from toolkit.errors import ExportError, PlanError
 from toolkit.models import load_model
-from toolkit.planning import PlanConfig, Planner
+from toolkit.planning import Pin, PlanConfig, Planner
 from toolkit.planning.export import cached_bundle, export_plan_bundles, read_index
 from toolkit.profiling import DeviceProfile, links
 
@@ -216,3 +217,34 @@ def test_a_plan_that_differs_only_in_local_epochs_gets_its_own_bundle(exports, o
 
     assert exports == [one, three]
     assert Bundle.load(entry).manifest.plan.local_epochs == 3
+
+
+def test_an_exit_plan_exports_a_bundle_per_exit_without_a_fed_part(exports, one_torch_thread, tmp_path):
+    # Prepare: three phones pinned to the three exits of small_cnn+exits:1,2, exit 1's loss halved
+    model = load_model("small_cnn+exits:1,2")
+    pins = {"a": Pin(cut=1), "b": Pin(cut=2), "c": Pin(cut=5)}
+    fleet = Planner(model, EDGE, PlanConfig(budget_s=1e6, exit_weights={1: 0.5})).plan(
+        [_phone(name) for name in pins], pins
+    )
+
+    # Execute
+    bundles = export_plan_bundles(fleet, tmp_path / "out")
+
+    # Assert: one bundle per exit, named for it and its weights; each phone's plan, verified;
+    # no bundle runs a fed part, whatever the shallowest phone trains
+    index = read_index(tmp_path / "out")
+    assert sorted(b.folder.name for b in bundles) == [
+        "exit1-from1-ort-fp32-b32-w0.5",
+        "exit2-from2-ort-fp32-b32-w0.5_1",
+        "exit5-from4-ort-fp32-b32-w0.5_1_1",
+    ]
+    for phone in fleet.phones:
+        [folder] = index[phone.profile]
+        manifest = Bundle.load(folder).manifest
+        assert manifest.plan == replace(phone.plan, predicted={})
+        assert "fed.onnx" not in manifest.files
+        # the planner priced the update the bundle sends: every tensor it trains
+        shapes = {t.name: t.shape for t in manifest.trainable}
+        assert encoded_size(shapes, manifest.plan.encoding) == phone.plan.predicted["up_bytes"]
+        assert any(name.startswith("exits.") for name in shapes)
+    assert len(exports) == 3

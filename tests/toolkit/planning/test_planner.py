@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 
 import pytest
 
@@ -266,3 +268,164 @@ def test_a_phone_that_only_runs_the_numpy_engine_trains_its_head_and_nothing_dee
     deeper = _planner(train_blocks=2).plan_phone(phone)
     assert deeper.plan is None
     assert _planner(mode="splitfed").plan_phone(phone).plan is None
+
+
+# -- early exits ----------------------------------------------------------------------------
+
+EXIT_MODEL = load_model("small_cnn+exits:1,2")  # exits 1, 2 and the final one, 5
+
+
+def _exit_planner(**config) -> Planner:
+    return Planner(EXIT_MODEL, EDGE, PlanConfig(**config))
+
+
+@pytest.fixture(scope="module")
+def mobilenet_exits() -> Planner:
+    return Planner(load_model("mobilenet_v2+exits"), EDGE, PlanConfig(budget_s=3.0))
+
+
+def test_a_weak_class_gets_a_shallower_exit_than_a_flagship_under_a_budget(mobilenet_exits):
+    # Prepare: a weak class and a flagship under a 3 s round budget
+    planner = mobilenet_exits
+    phones = catalog_profiles(["low-2019", "flagship-2023"])
+
+    # Execute
+    weak, flagship = planner.plan(phones).phones
+
+    # Assert: the flagship holds the final exit, the weak class stops earlier, each the deepest
+    # exit whose round fits the budget: every deeper one of the weak class's takes longer
+    assert flagship.plan.cut == len(planner.model.block_names) == flagship.plan.exits[-1]
+    assert weak.plan.cut < flagship.plan.cut and weak.plan.predicted["total"] <= 3.0
+    assert weak.reason.startswith("deepest exit within the round budget of 3 s")
+    deeper = [
+        e
+        for e in planner.evaluate_all(phones[0], planner.candidates(phones[0]), planner.exit_from)
+        if e.choice.cut > weak.plan.cut
+    ]
+    assert deeper and min(e.predicted["total"] for e in deeper) > 3.0
+
+
+def test_without_a_budget_the_fleets_fastest_phone_at_the_final_exit_sets_it(mobilenet_exits):
+    planner = Planner(mobilenet_exits.model, EDGE, PlanConfig(slack=0.5))
+    phones = catalog_profiles(["entry-2018", "mid-2022", "flagship-2023"])
+
+    entry, mid, flagship = planner.plan(phones).phones
+
+    reference = flagship.plan.predicted["total"]
+    assert flagship.plan.cut == len(planner.model.block_names)
+    assert "1.50 × the round of flagship-2023 at the final exit" in mid.reason
+    assert mid.plan.predicted["total"] <= 1.5 * reference
+    assert entry.plan is None and "its fastest exit (7) takes" in entry.reason
+
+
+def test_exit_accuracy_stops_a_phone_where_deeper_exits_add_nothing():
+    # Prepare: a budget every exit fits, and accuracies from an earlier run
+    phone = _phone()
+    flat = {1: 0.80, 2: 0.853, 5: 0.855}  # exit 2 within half a point of the final exit
+    steep = {1: 0.80, 2: 0.84, 5: 0.855}
+
+    # Execute
+    deepest = _exit_planner(budget_s=1e6).plan_phone(phone)
+    stopped = _exit_planner(budget_s=1e6, exit_accuracy=flat).plan_phone(phone)
+    on = _exit_planner(budget_s=1e6, exit_accuracy=steep).plan_phone(phone)
+    as_list = _exit_planner(budget_s=1e6, exit_accuracy=tuple(flat.values())).plan_phone(phone)
+
+    # Assert
+    assert deepest.plan.cut == on.plan.cut == 5
+    assert stopped.plan.cut == as_list.plan.cut == 2
+    assert (
+        "shallowest exit within 0.5 point of the best" in stopped.reason and "exit 5, accuracy 85.5%" in stopped.reason
+    )
+
+
+def test_random_exits_are_reproducible_cover_every_exit_and_fit_memory():
+    # Prepare: 30 phones, and one whose memory holds exit 1 alone
+    phones = [_phone(f"phone-{i}") for i in range(30)]
+    planner = _exit_planner()
+    least_mb = {cut: math.inf for cut in EXIT_MODEL.exits}
+    for e in planner.evaluate_all(_phone(), planner.candidates(_phone())):
+        least_mb[e.choice.cut] = min(least_mb[e.choice.cut], e.memory_mb)
+    assert least_mb[1] < least_mb[2] < least_mb[5]  # the premise
+    small = _phone("small", memory_mb=(least_mb[1] + least_mb[2]) / 2)
+
+    # Execute
+    first = _exit_planner(exit_policy="random").plan([*phones, small])
+    again = _exit_planner(exit_policy="random").plan([*phones, small])
+    other_seed = _exit_planner(exit_policy="random", seed=1).plan([*phones, small])
+
+    # Assert
+    cuts = [p.plan.cut for p in first.phones]
+    assert first == again
+    assert set(cuts[:-1]) == set(EXIT_MODEL.exits)
+    assert cuts != [p.plan.cut for p in other_seed.phones]
+    assert cuts[-1] == 1 and "drawn at random (seed 0)" in first.phones[-1].reason
+
+
+def test_exit_plans_carry_their_exits_weights_and_one_depth():
+    # Prepare: a depth of 2 (T = features.2, the classifier's is the last parameterised block)
+    planner = _exit_planner(budget_s=1e6, train_blocks=2, exit_weights={1: 0.5})
+    pins = {"a": Pin(cut=1), "b": Pin(cut=2), "c": Pin(cut=5)}
+
+    # Execute
+    fleet = planner.plan([_phone(name) for name in pins], pins)
+
+    # Assert: each phone holds the exits up to its own, trains from min(T, exit), on ort
+    t = EXIT_MODEL.train_from(5, 2)
+    assert t == 2 and planner.exit_from == t
+    a, b, c = (p.plan for p in fleet.phones)
+    assert (a.cut, a.train_from, a.exits, a.exit_weights) == (1, 1, (1,), (0.5,))
+    assert (b.cut, b.train_from, b.exits, b.exit_weights) == (2, 2, (1, 2), (0.5, 1.0))
+    assert (c.cut, c.train_from, c.exits, c.exit_weights) == (5, 2, (1, 2, 5), (0.5, 1.0, 1.0))
+    assert {p.engine for p in (a, b, c)} == {"ort"}
+    assert [p.trainable_blocks for p in fleet.phones] == [0, 0, 2]
+    assert _exit_planner(exit_weights=(0.5, 2.0, 1.0)).plan([_phone("c")], {"c": Pin(cut=5)}).phones[
+        0
+    ].plan.exit_weights == (0.5, 2.0, 1.0)
+
+
+def test_an_exit_that_would_train_on_no_loss_is_never_planned():
+    planner = _exit_planner(exit_policy="random", exit_weights={1: 0.0})
+
+    fleet = planner.plan([_phone(f"phone-{i}") for i in range(20)])
+
+    assert {p.plan.cut for p in fleet.phones} == {2, 5}
+
+
+def test_exit_plan_files_round_trip(tmp_path):
+    fleet = _exit_planner(exit_weights={1: 0.5}, exit_accuracy=(0.8, 0.84, 0.855)).plan([_phone("a")])
+    fleet.save(tmp_path / "plan.json")
+
+    assert load_plan(tmp_path / "plan.json") == fleet
+
+
+@pytest.mark.parametrize(
+    "model, config, pins, says",
+    [
+        (EXIT_MODEL, {"mode": "splitfed"}, {}, "SplitFed + exits is not supported"),
+        (EXIT_MODEL, {"max_train_blocks": 2}, {}, "one depth on every phone"),
+        (EXIT_MODEL, {"exit_weights": {3: 1.0}}, {}, "exit weights for positions [3], which are no exits"),
+        (EXIT_MODEL, {"exit_weights": (1.0, 1.0)}, {}, "2 exit weights for 3 exits"),
+        (EXIT_MODEL, {"exit_weights": {1: 0, 2: 0, 5: 0}}, {}, "all 0"),
+        (EXIT_MODEL, {"exit_accuracy": {1: 0.8, 5: 0.9}}, {}, "leave out exits [2]"),
+        (EXIT_MODEL, {}, {"a": Pin(cut=3)}, "cut 3 is no exit of small_cnn+exits:1,2"),
+        (EXIT_MODEL, {}, {"a": Pin(depth=1)}, "pin its exit (cut), not a depth"),
+        (MODEL, {"exit_policy": "random"}, {}, "small_cnn has no early exits"),
+        (MODEL, {"exit_weights": (1.0,)}, {}, "plan small_cnn+exits"),
+    ],
+)
+def test_exit_configurations_that_cannot_work_are_refused(model, config, pins, says):
+    with pytest.raises(PlanError, match=re.escape(says)):
+        Planner(model, EDGE, PlanConfig(**config)).plan([_phone("a")], pins)
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ({"exit_weights": {1: -0.5}}, "every weight must be a number of 0 or more"),
+        ({"exit_weights": (1.0, float("nan"))}, "every weight must be a number of 0 or more"),
+        ({"exit_accuracy": {1: 85.0}}, "fractions between 0 and 1 (0.85, not 85)"),
+    ],
+)
+def test_bad_exit_values_are_refused_by_the_config(config, says):
+    with pytest.raises(PlanError, match=re.escape(says)):
+        PlanConfig(**config)

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from toolkit.errors import ConfigError
 from toolkit.simulation import demo_config, load_simulation, parse_simulation
+from toolkit.simulation.run import plan_config
 
 BASE = {"name": "x", "phones": [{"class": "mid-2022", "count": 2}], "stages": [{"name": "s", "rounds": 1, "lr": 0.01}]}
 
@@ -62,3 +65,47 @@ def test_a_pinned_cut_needs_a_splitfed_run():
 def test_splitfed_phones_cannot_run_executorch():
     with pytest.raises(ConfigError, match="only the ort engine"):
         parse_simulation({**BASE, "mode": "splitfed", "phones": [{"class": "mid-2022", "engine": "executorch"}]})
+
+
+def test_an_exit_model_with_its_policy_weights_and_accuracies_is_planned_as_given(tmp_path):
+    # Prepare: the knobs as a TOML file writes them (a table's keys are strings)
+    path = tmp_path / "sim.toml"
+    path.write_text(
+        'name = "x"\nmodel = "small_cnn+exits:1,2"\ndepth = "plan"\ntrain_blocks = 2\nexit_policy = "random"\n'
+        "exit_weights = {1 = 0.5}\nexit_accuracy = [0.8, 0.84, 0.85]\nseed = 7\n"
+        '[[phones]]\nclass = "mid-2022"\n[[stages]]\nname = "s"\nrounds = 1\nlr = 0.01\n'
+    )
+
+    # Execute
+    config = load_simulation(path)
+    planned = plan_config(config, num_phones=2)
+
+    # Assert: one depth for every phone (no stage depths), the exit knobs passed on
+    assert config.has_exits and config.exit_weights == {1: 0.5}
+    assert (planned.train_blocks, planned.max_train_blocks, planned.stage_depths) == (2, None, ())
+    assert (planned.exit_policy, planned.exit_weights, planned.exit_accuracy, planned.seed) == (
+        "random",
+        {1: 0.5},
+        (0.8, 0.84, 0.85),
+        7,
+    )
+    assert parse_simulation({**BASE, "model": "mobilenet_v2+exits"}).has_exits
+    assert not parse_simulation(BASE).has_exits
+
+
+@pytest.mark.parametrize(
+    "changes, says",
+    [
+        ({"model": "resnet18"}, "unknown model 'resnet18'"),
+        ({"model": "small_cnn+exits:a"}, "exit positions must be integers"),
+        ({"model": "small_cnn+exitz"}, "unknown model 'small_cnn+exitz'"),
+        ({"model": "small_cnn+exits", "mode": "splitfed"}, "SplitFed + exits is not supported"),
+        ({"model": "small_cnn+exits", "mode": "auto"}, "the edge would need the blocks and branches past"),
+        ({"exit_weights": [1, 1]}, 'set model = "mobilenet_v2+exits"'),
+        ({"exit_policy": "random"}, "are for a model with exits"),
+        ({"model": "small_cnn+exits", "exit_policy": "best"}, "exit_policy"),
+    ],
+)
+def test_exit_settings_that_cannot_run_are_refused(changes, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_simulation({**BASE, **changes})
