@@ -40,7 +40,9 @@ final exit. Deeper is more accurate until it is not: with ``exit_accuracy`` (pos
 validation accuracy, e.g. a previous run's evaluations), the phone stops at the shallowest
 exit within 0.5 point of the best exit it can afford, since deeper exits that add nothing are
 not worth their compute. Within its exit, the usual preference (encoding, batch, round,
-memory). A phone for which no exit fits is infeasible with the reason. ``exit_policy =
+memory). A phone that no exit brings within the budget trains at its fastest exit, said so in
+its reason: exits are there to let weak phones take part, and the round's deadline decides
+whether a late update counts. A phone for which no exit fits memory is infeasible with the reason. ``exit_policy =
 "random"`` is the patent's baseline: an exit drawn uniformly among those that fit the phone's
 memory (and energy budget), seeded by ``seed`` and the phone's name (the same plan every
 time), with no round budget.
@@ -371,11 +373,15 @@ class Planner:
             )
         within = [e for e in fits if e.predicted["total"] <= limit]
         if not within:
+            # Exits exist to let weak phones take part: one that no exit brings within the budget
+            # still trains at its fastest exit (the round's deadline decides whether it counts).
             fastest = min(fits, key=lambda e: e.predicted["total"])
-            return PhonePlan(
-                profile=phone.name,
-                plan=None,
-                reason=f"its fastest exit ({fastest.choice.cut}) takes {fastest.predicted['total']:.1f} s, over {rule}",
+            return self._exit_plan(
+                phone,
+                fits,
+                fastest.choice.cut,
+                f"no exit within {rule}: its fastest exit ({fastest.choice.cut}) takes "
+                f"{fastest.predicted['total']:.1f} s; fits {memory}",
             )
         affordable = sorted({e.choice.cut for e in within})
         cut, why = affordable[-1], f"deepest exit within {rule} that fits {memory}"
