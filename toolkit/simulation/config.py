@@ -23,6 +23,7 @@
     engine = "plan"                # the profile's engines (catalogue: ort), or "ort" / "executorch" only
     # cut = 3                      # splitfed: pin this group's cut (else the planner's)
     # arch = "arm64"               # run in the emulated arm64 phone (qemu; root): the numpy engine
+    # left_out = true              # its phones keep their shards of the split but never join
 
     [[stages]]                     # toolkit.aggregator.config.Stage
     name = "head"
@@ -69,6 +70,10 @@ class PhoneGroup(_Strict):
     # mode, android_harness.arm64) with its real emulated compute: no slowdown, no link shaping,
     # no memory cap; it trains with what its runtime has, the numpy engine (a linear head)
     arch: Literal["x86_64", "arm64"] = "x86_64"
+    # left_out: the group's phones get their shards of the split (it is the whole fleet's) but
+    # are never planned, deployed or run: the same run without them, on the same data (e.g.
+    # weak phones left out, against weak phones at an early exit)
+    left_out: bool = False
 
     @model_validator(mode="after")
     def _arm64_phones_run_what_they_have(self):
@@ -164,7 +169,27 @@ class SimulationConfig(_Strict):
 
     @property
     def num_phones(self) -> int:
+        """Every phone of the data split, the left-out ones too."""
         return sum(g.count for g in self.phones)
+
+    @model_validator(mode="after")
+    def _someone_takes_part(self):
+        joining = sum(g.count for g in self.phones if not g.left_out)
+        if joining == 0:
+            raise ValueError("every phone group is left_out: at least one group must take part")
+        if self.min_reports > joining:
+            raise ValueError(
+                f"min_reports = {self.min_reports}, but only {joining} phones take part (left_out ones do not)"
+            )
+        left = {f"phone-{i}" for i, g in enumerate(self._phone_groups(), 1) if g.left_out}
+        for f in self.faults:
+            if f.phone in left:
+                raise ValueError(f"fault {f.kind} names {f.phone}, which is in a left_out group and never runs")
+        return self
+
+    def _phone_groups(self) -> list[PhoneGroup]:
+        """The group of phone-1, phone-2, … in order."""
+        return [g for g in self.phones for _ in range(g.count)]
 
     @property
     def has_exits(self) -> bool:

@@ -30,6 +30,7 @@ class Phone:
     churn: tuple[float, float] | None  # (mean online s, mean offline s)
     cut: int | None = None  # SplitFed: the group's pinned cut instead of the planner's
     arm64: bool = False  # runs inside the emulated arm64 phone
+    left_out: bool = False  # holds its shard of the split, never joins (PhoneGroup.left_out)
 
 
 def fleet_phones(config: SimulationConfig) -> list[Phone]:
@@ -53,7 +54,9 @@ def fleet_phones(config: SimulationConfig) -> list[Phone]:
             profile = profile.model_copy(update={"engines": (group.engine,)})
         ch = (group.churn_online_s, group.churn_offline_s) if group.churn_online_s else None
         for _ in range(group.count):
-            phones.append(Phone(f"phone-{len(phones) + 1}", profile, ch, group.cut, group.arch == "arm64"))
+            phones.append(
+                Phone(f"phone-{len(phones) + 1}", profile, ch, group.cut, group.arch == "arm64", group.left_out)
+            )
     return phones
 
 

@@ -89,7 +89,7 @@ def plan_fleet(config: SimulationConfig, phones: list[Phone], on_step: Callable[
         edge, where = measure_local(quick=True, name="edge (this host)"), "this host, profiled at the start"
     profiles = list({p.profile.name: p.profile for p in phones}.values())
     pins = {p.profile.name: Pin(cut=p.cut) for p in phones if p.cut is not None}
-    fleet = Planner(load_model(config.model), edge, plan_config(config, len(phones))).plan(profiles, pins)
+    fleet = Planner(load_model(config.model), edge, plan_config(config, config.num_phones)).plan(profiles, pins)
     for p in fleet.infeasible:
         raise ConfigError(f"the planner found nothing that fits {p.profile}: {p.reason}")
     return fleet, f"{edge.name}: {edge.gflops:.0f} GFLOP/s, {where}"
@@ -127,7 +127,8 @@ def _run(config: SimulationConfig, run_dir: Path, network: NamespaceNetwork | No
 
     t_setup = time.time()
     on_step("planning")
-    phones = fleet_phones(config)
+    everyone = fleet_phones(config)
+    phones = [p for p in everyone if not p.left_out]  # the left-out keep their shards, unused
     fleet, edge_note = plan_fleet(config, phones, on_step)
     fleet.save(run_dir / "plan.json")
     on_step("exporting bundles")
@@ -136,7 +137,7 @@ def _run(config: SimulationConfig, run_dir: Path, network: NamespaceNetwork | No
     on_step("splitting the data")
     shards = write_shards(
         run_dir / "shards",
-        [p.device_id for p in phones],
+        [p.device_id for p in everyone],
         config.partition,
         alpha=config.alpha,
         seed=config.seed,

@@ -109,3 +109,37 @@ def test_an_exit_model_with_its_policy_weights_and_accuracies_is_planned_as_give
 def test_exit_settings_that_cannot_run_are_refused(changes, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse_simulation({**BASE, **changes})
+
+
+@pytest.mark.parametrize(
+    ("phones", "extra", "says"),
+    [
+        ([{"class": "mid-2022", "count": 2, "left_out": True}], {}, "every phone group is left_out"),
+        (
+            [{"class": "mid-2022", "count": 2}, {"class": "low-2022", "count": 2, "left_out": True}],
+            {"min_reports": 3},
+            "min_reports = 3, but only 2 phones take part",
+        ),
+        (
+            [{"class": "mid-2022", "count": 2}, {"class": "low-2022", "count": 1, "left_out": True}],
+            {"faults": [{"kind": "kill_phone", "phone": "phone-3"}]},
+            "names phone-3, which is in a left_out group",
+        ),
+    ],
+)
+def test_left_out_groups_that_leave_nothing_to_run_are_refused(phones, extra, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse_simulation({**BASE, "phones": phones, **extra})
+
+
+def test_left_out_phones_keep_their_numbers_and_are_flagged():
+    from toolkit.simulation.phones import fleet_phones
+
+    config = parse_simulation(
+        {**BASE, "phones": [{"class": "low-2022", "count": 1, "left_out": True}, {"class": "mid-2022", "count": 2}]}
+    )
+
+    phones = fleet_phones(config)
+
+    assert [(p.device_id, p.left_out) for p in phones] == [("phone-1", True), ("phone-2", False), ("phone-3", False)]
+    assert config.num_phones == 3  # the data is split three ways whoever takes part

@@ -123,3 +123,38 @@ def test_cli_simulate_shows_the_last_round_and_where_the_report_is(tmp_path):
     assert "1 rounds in" in result.output and "2 updates accepted, 0 lost" in result.output
     assert "report written" in result.output and "writing the report" not in result.output.split("report written")[-1]
     assert (tmp_path / "run" / "report" / "index.html").is_file()
+
+
+def test_an_exit_federation_trains_each_phone_to_its_exit_and_leaves_out_who_is_told(tmp_path):
+    # Prepare: small_cnn with exits after blocks 0 and 1; a flagship and a weak phone, whose
+    # round budget only allows the weak one its first exit, and a left-out group of one
+    config = {
+        **small_config(),
+        "model": "small_cnn+exits:1,2",
+        "planner_slack": 0.3,
+        "phones": [
+            {"class": "flagship-2023", "count": 1},
+            {"class": "entry-2018", "count": 1},
+            {"class": "low-2022", "count": 1, "left_out": True},
+        ],
+        "memory_cap": False,
+    }
+    import torch
+
+    torch.manual_seed(0)
+
+    # Execute
+    summary = simulate(parse_simulation(config), tmp_path / "run").model_dump()
+
+    # Assert: both phones trained every round, each at its planned exit, the left-out one never
+    # ran (its shard is written: the split is the whole fleet's); every exit was evaluated
+    run_dir = tmp_path / "run"
+    plan = {p["profile"]: p["plan"] for p in json.loads((run_dir / "plan.json").read_text())["phones"]}
+    assert plan["flagship-2023"]["cut"] == 5 and plan["entry-2018"]["cut"] < 5
+    assert "low-2022" not in plan
+    assert summary["updates_accepted"] == 6
+    assert sorted(p["device_id"] for p in summary["phones"]) == ["phone-1", "phone-2"]
+    assert (run_dir / "shards" / "phone-3.npz").is_file() and not (run_dir / "phones" / "phone-3").exists()
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert set(last["exit_accuracy"]) == {"1", "2", "5"}
+    assert summary["best_exit"] is not None
