@@ -121,6 +121,10 @@ class Monitor:
                 raise SimulationError(
                     f"the run did not finish within timeout_s = {self.config.timeout_s:.0f} s; see {self.run_dir}"
                 )
+            # Asked before the status: a phone exits once the run is done, so phones all gone
+            # with a status read after it and not done means they stopped early. (Asked after,
+            # an evaluation slower than the last rounds made a finished run look abandoned.)
+            phones_alive = any(p.alive() for p in self.procs.values())
             self.status = self.admin.status() or self.status
             self._read_events()
             self._faults(now)
@@ -142,7 +146,7 @@ class Monitor:
                     f"the aggregator exited on its own (code {self.aggregator.returncode}); "
                     f"see {self.run_dir}/aggregator.log"
                 )
-            if not any(p.alive() for p in self.procs.values()) and not self.restarts and not done:
+            if not phones_alive and not self.restarts and not done:
                 raise SimulationError(
                     f"every phone has stopped before the run was done; see {self.run_dir}/phones/*/phone.log"
                 )

@@ -63,3 +63,56 @@ def test_exit_logits_hold_the_final_models_logits_and_each_exits_cost(exit_model
     np.testing.assert_array_equal(saved.logits, metrics.logits)
     np.testing.assert_array_equal(saved.labels, fashion_test.labels[:60])
     assert ExitLogits.load(tmp_path / "elsewhere") is None
+
+
+def test_a_run_whose_phones_finish_during_a_slow_evaluation_ends_as_done(tmp_path):
+    # Prepare: the aggregator says "not done" until the one phone has finished and exited; the
+    # phone finishes while the monitor evaluates version 0 (slowly), so by the next poll every
+    # phone is gone and the status is done. Stand-ins for the aggregator process, the phone
+    # process and the evaluator: this is the monitor's loop alone.
+    from types import SimpleNamespace
+
+    from toolkit.aggregator.status import RunStatus
+    from toolkit.simulation import parse_simulation
+    from toolkit.simulation.monitor import Monitor
+
+    config = parse_simulation(
+        {"name": "race", "phones": [{"class": "mid-2022"}], "stages": [{"name": "s", "rounds": 1, "lr": 0.01}]}
+    )
+    phone_dir = tmp_path / "phone-1"
+    phone_dir.mkdir()
+    phone = SimpleNamespace(finished=False, phone_dir=phone_dir, returncode=None)
+    phone.alive = lambda: not phone.finished
+
+    def status(done: bool) -> RunStatus:
+        return RunStatus(
+            name="race", mode="fedavg", done=done, stage=None, stage_index=None, stages=1, round=None,
+            latest_version=0, accuracy=None, devices=1, updates_accepted=0, bytes_received=0, rounds=[], phones=[],
+        )  # fmt: skip
+
+    class Admin:
+        def status(self):
+            return status(done=phone.finished)
+
+        def weights(self, version):
+            return {}
+
+        def post_evaluation(self, body):
+            return True
+
+    class SlowEvaluator:
+        exits = ()
+
+        def accuracy(self, tensors):
+            phone.finished = True  # the phone's last round ends while this evaluation runs
+            return 0.5
+
+    aggregator = SimpleNamespace(url="http://127.0.0.1:9", alive=lambda: True)
+    monitor = Monitor(config, tmp_path, aggregator, {"phone-1": phone}, SlowEvaluator(), "token", lambda tick: None)
+    monitor.admin = Admin()
+
+    # Execute: before the fix this raised "every phone has stopped before the run was done"
+    monitor.run()
+
+    # Assert
+    assert monitor.status is not None and monitor.status.done and monitor.evaluated == 1
