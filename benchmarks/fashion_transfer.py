@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from toolkit.benchmarking import RESULTS, write_result
+from toolkit.benchmarking import RESULTS, library_versions, write_result
 
 RESULT = RESULTS / "fashion_transfer.json"  # read back: runs not asked for keep their figures
 CLASSES = ("flagship-2023", "upper-mid-2023", "mid-2022", "low-2022")
@@ -228,7 +227,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--runs", default="A-int8,A-fp32,B-int8")
     args = parser.parse_args()
-    from toolkit import __version__
     from toolkit.simulation.summary import central_reference
 
     runs = {
@@ -267,9 +265,6 @@ def main() -> int:
             figures["C_minus_B_points_same_rounds"] = round(
                 100 * (c["accuracy_per_round"][at] - b["accuracy_per_round"][at]), 2
             )
-    import numpy
-    import onnxruntime
-
     write_result(
         "fashion_transfer",
         config={
@@ -300,12 +295,7 @@ def main() -> int:
                 "frozen features excluded (computed once per shard); per_class compute_s: measured in "
                 "the run, 20 phone processes and the edge sharing the host",
             },
-            "versions": {
-                "fedkit": __version__,
-                "python": platform.python_version(),
-                "numpy": numpy.__version__,
-                "onnxruntime": onnxruntime.__version__,
-            },
+            "versions": library_versions(),
         },
         figures=figures,
     )

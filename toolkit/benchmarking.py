@@ -83,6 +83,21 @@ def machine() -> dict:
     }
 
 
+def library_versions() -> dict[str, str]:
+    """fedkit's and the phone runtime's libraries' versions, for a record's config."""
+    import numpy
+    import onnxruntime
+
+    from toolkit import __version__
+
+    return {
+        "fedkit": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
 def commit(repo: Path = REPO) -> tuple[str, bool]:
     """The checkout's HEAD and whether its tracked files have uncommitted changes; ("unknown",
     False) outside a git checkout, or without git."""

@@ -92,14 +92,8 @@ def plot_accuracy(run: dict, path: Path) -> None:
     ref = run["summary"].get("reference")
     if ref:
         ax.axhline(100 * ref["final_accuracy"], color="tab:red", linestyle="--", label="centralized reference")
-    ax.set_xlabel("round (model version; 0 = initial)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{run['summary']['name']}: accuracy on {run['summary'].get('test_images', 'the')} test images")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    title = f"{run['summary']['name']}: accuracy on {run['summary'].get('test_images', 'the')} test images"
+    _save_curves(fig, ax, path, "round (model version; 0 = initial)", title, legend_size="medium")
 
 
 def exit_accuracy(run: dict) -> dict[int, list[tuple[int, float]]]:
@@ -121,14 +115,7 @@ def plot_exit_accuracy(run: dict, path: Path) -> None:
     best = run["summary"].get("best_exit")
     if best:
         ax.axvline(best["version"], color="grey", linestyle=":", label=f"best exit-point model (v{best['version']})")
-    ax.set_xlabel("round (model version; 0 = initial)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy per exit")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_curves(fig, ax, path, "round (model version; 0 = initial)", "accuracy per exit")
 
 
 def early_exit_points(logits: ExitLogits) -> dict[str, list]:
@@ -157,11 +144,17 @@ def plot_early_exit(curves: dict[str, list], path: Path) -> None:
             marker="o",
             label=f"early exit: {criterion}",
         )
-    ax.set_xlabel("mean forward MFLOPs per image")
+    title = "early-exit inference over confidence thresholds (final global model)"
+    _save_curves(fig, ax, path, "mean forward MFLOPs per image", title)
+
+
+def _save_curves(fig, ax, path: Path, xlabel: str, title: str, legend_size: str = "small") -> None:
+    """Finishes a plot of test accuracy against ``xlabel`` and writes it to ``path``."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("early-exit inference over confidence thresholds (final global model)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
