@@ -80,7 +80,9 @@ def features(
     if use_cache and path.is_file():
         try:
             cached = np.load(path)
-            if len(cached) == len(images):
+            # One image through the part: an entry of another layout (written by an older
+            # fedkit whose frozen part returned something else) is recomputed, not trusted.
+            if cached.shape == (len(images), *_compute(model, images[:1], stop_block, spec, 1).shape[1:]):
                 return cached
         except (OSError, ValueError):
             pass  # an unreadable cache file is recomputed and replaced below

@@ -92,6 +92,22 @@ def test_unreadable_cache_file_is_recomputed(cache, small_cnn, fashion_test):
     np.testing.assert_array_equal(np.load(path), expected)
 
 
+def test_a_cache_entry_of_another_layout_is_recomputed(cache, fashion_test):
+    # An exit model's features written by an older fedkit were the plain activation (N, C, H, W)
+    # under the same key; its frozen part now returns taps + activation as flat rows.
+    images = fashion_test.images[:20]
+    model = load_model("small_cnn+exits:1,2")
+    expected = features(model, images, stop_block=3, use_cache=False)
+    path = feature_cache_path(model, images, stop_block=3)
+    path.parent.mkdir(parents=True)
+    np.save(path, np.zeros((20, 32, 4, 4), np.float32))  # the plain activation's layout
+
+    got = features(model, images, stop_block=3)
+
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(np.load(path), expected)  # and the entry is replaced
+
+
 def test_no_images_is_an_error(cache, small_cnn):
     with pytest.raises(DataError, match="no images"):
         features(small_cnn, np.zeros((0, 28, 28), np.uint8), stop_block=4)
