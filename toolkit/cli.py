@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -1212,23 +1212,36 @@ def run_config_command(
     ] = 0,
     min_reports: Annotated[int, typer.Option(min=1, help="Updates a round waits for (until its deadline).")] = 1,
     deadline_s: Annotated[float, typer.Option(min=0.1, help="Seconds a round waits for its reports.")] = 120.0,
+    evaluate: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=10000,
+            help="The aggregator evaluates every model version (every exit of an exit model) on this many "
+            "Fashion-MNIST test images and keeps the best; 0: no evaluation.",
+        ),
+    ] = 0,
 ) -> None:
     """Write a run's config (run.toml) and its version-0 weights for `fedkit serve`: every block
     any phone of the plan trains, the SplitFed edge's too, and every branch of a model with
     exits. Each phone trains its own plan (encoding, batch, depth); edit run.toml's stages to
     override what a stage names."""
     from toolkit.planning import load_plan
-    from toolkit.runs import run_config, write_run
+    from toolkit.runs import evaluation_section, run_config, write_run
 
     fleet = load_plan(plan_file)
     if head_rounds and any(p.plan is not None and p.plan.exits for p in fleet.phones):
         raise FedkitError("an exit run trains one depth on every phone (the plan's train_blocks): drop --head-rounds")
     stages = [{"name": "head", "rounds": head_rounds, "lr": lr, "trainable_blocks": 1}] if head_rounds else []
     stages.append({"name": "train", "rounds": rounds, "lr": lr})
-    config = run_config(fleet, name, stages, fedavg={"min_reports": min_reports, "deadline_s": deadline_s})
+    sections: dict[str, Any] = {"fedavg": {"min_reports": min_reports, "deadline_s": deadline_s}}
+    if evaluate:
+        sections["evaluation"] = evaluation_section(fleet, evaluate)
+    config = run_config(fleet, name, stages, **sections)
     path = write_run(config, fleet, out)
     console.print(
         f"run config written to {path} (version 0: {out / 'weights.bin'}"
         + ("; SplitFed edge on" if config.splitfed else "")
+        + (f"; evaluated on {evaluate} test images" if evaluate else "")
         + f"); serve it with: fedkit serve --config {path}"
     )

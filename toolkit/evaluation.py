@@ -27,6 +27,14 @@ if TYPE_CHECKING:
 BATCH = 1000  # test images per forward: bounds memory, not the result
 
 
+def frozen_end(model: SplittableModel, tensors: dict[str, np.ndarray]) -> int:
+    """The ``stop_block`` for a run's ``tensors`` (its version 0's): the first block they hold a
+    parameter of (the last block when they hold none); the blocks before it are never trained,
+    so they run as the zoo has them."""
+    trained = [i for i, block in enumerate(model.block_names) if any(n.startswith(block + ".") for n in tensors)]
+    return min(trained, default=len(model.block_names) - 1)
+
+
 @dataclass(frozen=True)
 class ExitMetrics:
     """An exit model's figures on the test images, by exit position (the final exit included)."""

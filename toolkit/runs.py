@@ -7,7 +7,8 @@ model (``toolkit.splitfed.initial_weights``): what any phone trains, at any of i
 depths, and what the edge trains past any SplitFed cut. An exit run's holds every branch and
 blocks from its one T on (``toolkit.planning.planner.exit_train_from``): a phone at an exit
 before T trains its branches only. A fleet with a SplitFed phone gets a ``[splitfed]``
-section, so ``fedkit serve`` serves the edge too.
+section, so ``fedkit serve`` serves the edge too. An ``[evaluation]`` section
+(``evaluation_section``) makes the aggregator evaluate every version itself.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def run_config(fleet: FleetPlan, name: str, stages: list[dict[str, Any]], **sect
     if has_splitfed(fleet):
         data.setdefault("splitfed", {})
     return parse_config(data)
+
+
+def evaluation_section(fleet: FleetPlan, test_images: int) -> dict[str, Any]:
+    """The ``[evaluation]`` section of a run the aggregator evaluates on the first ``test_images``
+    test images; an exit model's total loss weighs its exits as the plan's phones train them."""
+    section: dict[str, Any] = {"test_images": test_images}
+    if fleet.config.exit_weights is not None:
+        section["exit_weights"] = fleet.config.exit_weights
+    return section
 
 
 def write_run(config: RunConfig, fleet: FleetPlan, out_dir: str | Path) -> Path:

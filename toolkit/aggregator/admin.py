@@ -58,11 +58,9 @@ def merged_state_dict(splittable: SplittableModel, tensors: dict) -> dict:
 def model_accuracy(splittable: SplittableModel, tensors: dict, test_images: int = 10000) -> float:
     """The accuracy of the zoo model with ``tensors`` merged in on the first ``test_images``
     Fashion-MNIST test images."""
-    from toolkit.evaluation import Evaluator
+    from toolkit.evaluation import Evaluator, frozen_end
 
-    trained = [i for i, block in enumerate(splittable.block_names) if any(n.startswith(block + ".") for n in tensors)]
-    stop = min(trained, default=len(splittable.block_names) - 1)  # blocks before it are as the zoo has them
-    return Evaluator(splittable, stop, test_images).accuracy(tensors)
+    return Evaluator(splittable, frozen_end(splittable, tensors), test_images).accuracy(tensors)
 
 
 def global_tensors(db: str | Path, model: str | None = None, version: int | None = None) -> tuple[str, dict]:
@@ -90,7 +88,8 @@ def best_version(db: str | Path) -> int:
     if best is None:
         raise StoreError(
             f"no model version in {db} has figures per exit: --best needs an exit model's run whose evaluator "
-            "posted them (fedkit simulate's does); pass --version instead"
+            "recorded them (fedkit simulate's does, and fedkit serve's own with a run config written with "
+            "--evaluate); pass --version instead"
         )
     return best.version
 

@@ -1,6 +1,7 @@
 """The aggregator's FastAPI app: the routers of ``toolkit.aggregator.routes`` (the route table is
 there), the link probe, and with a SplitFed edge its routes; one JSON error body for every error,
-``{"status": ..., "reason": ...}``; and the ticker that checks round deadlines."""
+``{"status": ..., "reason": ...}``; the ticker that checks round deadlines; and, while served, the
+run's own evaluator (``toolkit.aggregator.evaluating``) when it has one."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from toolkit.aggregator.routes import ROUTERS
 from toolkit.errors import describe
 
 if TYPE_CHECKING:
+    from toolkit.aggregator.evaluating import AggregatorEvaluator
     from toolkit.splitfed.edge import SplitFedEdge
 
 TICK_SECONDS = 1.0  # how often round deadlines are checked
@@ -43,10 +45,15 @@ def _error(status_code: int, reason: str, headers: Mapping[str, str] | None = No
 
 
 def create_app(
-    coordinator: Coordinator, *, tick_seconds: float = TICK_SECONDS, edge: SplitFedEdge | None = None
+    coordinator: Coordinator,
+    *,
+    tick_seconds: float = TICK_SECONDS,
+    edge: SplitFedEdge | None = None,
+    evaluator: AggregatorEvaluator | None = None,
 ) -> FastAPI:
     """The app around a started coordinator; while served, deadlines are checked every tick.
-    With ``edge`` (a SplitFed run) it also serves the edge's routes."""
+    With ``edge`` (a SplitFed run) it also serves the edge's routes; with ``evaluator`` it
+    evaluates every model version in the evaluator's thread from startup to shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,10 +63,14 @@ def create_app(
                 coordinator.tick()
 
         task = asyncio.create_task(ticker())
+        if evaluator is not None:
+            evaluator.start()
         try:
             yield
         finally:
             task.cancel()
+            if evaluator is not None:
+                await asyncio.to_thread(evaluator.stop)  # an evaluation under way ends off the event loop
 
     app = FastAPI(title="fedkit aggregator", version=__version__, lifespan=lifespan)
     app.state.coordinator = coordinator

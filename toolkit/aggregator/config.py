@@ -25,12 +25,19 @@
     queue = 16                     # toolkit.splitfed.initial_weights (every block a copy trains)
     max_copies = 64
 
+    [evaluation]                   # the aggregator evaluates every model version itself
+    test_images = 10000            # on the first N Fashion-MNIST test images (0 or no section: off);
+                                   # needs ``model``; toolkit.aggregator.evaluating
+    exit_weights = [1, 1, 0.5]     # an exit model's λ per exit for the total loss (default 1 each),
+                                   # or {7 = 0.5} (the others 1)
+
 A bad file raises ConfigError naming the field (``stages.0.lr: ...``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +140,32 @@ class EdgeConfig(_Strict):
     batch_burst: int = Field(default=1000, ge=1)
 
 
+class EvaluationConfig(_Strict):
+    """The ``[evaluation]`` section: the validation set the aggregator holds and evaluates every
+    model version on (``toolkit.aggregator.evaluating``), as an external evaluator would post it."""
+
+    test_images: int = Field(default=0, ge=0, le=10000)  # the first N of Fashion-MNIST's 10,000; 0: off
+    # an exit model's λ for the total loss: one per exit in position order, or position → weight
+    # (the others 1); checked against the model's exits (and for a sum above 0) when the
+    # evaluator starts
+    exit_weights: dict[int, float] | tuple[float, ...] | None = None
+
+    @model_validator(mode="after")
+    def _weights_are_weights(self):
+        if self.exit_weights is None:
+            return self
+        weights = list(self.exit_weights.values() if isinstance(self.exit_weights, dict) else self.exit_weights)
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(
+                f"exit_weights {weights}: give finite weights of 0 or more (leave exit_weights out for 1 each)"
+            )
+        return self
+
+    @property
+    def on(self) -> bool:
+        return self.test_images > 0
+
+
 class RunConfig(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -148,6 +181,7 @@ class RunConfig(_Strict):
     limits: Limits = Limits()
     stages: list[Stage] = Field(min_length=1)
     splitfed: EdgeConfig | None = None  # present: a SplitFed run, the edge served beside the aggregator
+    evaluation: EvaluationConfig = EvaluationConfig()  # off unless test_images > 0
 
     @model_validator(mode="after")
     def _splitfed_needs(self):
@@ -159,6 +193,15 @@ class RunConfig(_Strict):
             raise ValueError(
                 "SplitFed trains the blocks past each phone's cut on the edge: "
                 "name the run's 'model' (e.g. \"mobilenet_v2\")"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_needs_the_model(self):
+        if self.evaluation.on and self.model is None:
+            raise ValueError(
+                "the aggregator evaluates the run's model on the test images: name the run's 'model' "
+                '(e.g. "mobilenet_v2"), or set evaluation.test_images = 0'
             )
         return self
 

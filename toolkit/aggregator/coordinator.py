@@ -314,7 +314,14 @@ class Coordinator:
         with self.store.transaction():
             self.store.add_evaluation(version, source, accuracy, self.clock(), loss, exits)
             best = best_exit_model(self.store.exit_evaluations()) if exits else None
-        log_event("evaluation", version=version, accuracy=accuracy, source=source, loss=loss)
+        log_event(
+            "evaluation",
+            version=version,
+            accuracy=accuracy,
+            source=source,
+            loss=loss,
+            exits={e.position: e.accuracy for e in exits} or None,
+        )
         if best is not None and best.version == version:
             log_event("best_exit_model", version=version, mean_accuracy=best.mean_accuracy, loss=best.loss)
         return True

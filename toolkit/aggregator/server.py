@@ -1,6 +1,7 @@
 """Runs the aggregator with uvicorn: ``fedkit serve`` or ``python -m toolkit.aggregator.server``.
 One JSON line per event on stderr; TLS when given a certificate and key; with a ``[splitfed]``
-section, the SplitFed edge and its routes too."""
+section, the SplitFed edge and its routes too; with an ``[evaluation]`` section, the run's own
+evaluator (``toolkit.aggregator.evaluating``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import uvicorn
 from toolkit.aggregator.app import create_app
 from toolkit.aggregator.config import load_config
 from toolkit.aggregator.coordinator import Coordinator, json_log_line
+from toolkit.aggregator.evaluating import open_evaluator
 from toolkit.aggregator.store import Store
 from toolkit.errors import ConfigError, FedkitError, InternalError
 
@@ -155,6 +157,7 @@ def serve(
     port = sock.getsockname()[1]
     coordinator = open_coordinator(config_path, db)
     edge = open_edge(coordinator)
+    evaluator = open_evaluator(coordinator)
     logging.getLogger("fedkit.aggregator").info(
         "serve",
         extra={
@@ -164,11 +167,12 @@ def serve(
                 "port": port,
                 "tls": certfile is not None,
                 "splitfed": edge is not None,
+                "evaluation": coordinator.config.evaluation.test_images,
             }
         },
     )
     config = uvicorn.Config(
-        create_app(coordinator, edge=edge),
+        create_app(coordinator, edge=edge, evaluator=evaluator),
         host=host,
         port=port,
         ssl_certfile=str(certfile) if certfile else None,

@@ -492,6 +492,10 @@ class Store:
             if id_ in scores
         ]
 
+    def evaluated_versions(self, source: str) -> set[int]:
+        """The model versions with an evaluation from ``source``."""
+        return {v for (v,) in self._q("SELECT DISTINCT version FROM evaluations WHERE source=?", (source,))}
+
     def has_evaluations(self) -> bool:
         return bool(self._q("SELECT 1 FROM evaluations LIMIT 1"))
 

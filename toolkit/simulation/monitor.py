@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 
 from device_runtime.codec import decode
+from toolkit.aggregator.evaluating import evaluation_body
 from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.status import RunStatus
 from toolkit.errors import InternalError, SimulationError
@@ -319,21 +320,6 @@ class Monitor:
         }
         self.admin.close()
         return out
-
-
-def evaluation_body(evaluator: Evaluator, version: int, tensors: dict) -> tuple[dict, ExitMetrics | None]:
-    """POST /v1/evaluations' body for a version: its accuracy and, for an exit model, every
-    exit's accuracy and loss and the total loss; and the exit model's figures, logits included."""
-    if not evaluator.exits:
-        return {"version": version, "accuracy": evaluator.accuracy(tensors)}, None
-    m = evaluator.exit_metrics(tensors, logits=True)
-    body = {
-        "version": version,
-        "accuracy": m.accuracy[evaluator.exits[-1]],
-        "exits": {str(p): {"accuracy": m.accuracy[p], "loss": m.loss[p]} for p in evaluator.exits},
-        "loss": m.total_loss,
-    }
-    return body, m
 
 
 def exit_logits(model: SplittableModel, version: int, m: ExitMetrics) -> ExitLogits:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from toolkit.aggregator.evaluating import evaluation_body
 from toolkit.aggregator.routes import EvaluationRequest
 from toolkit.evaluation import Evaluator
 from toolkit.models import load_model
-from toolkit.simulation.monitor import evaluation_body, exit_fields, exit_logits
+from toolkit.simulation.monitor import exit_fields, exit_logits
 from toolkit.simulation.summary import ExitLogits
 
 
