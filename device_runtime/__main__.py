@@ -5,6 +5,11 @@ Loads and verifies the bundle, trains the shard from the bundle's initial weight
 JSON line of stats, peak RSS included. Run it again with the same arguments after a kill: it
 resumes from the checkpoint in ``--workdir`` and ends with the same update. Standard library
 and device_runtime only, so it runs where torch is not installed.
+
+``python -m device_runtime predict --early-exit DIR --images FILE.npz --threshold T``:
+early-exit inference on the phone (``device_runtime.early_exit``) over the ``images`` of an
+``.npz`` (a shard's format); prints one JSON line: each image's class and the exit it left at,
+the mean MFLOPs per image, and the accuracy when the file has ``labels``.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from device_runtime.bundle import Bundle
 from device_runtime.codec import decode
+from device_runtime.early_exit import CRITERIA, EarlyExitPredictor
 from device_runtime.engines import open_engine
-from device_runtime.errors import FedkitError
+from device_runtime.errors import DataError, FedkitError
 from device_runtime.local_round import Task
 from device_runtime.manifest import ENGINES
 from device_runtime.trainer import LocalTrainer
@@ -28,7 +36,7 @@ from device_runtime.trainer import LocalTrainer
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        stats = train(args)
+        stats = train(args) if args.command == "train" else predict(args)
     except FedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -82,6 +90,30 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def predict(args: argparse.Namespace) -> dict[str, Any]:
+    predictor = EarlyExitPredictor(args.early_exit)
+    try:
+        with np.load(args.images) as data:
+            images = data["images"]
+            labels = data.get("labels")
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{args.images} is not an .npz with an 'images' array ({exc})") from exc
+    try:
+        p = predictor.predict(images, args.threshold, args.criterion)
+    except ValueError as exc:
+        raise DataError(f"{args.images}: {exc}") from exc
+    return {
+        "model_id": predictor.index.model_id,
+        "threshold": args.threshold,
+        "criterion": args.criterion,
+        "labels": p.labels.tolist(),
+        "exits": [p.exits[i] for i in p.exit_index],
+        "mean_mflops": round(p.mean_mflops, 4),
+        "accuracy": None if labels is None else float((p.labels == labels).mean()),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory, in MiB.
 
@@ -119,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of the shard held out for local evaluation")
     p.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
+    q = sub.add_parser("predict", help="early-exit inference on images, stopping at the first confident exit")
+    q.add_argument("--early-exit", required=True, help="early-exit folder (fedkit export-global --early-exit)")
+    q.add_argument("--images", required=True, help=".npz with uint8 images (N, H, W) and optionally labels")
+    q.add_argument("--threshold", type=float, required=True, help="confidence an image needs to leave at an exit")
+    q.add_argument("--criterion", choices=CRITERIA, default="max_softmax")
     return parser
 
 

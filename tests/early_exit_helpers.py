@@ -51,3 +51,13 @@ def between(values: np.ndarray, quantile: float) -> float:
     ordered = np.unique(values)
     i = min(max(int(quantile * len(ordered)), 1), len(ordered) - 1)
     return float((ordered[i - 1] + ordered[i]) / 2)
+
+
+def predict_argv(folder, images, threshold: float) -> list[str]:
+    """``python -m device_runtime predict``'s arguments, after the interpreter."""
+    return [
+        *("-m", "device_runtime", "predict"),
+        *("--early-exit", str(folder)),
+        *("--images", str(images)),
+        *("--threshold", repr(threshold)),
+    ]

@@ -164,3 +164,40 @@ def test_an_arm64_phone_syncs_with_the_host_and_resumes_after_sigkill(
     logged = [json.loads(line) for line in events.read_text().splitlines()]
     assert [e["round"] for e in logged if e["event"] == "upload" and e["status"] == "accepted"] == [1, 2]
     assert sum(e["event"] == "start" for e in logged) == 2  # killed once, started again
+
+
+def test_early_exit_inference_on_arm64_decides_as_on_x86_64(arm64_phone, inside, fashion_train, fashion_test, tmp_path):
+    # Prepare: a trained small_cnn with exits after blocks 0 and 1, exported as the phone's
+    # early-exit folder, and 200 test images; a threshold halfway between two of the first
+    # exit's confidences, so images leave at every exit and none sits on the threshold
+    from early_exit_helpers import between, predict_argv, torch_logits, trained_exit_model
+
+    from device_runtime.early_exit import confidence
+    from exporters.early_exit import export_early_exit
+    from toolkit.data import LABEL_NAMES
+
+    host_dir, phone_dir = inside
+    model = trained_exit_model(fashion_train.images[:2000], fashion_train.labels[:2000])
+    export_early_exit(model, host_dir / "early_exit", label_names=LABEL_NAMES)
+    images, labels = fashion_test.images[:200], fashion_test.labels[:200]
+    np.savez(host_dir / "images.npz", images=images, labels=labels)
+    threshold = between(confidence(torch_logits(model, images)[:, 0], "max_softmax"), 0.5)
+
+    # Execute: python -m device_runtime predict on this host and on the arm64 phone
+    native = subprocess.run(
+        [sys.executable, *predict_argv(host_dir / "early_exit", host_dir / "images.npz", threshold)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    emulated = arm64_phone.run(
+        ["python3", *predict_argv(phone_dir / "early_exit", phone_dir / "images.npz", threshold)], timeout=900
+    )
+
+    # Assert: every image leaves at the same exit with the same class on both CPUs
+    assert native.returncode == 0, native.stderr
+    assert emulated.returncode == 0, emulated.stderr
+    on_x86, on_arm = json.loads(native.stdout), json.loads(emulated.stdout.strip().splitlines()[-1])
+    assert on_arm["exits"] == on_x86["exits"] and len(set(on_x86["exits"])) == 3
+    assert on_arm["labels"] == on_x86["labels"] and on_arm["accuracy"] == on_x86["accuracy"] > 0.2  # chance: 0.1
+    assert on_arm["mean_mflops"] == on_x86["mean_mflops"]

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from early_exit_helpers import between, torch_logits, trained_exit_model
+from early_exit_helpers import between, predict_argv, torch_logits, trained_exit_model
 
 from device_runtime.early_exit import (
     INDEX,
@@ -261,3 +261,55 @@ def test_mobilenet_v2_with_its_default_exits_decides_as_torch_does(tmp_path, fas
         # Assert
         np.testing.assert_array_equal(prediction.exit_index, exit_taken(logits, t, "max_softmax"))
         np.testing.assert_array_equal(prediction.labels, logits[np.arange(200), prediction.exit_index].argmax(1))
+
+
+def test_the_phones_predict_command_prints_each_images_exit_and_the_accuracy(exported, tmp_path):
+    # Prepare: a shard-format .npz of test images and labels, a threshold inside the first
+    # exit's confidences so images leave at more than one exit
+    _, folder, images, labels, logits = exported
+    np.savez(tmp_path / "images.npz", images=images[:100], labels=labels[:100])
+    t = between(confidence(logits[:100, 0], "max_softmax"), 0.5)
+
+    # Execute: as on a phone, python -m device_runtime predict
+    run = subprocess.run(
+        [sys.executable, *predict_argv(folder, tmp_path / "images.npz", t)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    # Assert: the same decisions as the curve's rule on torch's logits
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    taken = exit_taken(logits[:100], t, "max_softmax")
+    positions = EarlyExitPredictor(folder).index.exits
+    assert report["exits"] == [positions[i] for i in taken] and len(set(report["exits"])) > 1
+    predicted = logits[:100][np.arange(100), taken].argmax(1)
+    assert report["labels"] == predicted.tolist()
+    assert report["accuracy"] == pytest.approx(float((predicted == labels[:100]).mean()))
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ({"pictures": np.zeros((2, 28, 28), np.uint8)}, "is not an .npz with an 'images' array"),
+        (None, "is not an .npz"),
+    ],
+)
+def test_the_phones_predict_command_refuses_a_bad_images_file_in_one_line(exported, tmp_path, content, says):
+    _, folder, *_ = exported
+    path = tmp_path / "images.npz"
+    if content is None:
+        path.write_bytes(b"not a zip")
+    else:
+        np.savez(path, **content)
+
+    run = subprocess.run(
+        [sys.executable, *predict_argv(folder, path, 0.5)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("error: ") and says in run.stderr and len(run.stderr.splitlines()) == 1
