@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolkit.benchmarking import RESULTS, library_versions, write_result
+from toolkit.benchmarking import B1_DATA, RESULTS, library_versions, write_result
 
 RESULT = RESULTS / "early_exit.json"  # read back: runs not asked for keep their figures
 MODEL = "mobilenet_v2+exits"
@@ -54,11 +54,7 @@ def config(name: str, rounds: int, policy: str, weak_left_out: bool) -> dict:
         "planner_slack": SLACK,
         "exit_policy": policy,
         "encoding": "int8",
-        "train_images": 60000,
-        "test_images": 10000,
-        "partition": "dirichlet",
-        "alpha": 0.5,
-        "seed": 0,
+        **B1_DATA,
         "compute": "none",
         "memory_cap": False,  # the weak class's 230 MB would cap the address space, not the memory
         "deadline_s": 600,

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolkit.benchmarking import RESULTS, library_versions, write_result
+from toolkit.benchmarking import B1_DATA, RESULTS, library_versions, write_result
 
 RESULT = RESULTS / "fashion_transfer.json"  # read back: runs not asked for keep their figures
 CLASSES = ("flagship-2023", "upper-mid-2023", "mid-2022", "low-2022")
@@ -60,11 +60,7 @@ def config(name: str, rounds: int, encoding: str, depth: str) -> dict:
         "planner_slack": 0.1 if splitfed else 0.5,
         "max_train_blocks": None if splitfed else 2,
         "encoding": encoding,
-        "train_images": 60000,
-        "test_images": 10000,
-        "partition": "dirichlet",
-        "alpha": 0.5,
-        "seed": 0,
+        **B1_DATA,
         "compute": "none",
         "deadline_s": 600,
         "min_reports": 20,

@@ -83,6 +83,11 @@ def machine() -> dict:
     }
 
 
+# B1's data and split (BENCHMARKS.md) as simulation config keys: the benchmarks built on B1's
+# workload (B6, …) take it from here, so "the same data and split" stays true.
+B1_DATA: Final = {"train_images": 60000, "test_images": 10000, "partition": "dirichlet", "alpha": 0.5, "seed": 0}
+
+
 def library_versions() -> dict[str, str]:
     """fedkit's and the phone runtime's libraries' versions, for a record's config."""
     import numpy
