@@ -106,7 +106,7 @@ class AggregatorEvaluator:
 
     def _evaluator(self) -> Evaluator:
         from toolkit.models import load_model  # torch: only an aggregator that evaluates loads it
-        from toolkit.planning.planner import per_exit
+        from toolkit.planning.planner import weights_by_exit
 
         model = load_model(self.model_id)
         initial = decode(self.coordinator.store.version_blob(0)).tensors
@@ -118,11 +118,9 @@ class AggregatorEvaluator:
                     f"{model.model_id} has no exits: remove [evaluation] exit_weights from the run config"
                 )
             try:
-                weights = list(per_exit(model, self.config.exit_weights, "exit weights").values())
+                weights = list(weights_by_exit(model, self.config.exit_weights).values())
             except PlanError as exc:
                 raise ConfigError(f"[evaluation] exit_weights: {exc} (fix it in the run config)") from exc
-            if sum(weights) <= 0:
-                raise ConfigError("[evaluation] exit_weights are all 0: give at least one exit a weight above 0")
         evaluator = Evaluator(model, stop, self.config.test_images, weights)
         log_event(
             "evaluator_started",

@@ -205,7 +205,7 @@ class Planner:
         if model.exits:
             _check_exit_policy(model, self.config)
             self.exit_from = exit_train_from(model, self.config)
-            self.exit_weights = weights_by_exit(model, self.config)
+            self.exit_weights = weights_by_exit(model, self.config.exit_weights)
             if self.config.exit_accuracy is not None:
                 self.exit_accuracy = per_exit(model, self.config.exit_accuracy, "exit accuracies", complete=True)
         elif (self.config.exit_policy, self.config.exit_weights, self.config.exit_accuracy) != ("plan", None, None):
@@ -533,13 +533,14 @@ def exit_train_from(model: SplittableModel, config: PlanConfig) -> int:
     return model.train_from(len(model.block_names), config.train_blocks or 1)
 
 
-def weights_by_exit(model: SplittableModel, config: PlanConfig) -> dict[int, float]:
-    """Every exit's loss weight from ``config.exit_weights`` (default 1)."""
-    if config.exit_weights is None:
+def weights_by_exit(model: SplittableModel, given: dict[int, float] | tuple[float, ...] | None) -> dict[int, float]:
+    """Every exit's loss weight λ from ``given`` (``per_exit``'s forms; None: 1 each), not all 0:
+    the plans' and the aggregator's evaluator's (its total loss)."""
+    if given is None:
         return dict.fromkeys(model.exits, 1.0)
-    weights = per_exit(model, config.exit_weights, "exit weights")
+    weights = per_exit(model, given, "exit weights")
     if sum(weights.values()) <= 0:
-        raise PlanError("exit weights are all 0: at least one exit must carry the loss")
+        raise PlanError("exit_weights are all 0: at least one exit must carry the loss")
     return weights
 
 
