@@ -1,5 +1,5 @@
-"""Shared fixtures. Every test session gets its own feature cache, so tests never read or fill
-the user's ~/.cache/fedkit."""
+"""Shared fixtures. Every test session gets its own feature cache and models folder, so tests
+never read or fill the user's ~/.cache/fedkit or saved networks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ from toolkit.data import FashionMNIST, load_fashion_mnist
 def _session_cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDKIT_CACHE_DIR", str(tmp_path_factory.mktemp("fedkit-cache")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_models_dir(tmp_path_factory):
+    """Searched networks (nas:NAME) are saved to and loaded from the session's own folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDKIT_MODELS_DIR", str(tmp_path_factory.mktemp("fedkit-models")))
         yield
 
 

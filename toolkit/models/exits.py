@@ -12,7 +12,9 @@ ImageNet blocks, a branch trained centrally (20,000 images, 3 epochs, SGD 0.01):
 and 4 (under 30 %) the branch reaches 0.65 and 0.75 and its 1×1 convolution costs more than the
 blocks before it; positions 7, 11, 14, 17 reach 0.81, 0.85, 0.84, 0.82, the final classifier
 0.80; position 18 and later leave under 10 % of the forward to save. So MobileNetV2's exits are
-7, 11, 14, 17 and the final one.
+7, 11, 14, 17 and the final one. A model made of *layers* of several blocks says where they end
+(``SplittableModel.layer_ends``); its exits default to those positions instead: a searched
+network (``toolkit.nas.space``) has one exit after each of its seven stage pools.
 
 **Branch shape** (``branch``): a 1×1 convolution to ``BRANCH_WIDTH`` channels with ReLU, global
 average pooling, a linear classifier; where the activation is already 1×1, pooling and the linear
@@ -94,7 +96,10 @@ def branch(shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
 
 
 def default_exits(model: SplittableModel) -> tuple[int, ...]:
-    """The positions after a stage's last block between 30 % and 90 % of the forward FLOPs."""
+    """The model's layer ends if it has them, else the positions after a stage's last block
+    between 30 % and 90 % of the forward FLOPs."""
+    if model.layer_ends:
+        return model.layer_ends
     stats = model.stats
     total = sum(s.flops for s in stats)
     done, out = 0, []
@@ -111,7 +116,9 @@ class ExitModel(SplittableModel):
     model's own classifier, at position n)."""
 
     def __init__(self, model: SplittableModel, positions: tuple[int, ...] | None = None, seed: int = 0):
-        super().__init__(model.model_id, model.root, model.block_names, model.input_shape, model.num_classes)
+        super().__init__(
+            model.model_id, model.root, model.block_names, model.input_shape, model.num_classes, model.layer_ends
+        )
         positions = default_exits(model) if not positions else tuple(positions)
         n = len(self.block_names)
         if list(positions) != sorted(set(positions)) or not all(1 <= p < n - 1 for p in positions):

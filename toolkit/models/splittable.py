@@ -73,6 +73,7 @@ class SplittableModel:
         block_names: list[str],
         input_shape: tuple[int, int, int],
         num_classes: int,
+        layer_ends: tuple[int, ...] = (),
     ):
         self.model_id = model_id
         self.root = root
@@ -80,6 +81,9 @@ class SplittableModel:
         self.input_shape = input_shape
         self.num_classes = num_classes
         self.head_name = self.block_names[-1]
+        # Positions after each of the model's layers, where a layer is several blocks (a searched
+        # network's stage pools): early exits default to them (toolkit.models.exits.default_exits).
+        self.layer_ends = tuple(layer_ends)
 
     # -- structure -------------------------------------------------------------------------
     @property

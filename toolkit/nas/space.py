@@ -65,7 +65,11 @@ class Supernet(nn.Module):
     ``classifier`` (every family's head conv ends at 1280 channels)."""
 
     def __init__(
-        self, families: Sequence[str] = ("mobilenet_v2", "efficientnet_lite0"), num_classes: int = 10, seed: int = 0
+        self,
+        families: Sequence[str] = ("mobilenet_v2", "efficientnet_lite0"),
+        num_classes: int = 10,
+        seed: int = 0,
+        pretrained: bool = True,
     ):
         super().__init__()
         families = tuple(families)
@@ -78,7 +82,7 @@ class Supernet(nn.Module):
         # out_channels[f][i]: family f's pool-i output channels
         self.out_channels: list[list[int]] = []
         for family in families:
-            root = backbone(family)
+            root = backbone(family, pretrained)  # not pretrained: for weights loaded next (a saved network)
             layers = list(root.features.children())
             stages: list[nn.Module] = []
             at = 1
@@ -210,12 +214,15 @@ class Supernet(nn.Module):
 
     def network(self, choice: Sequence[int]) -> SplittableModel:
         """A standalone copy of the sampled network, in eval mode; model id ``nas:<arch id>``
-        until it is saved under a name (``toolkit.models.saved``)."""
+        until it is saved under a name (``toolkit.models.saved``). Its ``layer_ends`` are its
+        stage pools' ends: where ``+exits`` puts its exits by default."""
         choice = self.check_choice(choice)
         root = SubModel([(name, copy.deepcopy(module)) for name, module in self.path_modules(choice)])
         root.eval()
-        model = SplittableModel(f"nas:{self.arch_id(choice)}", root, root.block_names, INPUT_SHAPE, self.num_classes)
-        return model
+        stage_ends = tuple(self.layer_ends(choice)[1:-1])  # default exits: not after the stem or the head conv
+        return SplittableModel(
+            f"nas:{self.arch_id(choice)}", root, root.block_names, INPUT_SHAPE, self.num_classes, layer_ends=stage_ends
+        )
 
     # -- least squares ---------------------------------------------------------------------
     @torch.no_grad()

@@ -1,8 +1,10 @@
 """The simulation's configuration: a TOML file validated by pydantic.
 
     name = "demo"
-    model = "mobilenet_v2"         # or "small_cnn"; "NAME+exits" (or "NAME+exits:P,Q") adds early
-                                   # exits: the planner chooses each phone's exit (mode federated)
+    model = "mobilenet_v2"         # or "efficientnet_lite0", "efficientnet_lite1", "small_cnn", or
+                                   # "nas:NAME" (a network saved by fedkit search); "NAME+exits" (or
+                                   # "NAME+exits:P,Q") adds early exits: the planner chooses each
+                                   # phone's exit (mode federated)
     # exit_policy = "plan"         # exits: "plan" (the planner's rule) or "random" (the baseline)
     # exit_weights = [0.5, 1, 1, 1, 1]   # exits: each exit's loss weight, or {7 = 0.5} (others 1)
     # exit_accuracy = {7 = 0.81, 11 = 0.85, 14 = 0.84, 17 = 0.82, 21 = 0.80}  # stop where deeper adds nothing
@@ -51,6 +53,8 @@ from toolkit.aggregator.config import Stage, load_toml
 from toolkit.errors import ConfigError, ModelError, describe
 from toolkit.models import MODELS
 from toolkit.models.exits import split_spec
+from toolkit.models.saved import PREFIX as SAVED_PREFIX
+from toolkit.models.saved import read_architecture
 
 
 class _Strict(BaseModel):
@@ -126,7 +130,7 @@ class Fault(_Strict):
 
 class SimulationConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    model: str = "mobilenet_v2"  # a zoo name, or NAME+exits[:P,Q,…] with early exits
+    model: str = "mobilenet_v2"  # a zoo name or nas:NAME, or either +exits[:P,Q,…] with early exits
     # The planning policy (toolkit.planning.PlanConfig.mode). federated: every phone holds the
     # whole model (depth below); splitfed: every phone runs the planner's best SplitFed choice (a
     # cut before the last block, depth capped at max_train_blocks); auto: the planner's choice
@@ -202,8 +206,16 @@ class SimulationConfig(_Strict):
             base, _ = split_spec(model)
         except ModelError as exc:
             raise ValueError(str(exc)) from exc
-        if base not in MODELS:
-            raise ValueError(f"unknown model {base!r}: choose one of {', '.join(MODELS)}, optionally with +exits")
+        if base.startswith(SAVED_PREFIX):
+            try:  # a searched network: it must be saved already, so a typo fails here, not mid-run
+                read_architecture(base.removeprefix(SAVED_PREFIX))
+            except ModelError as exc:
+                raise ValueError(str(exc)) from exc
+        elif base not in MODELS:
+            raise ValueError(
+                f"unknown model {base!r}: choose one of {', '.join(MODELS)}, or nas:NAME (a searched network), "
+                "optionally with +exits"
+            )
         return model
 
     @model_validator(mode="after")
