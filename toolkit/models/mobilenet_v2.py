@@ -8,8 +8,6 @@ which differs only in kernel sizes, BatchNorm's epsilon and TensorFlow's "same" 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -19,19 +17,19 @@ _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96,
 
 
 class SameConv2d(nn.Conv2d):
-    """A convolution with TensorFlow's "SAME" padding: output size ceil(input / stride), the
-    padding split with the extra row and column at the bottom and right (PyTorch's symmetric
-    padding shifts a stride-2 kernel by one pixel against the weights TensorFlow trained)."""
+    """A stride-2 convolution with TensorFlow's "SAME" padding for an even input side (every
+    stride-2 convolution sees one when the image's side is a multiple of 32, as fedkit's 32×32
+    and ImageNet's 224×224 are): k - 2 pixels in all, the extra one at the bottom and right.
+    PyTorch's symmetric padding would shift the kernel by one pixel against the weights TensorFlow
+    trained. Static, so the ONNX export holds a constant Pad."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, groups: int = 1):
         super().__init__(cin, cout, kernel, stride, 0, groups=groups, bias=False)
+        total = max(kernel - stride, 0)
+        self.pads = [total // 2, total - total // 2] * 2  # F.pad's order: left, right, top, bottom
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size in (x.shape[-1], x.shape[-2]):  # F.pad takes the last dimension first
-            total = max((math.ceil(size / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - size, 0)
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+        return super().forward(F.pad(x, self.pads))
 
 
 def conv_bn_relu6(
