@@ -156,11 +156,15 @@ def main(
     """Federated transfer learning and split learning for pretrained vision models on phones."""
 
 
+# The zoo's names (toolkit.models.MODELS, written out: importing it would import torch) and saved networks
+_MODEL_NAMES = "mobilenet_v2, efficientnet_lite0, efficientnet_lite1, small_cnn, or nas:NAME (saved by fedkit search)"
+
+
 @app.command("train-central")
 @fails_cleanly
 def train_central(
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 30,
-    model: Annotated[str, typer.Option(help="Model: mobilenet_v2 or small_cnn.")] = "mobilenet_v2",
+    model: Annotated[str, typer.Option(help=f"Model: {_MODEL_NAMES}.")] = "mobilenet_v2",
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Recompute the backbone features instead of using the cache.")
     ] = False,
@@ -201,7 +205,7 @@ def train_central(
 def export(
     out: Annotated[Path, typer.Option(help="Folder to create for the bundle (must not exist, or be empty).")],
     model: Annotated[
-        str, typer.Option(help="Model: mobilenet_v2 or small_cnn; NAME+exits[:P,Q] with early exits.")
+        str, typer.Option(help=f"Model: {_MODEL_NAMES}; NAME+exits[:P,Q] with early exits.")
     ] = "mobilenet_v2",
     cut: Annotated[
         int | None,
@@ -658,9 +662,7 @@ def profile(
     link: Annotated[
         str | None, typer.Option(help="With --catalog: put it on this link (3g, 4g, 5g, wifi) instead of its own.")
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Also time each block of this model (mobilenet_v2 or small_cnn).")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help=f"Also time each block of this model ({_MODEL_NAMES}).")] = None,
     full: Annotated[bool, typer.Option("--full", help="Time each kernel more often (slower, steadier).")] = False,
     aggregator: Annotated[str | None, typer.Option(help="Aggregator URL to measure RTT and bandwidth to.")] = None,
     batch: Annotated[int, typer.Option(min=1, help="Batch size the model's blocks are timed at.")] = 32,
@@ -750,7 +752,7 @@ def plan(
     model: Annotated[
         str,
         typer.Option(
-            help="Model: mobilenet_v2 or small_cnn; NAME+exits adds early exits (default positions), "
+            help=f"Model: {_MODEL_NAMES}; NAME+exits adds early exits (default positions), "
             "NAME+exits:P,Q at those: the planner then chooses each phone's exit."
         ),
     ] = "mobilenet_v2",
