@@ -5,35 +5,17 @@ from __future__ import annotations
 import torch
 
 from toolkit.errors import ModelError
-from toolkit.models.efficientnet_lite import EfficientNetLite, remap_state_dict
+from toolkit.models.backbones import BACKBONES, INPUT_SHAPE, backbone
+from toolkit.models.efficientnet_lite import EfficientNetLite
 from toolkit.models.exits import ExitModel, split_spec
 from toolkit.models.mobilenet_v2 import MobileNetV2
 from toolkit.models.saved import PREFIX, load_saved
 from toolkit.models.small_cnn import SmallCNN
 from toolkit.models.splittable import BlockStats, SplittableModel, SubModel
-from toolkit.models.weights import load_weights
 
-__all__ = ["MODELS", "BlockStats", "ExitModel", "SplittableModel", "SubModel", "load_model"]
+__all__ = ["INPUT_SHAPE", "MODELS", "BlockStats", "ExitModel", "SplittableModel", "SubModel", "backbone", "load_model"]
 
-INPUT_SHAPE = (3, 32, 32)
-MODELS = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "small_cnn")
-
-
-def backbone(name: str, pretrained: bool = True) -> MobileNetV2 | EfficientNetLite:
-    """The named ImageNet backbone with its 1000-class classifier (pretrained: the registry
-    package's weights, every tensor of the file loaded)."""
-    root: MobileNetV2 | EfficientNetLite
-    if name == "mobilenet_v2":
-        root = MobileNetV2()
-        if pretrained:
-            root.load_state_dict(load_weights(name))
-    elif name.startswith("efficientnet_lite"):
-        root = EfficientNetLite(name)
-        if pretrained:
-            root.load_state_dict(remap_state_dict(load_weights(name), name))
-    else:
-        raise ModelError(f"unknown backbone {name!r}")
-    return root
+MODELS = (*BACKBONES, "small_cnn")
 
 
 def load_model(name: str, num_classes: int = 10, pretrained: bool = True, seed: int = 0) -> SplittableModel:
@@ -50,7 +32,7 @@ def load_model(name: str, num_classes: int = 10, pretrained: bool = True, seed: 
         if model.num_classes != num_classes:
             model.new_head(num_classes, seed=seed)
         return model if exits is None else ExitModel(model, exits, seed=seed)
-    if name in ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1"):
+    if name in BACKBONES:
         root = backbone(name, pretrained)
     elif name == "small_cnn":
         torch.manual_seed(seed)  # its backbone is random: seed it so every process builds the same model

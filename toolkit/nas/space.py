@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ModelError
-from toolkit.models import INPUT_SHAPE, backbone
+from toolkit.models.backbones import INPUT_SHAPE, backbone
 from toolkit.models.splittable import SplittableModel, SubModel, _lookup
 
 FAMILIES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1")
