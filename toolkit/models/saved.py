@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from device_runtime.bundle import sha256_file
 from toolkit.errors import ModelError, describe
 from toolkit.models.splittable import SplittableModel
+
+if TYPE_CHECKING:
+    from toolkit.nas.space import Supernet
 
 MODELS_DIR_ENV = "FEDKIT_MODELS_DIR"
 PREFIX = "nas:"  # model ids of saved networks: nas:NAME
@@ -65,10 +69,15 @@ def check_name(name: str) -> str:
 
 
 def save_network(
-    supernet: Any, choice: Any, name: str, *, directory: Path | None = None, extra: dict[str, Any] | None = None
+    supernet: Supernet,
+    choice: Sequence[int],
+    name: str,
+    *,
+    directory: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Saves ``supernet.network(choice)`` (its current weights) as ``name``; returns the folder.
-    ``supernet`` is a ``toolkit.nas.space.Supernet``; an existing network of that name is replaced."""
+    An existing network of that name is replaced."""
     folder = (directory or models_dir()) / check_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     choice = supernet.check_choice(choice)
