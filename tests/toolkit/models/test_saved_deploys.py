@@ -81,3 +81,27 @@ def test_its_exit_model_exports_and_trains_every_exit(network, shard, tmp_path):
     branches = {name.split(".")[1] for name in result.update if name.startswith("exits.")}
     assert branches == {str(p) for p in model.exits[:-1]}  # one after every stage pool
     assert all(np.abs(delta).max() > 0 for delta in result.update.values())
+
+
+def test_plan_and_export_take_it_by_name(network, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+    from toolkit.planning import load_plan
+    from toolkit.profiling import DeviceProfile
+
+    edge = tmp_path / "edge.json"
+    DeviceProfile(name="edge", source="local", cpu_cores=2, gflops=200.0, memory_mb=8000).save(edge)
+    plan = tmp_path / "plan.json"
+    runner = CliRunner()
+    classes = "entry-2018,flagship-2024"
+    args = ["plan", "--catalog", "--classes", classes, "--model", "nas:deploys+exits", "--edge", str(edge)]
+    result = runner.invoke(app, [*args, "--out", str(plan)])
+    assert result.exit_code == 0, result.output
+    fleet = load_plan(plan)
+    assert fleet.model_id == "nas:deploys+exits:3,5,8,11,15,20,22"
+    cuts = {p.plan.cut for p in fleet.phones if p.plan is not None}
+    assert cuts and cuts <= set(load_model(fleet.model_id).exits)
+    result = runner.invoke(app, ["export", "--plan", str(plan), "--out", str(tmp_path / "bundles")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bundles" / "phones.json").is_file()
