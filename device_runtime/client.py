@@ -1,5 +1,5 @@
 """The phone's side of the sync protocol (httpx): enrol, pull a task, pull weights, push an update,
-and exchange SplitFed batches with the edge.
+exchange SplitFed batches with the edge, and answer validation probes.
 
 Connection errors, timeouts, 5xx, and 429/503 are retried with exponential backoff and full
 jitter (a Retry-After header is honoured); a definite answer is never retried. A push returns
@@ -16,6 +16,7 @@ same pair is pushed again and answered "duplicate" if the first push had landed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import ssl
 import time
@@ -27,6 +28,7 @@ import httpx
 
 from device_runtime.errors import ProtocolError, RestartRound
 from device_runtime.manifest import DevicePlan
+from device_runtime.preprocess import InputSpec
 
 API = "/v1"
 BATCH_HEADER = "X-Fedkit-Batch"  # the edge's status of a SplitFed batch; "restart" on a 409: send batch 0
@@ -80,6 +82,15 @@ class Assignment:
             **{k: getattr(self, k) for k in TASK_FIELDS},
             **{k: getattr(plan, k) if v is None else v for k, v in own.items()},
         }
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """An open validation probe: its id (the model file's sha256), the model's input and size."""
+
+    probe: str
+    input: InputSpec
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,41 @@ class SyncClient:
         if status not in ("accepted", "duplicate", "stale", "rejected", "restart"):
             raise ProtocolError(f"push answered {r.status_code} with {body!r}, which is not a push outcome")
         return PushResult(status, str(body.get("reason", "")), body.get("round"), body.get("update_id"), r.status_code)
+
+    # -- validation probes (toolkit.aggregator.probes) --------------------------------------
+    def probes(self) -> list[ProbeTask]:
+        """The open validation probes this phone has not answered, oldest first."""
+        r = self._request("GET", "/probes")
+        if r.status_code == 404:  # an aggregator older than probes: there are none
+            return []
+        self._expect(r, 200, "probe list")
+        body = _json(r)
+        try:
+            return [
+                ProbeTask(str(p["probe"]), InputSpec.from_dict(p["input"]), int(p["bytes"])) for p in body["probes"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"probe list {str(body)[:200]} is not a list of probes: {exc}") from exc
+
+    def probe_model(self, probe: str) -> bytes:
+        """The probe's ONNX file, checked against its id (the file's sha256)."""
+        r = self._request("GET", f"/probes/{probe}/model")
+        self._expect(r, 200, f"probe {probe} download")
+        if hashlib.sha256(r.content).hexdigest() != probe:
+            raise ProtocolError(f"probe {probe}: the downloaded file is not the probe's (sha256 differs)")
+        return r.content
+
+    def answer_probe(self, probe: str, counts: dict[str, int]) -> str:
+        """Posts the phone's counts for a probe: "recorded", "duplicate" (it had answered: the
+        first answer counts), "closed" or "rejected" (the reason is raised)."""
+        r = self._request("POST", f"/probes/{probe}/answers", json=counts)
+        if r.status_code == 409:
+            return "closed"
+        self._expect(r, 200, f"answer to probe {probe}")
+        status = _json(r).get("status")
+        if status not in ("recorded", "duplicate"):
+            raise ProtocolError(f"answer to probe {probe} answered {status!r}, which is not an answer's outcome")
+        return str(status)
 
     def splitfed_batch(self, batch: int, payload: bytes) -> bytes:
         """Sends one SplitFed batch (a codec "activation" message) to the edge and returns its

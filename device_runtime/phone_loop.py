@@ -8,7 +8,10 @@ A phone folder (what ``fedkit deploy`` installs) holds::
     work/                 trainer checkpoints, feature caches, the last global weights
     events.jsonl          one JSON line per span (train, download, upload, wait, offline) or event
 
-The loop runs until the aggregator answers "done". A rejected update (e.g. a diverged round
+The loop runs until the aggregator answers "done". Before every task pull it answers the open
+validation probes (``device_runtime.probes``: a model's accuracy on the phone's held-out slice,
+two counts posted, no image sent); a phone started with ``probes_only`` (``--probes-only``: it
+needs no bundle) answers probes alone, polling for them, until it is stopped. A rejected update (e.g. a diverged round
 whose norm is over the limit) is logged and the phone sits that round out. It is safe to kill at any point: the
 trainer checkpoints the round and the encoded update before the push, the aggregator hands out
 the same task again until it has the update, and a repeated push is answered "duplicate".
@@ -42,6 +45,7 @@ from device_runtime.client import Assignment, RetryPolicy, SyncClient
 from device_runtime.codec import decode
 from device_runtime.errors import FedkitError, ProtocolError
 from device_runtime.local_round import Task
+from device_runtime.probes import evaluate_probe
 from device_runtime.split_trainer import SplitRoundResult, SplitTrainer, edge_exchange
 from device_runtime.trainer import LocalTrainer, RoundResult
 
@@ -116,13 +120,15 @@ class PhoneLoop:
         phone_dir: str | Path,
         hooks: Hooks = Hooks(),
         retry: RetryPolicy = RetryPolicy(),
-        max_wait_s: float = 10.0,
-    ):  # longest sleep when told to wait: how soon a new round is noticed
+        max_wait_s: float = 10.0,  # longest sleep when told to wait: how soon a new round is noticed
+        probes_only: bool = False,  # answer validation probes, train nothing (no bundle needed)
+    ):
         self.root = Path(phone_dir)
         self.max_wait_s = max_wait_s
         self.hooks = hooks
+        self.probes_only = probes_only
         self.credential = Credential.load(self.root / CREDENTIAL)
-        self.bundles = _load_bundles(self.root / BUNDLES)
+        self.bundles = {} if probes_only else _load_bundles(self.root / BUNDLES)
         self.work = self.root / "work"
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = EventLog(self.root / EVENTS, self.credential.device_id, hooks.on_event)
@@ -131,9 +137,11 @@ class PhoneLoop:
         self._trainers: dict[str, LocalTrainer | SplitTrainer] = {}
         self._weights: tuple[int, dict[str, np.ndarray]] | None = None  # (version, tensors) last pulled
         self._rejected_round: int | None = None  # its update was rejected: sit the round out
+        self._failed_probes: set[str] = set()  # probes this phone cannot run: not tried again
 
     def run(self) -> int:
-        """Trains rounds until the run is done; returns the number of updates pushed."""
+        """Trains rounds until the run is done (a probes-only phone: until stopped), answering
+        validation probes before each task pull; returns the number of updates pushed."""
         self.log.write("start", pid=os.getpid(), bundles=sorted(self.bundles))
         pushed, failures = 0, 0
         try:
@@ -141,6 +149,11 @@ class PhoneLoop:
             while True:
                 self.hooks.before_task()
                 try:
+                    self._answer_probes()
+                    if self.probes_only:
+                        time.sleep(self.max_wait_s)
+                        failures = 0
+                        continue
                     assignment = self.client.task()
                     if assignment.status == "done":
                         self.log.write("done", pushed=pushed, peak_rss_mb=round(peak_rss_mb(), 1))
@@ -173,6 +186,26 @@ class PhoneLoop:
         self.credential = Credential(cred.url, cred.device_id, token)
         self.credential.save(self.root / CREDENTIAL)  # the enrolment token is spent: keep the credential
         self.log.write("enrolled")
+
+    def _answer_probes(self) -> None:
+        """Answers each open validation probe once. A probe the phone cannot run (a model ONNX
+        Runtime refuses, a shard it cannot read) is logged and skipped from then on; no answer
+        is posted for it, so it does not count."""
+        for task in self.client.probes():
+            if task.probe in self._failed_probes:
+                continue
+            start = time.time()
+            try:
+                blob = self.client.probe_model(task.probe)
+                counts = evaluate_probe(blob, task.input, self.root / SHARD)
+            except ProtocolError:
+                raise
+            except FedkitError as exc:
+                self._failed_probes.add(task.probe)
+                self.log.span("probe", start, probe=task.probe, status="failed", reason=str(exc))
+                continue
+            status = self.client.answer_probe(task.probe, counts.to_json())
+            self.log.span("probe", start, probe=task.probe, status=status, correct=counts.correct, total=counts.total)
 
     def _round(self, a: Assignment) -> int:
         name = _pick(self.bundles, a.trainable_blocks)
@@ -309,6 +342,10 @@ class RoundLines:
                 flush=True,
             )
             self._start, self._down, self._round = None, 0, {}
+        elif kind == "probe":
+            counts = f"{event['correct']}/{event['total']} right, " if event.get("total") else ""
+            why = f" ({event['reason']})" if event.get("reason") else ""
+            print(f"probe {event['probe'][:12]}: {counts}{event['status']}{why}", flush=True)
         elif kind == "error":
             print(
                 f"no answer from the aggregator ({event['failures']} of {MAX_FAILURES}): {event['reason']}", flush=True
@@ -326,16 +363,26 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m device_runtime.phone_loop", description=__doc__.splitlines()[0])
-    parser.add_argument("phone_dir", help="the phone folder: bundles/, shard.npz, credential.json")
+    parser.add_argument(
+        "phone_dir", help="the phone folder: bundles/ (unless --probes-only), shard.npz, credential.json"
+    )
     parser.add_argument(
         "--json",
         action="store_true",
         help=f"print every event as one JSON line (as in {EVENTS}) instead of one line per round",
     )
+    parser.add_argument(
+        "--probes-only", action="store_true", help="answer validation probes only, train nothing (no bundle needed)"
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=10.0, help="longest sleep (s) between polls of the aggregator"
+    )
     args = parser.parse_args(argv)
     on_event = (lambda event: print(json.dumps(event), flush=True)) if args.json else RoundLines()
     try:
-        PhoneLoop(args.phone_dir, Hooks(on_event=on_event)).run()
+        PhoneLoop(
+            args.phone_dir, Hooks(on_event=on_event), max_wait_s=args.max_wait, probes_only=args.probes_only
+        ).run()
     except FedkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -42,6 +42,15 @@ from device_runtime.local_round import (
 )
 from device_runtime.optim import SGD
 
+HOLDOUT_FRACTION = 0.1  # of a shard, held out for local evaluation (and validation probes)
+
+
+def holdout_index(n: int, fraction: float = HOLDOUT_FRACTION) -> np.ndarray:
+    """The held-out slice of a shard of ``n`` images, sorted: fixed (seed 0), so the phone's
+    local evaluation and the validation probes it answers (``device_runtime.probes``) see the
+    same images, round after round."""
+    return np.sort(np.random.default_rng(0).permutation(n)[: int(n * fraction)])
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -70,7 +79,7 @@ class LocalTrainer(RoundTrainer):
         engine: Engine | None = None,
         *,
         device_id: str = "phone",
-        holdout_fraction: float = 0.1,  # of the shard, a fixed random slice for local evaluation
+        holdout_fraction: float = HOLDOUT_FRACTION,  # of the shard, a fixed random slice for local evaluation
         checkpoint_every: int = 50,  # optimizer steps
     ) -> None:
         if bundle.manifest.is_splitfed:
@@ -87,7 +96,7 @@ class LocalTrainer(RoundTrainer):
         super().__init__(bundle, shard_path, workdir, engine, device_id, keep_features=True)
         self.checkpoint_every = checkpoint_every
         n = len(self.labels)
-        held = np.sort(np.random.default_rng(0).permutation(n)[: int(n * holdout_fraction)])
+        held = holdout_index(n, holdout_fraction)
         self.eval_index = held
         self.train_index = np.setdiff1d(np.arange(n), held)
         if len(self.train_index) == 0:

@@ -1,7 +1,8 @@
 """The aggregator's FastAPI app: the routers of ``toolkit.aggregator.routes`` (the route table is
-there), the link probe, and with a SplitFed edge its routes; one JSON error body for every error,
-``{"status": ..., "reason": ...}``; the ticker that checks round deadlines; and, while served, the
-run's own evaluator (``toolkit.aggregator.evaluating``) when it has one."""
+there), the validation probes, the link probe, and with a SplitFed edge its routes; one JSON
+error body for every error, ``{"status": ..., "reason": ...}``; the ticker that checks round
+deadlines; and, while served, the run's own evaluator (``toolkit.aggregator.evaluating``) when it
+has one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from toolkit import __version__
 from toolkit.aggregator.auth import RateLimiter
 from toolkit.aggregator.coordinator import Coordinator
 from toolkit.aggregator.probe import probe_router
+from toolkit.aggregator.probes import probes
 from toolkit.aggregator.routes import ROUTERS
 from toolkit.errors import describe
 
@@ -78,6 +80,7 @@ def create_app(
     app.state.limiter = RateLimiter(limits.requests_per_s, limits.burst)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(probes)
     app.include_router(probe_router())
     if edge is not None:
         from toolkit.splitfed.routes import splitfed  # imported here: only a SplitFed aggregator loads the edge (torch)

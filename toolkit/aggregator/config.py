@@ -122,6 +122,8 @@ class Limits(_Strict):
     requests_per_s: float = Field(default=20.0, gt=0)  # per device, token bucket
     burst: int = Field(default=40, ge=1)
     seen_window_s: float = Field(default=300.0, gt=0)  # "available" = seen within this window
+    # a validation probe's ONNX model (toolkit.aggregator.probes); larger: 413. MobileNetV2 is 9 MB
+    max_probe_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
 
 class EdgeConfig(_Strict):

@@ -13,6 +13,8 @@ through Depends; ``toolkit.aggregator.app`` assembles them.
 |                      |                 | (SplitFed: the edge lost its part); 400, 403, 422 rejected; 413 too large |
 | POST /v1/evaluations | admin           | 200 {"status": "recorded"}; 404 unknown version; 422 invalid |
 | GET  /v1/status      | admin           | 200 the run's status |
+| /v1/probes...        | admin / device  | validation probes (a model's accuracy on the phones' |
+|                      |                 | held-out slices): toolkit/aggregator/probes.py |
 | /v1/splitfed/...     |                 | with a SplitFed edge only: toolkit/splitfed/routes.py |
 | GET/POST /probe/echo | none            | `fedkit profile --aggregator`'s link probe: toolkit/aggregator/probe.py |
 |                      |                 | (422/413 over 8 MiB, 429 per address) |

@@ -11,7 +11,9 @@ serialises writers anyway.
 changes the tables a version-``v`` database has into version ``v + 1``'s, in the transaction that
 records the new version, so a database of any earlier version opens (one of a later version,
 written by a newer fedkit, is refused). Version 2 added the evaluations' total loss and the
-``exit_evaluations`` table (an exit model's figures per exit).
+``exit_evaluations`` table (an exit model's figures per exit). The probe tables (``probes``,
+``probe_answers``: ``toolkit.aggregator.probes``) are new tables only, created by ``_SCHEMA`` in a
+database of any version, which an older fedkit ignores: they need no new version.
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ CREATE TABLE IF NOT EXISTS evaluations (
 CREATE TABLE IF NOT EXISTS exit_evaluations (
     evaluation INTEGER NOT NULL, position INTEGER NOT NULL, accuracy REAL NOT NULL, loss REAL NOT NULL,
     PRIMARY KEY (evaluation, position));
+-- a validation probe: an inference model phones run on their held-out slices (id: the file's
+-- sha256); blob NULL once closed (the answers stay, the model bytes are not needed any more)
+CREATE TABLE IF NOT EXISTS probes (
+    probe TEXT PRIMARY KEY, input TEXT NOT NULL, nbytes INTEGER NOT NULL, blob BLOB,
+    created REAL NOT NULL, closed REAL);
+-- one answer per device and probe: counts only, no image leaves a phone
+CREATE TABLE IF NOT EXISTS probe_answers (
+    probe TEXT NOT NULL, device_id TEXT NOT NULL, correct INTEGER NOT NULL, total INTEGER NOT NULL,
+    samples INTEGER NOT NULL, received REAL NOT NULL, PRIMARY KEY (probe, device_id));
 """
 
 # version → the statements that make a database of that version the next one's
@@ -512,5 +523,68 @@ class Store:
         )
         return rows[0][0]
 
+    # validation probes
+    def add_probe(self, probe: str, input_json: str, blob: bytes, now: float) -> str:
+        """Stores a probe, or opens again a closed one with its model bytes: "created",
+        "reopened", or "open" (it was open already; nothing changes)."""
+        with self.transaction():
+            rows = self._q("SELECT closed FROM probes WHERE probe=?", (probe,))
+            if not rows:
+                self._q(
+                    "INSERT INTO probes(probe, input, nbytes, blob, created) VALUES(?, ?, ?, ?, ?)",
+                    (probe, input_json, len(blob), blob, now),
+                )
+                return "created"
+            if rows[0][0] is None:
+                return "open"
+            self._q("UPDATE probes SET closed=NULL, blob=?, input=? WHERE probe=?", (blob, input_json, probe))
+            return "reopened"
+
+    def get_probe(self, probe: str) -> ProbeRow | None:
+        rows = self._q(f"{_PROBE_SELECT} WHERE p.probe=? GROUP BY p.probe", (probe,))
+        return ProbeRow(*rows[0]) if rows else None
+
+    def open_probes(self, device_id: str) -> list[ProbeRow]:
+        """The open probes ``device_id`` has not answered, oldest first."""
+        rows = self._q(
+            f"{_PROBE_SELECT} WHERE p.closed IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM probe_answers WHERE probe=p.probe AND device_id=?) GROUP BY p.probe ORDER BY p.created",
+            (device_id,),
+        )
+        return [ProbeRow(*r) for r in rows]
+
+    def probe_blob(self, probe: str) -> bytes | None:
+        """The model bytes of an open probe; None when unknown or closed."""
+        rows = self._q("SELECT blob FROM probes WHERE probe=? AND closed IS NULL", (probe,))
+        return rows[0][0] if rows else None
+
+    def add_probe_answer(self, probe: str, device_id: str, correct: int, total: int, samples: int, now: float) -> bool:
+        """Records a device's answer; False when it had answered already (the first one counts)."""
+        rows = self._q(
+            "INSERT OR IGNORE INTO probe_answers(probe, device_id, correct, total, samples, received) "
+            "VALUES(?, ?, ?, ?, ?, ?) RETURNING 1",
+            (probe, device_id, correct, total, samples, now),
+        )
+        return bool(rows)
+
+    def close_probe(self, probe: str, now: float) -> None:
+        self._q("UPDATE probes SET closed=?, blob=NULL WHERE probe=? AND closed IS NULL", (now, probe))
+
+
+@dataclass(frozen=True)
+class ProbeRow:
+    probe: str  # the model file's sha256
+    input: str  # the input spec, JSON
+    nbytes: int
+    created: float
+    closed: float | None
+    answers: int
+    correct: int
+    total: int
+
 
 _UPDATE_COLS = "id, device_id, idem_key, round, base_version, num_samples, accuracy, nbytes, sha256, version"
+_PROBE_SELECT = (
+    "SELECT p.probe, p.input, p.nbytes, p.created, p.closed, COUNT(a.device_id), COALESCE(SUM(a.correct), 0), "
+    "COALESCE(SUM(a.total), 0) FROM probes p LEFT JOIN probe_answers a ON a.probe = p.probe"
+)
