@@ -289,12 +289,15 @@ def start_fleet(
 
 
 @contextlib.contextmanager
-def fleet_validator(config: FleetConfig, workdir: str | Path) -> Iterator[FleetValidator]:
+def fleet_validator(
+    config: FleetConfig, workdir: str | Path, *, shards: dict[str, Any] = B1_DATA
+) -> Iterator[FleetValidator]:
     """The search's validator for its ``[fleet]`` section: on the aggregator at ``config.url``,
-    or on an emulated fleet started in ``workdir`` and stopped after the block."""
+    or on an emulated fleet started in ``workdir`` (phones holding ``shards``' split) and
+    stopped after the block."""
     fleet = None
     if config.url is None:
-        fleet = start_fleet(workdir, config.phones, poll_s=config.poll_s)
+        fleet = start_fleet(workdir, config.phones, poll_s=config.poll_s, shards=shards)
         url, token, min_answers = fleet.url, fleet.admin_token, config.min_answers or config.phones
     else:
         url, token, min_answers = config.url, config.admin_token(), config.min_answers or 1
