@@ -187,9 +187,10 @@ class SyncClient:
         return PushResult(status, str(body.get("reason", "")), body.get("round"), body.get("update_id"), r.status_code)
 
     # -- validation probes (toolkit.aggregator.probes) --------------------------------------
-    def probes(self) -> list[ProbeTask]:
-        """The open validation probes this phone has not answered, oldest first."""
-        r = self._request("GET", "/probes")
+    def probes(self, wait_s: float = 0.0) -> list[ProbeTask]:
+        """The open validation probes this phone has not answered, oldest first; with none open,
+        the aggregator waits up to ``wait_s`` (keep it under the client's timeout) for one."""
+        r = self._request("GET", "/probes", params={"wait": wait_s} if wait_s else None)
         if r.status_code == 404:  # an aggregator older than probes: there are none
             return []
         self._expect(r, 200, "probe list")

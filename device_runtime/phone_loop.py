@@ -11,7 +11,7 @@ A phone folder (what ``fedkit deploy`` installs) holds::
 The loop runs until the aggregator answers "done". Before every task pull it answers the open
 validation probes (``device_runtime.probes``: a model's accuracy on the phone's held-out slice,
 two counts posted, no image sent); a phone started with ``probes_only`` (``--probes-only``: it
-needs no bundle) answers probes alone, polling for them, until it is stopped. A rejected update (e.g. a diverged round
+needs no bundle) answers probes alone, long-polling for them, until it is stopped. A rejected update (e.g. a diverged round
 whose norm is over the limit) is logged and the phone sits that round out. It is safe to kill at any point: the
 trainer checkpoints the round and the encoded update before the push, the aggregator hands out
 the same task again until it has the update, and a repeated push is answered "duplicate".
@@ -54,6 +54,7 @@ SHARD = "shard.npz"
 BUNDLES = "bundles"
 EVENTS = "events.jsonl"
 MAX_FAILURES = 5  # consecutive "no definite answer" errors before the phone gives up
+PROBE_WAIT_S = 20.0  # a probes-only phone's long poll for probes (under the client's 30 s timeout)
 
 Event = dict[str, Any]  # one line of events.jsonl
 
@@ -149,11 +150,13 @@ class PhoneLoop:
             while True:
                 self.hooks.before_task()
                 try:
-                    self._answer_probes()
                     if self.probes_only:
-                        time.sleep(self.max_wait_s)
+                        start = time.time()
+                        if not self._answer_probes(PROBE_WAIT_S) and time.time() - start < 1:
+                            time.sleep(self.max_wait_s)  # the aggregator did not wait: do not poll it flat out
                         failures = 0
                         continue
+                    self._answer_probes()
                     assignment = self.client.task()
                     if assignment.status == "done":
                         self.log.write("done", pushed=pushed, peak_rss_mb=round(peak_rss_mb(), 1))
@@ -187,13 +190,16 @@ class PhoneLoop:
         self.credential.save(self.root / CREDENTIAL)  # the enrolment token is spent: keep the credential
         self.log.write("enrolled")
 
-    def _answer_probes(self) -> None:
-        """Answers each open validation probe once. A probe the phone cannot run (a model ONNX
-        Runtime refuses, a shard it cannot read) is logged and skipped from then on; no answer
-        is posted for it, so it does not count."""
-        for task in self.client.probes():
+    def _answer_probes(self, wait_s: float = 0.0) -> int:
+        """Answers each open validation probe once (waiting up to ``wait_s`` for one); returns how
+        many it tried. A probe the phone cannot run (a model ONNX Runtime refuses, a shard it
+        cannot read) is logged and skipped from then on; no answer is posted for it, so it does
+        not count."""
+        tried = 0
+        for task in self.client.probes(wait_s):
             if task.probe in self._failed_probes:
                 continue
+            tried += 1
             start = time.time()
             try:
                 blob = self.client.probe_model(task.probe)
@@ -206,6 +212,7 @@ class PhoneLoop:
                 continue
             status = self.client.answer_probe(task.probe, counts.to_json())
             self.log.span("probe", start, probe=task.probe, status=status, correct=counts.correct, total=counts.total)
+        return tried
 
     def _round(self, a: Assignment) -> int:
         name = _pick(self.bundles, a.trainable_blocks)

@@ -13,8 +13,9 @@ admin reads the sums. ``toolkit.nas.fleet`` is the host's side.
 |                                    |                 | normalisation) → 200 {"status": created / reopened / open, |
 |                                    |                 | "probe": sha256 of the file}; 413 too large; 422 not a model |
 |                                    |                 | ONNX Runtime runs on that input, with (N, classes) logits |
-| GET  /v1/probes                    | device          | 200 {"probes": [{"probe", "input", "bytes"}]}: open, not yet |
-|                                    |                 | answered by this device, oldest first |
+| GET  /v1/probes?wait=S             | device          | 200 {"probes": [{"probe", "input", "bytes"}]}: open, not yet |
+|                                    |                 | answered by this device, oldest first; with none, waits up |
+|                                    |                 | to S ≤ 60 s (default 0) for one to be posted (long poll) |
 | GET  /v1/probes/{probe}/model      | device or admin | 200 the ONNX bytes + ETag; 404 unknown or closed |
 | POST /v1/probes/{probe}/answers    | device          | {"correct", "total", "samples"}: strict ints, 0 ≤ correct ≤ |
 |                                    |                 | total ≤ samples (the device's shard size), total ≥ 1 → 200 |
@@ -26,7 +27,9 @@ admin reads the sums. ``toolkit.nas.fleet`` is the host's side.
 | POST /v1/probes/{probe}/close      | admin           | 200 the result; phones no longer see it, its model bytes |
 |                                    |                 | are dropped (posting the file again reopens it) |
 
-Probes and answers are in the Store (SQLite): a restarted server has them all. Posting the
+A probes-only phone long-polls the list (``wait``), so an idle fleet costs one request per phone
+every ``wait`` seconds, and a probe reaches it as soon as it is posted. Probes and answers are in
+the Store (SQLite): a restarted server has them all. Posting the
 same file again answers with the same id and keeps the answers: the same bytes are the same
 model, so their accuracy is the same.
 """
@@ -34,12 +37,14 @@ model, so their accuracy is the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
@@ -50,6 +55,8 @@ from toolkit.errors import describe
 
 PROBE_ID = re.compile(r"^[0-9a-f]{64}$")
 MAX_SAMPLES = 1_000_000_000  # as an update's num_samples
+MAX_WAIT_S = 60.0  # longest long poll of the probe list
+WAIT_SLICE_S = 1.0  # how often a long poll checks that its phone is still there
 
 ProbeId = Annotated[str, Path(pattern=PROBE_ID.pattern, description="the probe's id: its file's sha256")]
 
@@ -156,6 +163,14 @@ def _found(coordinator: Coordinator, probe: str) -> ProbeRow:
     return row
 
 
+def _opened(request: Request) -> asyncio.Event:
+    """Set when a probe opens (then replaced by a fresh one): what waiting phones wait for."""
+    state = request.app.state
+    if getattr(state, "probe_opened", None) is None:
+        state.probe_opened = asyncio.Event()
+    return state.probe_opened
+
+
 probes = APIRouter(tags=["probes"])
 
 
@@ -174,14 +189,32 @@ async def post_probe(
         raise HTTPException(422, problem)
     probe = hashlib.sha256(blob).hexdigest()
     status = coordinator.store.add_probe(probe, spec.model_dump_json(), blob, coordinator.clock())
+    if status != "open":  # wake the phones waiting for one
+        _opened(request).set()
+        request.app.state.probe_opened = asyncio.Event()
     log_event("probe_opened", probe=probe, status=status, bytes=len(blob))
     return {"status": status, "probe": probe}
 
 
 @probes.get("/v1/probes")
-async def get_probes(device_id: Annotated[str, Depends(device)], coordinator: CoordinatorDep) -> dict:
-    """The open probes this device has not answered, oldest first."""
+async def get_probes(
+    request: Request,
+    device_id: Annotated[str, Depends(device)],
+    coordinator: CoordinatorDep,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a probe if none is open")] = 0,
+) -> dict:
+    """The open probes this device has not answered, oldest first; with none, waits up to
+    ``wait`` seconds for one to be posted."""
     rows = coordinator.store.open_probes(device_id)
+    deadline = time.monotonic() + wait
+    while not rows and time.monotonic() < deadline:
+        opened = _opened(request)
+        # in slices: a phone that went away (killed, or the fleet stopped) ends its wait within one
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(opened.wait(), min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))
+        if await request.is_disconnected():
+            break
+        rows = coordinator.store.open_probes(device_id)
     return {"probes": [{"probe": r.probe, "input": json.loads(r.input), "bytes": r.nbytes} for r in rows]}
 
 

@@ -61,7 +61,7 @@ class FleetConfig(BaseModel):
     phones: int = Field(default=B1_PHONES, ge=1, le=200)  # the emulated fleet's phones
     min_answers: int | None = Field(default=None, ge=1)  # default: every phone of the emulated fleet
     deadline_s: float = Field(default=300.0, gt=0)  # per sampled network
-    poll_s: float = Field(default=0.5, gt=0)  # how often the host, and the emulated phones, look
+    poll_s: float = Field(default=0.5, gt=0)  # how often the host looks for answers (phones long-poll)
 
     @model_validator(mode="after")
     def _where(self) -> FleetConfig:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 
 import httpx
 import pytest
 import tomli_w
 from aggregator_helpers import enrol, run_config
+from serving import serving
 
 from toolkit.aggregator.admin import issue_tokens
+from toolkit.aggregator.app import create_app
 from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.store import Store
 
@@ -142,6 +146,28 @@ def test_a_closed_probe_takes_no_answers_and_posting_it_again_reopens_it(client,
     assert again == {"status": "reopened", "probe": probe}
     assert client.get(f"/v1/probes/{probe}", headers=admin).json()["answers"] == 1  # the answer is kept
     assert [p["probe"] for p in client.get("/v1/probes", headers=p2).json()["probes"]] == [probe]
+
+
+def test_a_phone_waiting_for_probes_gets_one_as_soon_as_it_is_posted(coordinator, admin, onnx_model):
+    device = _device(coordinator, "p1")
+    with serving(create_app(coordinator)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        t0 = time.monotonic()
+        empty = http.get("/v1/probes", params={"wait": 0.5}, headers=device).json()
+        waited = time.monotonic() - t0
+        got: dict = {}
+        phone = threading.Thread(
+            target=lambda: got.update(http.get("/v1/probes", params={"wait": 20}, headers=device).json())
+        )
+        phone.start()
+        time.sleep(0.5)
+        t1 = time.monotonic()
+        probe = http.post("/v1/probes", content=onnx_model, headers=admin).json()["probe"]
+        phone.join(20)
+        reached = time.monotonic() - t1
+
+    assert empty == {"probes": []} and waited >= 0.5
+    assert [p["probe"] for p in got["probes"]] == [probe]
+    assert reached < 5  # woken by the post, not at the end of its 20 s
 
 
 def test_unknown_and_malformed_probe_ids(client, coordinator, admin):
