@@ -15,7 +15,8 @@ could answer: for a figure comparable between networks, ask for every phone of t
 aggregator (``fedkit serve``'s process) on a loopback port, and ``phones`` phone processes
 (``python -m device_runtime.phone_loop --probes-only``) each holding its shard of B1's split
 (Dirichlet 0.5 over the 60,000 Fashion-MNIST training images, seed 0). Its run trains nothing:
-its phones answer probes only.
+its phones answer probes only. By hand: ``python -m toolkit.nas.fleet MODEL`` (``--url`` and
+``--admin-token-file`` for a real fleet) prints a model's accuracy measured so.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from device_runtime.codec import UpdateHeader, encode
 from device_runtime.phone_loop import CREDENTIAL, SHARD, Credential
@@ -43,7 +44,7 @@ from toolkit.aggregator.process import AggregatorProcess
 from toolkit.aggregator.store import Store
 from toolkit.benchmarking import B1_DATA
 from toolkit.child import ChildProcess
-from toolkit.errors import ConfigError, FedkitError
+from toolkit.errors import ConfigError, FedkitError, describe
 
 if TYPE_CHECKING:
     from toolkit.models import SplittableModel
@@ -308,3 +309,44 @@ def fleet_validator(
         validator.close()
         if fleet is not None:
             fleet.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m toolkit.nas.fleet MODEL``: a model's accuracy on the phones' held-out slices, by hand."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog="python -m toolkit.nas.fleet", description=main.__doc__)
+    parser.add_argument("model", help="a model zoo name, e.g. mobilenet_v2 or nas:NAME (a saved searched network)")
+    parser.add_argument("--url", help="the aggregator (default: an emulated fleet on this host)")
+    parser.add_argument("--admin-token-file", type=Path, help="a file holding an admin token, with --url")
+    parser.add_argument("--min-answers", type=int, help="phones that must answer (default: every emulated phone)")
+    parser.add_argument("--phones", type=int, default=B1_PHONES, help="the emulated fleet's phones (B1's split)")
+    parser.add_argument("--deadline", type=float, default=300.0, help="seconds to wait for the answers")
+    args = parser.parse_args(argv)
+    from toolkit.models import load_model
+
+    try:
+        config = FleetConfig(
+            url=args.url,
+            admin_token_file=args.admin_token_file,
+            phones=args.phones,
+            min_answers=args.min_answers,
+            deadline_s=args.deadline,
+        )
+        model = load_model(args.model)
+        with tempfile.TemporaryDirectory() as workdir, fleet_validator(config, Path(workdir) / "fleet") as validator:
+            t0 = time.perf_counter()
+            result = validator.measure(model)
+    except (FedkitError, ValidationError) as exc:  # ValidationError: a bad combination of options
+        print(f"error: {describe(exc) if isinstance(exc, ValidationError) else exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.model}: {result.accuracy:.2%} on {result.total:,} held-out images of {result.answers} phones "
+        f"({result.correct:,} right; probe {result.probe[:12]}, {time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

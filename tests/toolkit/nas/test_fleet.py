@@ -14,7 +14,7 @@ from device_runtime.preprocess import InputSpec, prepare
 from device_runtime.probes import BATCH
 from device_runtime.trainer import holdout_index
 from toolkit.errors import FedkitError
-from toolkit.nas.fleet import FleetConfig, fleet_validator, probe_model
+from toolkit.nas.fleet import FleetConfig, fleet_validator, main, probe_model
 
 PHONES = 3
 SMALL_SPLIT = {"train_images": 3000, "partition": "dirichlet", "alpha": 0.5, "seed": 0}
@@ -101,3 +101,12 @@ def test_the_fleet_section_says_what_is_missing():
     with pytest.raises(ValidationError, match="extra"):
         FleetConfig(phone=2)
     assert np.isclose(FleetConfig().deadline_s, 300)
+
+
+def test_by_hand_it_prints_the_accuracy_or_what_is_wrong(capsys):
+    assert main(["small_cnn", "--phones", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("small_cnn: ") and "held-out images of 2 phones" in out
+
+    assert main(["small_cnn", "--url", "http://127.0.0.1:1"]) == 1
+    assert "give admin_token_file and min_answers" in capsys.readouterr().err
