@@ -11,10 +11,11 @@ A phone folder (what ``fedkit deploy`` installs) holds::
 The loop runs until the aggregator answers "done". Before every task pull it answers the open
 validation probes (``device_runtime.probes``: a model's accuracy on the phone's held-out slice,
 two counts posted, no image sent); a phone started with ``probes_only`` (``--probes-only``: it
-needs no bundle) answers probes alone, long-polling for them, until it is stopped. A rejected update (e.g. a diverged round
-whose norm is over the limit) is logged and the phone sits that round out. It is safe to kill at any point: the
-trainer checkpoints the round and the encoded update before the push, the aggregator hands out
-the same task again until it has the update, and a repeated push is answered "duplicate".
+needs no bundle) answers probes alone, long-polling for them, until it is stopped. A rejected
+update (e.g. a diverged round whose norm is over the limit) is logged and the phone sits that
+round out. It is safe to kill at any point: the trainer checkpoints the round and the encoded
+update before the push, the aggregator hands out the same task again until it has the update,
+and a repeated push is answered "duplicate".
 A SplitFed push answered "restart" (the aggregator restarted after the phone's last batch and
 lost the edge's part) trains the same task again from batch 0 and pushes that.
 
@@ -192,9 +193,9 @@ class PhoneLoop:
 
     def _answer_probes(self, wait_s: float = 0.0) -> int:
         """Answers each open validation probe once (waiting up to ``wait_s`` for one); returns how
-        many it tried. A probe the phone cannot run (a model ONNX Runtime refuses, a shard it
-        cannot read) is logged and skipped from then on; no answer is posted for it, so it does
-        not count."""
+        many it tried. A probe the phone cannot run (a model ONNX Runtime refuses or that does
+        not fit in memory, a shard it cannot read) is logged and skipped from then on; no answer
+        is posted for it, so it does not count."""
         tried = 0
         for task in self.client.probes(wait_s):
             if task.probe in self._failed_probes:
@@ -206,7 +207,7 @@ class PhoneLoop:
                 counts = evaluate_probe(blob, task.input, self.root / SHARD)
             except ProtocolError:
                 raise
-            except FedkitError as exc:
+            except (FedkitError, MemoryError) as exc:  # MemoryError: a probe too big for the phone's memory
                 self._failed_probes.add(task.probe)
                 self.log.span("probe", start, probe=task.probe, status="failed", reason=str(exc))
                 continue
