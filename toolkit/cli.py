@@ -1078,6 +1078,75 @@ def report(
 
 @app.command()
 @fails_cleanly
+def search(
+    config: Annotated[
+        Path, typer.Option(help="Search config (TOML): families, data slices, supernet, controller, reward β.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Search folder: new (or empty), or one holding this config's search, which continues where it "
+            "stopped. Default: runs/search-<name>."
+        ),
+    ] = None,
+) -> None:
+    """Search a network: an LSTM controller samples networks from block pools of MobileNetV2 and
+    EfficientNet-Lite (weights shared in one supernet) and learns from their rewards, accuracy
+    scaled by size. Saves the chosen one as nas:NAME for plan, export and simulate, and writes
+    search.json and an HTML report. Killed, it resumes from its last step when run again."""
+    from toolkit.nas.config import load_nas
+
+    nas = load_nas(config)
+    _run_search(nas, out or Path("runs") / f"search-{nas.name}")
+
+
+def _run_search(config, out: Path) -> None:
+    """Runs a search with a progress bar and prints the chosen network, where it was saved and the report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from toolkit.nas.search import run_search
+
+    phases = {"setup": "setting up", "warm-up": "warm-up batches", "search": "controller steps", "final": "finalists"}
+    if config.strategy == "random":
+        phases["search"] = "random steps"
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("setting up", total=None, info="")
+
+        def show(p) -> None:
+            info = "" if p.last_reward is None else f"last reward {p.last_reward:.4f}"
+            if p.best_reward is not None and p.phase == "search":
+                info += f", best {p.best_reward:.4f} ({p.best_arch})"
+            total = None if p.phase == "setup" else p.total
+            bar.update(task, description=phases.get(p.phase, p.phase), completed=p.done, total=total, info=info)
+
+        result = run_search(config, out, progress=show)
+    c = result.chosen
+    table = Table(title=f"chosen network: {c.arch_id}", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    table.add_row("blocks", "\n".join(c.description))
+    table.add_row("parameters", f"{c.params:,} ({100 * c.params / result.baseline_params:.0f} % of MobileNetV2's)")
+    table.add_row("MFLOPs / image", f"{c.mflops:.2f}")
+    table.add_row("validation / test accuracy", f"{c.val_accuracy:.2%} / {c.test_accuracy:.2%}")
+    table.add_row("reward", f"{c.reward:.4f} ({result.reward_formula}, β = {result.beta})")
+    t = result.times
+    table.add_row("time", f"{t.setup_s + t.warmup_s + t.search_s + t.final_s:.0f} s")
+    console.print(table)
+    # soft_wrap: a path stays whole on its line, for copying
+    console.print(f"saved as [bold]{c.model_id}[/bold] in {c.saved_to}: use --model {c.model_id}", soft_wrap=True)
+    console.print(f"report: {result.report}", soft_wrap=True)
+
+
+@app.command()
+@fails_cleanly
 def deploy(
     bundle: Annotated[
         list[Path] | None, typer.Argument(help="Bundle folder(s) to install on one phone (one per trainable depth).")
