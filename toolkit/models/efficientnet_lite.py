@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ModelError
-from toolkit.models.mobilenet_v2 import InvertedResidual, conv_bn_relu6
+from toolkit.models.mobilenet_v2 import InvertedResidual, MBConvNet, conv_bn_relu6
 
 EPS = 1e-3  # TensorFlow's BatchNorm epsilon, which the weights were trained with
 # (kernel, output channels, first stride) per stage, and repeats per stage per variant
@@ -38,14 +38,12 @@ REPEATS = {
 STEM, HEAD = 32, 1280
 
 
-class EfficientNetLite(nn.Module):
-    """features.0 … features.K+1, then pool (global average + flatten), then classifier."""
+class EfficientNetLite(MBConvNet):
+    """features.0 … features.K+1, then pool, then classifier."""
 
     def __init__(self, variant: str = "efficientnet_lite0", num_classes: int = 1000):
-        super().__init__()
         if variant not in REPEATS:
             raise ModelError(f"unknown EfficientNet-Lite variant {variant!r}: choose one of {', '.join(REPEATS)}")
-        self.variant = variant
         layers: list[nn.Module] = [conv_bn_relu6(3, STEM, 3, 2, eps=EPS, same=True)]
         cin = STEM
         for (kernel, c, stride), n in zip(_STAGES, REPEATS[variant], strict=True):
@@ -54,22 +52,8 @@ class EfficientNetLite(nn.Module):
                 layers.append(InvertedResidual(cin, c, stride if i == 0 else 1, expand, kernel, EPS, same=True))
                 cin = c
         layers.append(conv_bn_relu6(cin, HEAD, 1, 1, eps=EPS))
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        # MobileNetV2's key names: classifier.1.weight / classifier.1.bias (dropout 0.2 as in Lite0 and Lite1)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(HEAD, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.pool(self.features(x)))
-
-    @property
-    def block_names(self) -> list[str]:
-        return [f"features.{i}" for i in range(len(self.features))] + ["pool", "classifier"]
-
-    @property
-    def stage_repeats(self) -> list[int]:
-        """Blocks per stage (features.1 … features.K in order)."""
-        return list(REPEATS[self.variant])
+        super().__init__(layers, list(REPEATS[variant]), HEAD, num_classes)
+        self.variant = variant
 
 
 # EfficientNet-PyTorch's names inside one MBConv block → ours (InvertedResidual's conv.<i>)

@@ -68,22 +68,17 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_residual else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
-    """features.0 … features.18, then pool (global average + flatten), then classifier."""
+class MBConvNet(nn.Module):
+    """The layout MobileNetV2 and EfficientNet-Lite share: features.0 (stem) … features.K+1 (head
+    conv), then pool (global average + flatten), then classifier (torchvision's key names:
+    classifier.1.weight / classifier.1.bias, behind a dropout of 0.2 as in all three)."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, layers: list[nn.Module], stage_repeats: list[int], width: int, num_classes: int):
         super().__init__()
-        layers: list[nn.Module] = [conv_bn_relu6(3, 32, 3, 2)]
-        cin = 32
-        for t, c, n, s in _SETTINGS:
-            for i in range(n):
-                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
-                cin = c
-        layers.append(conv_bn_relu6(cin, 1280, 1, 1))
         self.features = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        # torchvision's key names: classifier.1.weight / classifier.1.bias
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(width, num_classes))
+        self.stage_repeats = stage_repeats  # blocks per stage, features.1 … features.K in order
 
     def forward(self, x):
         return self.classifier(self.pool(self.features(x)))
@@ -92,7 +87,16 @@ class MobileNetV2(nn.Module):
     def block_names(self) -> list[str]:
         return [f"features.{i}" for i in range(len(self.features))] + ["pool", "classifier"]
 
-    @property
-    def stage_repeats(self) -> list[int]:
-        """Blocks per stage (features.1 … features.17 in order)."""
-        return [n for _, _, n, _ in _SETTINGS]
+
+class MobileNetV2(MBConvNet):
+    """features.0 … features.18, then pool, then classifier."""
+
+    def __init__(self, num_classes: int = 1000):
+        layers: list[nn.Module] = [conv_bn_relu6(3, 32, 3, 2)]
+        cin = 32
+        for t, c, n, s in _SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(conv_bn_relu6(cin, 1280, 1, 1))
+        super().__init__(layers, [n for _, _, n, _ in _SETTINGS], 1280, num_classes)
