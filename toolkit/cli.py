@@ -1127,7 +1127,12 @@ def _run_search(config, out: Path) -> None:
             total = None if p.phase == "setup" else p.total
             bar.update(task, description=phases.get(p.phase, p.phase), completed=p.done, total=total, info=info)
 
-        result = run_search(config, out, progress=show)
+        try:
+            result = run_search(config, out, progress=show)
+        except KeyboardInterrupt:
+            bar.stop()
+            _print_error(f"interrupted: run the same command again to continue from the last saved step in {out}")
+            raise typer.Exit(130) from None
     c = result.chosen
     table = Table(title=f"chosen network: {c.arch_id}", show_header=False)
     table.add_column("")

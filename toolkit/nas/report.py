@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
+from matplotlib.ticker import MaxNLocator
 
 from toolkit.nas.search import NetworkRecord, SearchResult
 from toolkit.report import _pct, _table
@@ -74,6 +75,7 @@ def plot_rewards(result: SearchResult, path: Path) -> None:
     if baselines:
         ax.plot(*zip(*baselines, strict=True), linestyle="--", label="moving-average baseline")
     ax.axhline(result.chosen.reward, color="tab:red", linewidth=0.8, label="chosen (final re-evaluation)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("controller step" if result.strategy == "controller" else "step (random search)")
     ax.set_ylabel(f"reward ({result.reward_formula}, β = {result.beta})")
     ax.set_title(f"{result.name}: reward per step ({result.strategy})")
@@ -101,6 +103,8 @@ def plot_pareto(result: SearchResult, path: Path) -> None:
         [100 * r.accuracy for r in front],
         where="post",
         color="tab:red",
+        marker="o",
+        markerfacecolor="none",
         label="Pareto front (sampled)",
     )
     chosen = result.chosen
@@ -117,7 +121,7 @@ def plot_pareto(result: SearchResult, path: Path) -> None:
     ax.axvline(result.baseline_params / 1e6, color="grey", linestyle=":", label="P (MobileNetV2's parameters)")
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("every sampled network: validation accuracy against size (shared weights at its step)")
+    ax.set_title("every sampled network (shared weights of its step)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
