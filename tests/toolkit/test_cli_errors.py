@@ -9,14 +9,17 @@ it needs (FILES' names), and a fragment of the error line. Keep it fast: no expo
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from nas_helpers import TINY_NAS
 from serving import self_signed_certificate
 from typer.testing import CliRunner
 
 from toolkit.cli import app
+from toolkit.nas.config import parse_nas
 from toolkit.profiling import DeviceProfile
 
 runner = CliRunner()
@@ -44,6 +47,19 @@ def _garbage(name: str, content: bytes = b"\x00\xffnot what fedkit wrote\x13" * 
         (folder / name).write_bytes(content)
 
     return make
+
+
+def _text(name: str, text: str):
+    def make(folder: Path) -> None:
+        (folder / name).write_text(text)
+
+    return make
+
+
+def _other_search(folder: Path) -> None:  # a search folder of another config (another seed)
+    (folder / "out").mkdir()
+    fingerprint = json.loads(parse_nas(tomllib.loads(TINY_NAS) | {"seed": 9}).fingerprint())
+    (folder / "out" / "config.json").write_text(json.dumps(fingerprint))
 
 
 def _full_folder(name: str):
@@ -115,6 +131,12 @@ FILES = {  # name → how to make it in a case's folder
     "corrupt bundle": _bad_bundle,
     "cred.json": _credential,
     "empty run": lambda folder: (folder / "run").mkdir(),
+    "tiny nas.toml": _text("tiny.toml", TINY_NAS),
+    "nas.toml, not TOML": _text("nas.toml", 'name = "x\n'),
+    "nas.toml, unknown key": _text("nas.toml", 'name = "x"\n[controller]\nstepz = 3\n'),
+    "nas.toml, bad value": _text("nas.toml", 'name = "x"\n[reward]\nbeta = -7\n'),
+    "nas.toml, one family": _text("nas.toml", 'name = "x"\nfamilies = ["mobilenet_v2"]\n'),
+    "other search": _other_search,
 }
 
 
@@ -127,6 +149,33 @@ class Case:
 
 
 CASES = {
+    # search: --config NAS.toml, --out DIR (new, empty, or this config's search)
+    "search: missing config": Case("search --config {tmp}/nope.toml --out {tmp}/out", "nope.toml does not exist"),
+    "search: not TOML": Case(
+        "search --config {tmp}/nas.toml --out {tmp}/out", "is not valid TOML", ("nas.toml, not TOML",)
+    ),
+    "search: unknown key": Case(
+        "search --config {tmp}/nas.toml --out {tmp}/out", "controller.stepz", ("nas.toml, unknown key",)
+    ),
+    "search: bad value": Case(
+        "search --config {tmp}/nas.toml --out {tmp}/out", "reward.beta", ("nas.toml, bad value",)
+    ),
+    "search: one family": Case(
+        "search --config {tmp}/nas.toml --out {tmp}/out", "two or more distinct", ("nas.toml, one family",)
+    ),
+    "search: no config option": Case("search --out {tmp}/out", "Missing option '--config'"),
+    "search: out holds other files": Case(
+        "search --config {tmp}/tiny.toml --out {tmp}/out", "not a search folder", ("tiny nas.toml", "full out")
+    ),
+    "search: out holds another config's search": Case(
+        "search --config {tmp}/tiny.toml --out {tmp}/out", "differing: seed", ("tiny nas.toml", "other search")
+    ),
+    "search: missing dataset": Case(
+        "search --config {tmp}/tiny.toml --out {tmp}/out",
+        "is missing",
+        ("tiny nas.toml", "data folder"),
+        {"FEDKIT_DATA_DIR": "{tmp}/data"},
+    ),
     # train-central: data in $FEDKIT_DATA_DIR, --out FILE
     "train-central: missing dataset": Case(
         "train-central --model small_cnn --out {tmp}/c.json",
