@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after the backend is chosen
 from matplotlib.ticker import MaxNLocator
 
-from toolkit.nas.search import NetworkRecord, SearchResult
+from toolkit.nas.result import NetworkRecord, SearchResult
 from toolkit.report import _pct, _table
 
 FAMILY_COLOURS = {"mobilenet_v2": "tab:blue", "efficientnet_lite0": "tab:orange", "efficientnet_lite1": "tab:green"}

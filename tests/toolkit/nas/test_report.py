@@ -6,7 +6,7 @@ import itertools
 import random
 
 from toolkit.nas.report import build_report, pareto_front
-from toolkit.nas.search import (
+from toolkit.nas.result import (
     RESULT_FILE,
     ChosenNetwork,
     Finalist,

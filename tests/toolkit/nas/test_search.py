@@ -12,7 +12,8 @@ import torch
 from toolkit.errors import ConfigError
 from toolkit.models import load_model
 from toolkit.nas.config import parse_nas
-from toolkit.nas.search import STATE_FILE, SearchProgress, SearchResult, ServerValidator, load_slices, run_search
+from toolkit.nas.result import SearchResult
+from toolkit.nas.search import STATE_FILE, SearchProgress, ServerValidator, load_slices, run_search
 from toolkit.nas.space import Supernet
 
 TINY = {
